@@ -1,0 +1,162 @@
+"""FlowMoDataModule: WebDataset shards -> batches `{"image", "cls", "key"}` for training and evaluation.
+
+Shard paths (`train_shards`, `val_shards`, `test_shards`) may be
+  - a manifest written by `flowmo shards` (`data/imagenet/train.json`): the shard list comes from it;
+  - a local glob or brace pattern (`data/imagenet/train-*.tar`, `data/x/val-{000000..000049}.tar`);
+  - anything WebDataset opens: URLs with brace patterns, `pipe:` commands (e.g. S3 through
+    `pipe:aws s3 cp s3://bucket/train-{000000..001281}.tar -`), several patterns joined by `::`.
+Local paths are checked at setup; remote ones are trusted.
+
+The train stream is infinite (resampled shards), so train with `max_steps` and an integer
+`val_check_interval` with `check_val_every_n_epoch: null`. Validation covers each sample exactly once across
+ranks and workers; ranks may then get unequal batch counts, so per-step `sync_dist` logging in validation must
+be avoided (torchmetrics states, synced at epoch end, are fine).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
+
+from flowmo.data.stream import ShardStream, SkipCounter, collate
+
+HOW_TO_MAKE_SHARDS = (
+    "make them with `make shards IMAGENET=/path/to/ILSVRC2012` (ImageNet) or `make sample-data` (the embedded "
+    "sample images, written to data/sample), then point the data config at the {split}.json manifest or the .tar files"
+)
+
+
+def resolve_shards(spec: str) -> list[str]:
+    """A shard spec (manifest, local glob/brace pattern, or remote URL pattern) -> list of shard URLs."""
+    if _is_remote(spec):
+        return expand_urls(spec)
+    if spec.endswith(".json"):
+        return _manifest_shards(Path(spec))
+    urls = sorted({path for pattern in expand_urls(spec) for path in glob.glob(pattern)})
+    missing = [pattern for pattern in expand_urls(spec) if not glob.has_magic(pattern) and not Path(pattern).exists()]
+    if not urls or missing:
+        raise FileNotFoundError(f"No shards found at {(missing or [spec])[0]!r}: {HOW_TO_MAKE_SHARDS}.")
+    return urls
+
+
+def _is_remote(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec.split("::")[0]
+
+
+def _manifest_shards(manifest_path: Path) -> list[str]:
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"No shard manifest at {str(manifest_path)!r}: {HOW_TO_MAKE_SHARDS}.")
+    manifest = json.loads(manifest_path.read_text())
+    urls = [str(manifest_path.parent / shard["url"]) for shard in manifest["shards"]]
+    missing = [url for url in urls if not Path(url).exists()]
+    if missing or not urls:
+        first = missing[0] if missing else str(manifest_path)
+        raise FileNotFoundError(f"Shard {first!r} listed in {str(manifest_path)!r} is missing: {HOW_TO_MAKE_SHARDS}.")
+    return urls
+
+
+class FlowMoDataModule(L.LightningDataModule):
+    """WebDataset shards for FlowMo (spec section 6).
+
+    Args:
+        train_shards: shard spec of the train split (see module docstring); None disables training data.
+        val_shards: shard spec of the validation split.
+        test_shards: shard spec of the test split; None reuses val_shards.
+        image_size: side of the square crops (Resize shorter side + Random/CenterCrop).
+        batch_size: train batch size per device.
+        val_batch_size: eval batch size per device; None reuses batch_size.
+        num_workers: DataLoader worker processes per device (0 reads in the main process).
+        pin_memory: page-locked host batches (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs / validation runs (only when num_workers > 0).
+        random_flip: random horizontal flip in training (the paper uses none).
+        shuffle_buffer: samples held by each worker's shuffle buffer in training.
+        val_max_samples: cap validation/test at about this many samples in total (each at most once).
+        seed: base seed; each (rank, worker) derives its own stream from it.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        random_flip: bool = False,
+        shuffle_buffer: int = 1000,
+        val_max_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size < 1 or batch_size < 1:
+            raise ValueError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
+        self.save_hyperparameters()
+        self._skip_counter: SkipCounter | None = None  # created with the first loader (shared with its workers)
+
+    @property
+    def skipped_samples(self) -> int:
+        """Corrupt or unreadable samples skipped so far by this process's loaders (log it as a metric)."""
+        return 0 if self._skip_counter is None else self._skip_counter.value
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check local shard paths early, so a missing path fails before any model work."""
+        for split in self._splits_for(stage):
+            self._shard_urls(split)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True, batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False, batch_size=self.hparams.val_batch_size or self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False, batch_size=self.hparams.val_batch_size or self.hparams.batch_size)
+
+    def _splits_for(self, stage: str | None) -> list[str]:
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}
+        return splits.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]
+
+    def _shard_spec(self, split: str) -> str | None:
+        hp = self.hparams
+        return {"train": hp.train_shards, "val": hp.val_shards, "test": hp.test_shards or hp.val_shards}[split]
+
+    def _shard_urls(self, split: str) -> list[str]:
+        spec = self._shard_spec(split)
+        if spec is None:
+            raise FileNotFoundError(f"No {split} shards configured (data.{split}_shards is null): {HOW_TO_MAKE_SHARDS}.")
+        return resolve_shards(spec)
+
+    def _rank_and_world(self) -> tuple[int | None, int | None]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None, None  # ShardStream falls back to RANK/WORLD_SIZE or torch.distributed
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
+        hp = self.hparams
+        if self._skip_counter is None:
+            self._skip_counter = SkipCounter()
+        rank, world_size = self._rank_and_world()
+        stream = ShardStream(
+            self._shard_urls(split), hp.image_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
+            random_flip=hp.random_flip, max_samples=None if train else hp.val_max_samples, rank=rank,
+            world_size=world_size, skip_counter=self._skip_counter,
+        )
+        return DataLoader(
+            stream,
+            batch_size=batch_size,
+            num_workers=hp.num_workers,
+            collate_fn=collate,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            drop_last=train,  # spec section 6: drop_last=True in training; eval keeps every sample
+        )

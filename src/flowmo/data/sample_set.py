@@ -1,0 +1,126 @@
+"""The embedded sample set: real photographs shipped inside scikit-image, cut into crops and written as shards.
+
+`flowmo sample-data --out data/sample` builds it in seconds, offline: the photos are read straight from
+`skimage.data.data_dir` (files inside the wheel), never through `skimage.data.<name>()` loaders, some of which
+download. Train and val are split by photograph, so no photo appears in both. Crops are stored as JPEG at
+`size` px (default 128) and the DataModule resizes/crops them to its `image_size` (the demo uses 32 or 64).
+Class index = photograph, sorted by name within each split (the labels are not used by FlowMo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from flowmo.data.shards import write_shards
+
+# RGB photographs inside the scikit-image wheel (no download). The two motorcycle views show one scene, so
+# they stay on the same side of the split.
+TRAIN_PHOTOS = (
+    "astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+)
+VAL_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
+MIN_CROP_FRACTION = 0.35  # smallest train crop, as a fraction of the photo's shorter side
+
+
+def photo_path(name: str) -> Path:
+    import skimage.data  # imported here: only the sample set needs scikit-image
+
+    path = Path(skimage.data.data_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"scikit-image does not ship {name} at {path}; reinstall scikit-image>=0.22")
+    return path
+
+
+def random_square(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+    side = int(min(width, height) * rng.uniform(MIN_CROP_FRACTION, 1.0))
+    left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+    return left, top, left + side, top + side
+
+
+def center_square(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def crop_boxes(width: int, height: int, count: int, rng: random.Random, with_center: bool) -> list[tuple]:
+    """`count` square crop boxes; the first is the full center square when `with_center` (val)."""
+    boxes = [center_square(width, height)] if with_center else []
+    return boxes + [random_square(width, height, rng) for _ in range(count - len(boxes))]
+
+
+def write_photo_crops(photo: str, folder: Path, count: int, size: int, seed: int, with_center: bool) -> None:
+    """Crops of one photograph as `folder/<photo>/<photo>_NNN.jpg` (an ImageFolder class per photo)."""
+    stem = Path(photo).stem
+    rng = random.Random(f"{seed}-{stem}")  # per photo, so adding a photo leaves the others' crops unchanged
+    class_dir = folder / stem
+    class_dir.mkdir(parents=True, exist_ok=True)
+    with Image.open(photo_path(photo)) as source:
+        image = source.convert("RGB")
+    for index, box in enumerate(crop_boxes(*image.size, count, rng, with_center)):
+        crop = image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+        crop.save(class_dir / f"{stem}_{index:03d}.jpg", quality=90)
+
+
+def build_sample_set(
+    out_dir: str | Path,
+    size: int = 128,
+    train_crops_per_photo: int = 64,
+    val_crops_per_photo: int = 16,
+    shard_size: int = 32,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Write `train-*.tar`, `val-*.tar` and their manifests to out_dir; returns {"train": manifest, "val": ...}.
+
+    Always rebuilds from scratch (it takes seconds), so a changed size never mixes with old shards.
+    """
+    out_dir = Path(out_dir)
+    staging = out_dir / ".staging"  # a fixed path: the manifests record the source they were written from
+    _remove_previous_build(out_dir)
+    manifests = {}
+    for split, photos, count in (("train", TRAIN_PHOTOS, train_crops_per_photo),
+                                 ("val", VAL_PHOTOS, val_crops_per_photo)):
+        for photo in photos:
+            write_photo_crops(photo, staging / split, count, size, seed, with_center=split == "val")
+        manifests[split] = write_shards(staging / split, out_dir, split, shard_size=shard_size, workers=1,
+                                        shuffle=split == "train", seed=seed, progress=False)
+    shutil.rmtree(staging)
+    return manifests
+
+
+def _remove_previous_build(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in (".staging", "train-*", "val-*", "train.json", "val.json", ".train-parts", ".val-parts"):
+        for old in out_dir.glob(pattern):
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flowmo sample-data", description="Build the embedded sample shards from scikit-image's photographs."
+    )
+    parser.add_argument("--out", default="data/sample", help="output directory (default data/sample)")
+    parser.add_argument("--size", type=int, default=128, help="side of the stored square crops in px (default 128)")
+    parser.add_argument("--train-crops", type=int, default=64, help="crops per train photograph (default 64)")
+    parser.add_argument("--val-crops", type=int, default=16, help="crops per val photograph (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the crop positions (default 0)")
+    args = parser.parse_args(argv)
+    manifests = build_sample_set(args.out, size=args.size, train_crops_per_photo=args.train_crops,
+                                 val_crops_per_photo=args.val_crops, seed=args.seed)
+    for split, manifest in manifests.items():
+        print(f"{split}: {manifest['num_samples']} images of {args.size}px in {manifest['num_shards']} shards "
+              f"-> {Path(args.out) / (split + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The sample stream read from WebDataset shards: an IterableDataset, usable with or without Lightning.
+
+Train: every (rank, worker) draws shards at random with replacement, forever, from its own seeded RNG (spec
+section 6: a per-rank sampler with replacement, ranks seeded differently), shuffles samples in a buffer, and
+decodes + augments them. Eval: shards are split by rank, then by worker, and read in order, so across all
+ranks and workers each sample is seen exactly once and the order is fixed.
+
+Corrupt samples (and unreadable tar members) are skipped and counted in a counter shared with the DataLoader
+workers, so the training module can log the count; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import random
+from collections.abc import Iterable, Iterator
+from itertools import islice
+
+import torch
+from torch.utils.data import IterableDataset
+from webdataset.tariterators import tarfile_samples
+from webdataset.utils import pytorch_worker_info
+
+from flowmo.data.transforms import decode_rgb, train_transform, val_transform
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif", "ppm")
+
+
+class SkipCounter:
+    """A count shared by the main process and its DataLoader workers (shared memory, inherited at start)."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("q", 0)
+
+    def add(self, n: int = 1) -> None:
+        with self._value.get_lock():
+            self._value.value += n
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+
+class ShardStream(IterableDataset):
+    """Samples `{"image": float32 [3, S, S] in [-1, 1], "cls": int, "key": str}` from a list of shard URLs.
+
+    `rank` / `world_size` are captured in the main process (e.g. from the Trainer) because DataLoader workers
+    may not see the process group; left as None they come from RANK/WORLD_SIZE or torch.distributed.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        image_size: int,
+        train: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        random_flip: bool = False,
+        max_samples: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        skip_counter: SkipCounter | None = None,
+    ) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("ShardStream needs at least one shard URL")
+        self.urls = list(urls)
+        self.image_size = image_size
+        self.train = train
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.random_flip = random_flip
+        self.max_samples = max_samples
+        self.rank, self.world_size = rank, world_size
+        self.skip_counter = skip_counter
+
+    def slot(self) -> tuple[int, int, int, int]:
+        """(rank, world_size, worker, num_workers) of the code calling it (honours WORKER/NUM_WORKERS env)."""
+        rank, world_size, worker, num_workers = pytorch_worker_info()
+        if self.rank is not None:
+            rank, world_size = self.rank, self.world_size or 1
+        return rank, world_size, worker, num_workers
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world_size, worker, num_workers = self.slot()
+        rng = random.Random(f"flowmo-data-{self.seed}-{rank}-{worker}")  # str seeds are hashed deterministically
+        if self.train:
+            samples = tarfile_samples(resampled_urls(self.urls, rng), handler=self._skip_error)
+            samples = buffer_shuffle(samples, self.shuffle_buffer, rng)
+        else:
+            my_urls = self.urls[rank::world_size][worker::num_workers]
+            samples = tarfile_samples(({"url": url} for url in my_urls), handler=self._skip_error)
+        decoded = (self._decode(sample, rng) for sample in samples)
+        decoded = (sample for sample in decoded if sample is not None)
+        if self.max_samples is not None and not self.train:
+            # An even share per reader; about max_samples in total, still each at most once.
+            decoded = islice(decoded, math.ceil(self.max_samples / (world_size * num_workers)))
+        return iter(decoded)
+
+    def _decode(self, sample: dict, rng: random.Random) -> dict | None:
+        try:
+            field = next(name for name in IMAGE_FIELDS if name in sample)
+            image = decode_rgb(sample[field])
+            if self.train:
+                tensor = train_transform(image, self.image_size, rng, self.random_flip)
+            else:
+                tensor = val_transform(image, self.image_size)
+            cls = int(sample["cls"]) if "cls" in sample else -1
+        except Exception:  # corrupt JPEG, missing image field, bad label: skip it, count it
+            self._count_skip()
+            return None
+        return {"image": tensor, "cls": cls, "key": sample["__key__"]}
+
+    def _skip_error(self, error: Exception) -> bool:
+        """webdataset handler for unreadable shards/members: count and continue with the next one."""
+        self._count_skip()
+        return True
+
+    def _count_skip(self) -> None:
+        if self.skip_counter is not None:
+            self.skip_counter.add()
+
+
+def resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
+    """Shards drawn uniformly with replacement, forever: an infinite train stream without epochs."""
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def buffer_shuffle(samples: Iterable[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle a stream with a fixed-size buffer (samples are still encoded bytes here, so it stays cheap)."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate(samples: list[dict]) -> dict:
+    """List of samples -> {"image": [B, 3, S, S] float32, "cls": [B] int64, "key": list[str]}."""
+    return {
+        "image": torch.stack([sample["image"] for sample in samples]),
+        "cls": torch.tensor([sample["cls"] for sample in samples], dtype=torch.int64),
+        "key": [sample["key"] for sample in samples],
+    }

@@ -1,0 +1,52 @@
+"""Image transforms of spec section 6, as plain functions (no Lightning, no DataLoader needed).
+
+Train: Resize(shorter side = size, bilinear with antialias, torchvision's PIL path) + RandomCrop(size), no flip
+unless asked. Val/test: Resize + CenterCrop. Output: float32 CHW with p / 127.5 - 1, i.e. in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, ...) to an RGB PIL image; raises on corrupt data."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.convert("RGB")  # grayscale, CMYK and palette images exist in ImageNet
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    return TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def to_signed_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC PIL image -> float32 [3, H, W] in [-1, 1] (p / 127.5 - 1)."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
+    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def train_transform(image: Image.Image, size: int, rng: random.Random, random_flip: bool = False) -> torch.Tensor:
+    """Resize(shorter side) + RandomCrop(size) (+ optional horizontal flip) -> [3, size, size] in [-1, 1]."""
+    image = resize_shorter_side(image, size)
+    width, height = image.size
+    top, left = rng.randint(0, height - size), rng.randint(0, width - size)
+    image = image.crop((left, top, left + size, top + size))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_signed_tensor(image)
+
+
+def val_transform(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize(shorter side) + CenterCrop(size) -> [3, size, size] in [-1, 1]; deterministic."""
+    image = resize_shorter_side(image, size)
+    width, height = image.size
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))  # torchvision's rounding
+    return to_signed_tensor(image.crop((left, top, left + size, top + size)))

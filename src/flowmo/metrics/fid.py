@@ -1,0 +1,116 @@
+"""rFID (spec §7): torchmetrics' FrechetInceptionDistance between originals and reconstructions.
+
+The authors use pytorch-fid's InceptionV3 (TF-ported ``pt_inception-2015-12-05`` weights, pool3 2048-d) on
+**float** images in [0, 1], bilinearly resized to 299 without antialias. torchmetrics' built-in extractor
+would quantise to uint8 and resize TF-style, so we always hand torchmetrics a feature module
+(``feature=<nn.Module>``): ``InceptionFeatures`` for real numbers, any ``nn.Module`` mapping [B, 3, H, W]
+in [0, 1] to [B, F] features for tests, and ``RandomConvFeatures`` as the loud stand-in of the tiny demo.
+
+Features are handed over in float64: torchmetrics accumulates in float64 but casts the final FID to the
+dtype of the features, and we want the float64 value.
+"""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from flowmo.perceptual import FrozenNet, load_state_dict_file, resolve_weights
+
+INCEPTION_DIM = 2048
+
+
+class FIDFeatures(FrozenNet):
+    """Frozen feature extractor for FID: [B, 3, H, W] in [0, 1] -> [B, F] float64, without gradients.
+
+    Wraps any ``nn.Module`` (kept out of state_dict like every FrozenNet); ``num_features`` tells
+    torchmetrics the feature size without a dummy forward pass.
+    """
+
+    def __init__(self, net: nn.Module, num_features: int, *, name: str, is_stand_in: bool = False) -> None:
+        super().__init__(net, name=name, is_stand_in=is_stand_in)
+        self.num_features = num_features
+
+    def extract(self, images01: Tensor) -> Tensor:
+        return self.net(images01)
+
+    def forward(self, images01: Tensor) -> Tensor:
+        if images01.dim() != 4 or images01.shape[1] != 3 or not images01.is_floating_point():
+            raise ValueError(f"FID expects float images [B, 3, H, W] in [0, 1], got {tuple(images01.shape)}.")
+        self.follow_device(images01)
+        with torch.no_grad():
+            return self.extract(images01).flatten(1).double()
+
+
+class InceptionFeatures(FIDFeatures):
+    """pytorch-fid InceptionV3 pool3 features (2048-d), exactly the authors' rFID network and preprocessing.
+
+    ``weights``: None = ``pt_inception-2015-12-05-6726825d.pth`` from the torch hub cache (error if
+    absent), or a path to that file. There is no random stand-in for Inception: use ``RandomConvFeatures``.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None) -> None:
+        if weights == "random":
+            raise ValueError("InceptionFeatures has no random stand-in; use RandomConvFeatures for the tiny demo.")
+        path = resolve_weights("inception_fid", weights, what="rFID InceptionV3")
+        super().__init__(_pytorch_fid_inception(load_state_dict_file(path)), INCEPTION_DIM, name="FID-InceptionV3")
+
+    def extract(self, images01: Tensor) -> Tensor:
+        # resize_input: bilinear to 299, align_corners=False, no antialias; normalize_input: 2x - 1.
+        (pool3,) = self.net(images01)  # [B, 2048, 1, 1]
+        return pool3
+
+
+def _pytorch_fid_inception(state_dict: dict[str, Tensor]) -> nn.Module:
+    from pytorch_fid import inception as fid_inception
+
+    # pytorch-fid takes no weights path: it always asks its URL loader, which we answer with the
+    # already-read file, so no download can happen.
+    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state_dict):
+        block = fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[INCEPTION_DIM]
+        return fid_inception.InceptionV3([block], resize_input=True, normalize_input=True)
+
+
+class RandomConvFeatures(FIDFeatures):
+    """A tiny random conv net as FID features: the explicit, loud stand-in for tests and the CPU demo."""
+
+    def __init__(self, num_features: int = 64, seed: int = 0) -> None:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # same stand-in on every process and every run
+        net = nn.Sequential(
+            nn.Conv2d(3, 32, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, num_features, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        torch.random.set_rng_state(generator_state)
+        super().__init__(net, num_features, name="rFID random-conv features", is_stand_in=True)
+
+
+def build_fid(
+    feature: nn.Module | None = None,
+    inception_path: str | os.PathLike | None = None,
+    num_features: int | None = None,
+) -> FrechetInceptionDistance:
+    """FrechetInceptionDistance on [0, 1] float images (``normalize=True``), real = originals.
+
+    feature: None = the authors' InceptionV3 (``inception_path`` or the torch hub cache); an
+    ``FIDFeatures`` as is; any other ``nn.Module`` mapping [B, 3, H, W] in [0, 1] to [B, F] is wrapped
+    (pass ``num_features`` or it is found with one dummy image).
+    """
+    if feature is None:
+        feature = InceptionFeatures(inception_path)
+    elif not isinstance(feature, FIDFeatures):
+        size = num_features if num_features is not None else _feature_size(feature)
+        feature = FIDFeatures(feature, size, name=f"FID features ({type(feature).__name__})")
+    return FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=True)
+
+
+def _feature_size(net: nn.Module) -> int:
+    with torch.no_grad():
+        return net(torch.rand(1, 3, 64, 64)).flatten(1).shape[1]

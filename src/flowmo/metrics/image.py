@@ -1,0 +1,182 @@
+"""Per-image reconstruction metrics as torchmetrics (spec §7): PSNR, SSIM, LPIPS, each in two flavours.
+
+Inputs of every ``update(original, reconstruction)``: float images [B, 3, H, W] in [-1, 1]. They are
+clamped to [-1, 1] first (a reconstruction may overshoot; saved images are clamped too) and mapped to
+[0, 1] with data range 1.
+
+- ``PSNR`` / ``SSIM``: the correct ones, per image, then the mean over images. SSIM is the standard
+  Gaussian-window SSIM (11x11, sigma 1.5) of torchmetrics.
+- ``PaperPSNR`` / ``PaperSSIM``: match the authors' evaluation (spec §7) to reproduce the reported numbers:
+  images truncated to uint8 (x255 then cast, no rounding) and back to [0, 1]; SSIM as scikit-image's
+  ``structural_similarity(a, b, data_range=1, channel_axis=-1)`` (7x7 uniform window, sample covariance);
+  PSNR from the MSE pooled over each ``update`` batch (the paper's batches hold 5 images), averaged over
+  batches.
+- ``LPIPSMetric``: LPIPS (AlexNet or VGG) on [-1, 1] inputs, averaged per image.
+
+All states are sums with ``dist_reduce_fx="sum"``, so DDP gives the single-process value; no state is
+persistent, so metrics add nothing to model checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from flowmo.perceptual import LPIPSDistance, check_image_pair
+
+SKIMAGE_WINDOW = 7  # scikit-image's default win_size when gaussian_weights=False
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversions and functional forms ([0, 1] images, data range 1)
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((images.clamp(-1, 1) + 1) / 2).float()
+
+
+def truncate_to_uint8_levels(images01: Tensor) -> Tensor:
+    """The authors' uint8 conversion: x255 then cast (truncation, not rounding), back to [0, 1]."""
+    return (images01 * 255).to(torch.uint8).float() / 255
+
+
+def psnr_per_image(a01: Tensor, b01: Tensor) -> Tensor:
+    """[B, C, H, W] x2 -> [B] PSNR in dB with data range 1 (inf for identical images)."""
+    mse = (a01.double() - b01.double()).pow(2).flatten(1).mean(dim=1)
+    return -10 * torch.log10(mse)
+
+
+def psnr_pooled(a01: Tensor, b01: Tensor) -> Tensor:
+    """One PSNR from the MSE over the whole batch (the paper's quirk, spec §7)."""
+    mse = (a01.double() - b01.double()).pow(2).mean()
+    return -10 * torch.log10(mse)
+
+
+def ssim_gaussian_per_image(a01: Tensor, b01: Tensor) -> Tensor:
+    """[B] standard SSIM (Gaussian 11x11, sigma 1.5, data range 1)."""
+    return structural_similarity_index_measure(b01, a01, data_range=1.0, reduction="none")
+
+
+def ssim_skimage_per_image(a01: Tensor, b01: Tensor, window: int = SKIMAGE_WINDOW) -> Tensor:
+    """[B] SSIM as scikit-image computes it with its defaults (uniform window, sample covariance).
+
+    scikit-image filters the whole image, then averages the SSIM map over the region at least
+    (window - 1) / 2 pixels from the border; those are exactly the positions of an unpadded pooling.
+    The per-channel means have equal weight, so one mean over channels and positions is the same.
+    """
+    a, b = a01.double(), b01.double()
+    mean = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731 (local window mean)
+    mu_a, mu_b = mean(a), mean(b)
+    sample_correction = window**2 / (window**2 - 1)
+    var_a = sample_correction * (mean(a * a) - mu_a**2)
+    var_b = sample_correction * (mean(b * b) - mu_b**2)
+    cov_ab = sample_correction * (mean(a * b) - mu_a * mu_b)
+    c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
+    numerator = (2 * mu_a * mu_b + c1) * (2 * cov_ab + c2)
+    denominator = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return (numerator / denominator).flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class _MeanOfScores(Metric):
+    """Mean of the scores returned by ``score`` over everything seen, on all processes."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("score_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
+        """Scores of a batch of [-1, 1] images: [B] (per image) or [] (per batch)."""
+        raise NotImplementedError
+
+    def update(self, original: Tensor, reconstruction: Tensor) -> None:
+        check_image_pair(original, reconstruction)
+        with torch.no_grad():
+            scores = self.score(original.clamp(-1, 1), reconstruction.clamp(-1, 1)).double()
+        self.score_sum += scores.sum()
+        self.score_count += scores.numel()
+
+    def compute(self) -> Tensor:
+        return self.score_sum / self.score_count
+
+
+class PSNR(_MeanOfScores):
+    """Per-image PSNR (dB, data range 1) on float images, averaged over images."""
+
+    higher_is_better = True
+
+    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
+        return psnr_per_image(to_unit_range(original), to_unit_range(reconstruction))
+
+
+class PaperPSNR(_MeanOfScores):
+    """The authors' PSNR: uint8-truncated images, MSE pooled over each update batch, mean over batches.
+
+    Feed batches of 5 images to reproduce the paper's numbers (spec §7).
+    """
+
+    higher_is_better = True
+
+    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
+        a, b = (truncate_to_uint8_levels(to_unit_range(t)) for t in (original, reconstruction))
+        return psnr_pooled(a, b)
+
+
+class SSIM(_MeanOfScores):
+    """Per-image Gaussian-window SSIM (data range 1), averaged over images."""
+
+    higher_is_better = True
+
+    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
+        return ssim_gaussian_per_image(to_unit_range(original), to_unit_range(reconstruction))
+
+
+class PaperSSIM(_MeanOfScores):
+    """The authors' SSIM: scikit-image defaults on uint8-truncated images, per image, averaged."""
+
+    higher_is_better = True
+
+    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
+        a, b = (truncate_to_uint8_levels(to_unit_range(t)) for t in (original, reconstruction))
+        return ssim_skimage_per_image(a, b)
+
+
+class LPIPSMetric(_MeanOfScores):
+    """LPIPS v0.1 (``net`` = "alex" or "vgg") on [-1, 1] images, averaged per image.
+
+    ``weights``: None = pretrained from the torch hub cache, "random" = explicit stand-in, or a path;
+    or pass a ready ``distance`` (an ``LPIPSDistance``) to share one network between metrics and losses.
+    """
+
+    higher_is_better = False
+
+    def __init__(
+        self,
+        net: str = "alex",
+        weights: str | os.PathLike | None = None,
+        distance: LPIPSDistance | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.distance = distance if distance is not None else LPIPSDistance(net, weights)
+
+    @property
+    def is_stand_in(self) -> bool:
+        return self.distance.is_stand_in
+
+    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
+        return self.distance(original, reconstruction)

@@ -1,0 +1,181 @@
+"""Building blocks of the FlowMo MMDiT (spec 1.2): time embedding, QK-RMSNorm, modulation,
+the double-stream block and the final layer.
+
+Each stream's layers are grouped (`img.attn.qkv`, `img.mlp.0`, ...); the authors' checkpoints name the
+same tensors `img_attn.qkv`, `img_mlp.0`, ... and flowmo/official.py maps one onto the other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from flowmo.nn.rope import apply_rope
+
+LN_EPS = 1e-6
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of 1000*t, [cos, sin] order (spec 8.8). t: [B] -> [B, dim]."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (time_factor * t.float())[:, None] * frequencies[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear; embeds the sinusoidal time features into the model width."""
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the head dim with a learnable scale, computed in fp32 (spec 8.21)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+class StreamAttention(nn.Module):
+    """The per-stream half of joint attention: qkv projection + QK-norm in, output projection out."""
+
+    def __init__(self, width: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.norm = QKNorm(width // heads)
+        self.proj = nn.Linear(width, width)
+
+    def qkv_heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h [B, N, W] -> q, k, v each [B, heads, N, head_dim]; the qkv rows are laid out (3, heads, head_dim)."""
+        q, k, v = rearrange(self.qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], scale: float) -> Tensor:
+    """RoPE then full bidirectional SDPA over the joint sequence. [B, H, N, D] -> [B, N, H*D]."""
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return rearrange(out, "b h n d -> b n (h d)")
+
+
+class Modulation(nn.Module):
+    """adaLN: SiLU(vec) -> Linear -> (shift, scale, gate) for attention and for the MLP.
+
+    The gate rows start at zero (spec 1.2), so every block starts as the identity of its stream.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.lin = nn.Linear(width, 6 * width)
+        with torch.no_grad():
+            for gate_chunk in (2, 5):
+                self.lin.weight[gate_chunk * width : (gate_chunk + 1) * width].zero_()
+                self.lin.bias[gate_chunk * width : (gate_chunk + 1) * width].zero_()
+
+    def forward(self, vec: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+        chunks = self.lin(F.silu(vec))[:, None, :].chunk(6, dim=-1)  # 6 x [B, 1, W]
+        return chunks[:3], chunks[3:]
+
+
+def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
+    normed = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+    return normed if shift is None else (1 + scale) * normed + shift
+
+
+class StreamBlockHalf(nn.Module):
+    """One stream (image or code tokens) of a double block: its modulation, attention half and MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.mod = Modulation(width) if modulated else None
+        self.attn = StreamAttention(width, heads, qkv_bias)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+
+class DoubleStreamBlock(nn.Module):
+    """MMDiT block: separate weights per stream, one joint attention over [code tokens; image tokens].
+
+    Without a conditioning vector (`modulated=False`, the encoder) shift=scale=0 and gate=1: a plain
+    pre-LN dual-stream transformer. Such a block builds no modulation layers at all, so no parameter
+    is left without a gradient (the authors' checkpoints carry them; the loader drops them).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool, attn_scale: float):
+        super().__init__()
+        self.attn_scale = attn_scale
+        self.img = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated)
+        self.txt = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor | None, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        no_mod = ((None, None, None), (None, None, None))
+        img_mod = self.img.mod(vec) if self.img.mod is not None else no_mod
+        txt_mod = self.txt.mod(vec) if self.txt.mod is not None else no_mod
+        img_q, img_k, img_v = self.img.attn.qkv_heads(modulate(img, *img_mod[0][:2]))
+        txt_q, txt_k, txt_v = self.txt.attn.qkv_heads(modulate(txt, *txt_mod[0][:2]))
+        attn = joint_attention(
+            torch.cat((txt_q, img_q), dim=2),
+            torch.cat((txt_k, img_k), dim=2),
+            torch.cat((txt_v, img_v), dim=2),
+            rope,
+            self.attn_scale,
+        )
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        img = _residual(img, self.img, img_attn, img_mod)
+        txt = _residual(txt, self.txt, txt_attn, txt_mod)
+        return img, txt
+
+
+def _residual(h: Tensor, stream: StreamBlockHalf, attn_out: Tensor, mod) -> Tensor:
+    (_, _, gate1), (shift2, scale2, gate2) = mod
+    update = stream.attn.proj(attn_out)
+    h = h + (update if gate1 is None else gate1 * update)
+    update = stream.mlp(modulate(h, shift2, scale2))
+    return h + (update if gate2 is None else gate2 * update)
+
+
+class FinalLayer(nn.Module):
+    """Output head of one stream. Time-conditioned: adaLN, then LayerNorm again, then Linear (spec 8.5)."""
+
+    def __init__(self, width: int, out_dim: int, time_conditioned: bool):
+        super().__init__()
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = (
+            nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)) if time_conditioned else None
+        )
+
+    def forward(self, x: Tensor, vec: Tensor | None) -> Tensor:
+        if self.adaLN_modulation is not None:
+            shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.linear(F.layer_norm(x, x.shape[-1:], eps=LN_EPS))

@@ -1,0 +1,47 @@
+"""Named FlowMo configurations (spec section 1.1).
+
+- `lo`:    FlowMo-Lo, 18 bits/token in 2 groups of 9 -> 0.070 bits per pixel, 945.4M parameters.
+- `hi`:    FlowMo-Hi, 56 bits/token in 4 groups of 14 -> 0.219 bits per pixel, 945.5M parameters.
+- `small`: the paper's ablation base ("fewer params", Table 4/6): patch 8, decoder width 768, 517.1M.
+- `tiny`:  32x32 images, two blocks per stack; CPU tests and the demo (same shapes as fixture A).
+
+Widths are width_multiplier * 192 and RoPE axes (8, 28, 28) * width_multiplier / 4, as in the
+authors' code (encoder multiplier 4, decoder 6).
+"""
+
+from __future__ import annotations
+
+from flowmo.config import FlowMoConfig, TransformerConfig
+
+_ENCODER_768 = TransformerConfig(width=768, depth=8, heads=12, rope_axes=(8, 28, 28))
+_DECODER_1152 = TransformerConfig(width=1152, depth=16, heads=12, rope_axes=(12, 42, 42))
+_DECODER_768 = TransformerConfig(width=768, depth=16, heads=12, rope_axes=(8, 28, 28))
+
+_PRESETS: dict[str, FlowMoConfig] = {
+    "lo": FlowMoConfig(code_dim=18, entropy_group_bits=9, encoder=_ENCODER_768, decoder=_DECODER_1152),
+    "hi": FlowMoConfig(code_dim=56, entropy_group_bits=14, encoder=_ENCODER_768, decoder=_DECODER_1152),
+    "small": FlowMoConfig(
+        patch_size=8, code_dim=18, entropy_group_bits=9, encoder=_ENCODER_768, decoder=_DECODER_768
+    ),
+    "tiny": FlowMoConfig(
+        image_size=32,
+        patch_size=4,
+        code_length=16,
+        code_dim=18,
+        entropy_group_bits=9,
+        encoder=TransformerConfig(width=64, depth=2, heads=2, rope_axes=(4, 14, 14)),
+        decoder=TransformerConfig(width=128, depth=2, heads=2, rope_axes=(8, 28, 28)),
+    ),
+}
+
+
+def names() -> list[str]:
+    """The preset names, e.g. for a command-line choice."""
+    return list(_PRESETS)
+
+
+def get(name: str) -> FlowMoConfig:
+    """The configuration of preset `name` (configs are frozen: use `.replace(...)` to derive one)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {names()}.")
+    return _PRESETS[name]
