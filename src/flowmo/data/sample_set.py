@@ -73,7 +73,7 @@ def build_sample_set(
     size: int = 128,
     train_crops_per_photo: int = 64,
     val_crops_per_photo: int = 16,
-    shard_size: int = 32,
+    shard_size: int = 16,
     seed: int = 0,
 ) -> dict[str, dict]:
     """Write `train-*.tar`, `val-*.tar` and their manifests to out_dir; returns {"train": manifest, "val": ...}.
