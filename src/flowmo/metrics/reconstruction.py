@@ -1,0 +1,120 @@
+"""All reconstruction metrics of the evaluation protocol (spec §7) behind one update/compute call.
+
+    metrics = ReconstructionMetrics(lpips_weights="random", fid_feature="random")  # tiny demo stand-ins
+    for original, reconstruction in batches:  # [B, 3, H, W] in [-1, 1]; B = 5 reproduces psnr_paper
+        metrics.update(original, reconstruction)
+    results = metrics.compute()  # {"psnr": ..., "psnr_paper": ..., "rfid": ..., ...} plain floats
+    metrics.stand_ins  # names of networks running with random weights, to record next to the results
+
+Under DDP every process updates with its own shard; ``compute`` gathers the summed states, so every
+process gets the values of the whole set. The module's ``state_dict`` is empty: metric states are not
+persistent and the frozen networks live outside the module tree (``flowmo.perceptual.FrozenNet``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor, nn
+
+from flowmo.metrics.codebook import CodebookUsage
+from flowmo.metrics.fid import RandomConvFeatures, build_fid
+from flowmo.metrics.image import PSNR, SSIM, LPIPSMetric, PaperPSNR, PaperSSIM, to_unit_range
+
+RANGE_TOLERANCE = 1e-3
+WeightsArg = str | os.PathLike | None
+
+
+class ReconstructionMetrics(nn.Module):
+    """psnr, psnr_paper, ssim, ssim_paper, lpips_<net>, rfid and codebook usage; each optional.
+
+    lpips_nets: LPIPS variants to compute, any of ("alex", "vgg"); () disables LPIPS.
+    lpips_weights: None (torch hub cache), "random" (stand-in) or {net: path}.
+    fid_feature: None = the authors' InceptionV3 (``inception_path`` or the cache), "random" = tiny
+        random stand-in, an ``nn.Module`` mapping [B, 3, H, W] in [0, 1] to [B, F], or False to skip rFID.
+    codebook_bits: G of the LFQ sub-tokens (9 Lo, 14 Hi) to track codebook usage from ``indices``.
+    """
+
+    def __init__(
+        self,
+        *,
+        pixel: bool = True,
+        lpips_nets: tuple[str, ...] = ("alex", "vgg"),
+        lpips_weights: WeightsArg | dict[str, WeightsArg] = None,
+        fid_feature: nn.Module | str | bool | None = None,
+        inception_path: WeightsArg = None,
+        codebook_bits: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.per_image = nn.ModuleDict()
+        if pixel:
+            self.per_image.update(
+                {"psnr": PSNR(), "psnr_paper": PaperPSNR(), "ssim": SSIM(), "ssim_paper": PaperSSIM()}
+            )
+        for net in lpips_nets:
+            self.per_image[f"lpips_{net}"] = LPIPSMetric(net, _weights_for(lpips_weights, net))
+        self.fid = _build_optional_fid(fid_feature, inception_path)
+        self.codebook = CodebookUsage(codebook_bits) if codebook_bits is not None else None
+
+    @property
+    def stand_ins(self) -> list[str]:
+        """Names of the networks that run with random stand-in weights (empty for real numbers)."""
+        return sorted({m.name for m in self.modules() if getattr(m, "is_stand_in", False) and hasattr(m, "name")})
+
+    def update(self, original: Tensor, reconstruction: Tensor, indices: Tensor | None = None) -> None:
+        """original, reconstruction: [B, 3, H, W] in [-1, 1]; indices: [B, N] int64 sub-token indices."""
+        _check_original_range(original)
+        for metric in self.per_image.values():
+            metric.update(original, reconstruction)
+        if self.fid is not None:
+            self.fid.update(to_unit_range(original), real=True)
+            self.fid.update(to_unit_range(reconstruction), real=False)
+        if self.codebook is not None and indices is not None:
+            self.codebook.update(indices)
+
+    def compute(self) -> dict[str, float]:
+        results = {name: float(metric.compute()) for name, metric in self.per_image.items()}
+        if self.fid is not None:
+            results["rfid"] = float(self.fid.compute())
+        if self.codebook is not None:
+            results.update(_flat_codebook(self.codebook.compute()))
+        return results
+
+    def reset(self) -> None:
+        for metric in self.per_image.values():
+            metric.reset()
+        for metric in (self.fid, self.codebook):
+            if metric is not None:
+                metric.reset()
+
+
+def _weights_for(weights: WeightsArg | dict[str, WeightsArg], net: str) -> WeightsArg:
+    return weights.get(net) if isinstance(weights, dict) else weights
+
+
+def _build_optional_fid(fid_feature, inception_path):
+    if fid_feature is False:
+        return None
+    if fid_feature == "random":
+        fid_feature = RandomConvFeatures()
+    if fid_feature is not None and not isinstance(fid_feature, nn.Module):
+        raise ValueError(f"fid_feature must be None, 'random', False or an nn.Module, got {fid_feature!r}.")
+    return build_fid(fid_feature, inception_path)
+
+
+def _flat_codebook(usage: dict[str, Tensor]) -> dict[str, float]:
+    balance = usage.pop("bit_balance")
+    flat = {f"codebook_{name}": float(value) for name, value in usage.items()}
+    flat["codebook_bit_balance_min"] = float(balance.min())
+    flat["codebook_bit_balance_max"] = float(balance.max())
+    return flat
+
+
+def _check_original_range(original: Tensor) -> None:
+    low, high = float(original.min()), float(original.max())  # evaluation only: a host sync is fine
+    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"Reconstruction metrics expect images in [-1, 1]; the originals span [{low:.3g}, {high:.3g}]. "
+            "Map uint8 images with x / 127.5 - 1."
+        )
+
