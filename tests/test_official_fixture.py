@@ -1,0 +1,109 @@
+"""The project's FlowMo reproduces the authors' implementation: every tensor of official_tiny_a.pt."""
+
+import pytest
+import torch
+
+from flowmo import FlowMoTokenizer, flow
+from flowmo.official import dropped_official_shapes, official_shapes, ours_to_official
+
+TOL = 1e-4
+
+
+def close(actual, expected):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = (actual.float() - expected.float()).abs().max().item()
+    assert err <= TOL, f"max abs error {err:.3g} > {TOL}"
+
+
+@pytest.fixture(scope="module")
+def reference(official_fixture):
+    tok = FlowMoTokenizer.from_official(official_fixture["official_state_dict"], official_fixture["config"])
+    return tok.eval(), official_fixture
+
+
+def test_encoder_quantizer_and_indices(reference):
+    tok, ref = reference
+    code = tok.encode(ref["images"])
+    close(code, ref["encoder_code"])
+    tok.train()
+    q = tok.quantize(code)
+    assert torch.equal(q.codes, ref["quantized_code"])
+    assert q.indices.dtype == torch.int64 and torch.equal(q.indices, ref["token_indices"])
+    for name in ("per_sample_entropy", "codebook_entropy", "entropy_loss", "commitment_loss"):
+        close(getattr(q, name), ref[name])
+    close(q.loss, ref["quantizer_loss"])
+    assert torch.equal(tok.tokenize(ref["images"]), ref["token_indices"])
+
+
+def test_flow_terms_and_velocity(reference):
+    tok, ref = reference
+    close(flow.interpolate(ref["images"], ref["noise"], ref["t"]), ref["noisy_images"])
+    velocity = tok.velocity(ref["noisy_images"], ref["quantized_code"], ref["t"])
+    close(velocity, ref["velocity"])
+    close(tok.velocity(ref["noisy_images"], None, ref["t"]), ref["velocity_null_code"])
+    flow_loss = (ref["noise"] - velocity - ref["images"]).pow(2).mean()
+    close(flow_loss, ref["flow_loss"])
+    close(flow.x0_estimate(ref["noisy_images"], velocity, ref["t"]), ref["x0_estimate"])
+
+
+def test_samplers(reference):
+    tok, ref = reference
+    codes, noise = ref["quantized_code"], ref["sampler_noise"]
+    settings = ref["sample_shifted_cfg_settings"]
+    shifted = tok.sample(codes, noise, steps=settings["steps"], rho=settings["rho"], cfg=settings["cfg"],
+                         cfg_interval=tuple(settings["cfg_interval_sigma"]))
+    close(shifted, ref["sample_shifted_cfg"])
+    linear = tok.sample(codes, noise, steps=10, rho=1.0, cfg=1.0)
+    close(linear, ref["sample_linear_nocfg"])
+
+
+def test_posttrain_chain(reference):
+    tok, ref = reference
+    _, grid = flow.random_chain_timesteps(2, 8, u=ref["posttrain_chain_u"])
+    close(grid, ref["posttrain_chain_t"])
+    chain = tok.sample(ref["quantized_code"], ref["sampler_noise"], timesteps=grid, cfg=1.0, clip=False)
+    close(chain, ref["posttrain_chain_sample"])
+
+
+def test_train_and_eval_compute_the_same(reference):
+    tok, ref = reference
+    tok.train()
+    train_code = tok.encode(ref["images"])
+    train_v = tok.velocity(ref["noisy_images"], ref["quantized_code"], ref["t"])
+    tok.eval()
+    assert torch.equal(train_code, tok.encode(ref["images"]))
+    assert torch.equal(train_v, tok.velocity(ref["noisy_images"], ref["quantized_code"], ref["t"]))
+
+
+def test_official_keys_are_ours_plus_the_documented_unused_ones(official_fixture):
+    tok = FlowMoTokenizer.from_official(official_fixture["official_state_dict"], official_fixture["config"])
+    ours = {ours_to_official(k) for k in tok.state_dict()}
+    dropped = set(dropped_official_shapes(tok.config))
+    assert ours | dropped == set(official_fixture["official_state_dict"])
+    assert not ours & dropped
+    assert set(official_shapes(tok.config)) == set(official_fixture["official_state_dict"])
+
+
+def test_released_file_layout_and_wrapper_prefixes(official_fixture, tmp_path):
+    state = official_fixture["official_state_dict"]
+    raw = {k: torch.zeros_like(v) for k, v in state.items()}
+    released = {"total_steps": 1_300_000, "model_ema_state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()},
+                "model_state_dict": raw}
+    path = tmp_path / "flowmo_tiny.pth"
+    torch.save(released, path)
+    ema = FlowMoTokenizer.from_official(path, official_fixture["config"])
+    close(ema.encode(official_fixture["images"]), official_fixture["encoder_code"])
+    raw_model = FlowMoTokenizer.from_official(path, official_fixture["config"], weights="raw")
+    assert all(float(p.detach().abs().sum()) == 0 for p in raw_model.parameters())
+
+
+def test_unknown_missing_and_misshaped_keys_are_listed(official_fixture):
+    state = dict(official_fixture["official_state_dict"])
+    state["decoder.extra.weight"] = torch.zeros(1)
+    del state["decoder.img_in.bias"]
+    state["encoder.txt_in.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError) as error:
+        FlowMoTokenizer.from_official(state, official_fixture["config"])
+    message = str(error.value)
+    assert "decoder.extra.weight" in message and "decoder.img_in.bias" in message
+    assert "encoder.txt_in.bias" in message
