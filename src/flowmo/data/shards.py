@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tarfile
@@ -131,7 +132,7 @@ def write_one_shard(task: tuple[str, str, list[SourceItem]]) -> int:
                 data = read_item_bytes(item, _tar_handles)
                 field = check_image(data)
             except Exception as error:  # any unreadable or undecodable image is skipped, never fatal
-                skipped.append({"key": item.key, "path": _describe(item), "reason": f"{type(error).__name__}: {error}"})
+                skipped.append({"key": item.key, "path": _describe(item), "reason": skip_reason(error)})
                 continue
             _add_member(tar, f"{item.key}.{field}", data)
             _add_member(tar, f"{item.key}.cls", str(item.cls).encode())
@@ -155,6 +156,12 @@ def check_image(data: bytes) -> str:
         image.draft("RGB", (64, 64))
         image.load()
     return field
+
+
+def skip_reason(error: Exception) -> str:
+    """A stable one-line reason (PIL puts the BytesIO object's address in some messages)."""
+    message = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+    return f"{type(error).__name__}: {message}"
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

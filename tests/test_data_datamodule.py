@@ -1,0 +1,129 @@
+"""FlowMoDataModule and ShardStream: batches, transforms, val order, rank/worker split, corrupt samples, paths."""
+
+import random
+
+import pytest
+import torch
+from data_helpers import jpeg_bytes, make_val_shards, truncated_jpeg_bytes, write_shard
+from PIL import Image
+from torchvision import transforms as T
+
+from flowmo.data import FlowMoDataModule, resolve_shards
+from flowmo.data.stream import ShardStream, SkipCounter
+from flowmo.data.transforms import decode_rgb, to_signed_tensor, train_transform, val_transform
+
+
+def photo(width=50, height=30):
+    return decode_rgb(jpeg_bytes(7, size=(width, height)))
+
+
+def test_transforms_give_size_range_and_match_torchvision():
+    image = photo()
+    crop = train_transform(image, 24, random.Random(0))
+    assert crop.shape == (3, 24, 24) and crop.dtype == torch.float32
+    assert crop.min() >= -1.0 and crop.max() <= 1.0 and crop.min() < -0.5 < 0.5 < crop.max()
+    reference = T.Compose([T.Resize(24, antialias=True), T.CenterCrop(24)])(image)
+    assert torch.equal(val_transform(image, 24), to_signed_tensor(reference))
+    assert torch.equal(val_transform(image, 24), val_transform(image, 24))
+    white = to_signed_tensor(Image.new("RGB", (4, 4), (255, 255, 255)))
+    assert torch.equal(white, torch.ones(3, 4, 4))  # p / 127.5 - 1
+    assert torch.equal(train_transform(image, 24, random.Random(3)), train_transform(image, 24, random.Random(3)))
+
+
+def test_random_flip_is_off_by_default_and_configurable():
+    image = photo(24, 24)  # the crop is the whole image, so only a flip can change it
+    plain = {tuple(train_transform(image, 24, random.Random(s)).flatten()[:8].tolist()) for s in range(8)}
+    flipped = {tuple(train_transform(image, 24, random.Random(s), True).flatten()[:8].tolist()) for s in range(8)}
+    assert len(plain) == 1 and len(flipped) == 2
+
+
+def test_val_loader_order_is_deterministic_and_complete(tmp_path):
+    keys = make_val_shards(tmp_path, shards=3, per_shard=3)
+    data = FlowMoDataModule(val_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=4, num_workers=0)
+    data.setup("validate")
+    first = [key for batch in data.val_dataloader() for key in batch["key"]]
+    second = [key for batch in data.val_dataloader() for key in batch["key"]]
+    assert first == second and sorted(first) == sorted(keys)
+    batch = next(iter(data.val_dataloader()))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["cls"].dtype == torch.int64
+
+
+def test_two_ranks_times_two_workers_cover_every_sample_once(tmp_path, monkeypatch):
+    keys = make_val_shards(tmp_path, shards=5, per_shard=2)
+    urls = resolve_shards(str(tmp_path / "val-{000000..000004}.tar"))
+    seen = []
+    for rank in range(2):
+        for worker in range(2):  # webdataset's hook for the DataLoader worker slot
+            monkeypatch.setenv("WORKER", str(worker))
+            monkeypatch.setenv("NUM_WORKERS", "2")
+            stream = ShardStream(urls, 16, train=False, rank=rank, world_size=2)
+            seen += [sample["key"] for sample in stream]
+    assert len(seen) == len(keys) and set(seen) == keys
+
+
+def test_ranks_from_environment_and_real_workers(tmp_path, monkeypatch):
+    keys = make_val_shards(tmp_path, shards=4, per_shard=2)
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        data = FlowMoDataModule(val_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=3, num_workers=2,
+                                persistent_workers=False)
+        seen += [key for batch in data.val_dataloader() for key in batch["key"]]
+    assert len(seen) == len(keys) and set(seen) == keys
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    write_shard(tmp_path / "val-000000.tar", {
+        "good.jpg": jpeg_bytes(1), "good.cls": b"3",
+        "cut.jpg": truncated_jpeg_bytes(), "cut.cls": b"1",
+        "text.jpg": b"not an image", "text.cls": b"2",
+        "nolabel.jpg": jpeg_bytes(2),
+    })
+    data = FlowMoDataModule(val_shards=str(tmp_path / "val-000000.tar"), image_size=16, batch_size=8, num_workers=0)
+    batches = list(data.val_dataloader())
+    assert batches[0]["key"] == ["good", "nolabel"] and batches[0]["cls"].tolist() == [3, -1]
+    assert data.skipped_samples == 2
+
+
+def test_skip_count_is_shared_with_worker_processes(tmp_path):
+    write_shard(tmp_path / "val-000000.tar", {"a.jpg": jpeg_bytes(1), "b.jpg": b"junk", "c.jpg": b"junk"})
+    counter = SkipCounter()
+    stream = ShardStream([str(tmp_path / "val-000000.tar")], 16, train=False, skip_counter=counter)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)
+    assert [sample["key"] for sample in loader] == ["a"] and counter.value == 2
+
+
+def test_train_stream_is_infinite_shuffled_and_works_without_workers(tmp_path):
+    keys = make_val_shards(tmp_path, shards=2, per_shard=3, size=(48, 32))
+    data = FlowMoDataModule(train_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=4, num_workers=0,
+                            shuffle_buffer=4, seed=1)
+    loader = iter(data.train_dataloader())
+    batches = [next(loader) for _ in range(5)]  # 20 samples from a 6-sample set: resampled, never ends
+    assert all(b["image"].shape == (4, 3, 16, 16) for b in batches)
+    assert all(-1 <= b["image"].min() and b["image"].max() <= 1 for b in batches)
+    seen = [key for b in batches for key in b["key"]]
+    assert set(seen) <= keys and len(set(seen)) > 3
+    other_seed = FlowMoDataModule(train_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=4,
+                                  num_workers=0, shuffle_buffer=4, seed=2)
+    assert next(iter(other_seed.train_dataloader()))["key"] != batches[0]["key"]  # the seed sets the stream
+
+
+def test_missing_shards_raise_one_clear_sentence(tmp_path):
+    data = FlowMoDataModule(train_shards=str(tmp_path / "nope" / "train.json"), val_shards=str(tmp_path / "v-*.tar"))
+    with pytest.raises(FileNotFoundError, match="make shards IMAGENET=.*make sample-data"):
+        data.setup("fit")
+    with pytest.raises(FileNotFoundError, match="No shards found"):
+        FlowMoDataModule(val_shards=str(tmp_path / "val-{000000..000003}.tar")).setup("validate")
+    with pytest.raises(FileNotFoundError, match="data.train_shards is null"):
+        FlowMoDataModule().setup("fit")
+
+
+def test_shard_specs_manifest_braces_and_remote_urls(tmp_path):
+    make_val_shards(tmp_path, shards=3, per_shard=1)
+    local = [str(tmp_path / f"val-{i:06d}.tar") for i in range(3)]
+    assert resolve_shards(str(tmp_path / "val-{000000..000002}.tar")) == local
+    assert resolve_shards(str(tmp_path / "val-*.tar")) == local
+    remote = resolve_shards("pipe:aws s3 cp s3://bucket/train-{000000..000002}.tar -")
+    assert remote == [f"pipe:aws s3 cp s3://bucket/train-{i:06d}.tar -" for i in range(3)]
+    assert resolve_shards("https://host/x-{0..1}.tar") == ["https://host/x-0.tar", "https://host/x-1.tar"]

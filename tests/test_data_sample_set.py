@@ -1,0 +1,34 @@
+"""The embedded sample set: built offline from scikit-image's photographs, split by photograph."""
+
+import json
+import tarfile
+
+from PIL import Image
+
+from flowmo.data import FlowMoDataModule, build_sample_set
+from flowmo.data.sample_set import TRAIN_PHOTOS, VAL_PHOTOS, main
+
+
+def test_sample_set_splits_by_photo_and_stores_jpeg_crops(tmp_path):
+    manifests = build_sample_set(tmp_path, size=48, train_crops_per_photo=3, val_crops_per_photo=2, shard_size=4)
+    assert manifests["train"]["num_samples"] == 3 * len(TRAIN_PHOTOS)
+    assert manifests["val"]["num_samples"] == 2 * len(VAL_PHOTOS)
+    assert not set(manifests["train"]["classes"]) & set(manifests["val"]["classes"])  # no photo in both splits
+    with tarfile.open(tmp_path / "val-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        with Image.open(tar.extractfile(member)) as image:
+            assert image.format == "JPEG" and image.size == (48, 48)
+    assert not (tmp_path / ".staging").exists()
+
+    data = FlowMoDataModule(str(tmp_path / "train.json"), str(tmp_path / "val.json"), image_size=32, batch_size=2,
+                            num_workers=0)
+    data.setup("fit")
+    assert next(iter(data.train_dataloader()))["image"].shape == (2, 3, 32, 32)
+    assert sum(len(batch["key"]) for batch in data.val_dataloader()) == 2 * len(VAL_PHOTOS)
+
+
+def test_sample_data_cli_rebuilds_in_place(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--size", "32", "--train-crops", "2", "--val-crops", "1"]
+    assert main(argv) == 0 and main(argv) == 0  # a second build replaces the first
+    assert "val: 3 images of 32px" in capsys.readouterr().out
+    assert json.loads((tmp_path / "train.json").read_text())["num_samples"] == 2 * len(TRAIN_PHOTOS)
