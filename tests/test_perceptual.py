@@ -1,0 +1,180 @@
+"""Frozen perceptual networks: offline weight policy, stand-ins, freezing, gradients, preprocessing."""
+
+import socket
+import urllib.request
+
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+from torch import nn
+
+from flowmo.perceptual import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WEIGHT_FILES,
+    LPIPSDistance,
+    LPIPSVGG,
+    MissingWeightsError,
+    ResNetLogitsDistance,
+    StandInWeightsWarning,
+    build_perceptual,
+)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def lpips_vgg():
+    with pytest.warns(StandInWeightsWarning):
+        return build_perceptual("lpips_vgg", weights="random")
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    with pytest.warns(StandInWeightsWarning):
+        return build_perceptual("resnet50_logits", weights="random")
+
+
+def images(batch=2, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+
+
+@pytest.mark.parametrize(
+    "make, filename",
+    [
+        (lambda: build_perceptual("lpips_vgg"), WEIGHT_FILES["vgg16"]),
+        (lambda: LPIPSDistance("alex"), WEIGHT_FILES["alexnet"]),
+        (lambda: build_perceptual("resnet50_logits"), WEIGHT_FILES["resnet50"]),
+    ],
+)
+def test_missing_weights_error_names_file_and_remedy(make, filename, empty_caches, no_network):
+    with pytest.raises(MissingWeightsError) as error:
+        make()
+    message = str(error.value)
+    assert filename in message and str(empty_caches) in message and "weights=" in message
+
+
+def test_explicit_path_that_does_not_exist(tmp_path):
+    with pytest.raises(MissingWeightsError, match="not a file"):
+        build_perceptual("resnet50_logits", weights=tmp_path / "nope.pth")
+
+
+def test_factory_none_and_unknown():
+    assert build_perceptual("none") is None
+    with pytest.raises(ValueError, match="lpips_vgg"):
+        build_perceptual("vgg_features")
+
+
+def test_stand_in_is_flagged_and_builds_offline(no_network):
+    with pytest.warns(StandInWeightsWarning, match="RANDOM"):
+        net = LPIPSDistance("alex", weights="random")
+    assert net.is_stand_in
+
+
+def test_lpips_backbone_loaded_from_torch_hub_cache(empty_caches, no_network):
+    from torchvision.models import alexnet
+
+    reference = alexnet(weights=None).state_dict()
+    empty_caches.mkdir(parents=True)
+    torch.save({k: v for k, v in reference.items() if k.startswith("features.")}, empty_caches / WEIGHT_FILES["alexnet"])
+    net = LPIPSDistance("alex")
+    assert not net.is_stand_in
+    backbone = net.net.net  # lpips keeps torchvision's layer index as the child name in each slice
+    torch.testing.assert_close(getattr(backbone.slice1, "0").weight, reference["features.0.weight"])
+    last_conv = getattr(backbone.slice5, "10")
+    torch.testing.assert_close(last_conv.weight, reference["features.10.weight"])
+
+
+def test_resnet_loaded_from_explicit_path(tmp_path, no_network):
+    from torchvision.models import resnet50
+
+    reference = resnet50(weights=None).state_dict()
+    path = tmp_path / "my_resnet.pth"
+    torch.save(reference, path)
+    net = ResNetLogitsDistance(weights=path)
+    assert not net.is_stand_in
+    torch.testing.assert_close(net.net.fc.weight, reference["fc.weight"])
+
+
+@pytest.mark.parametrize("name", ["lpips_vgg", "resnet"])
+def test_frozen_eval_outside_state_dict_and_grads_reach_input(name, request):
+    perceptual = request.getfixturevalue(name)
+    owner = nn.ModuleDict({"head": nn.Linear(2, 2), "perceptual": perceptual})
+    owner.train()
+    assert not perceptual.training and not perceptual.net.training
+    assert all(not m.training for m in perceptual.net.modules())
+    assert set(owner.state_dict()) == {"head.weight", "head.bias"}
+    assert len(list(owner.parameters())) == 2
+    assert all(not p.requires_grad for p in perceptual.net.parameters())
+
+    batch = 2 if name == "lpips_vgg" else 1  # ResNet-50 at 224 px is slow on CPU
+    x, y = images(batch, seed=1).requires_grad_(True), images(batch, seed=2)
+    distance = perceptual(x, y)
+    assert distance.shape == (batch,)
+    distance.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in perceptual.net.parameters())
+
+
+def test_owner_dtype_move_reaches_hidden_net(resnet):
+    owner = nn.ModuleDict({"perceptual": resnet})
+    owner.double()
+    try:
+        assert next(resnet.net.parameters()).dtype == torch.float64
+        assert resnet.mean.dtype == torch.float64
+    finally:
+        owner.float()
+
+
+def test_identical_images_have_zero_distance(lpips_vgg, resnet):
+    x = images(seed=3)
+    with torch.no_grad():
+        assert lpips_vgg(x, x).abs().max() < 1e-6
+        assert resnet(x[:1], x[:1]).abs().max() < 1e-6
+
+
+def test_resnet_preprocessing_matches_torchvision_pipeline(resnet):
+    x = images(batch=2, size=40, seed=4)
+    reference = T.Compose([T.Resize((224, 224), antialias=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.testing.assert_close(resnet.preprocess(x), reference((x + 1) / 2), atol=1e-5, rtol=0)
+
+    constant = torch.full((1, 3, 64, 64), 0.5)  # 0.75 in [0, 1]
+    expected = (0.75 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    out = resnet.preprocess(constant)
+    assert out.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(out, expected.view(1, 3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
+
+
+def test_resnet_distance_is_mean_squared_logit_difference(resnet):
+    x, y = images(1, seed=5), images(1, seed=6)
+    with torch.no_grad():
+        expected = (resnet.net(resnet.preprocess(x)) - resnet.net(resnet.preprocess(y))).pow(2).mean(dim=1)
+        torch.testing.assert_close(resnet(x, y), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_wrong_shapes_are_rejected(lpips_vgg):
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        lpips_vgg(images(), images()[:, :1])
+
+
+def test_lpips_vgg_is_the_vgg_variant(lpips_vgg):
+    assert isinstance(lpips_vgg, LPIPSVGG) and lpips_vgg.name == "LPIPS-vgg"
