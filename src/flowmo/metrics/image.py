@@ -4,8 +4,8 @@ Inputs of every ``update(original, reconstruction)``: float images [B, 3, H, W] 
 clamped to [-1, 1] first (a reconstruction may overshoot; saved images are clamped too) and mapped to
 [0, 1] with data range 1.
 
-- ``PSNR`` / ``SSIM``: the correct ones, per image, then the mean over images. SSIM is the standard
-  Gaussian-window SSIM (11x11, sigma 1.5) of torchmetrics.
+- ``PSNR`` / ``SSIM``: the correct ones on float images, per image, then the mean over images. SSIM is
+  the standard one of Wang et al. (Gaussian window, sigma 1.5, population covariance, valid region).
 - ``PaperPSNR`` / ``PaperSSIM``: match the authors' evaluation (spec §7) to reproduce the reported numbers:
   images truncated to uint8 (x255 then cast, no rounding) and back to [0, 1]; SSIM as scikit-image's
   ``structural_similarity(a, b, data_range=1, channel_axis=-1)`` (7x7 uniform window, sample covariance);
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from flowmo.perceptual import LPIPSDistance, check_image_pair
 
 SKIMAGE_WINDOW = 7  # scikit-image's default win_size when gaussian_weights=False
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+GAUSSIAN_SIGMA, GAUSSIAN_RADIUS = 1.5, 5  # scikit-image / scipy: radius int(3.5 * sigma + 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -38,13 +38,14 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
 def to_unit_range(images: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1], clamped."""
-    return ((images.clamp(-1, 1) + 1) / 2).float()
+    """[-1, 1] -> [0, 1], clamped; at least float32 (bf16 reconstructions are upcast)."""
+    images = images.to(torch.promote_types(images.dtype, torch.float32))
+    return (images.clamp(-1, 1) + 1) / 2
 
 
 def truncate_to_uint8_levels(images01: Tensor) -> Tensor:
     """The authors' uint8 conversion: x255 then cast (truncation, not rounding), back to [0, 1]."""
-    return (images01 * 255).to(torch.uint8).float() / 255
+    return (images01 * 255).to(torch.uint8).double() / 255
 
 
 def psnr_per_image(a01: Tensor, b01: Tensor) -> Tensor:
@@ -60,28 +61,48 @@ def psnr_pooled(a01: Tensor, b01: Tensor) -> Tensor:
 
 
 def ssim_gaussian_per_image(a01: Tensor, b01: Tensor) -> Tensor:
-    """[B] standard SSIM (Gaussian 11x11, sigma 1.5, data range 1)."""
-    return structural_similarity_index_measure(b01, a01, data_range=1.0, reduction="none")
+    """[B] standard SSIM (Wang et al. 2004): Gaussian window sigma 1.5 (11 taps), population covariance.
+
+    Equals scikit-image's ``structural_similarity(..., gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1, channel_axis=-1)``.
+    """
+    taps = torch.arange(-GAUSSIAN_RADIUS, GAUSSIAN_RADIUS + 1, dtype=torch.float64)
+    window = torch.exp(-(taps**2) / (2 * GAUSSIAN_SIGMA**2))
+    return _ssim_valid_region(a01, b01, window / window.sum(), sample_covariance=False)
 
 
-def ssim_skimage_per_image(a01: Tensor, b01: Tensor, window: int = SKIMAGE_WINDOW) -> Tensor:
-    """[B] SSIM as scikit-image computes it with its defaults (uniform window, sample covariance).
+def ssim_skimage_per_image(a01: Tensor, b01: Tensor) -> Tensor:
+    """[B] SSIM with scikit-image's defaults: 7x7 uniform window, sample covariance (the authors' SSIM)."""
+    window = torch.full((SKIMAGE_WINDOW,), 1 / SKIMAGE_WINDOW, dtype=torch.float64)
+    return _ssim_valid_region(a01, b01, window, sample_covariance=True)
+
+
+def _ssim_valid_region(a01: Tensor, b01: Tensor, window_1d: Tensor, sample_covariance: bool) -> Tensor:
+    """Mean SSIM map over the positions whose window lies inside the image, per image: [B].
 
     scikit-image filters the whole image, then averages the SSIM map over the region at least
-    (window - 1) / 2 pixels from the border; those are exactly the positions of an unpadded pooling.
+    (window - 1) / 2 pixels from the border; those are exactly the outputs of an unpadded convolution.
     The per-channel means have equal weight, so one mean over channels and positions is the same.
     """
     a, b = a01.double(), b01.double()
-    mean = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731 (local window mean)
+    mean = lambda t: _separable_filter(t, window_1d.to(t.device))  # noqa: E731 (local weighted mean)
     mu_a, mu_b = mean(a), mean(b)
-    sample_correction = window**2 / (window**2 - 1)
-    var_a = sample_correction * (mean(a * a) - mu_a**2)
-    var_b = sample_correction * (mean(b * b) - mu_b**2)
-    cov_ab = sample_correction * (mean(a * b) - mu_a * mu_b)
+    taps = window_1d.numel() ** 2
+    correction = taps / (taps - 1) if sample_covariance else 1.0
+    var_a = correction * (mean(a * a) - mu_a**2)
+    var_b = correction * (mean(b * b) - mu_b**2)
+    cov_ab = correction * (mean(a * b) - mu_a * mu_b)
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
     numerator = (2 * mu_a * mu_b + c1) * (2 * cov_ab + c2)
     denominator = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
     return (numerator / denominator).flatten(1).mean(dim=1)
+
+
+def _separable_filter(images: Tensor, window_1d: Tensor) -> Tensor:
+    """Valid (unpadded) per-channel filtering with the outer product of ``window_1d`` with itself."""
+    channels, taps = images.shape[1], window_1d.numel()
+    rows = F.conv2d(images, window_1d.view(1, 1, 1, taps).expand(channels, 1, 1, taps), groups=channels)
+    return F.conv2d(rows, window_1d.view(1, 1, taps, 1).expand(channels, 1, taps, 1), groups=channels)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,7 +158,7 @@ class PaperPSNR(_MeanOfScores):
 
 
 class SSIM(_MeanOfScores):
-    """Per-image Gaussian-window SSIM (data range 1), averaged over images."""
+    """Per-image SSIM of Wang et al. (Gaussian window, data range 1), averaged over images."""
 
     higher_is_better = True
 
