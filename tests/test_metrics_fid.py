@@ -1,0 +1,86 @@
+"""rFID: closed-form Fréchet distance, offline Inception policy, loading pytorch-fid's architecture from a file."""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from flowmo.metrics import FIDFeatures, InceptionFeatures, build_fid
+from flowmo.perceptual import WEIGHT_FILES, MissingWeightsError
+
+
+class PooledColours(nn.Module):
+    """A tiny deterministic feature net: 2x2 average colours plus their squares -> 24 features."""
+
+    def forward(self, images01):
+        pooled = nn.functional.adaptive_avg_pool2d(images01, 2).flatten(1)
+        return torch.cat([pooled, pooled**2], dim=1)
+
+
+def frechet_distance_numpy(real, fake):
+    """The authors' formula (pytorch-fid): scipy sqrtm on numpy covariances."""
+    mu1, mu2 = real.mean(axis=0), fake.mean(axis=0)
+    sigma1, sigma2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def test_fid_equals_closed_form_frechet_distance():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(60, 3, 16, 16, generator=generator)
+    fake = (1 - real) ** 2 * 0.7 + 0.3 * torch.rand(60, 3, 16, 16, generator=generator)
+    fid = build_fid(feature=PooledColours())
+    for start in range(0, 60, 5):
+        fid.update(real[start : start + 5], real=True)
+        fid.update(fake[start : start + 5], real=False)
+    value = fid.compute()
+    assert value.dtype == torch.float64
+    net = PooledColours()  # the same float32 features, so the test isolates the distance computation
+    expected = frechet_distance_numpy(net(real).double().numpy(), net(fake).double().numpy())
+    assert expected > 0.1  # a distance far from zero, so 1e-6 is a real check
+    assert float(value) == pytest.approx(expected, abs=1e-6)
+    assert fid.state_dict() == {}
+
+
+def test_injected_features_are_frozen_and_hidden():
+    head = nn.Linear(3, 4)
+    fid = build_fid(feature=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head))
+    assert isinstance(fid.inception, FIDFeatures) and fid.inception.num_features == 4
+    assert not head.weight.requires_grad and list(fid.parameters()) == []
+
+
+def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=WEIGHT_FILES["inception_fid"]):
+        build_fid()
+    with pytest.raises(MissingWeightsError, match="not a file"):
+        build_fid(inception_path=tmp_path / "missing.pth")
+
+
+def test_inception_features_load_pytorch_fid_weights_from_file(tmp_path):
+    """Write a file with pytorch-fid's exact key layout (random values), load it, run the real network."""
+    import torchvision.models
+    from pytorch_fid import inception as fid_inception
+
+    captured = {}
+
+    def capture_instead_of_loading(model, state_dict, *args, **kwargs):
+        captured.update(model.state_dict())
+
+    with (
+        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(torchvision.models.Inception3, "load_state_dict", capture_instead_of_loading),
+    ):
+        fid_inception.fid_inception_v3()
+    path = tmp_path / WEIGHT_FILES["inception_fid"]
+    torch.save(captured, path)
+
+    features = InceptionFeatures(weights=path)
+    assert not features.is_stand_in and features.state_dict() == {}
+    out = features(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 2048) and out.dtype == torch.float64 and not out.requires_grad
+    stem = features.net.blocks[0][0].conv.weight
+    torch.testing.assert_close(stem, captured["Conv2d_1a_3x3.conv.weight"])
