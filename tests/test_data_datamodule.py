@@ -1,6 +1,7 @@
 """FlowMoDataModule and ShardStream: batches, transforms, val order, rank/worker split, corrupt samples, paths."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,43 @@ def test_shard_specs_manifest_braces_and_remote_urls(tmp_path):
     remote = resolve_shards("pipe:aws s3 cp s3://bucket/train-{000000..000002}.tar -")
     assert remote == [f"pipe:aws s3 cp s3://bucket/train-{i:06d}.tar -" for i in range(3)]
     assert resolve_shards("https://host/x-{0..1}.tar") == ["https://host/x-0.tar", "https://host/x-1.tar"]
+
+
+@pytest.mark.parametrize("name", ["sample", "imagenet"])
+def test_data_configs_build_the_datamodule(name):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=FlowMoDataModule)
+    config = parser.parse_path(Path(__file__).parents[1] / "configs" / "data" / f"{name}.yaml")
+    data = parser.instantiate(config).data
+    assert isinstance(data, FlowMoDataModule) and data.hparams.image_size in (64, 256)
+
+
+def test_lightning_fit_with_the_infinite_stream_and_validation(tmp_path):
+    import lightning as L
+
+    class MeanModel(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.val_keys = []
+
+        def training_step(self, batch, batch_idx):
+            return (self.scale * batch["image"]).square().mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.val_keys += batch["key"]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    keys = make_val_shards(tmp_path / "shards", shards=2, per_shard=3)
+    data = FlowMoDataModule(str(tmp_path / "shards" / "val-*.tar"), str(tmp_path / "shards" / "val-*.tar"),
+                            image_size=16, batch_size=2, num_workers=0)
+    model = MeanModel()
+    trainer = L.Trainer(max_steps=4, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 4 and sorted(model.val_keys) == sorted(keys)

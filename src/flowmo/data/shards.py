@@ -58,6 +58,8 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if progress:  # indexing the 1.28M-image train tar reads every tar header: say what is happening
+        print(f"indexing {source} ...", file=sys.stderr, flush=True)
     listing = list_source(source, val_labels)
     shuffle = split.startswith("train") if shuffle is None else shuffle
     items = list(listing.items)

@@ -1,0 +1,116 @@
+"""Data-loading throughput: decode + augment images/s per worker at 256x256 from WebDataset shards.
+
+    python scripts/bench_data.py                      # ImageNet-like shards built from scikit-image photos
+    python scripts/bench_data.py --shards data/imagenet/train.json --workers 8
+
+One DataLoader worker runs exactly the loop measured with `--workers 0` (shard read, shuffle buffer, JPEG
+decode, Resize + RandomCrop, to float tensor), so that figure is the per-worker throughput. It then prints how
+many workers one GPU needs for FlowMo-Lo pre-training (spec section 9: ~0.6-0.7 s per step of 128 on 8 GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flowmo.data.datamodule import resolve_shards
+from flowmo.data.sample_set import TRAIN_PHOTOS, VAL_PHOTOS, photo_path
+from flowmo.data.shards import write_shards
+from flowmo.data.stream import ShardStream, collate
+
+# ImageNet train JPEGs: typically ~500x375 (or 375x500, 500x333), quality around 90, ~110 KB on average.
+IMAGENET_LIKE_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (400, 400), (500, 500))
+LO_IMAGES_PER_GPU_STEP = 128 / 8
+GRAIN_SIGMA = 18.0
+LO_SECONDS_PER_STEP = (0.6, 0.7)
+
+
+def build_imagenet_like_shards(folder: Path, count: int, seed: int = 0) -> str:
+    """`count` JPEGs at ImageNet-typical sizes cut from the sample photographs, written as train shards."""
+    rng, noise = random.Random(seed), np.random.default_rng(seed)
+    photos = [Image.open(photo_path(name)).convert("RGB") for name in TRAIN_PHOTOS + VAL_PHOTOS]
+    images = folder / "images" / "photos"
+    images.mkdir(parents=True)
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        width, height = rng.choice(IMAGENET_LIKE_SIZES)
+        scale = max(width / photo.width, height / photo.height) * rng.uniform(1.0, 1.5)
+        resized = photo.resize((math.ceil(photo.width * scale), math.ceil(photo.height * scale)), Image.BILINEAR)
+        left, top = rng.randint(0, resized.width - width), rng.randint(0, resized.height - height)
+        crop = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32)
+        # Sensor-like grain: upscaled photos are smoother than camera JPEGs; this brings the bytes per image
+        # (and so the entropy-decoding work) to ImageNet's level.
+        grainy = np.clip(crop + noise.normal(0, GRAIN_SIGMA, crop.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(grainy).save(images / f"{index:05d}.jpg", quality=90)
+    mean_kb = sum(path.stat().st_size for path in images.iterdir()) / count / 1024
+    print(f"built {count} ImageNet-like JPEGs, {mean_kb:.0f} KB on average (ImageNet train: ~110 KB)")
+    write_shards(folder / "images", folder / "shards", "train", shard_size=64, workers=1, progress=False)
+    return str(folder / "shards" / "train.json")
+
+
+def per_worker_rate(urls: list[str], image_size: int, count: int, shuffle_buffer: int) -> float:
+    """images/s of one reader in this process: exactly what one DataLoader worker does."""
+    stream = iter(ShardStream(urls, image_size, train=True, shuffle_buffer=shuffle_buffer))
+    for _ in range(min(shuffle_buffer, count) + 8):  # warm up: fill the shuffle buffer, import lazily loaded code
+        next(stream)
+    start = time.perf_counter()
+    for _ in range(count):
+        next(stream)
+    return count / (time.perf_counter() - start)
+
+
+def loader_rate(urls: list[str], image_size: int, count: int, workers: int, batch_size: int, buffer: int) -> float:
+    """images/s of a DataLoader with `workers` processes (startup excluded)."""
+    stream = ShardStream(urls, image_size, train=True, shuffle_buffer=buffer)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate))
+    for _ in range(2 * workers):
+        next(loader)
+    batches = max(1, count // batch_size)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def report_workers_needed(rate: float) -> None:
+    need = [LO_IMAGES_PER_GPU_STEP / seconds for seconds in LO_SECONDS_PER_STEP]
+    print(f"FlowMo-Lo on 8 GPUs: {LO_IMAGES_PER_GPU_STEP:.0f} images/step/GPU at {LO_SECONDS_PER_STEP[0]}-"
+          f"{LO_SECONDS_PER_STEP[1]} s/step -> {need[1]:.0f}-{need[0]:.0f} images/s per GPU")
+    workers = math.ceil(max(need) / rate)
+    print(f"workers needed per H100: {workers} at {rate:.0f} images/s/worker "
+          f"(use {max(2, 2 * workers)} for headroom: slower storage, larger JPEGs, Stage 1B evaluation)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", default=None, help="shard spec to read (default: build ImageNet-like shards)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=400, help="images timed per measurement")
+    parser.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shuffle-buffer", type=int, default=100)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # a DataLoader worker runs single-threaded too
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = args.shards or build_imagenet_like_shards(Path(tmp), count=max(256, args.images // 2))
+        urls = resolve_shards(spec)
+        rate = per_worker_rate(urls, args.image_size, args.images, args.shuffle_buffer)
+        print(f"decode + Resize/RandomCrop {args.image_size}x{args.image_size} + to tensor: "
+              f"{rate:.0f} images/s per worker ({len(urls)} shards from {spec if args.shards else 'ImageNet-like JPEGs'})")
+        if args.workers > 0:
+            total = loader_rate(urls, args.image_size, args.images, args.workers, args.batch_size, args.shuffle_buffer)
+            print(f"DataLoader with {args.workers} workers: {total:.0f} images/s ({total / args.workers:.0f} per worker)")
+        report_workers_needed(rate)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
