@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         urls = resolve_shards(spec)
         rate = per_worker_rate(urls, args.image_size, args.images, args.shuffle_buffer)
         print(f"decode + Resize/RandomCrop {args.image_size}x{args.image_size} + to tensor: "
-              f"{rate:.0f} images/s per worker ({len(urls)} shards from {spec if args.shards else 'ImageNet-like JPEGs'})")
+              f"{rate:.0f} images/s per worker ({len(urls)} shards of {args.shards or 'ImageNet-like JPEGs'})")
         if args.workers > 0:
             total = loader_rate(urls, args.image_size, args.images, args.workers, args.batch_size, args.shuffle_buffer)
-            print(f"DataLoader with {args.workers} workers: {total:.0f} images/s ({total / args.workers:.0f} per worker)")
+            per_worker = total / args.workers
+            print(f"DataLoader with {args.workers} workers: {total:.0f} images/s ({per_worker:.0f} per worker)")
         report_workers_needed(rate)
     return 0
 

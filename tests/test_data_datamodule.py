@@ -168,3 +168,11 @@ def test_lightning_fit_with_the_infinite_stream_and_validation(tmp_path):
                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 4 and sorted(model.val_keys) == sorted(keys)
+
+
+def test_a_stream_where_nothing_decodes_fails_loudly(tmp_path, monkeypatch):
+    monkeypatch.setattr("flowmo.data.stream.MAX_FAILURES_IN_A_ROW", 5)
+    write_shard(tmp_path / "x-000000.tar", {f"k{i}.jpg": b"junk" for i in range(3)})
+    stream = ShardStream([str(tmp_path / "x-000000.tar")], 16, train=True, shuffle_buffer=2)
+    with pytest.raises(RuntimeError, match="in a row failed to decode"):
+        next(iter(stream))

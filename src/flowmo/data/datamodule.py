@@ -55,9 +55,11 @@ def _manifest_shards(manifest_path: Path) -> list[str]:
     manifest = json.loads(manifest_path.read_text())
     urls = [str(manifest_path.parent / shard["url"]) for shard in manifest["shards"]]
     missing = [url for url in urls if not Path(url).exists()]
-    if missing or not urls:
-        first = missing[0] if missing else str(manifest_path)
-        raise FileNotFoundError(f"Shard {first!r} listed in {str(manifest_path)!r} is missing: {HOW_TO_MAKE_SHARDS}.")
+    if missing:
+        listed_in = str(manifest_path)
+        raise FileNotFoundError(f"Shard {missing[0]!r} listed in {listed_in!r} is missing: {HOW_TO_MAKE_SHARDS}.")
+    if manifest.get("num_samples", 1) == 0:  # an infinite train stream over empty shards would never yield
+        raise FileNotFoundError(f"{str(manifest_path)!r} lists no readable samples: {HOW_TO_MAKE_SHARDS}.")
     return urls
 
 
@@ -132,7 +134,8 @@ class FlowMoDataModule(L.LightningDataModule):
     def _shard_urls(self, split: str) -> list[str]:
         spec = self._shard_spec(split)
         if spec is None:
-            raise FileNotFoundError(f"No {split} shards configured (data.{split}_shards is null): {HOW_TO_MAKE_SHARDS}.")
+            unset = f"data.{split}_shards is null"
+            raise FileNotFoundError(f"No {split} shards configured ({unset}): {HOW_TO_MAKE_SHARDS}.")
         return resolve_shards(spec)
 
     def _rank_and_world(self) -> tuple[int | None, int | None]:

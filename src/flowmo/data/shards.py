@@ -28,13 +28,15 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from flowmo.data.sources import SourceItem, list_source, read_item_bytes
+from flowmo.data.sources import SourceItem, close_descriptors, list_source, read_item_bytes
 
 # PIL format name -> shard field; JPEG is the normal case, the others keep their bytes under their own extension.
-FIELD_FOR_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm"}
+FIELD_FOR_FORMAT = {
+    "JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm",
+}
 MANIFEST_VERSION = 1
 
-_tar_handles: dict = {}  # per worker process: open source tars, so each worker keeps its own file handles
+_tar_descriptors: dict = {}  # per process: open source tars, read with pread (see read_item_bytes)
 
 
 def write_shards(
@@ -75,7 +77,10 @@ def write_shards(
     names = [f"{split}-{index:06d}.tar" for index in range(len(chunks))]
     tasks = [(str(out_dir / name), str(parts_dir / f"{name}.json"), chunk) for name, chunk in zip(names, chunks)]
     pending = [task for task in tasks if not (Path(task[0]).exists() and Path(task[1]).exists())]
-    _run_tasks(pending, workers, progress, desc=f"shards {split}")
+    try:
+        _run_tasks(pending, workers, progress, desc=f"shards {split}")
+    finally:
+        close_descriptors(_tar_descriptors)  # opened here when the shards were written in this process
     manifest = _manifest(split, run, listing, names, parts_dir)
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     shutil.rmtree(parts_dir)
@@ -131,7 +136,7 @@ def write_one_shard(task: tuple[str, str, list[SourceItem]]) -> int:
     with tarfile.open(tmp_path, "w") as tar:
         for item in items:
             try:
-                data = read_item_bytes(item, _tar_handles)
+                data = read_item_bytes(item, _tar_descriptors)
                 field = check_image(data)
             except Exception as error:  # any unreadable or undecodable image is skipped, never fatal
                 skipped.append({"key": item.key, "path": _describe(item), "reason": skip_reason(error)})

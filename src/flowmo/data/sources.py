@@ -9,7 +9,6 @@ outer tar, so an absolute offset + size is enough to read one image).
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 import tempfile
@@ -49,19 +48,30 @@ def list_source(source: str | Path, val_labels: str | Path | None = None) -> Sou
     )
 
 
-def read_item_bytes(item: SourceItem, handles: dict[str, io.BufferedReader] | None = None) -> bytes:
-    """The encoded image bytes of one item. `handles` caches open tar files (one handle per worker process)."""
+def read_item_bytes(item: SourceItem, descriptors: dict[str, int] | None = None) -> bytes:
+    """The encoded image bytes of one item.
+
+    Tar items are read with `os.pread` on a descriptor cached per process in `descriptors`: pread takes an
+    explicit offset, so processes that inherited a descriptor through fork never race on a shared file position.
+    """
     if item.size < 0:
         return Path(item.path).read_bytes()
-    if handles is None:
+    if descriptors is None:
         with open(item.path, "rb") as f:
-            f.seek(item.offset)
-            return f.read(item.size)
-    handle = handles.get(item.path)
-    if handle is None:
-        handle = handles[item.path] = open(item.path, "rb")
-    handle.seek(item.offset)
-    return handle.read(item.size)
+            return os.pread(f.fileno(), item.size, item.offset)
+    fd = descriptors.get(item.path)
+    if fd is None:
+        fd = descriptors[item.path] = os.open(item.path, os.O_RDONLY)
+    data = os.pread(fd, item.size, item.offset)
+    if len(data) != item.size:
+        raise OSError(f"short read: {len(data)} of {item.size} bytes at offset {item.offset}")
+    return data
+
+
+def close_descriptors(descriptors: dict[str, int]) -> None:
+    for fd in descriptors.values():
+        os.close(fd)
+    descriptors.clear()
 
 
 # ----------------------------------------------------------------------------------------------- directory trees
@@ -113,7 +123,8 @@ def list_ilsvrc_tar(tar_path: Path, val_labels: str | Path | None) -> SourceList
                 wnids.append(name.stem)
                 found += [(item, name.stem) for item in _inner_tar_items(inner_file, member, tar_path)]
             elif name.suffix.lower() in IMAGE_EXTENSIONS:
-                found.append((SourceItem(name.stem, UNKNOWN_CLASS, str(tar_path), member.offset_data, member.size), None))
+                item = SourceItem(name.stem, UNKNOWN_CLASS, str(tar_path), member.offset_data, member.size)
+                found.append((item, None))
             else:
                 skipped.append({"path": member.name, "reason": "not an image file extension"})
     # Train: class index = position of the wnid in sorted order (the usual ImageNet indexing).
@@ -149,10 +160,10 @@ def load_val_labels(path: str | Path) -> dict[str, int]:
     if path.is_dir():
         return _devkit_labels(path)
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        with tempfile.TemporaryDirectory() as tmp:
-            with tarfile.open(path) as devkit:
-                wanted = [m for m in devkit.getmembers() if m.name.endswith(("meta.mat", "ground_truth.txt"))]
-                devkit.extractall(tmp, members=wanted, filter="data")
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as devkit:
+            for member in devkit.getmembers():  # copy out only the two files needed, under fixed names
+                if member.isfile() and member.name.endswith(("meta.mat", "validation_ground_truth.txt")):
+                    (Path(tmp) / Path(member.name).name).write_bytes(devkit.extractfile(member).read())
             return _devkit_labels(Path(tmp))
     return _text_labels(path)
 

@@ -24,6 +24,7 @@ from webdataset.utils import pytorch_worker_info
 
 from flowmo.data.transforms import decode_rgb, train_transform, val_transform
 
+MAX_FAILURES_IN_A_ROW = 1000  # a few corrupt JPEGs are normal; a thousand in a row means wrong or broken shards
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif", "ppm")
 
 
@@ -91,12 +92,27 @@ class ShardStream(IterableDataset):
         else:
             my_urls = self.urls[rank::world_size][worker::num_workers]
             samples = tarfile_samples(({"url": url} for url in my_urls), handler=self._skip_error)
-        decoded = (self._decode(sample, rng) for sample in samples)
-        decoded = (sample for sample in decoded if sample is not None)
+        decoded = self._decoded(samples, rng)
         if self.max_samples is not None and not self.train:
             # An even share per reader; about max_samples in total, still each at most once.
             decoded = islice(decoded, math.ceil(self.max_samples / (world_size * num_workers)))
         return iter(decoded)
+
+    def _decoded(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
+        """Decoded samples; corrupt ones are dropped, but a stream where nothing decodes is an error, not a hang."""
+        failures_in_a_row = 0
+        for sample in samples:
+            decoded = self._decode(sample, rng)
+            if decoded is not None:
+                failures_in_a_row = 0
+                yield decoded
+                continue
+            failures_in_a_row += 1
+            if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                raise RuntimeError(
+                    f"{failures_in_a_row} samples in a row failed to decode (shards {self.urls[:2]}...): these are "
+                    "not image shards written by `flowmo shards`, or they are badly damaged"
+                )
 
     def _decode(self, sample: dict, rng: random.Random) -> dict | None:
         try:
