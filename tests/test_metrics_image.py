@@ -135,3 +135,16 @@ def test_reconstruction_metrics_reject_wrong_range():
     x = torch.rand(2, 3, 16, 16) * 255
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         metrics.update(x, x)
+
+
+def test_metrics_run_in_full_precision_under_bf16_autocast():
+    with pytest.warns(UserWarning, match="RANDOM"):
+        metrics = ReconstructionMetrics(lpips_nets=("alex",), lpips_weights="random", fid_feature="random")
+    x = natural_ish(5, size=32)
+    y = degrade(x)
+    metrics.update(x, y)
+    reference = metrics.compute()
+    metrics.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        metrics.update(x, y)
+    assert metrics.compute() == pytest.approx(reference, rel=1e-9)

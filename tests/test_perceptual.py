@@ -178,3 +178,11 @@ def test_wrong_shapes_are_rejected(lpips_vgg):
 
 def test_lpips_vgg_is_the_vgg_variant(lpips_vgg):
     assert isinstance(lpips_vgg, LPIPSVGG) and lpips_vgg.name == "LPIPS-vgg"
+
+
+def test_lpips_linear_heads_come_from_the_lpips_wheel(lpips_vgg):
+    import importlib.resources
+
+    heads_file = importlib.resources.files("lpips") / "weights" / "v0.1" / "vgg.pth"
+    heads = torch.load(str(heads_file), map_location="cpu", weights_only=True)
+    torch.testing.assert_close(lpips_vgg.net.lin0.model[1].weight, heads["lin0.model.1.weight"])

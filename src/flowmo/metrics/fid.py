@@ -42,8 +42,9 @@ class FIDFeatures(FrozenNet):
         if images01.dim() != 4 or images01.shape[1] != 3 or not images01.is_floating_point():
             raise ValueError(f"FID expects float images [B, 3, H, W] in [0, 1], got {tuple(images01.shape)}.")
         self.follow_device(images01)
-        with torch.no_grad():
-            return self.extract(images01).flatten(1).double()
+        # Features in float32 even when the evaluation loop runs under bf16 autocast.
+        with torch.no_grad(), torch.autocast(images01.device.type, enabled=False):
+            return self.extract(images01.float()).flatten(1).double()
 
 
 class InceptionFeatures(FIDFeatures):

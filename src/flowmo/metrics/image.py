@@ -37,10 +37,14 @@ GAUSSIAN_SIGMA, GAUSSIAN_RADIUS = 1.5, 5  # scikit-image / scipy: radius int(3.5
 # Conversions and functional forms ([0, 1] images, data range 1)
 
 
+def clamp_full_precision(images: Tensor) -> Tensor:
+    """Clamp to [-1, 1] in at least float32 (bf16 reconstructions are upcast)."""
+    return images.to(torch.promote_types(images.dtype, torch.float32)).clamp(-1, 1)
+
+
 def to_unit_range(images: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1], clamped; at least float32 (bf16 reconstructions are upcast)."""
-    images = images.to(torch.promote_types(images.dtype, torch.float32))
-    return (images.clamp(-1, 1) + 1) / 2
+    """[-1, 1] -> [0, 1], clamped, at least float32."""
+    return (clamp_full_precision(images) + 1) / 2
 
 
 def truncate_to_uint8_levels(images01: Tensor) -> Tensor:
@@ -126,8 +130,10 @@ class _MeanOfScores(Metric):
 
     def update(self, original: Tensor, reconstruction: Tensor) -> None:
         check_image_pair(original, reconstruction)
-        with torch.no_grad():
-            scores = self.score(original.clamp(-1, 1), reconstruction.clamp(-1, 1)).double()
+        # Scores in full precision even when the evaluation loop runs under bf16 autocast.
+        with torch.no_grad(), torch.autocast(original.device.type, enabled=False):
+            original, reconstruction = clamp_full_precision(original), clamp_full_precision(reconstruction)
+            scores = self.score(original, reconstruction).double()
         self.score_sum += scores.sum()
         self.score_count += scores.numel()
 
