@@ -138,21 +138,22 @@ class FlowMoDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"No {split} shards configured ({unset}): {HOW_TO_MAKE_SHARDS}.")
         return resolve_shards(spec)
 
-    def _rank_and_world(self) -> tuple[int | None, int | None]:
+    def _trainer_position(self) -> tuple[int | None, int | None, int]:
+        """(rank, world size, global step); without a Trainer, ShardStream reads RANK/WORLD_SIZE itself."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
-            return None, None  # ShardStream falls back to RANK/WORLD_SIZE or torch.distributed
-        return trainer.global_rank, trainer.world_size
+            return None, None, 0
+        return trainer.global_rank, trainer.world_size, trainer.global_step
 
     def _loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
         hp = self.hparams
         if self._skip_counter is None:
             self._skip_counter = SkipCounter()
-        rank, world_size = self._rank_and_world()
+        rank, world_size, step = self._trainer_position()
         stream = ShardStream(
             self._shard_urls(split), hp.image_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
             random_flip=hp.random_flip, max_samples=None if train else hp.val_max_samples, rank=rank,
-            world_size=world_size, skip_counter=self._skip_counter,
+            world_size=world_size, skip_counter=self._skip_counter, start_step=step,
         )
         return DataLoader(
             stream,

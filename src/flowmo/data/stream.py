@@ -48,6 +48,7 @@ class ShardStream(IterableDataset):
 
     `rank` / `world_size` are captured in the main process (e.g. from the Trainer) because DataLoader workers
     may not see the process group; left as None they come from RANK/WORLD_SIZE or torch.distributed.
+    `start_step` (the trainer's global step when the loader is built) is mixed into the train seed.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class ShardStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         skip_counter: SkipCounter | None = None,
+        start_step: int = 0,
     ) -> None:
         super().__init__()
         if not urls:
@@ -75,6 +77,7 @@ class ShardStream(IterableDataset):
         self.max_samples = max_samples
         self.rank, self.world_size = rank, world_size
         self.skip_counter = skip_counter
+        self.start_step = start_step
 
     def slot(self) -> tuple[int, int, int, int]:
         """(rank, world_size, worker, num_workers) of the code calling it (honours WORKER/NUM_WORKERS env)."""
@@ -85,7 +88,8 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         rank, world_size, worker, num_workers = self.slot()
-        rng = random.Random(f"flowmo-data-{self.seed}-{rank}-{worker}")  # str seeds are hashed deterministically
+        # str seeds hash deterministically; start_step makes a resumed run draw new data, not replay its start
+        rng = random.Random(f"flowmo-data-{self.seed}-{self.start_step}-{rank}-{worker}")
         if self.train:
             samples = tarfile_samples(resampled_urls(self.urls, rng), handler=self._skip_error)
             samples = buffer_shuffle(samples, self.shuffle_buffer, rng)
