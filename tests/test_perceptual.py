@@ -73,6 +73,11 @@ def test_missing_weights_error_names_file_and_remedy(make, filename, empty_cache
     assert filename in message and str(empty_caches) in message and "weights=" in message
 
 
+def test_explicit_folder_is_searched_for_the_usual_name(tmp_path):
+    with pytest.raises(MissingWeightsError, match=WEIGHT_FILES["resnet50"]):
+        build_perceptual("resnet50_logits", weights=tmp_path)
+
+
 def test_explicit_path_that_does_not_exist(tmp_path):
     with pytest.raises(MissingWeightsError, match="not a file"):
         build_perceptual("resnet50_logits", weights=tmp_path / "nope.pth")
@@ -95,7 +100,8 @@ def test_lpips_backbone_loaded_from_torch_hub_cache(empty_caches, no_network):
 
     reference = alexnet(weights=None).state_dict()
     empty_caches.mkdir(parents=True)
-    torch.save({k: v for k, v in reference.items() if k.startswith("features.")}, empty_caches / WEIGHT_FILES["alexnet"])
+    backbone_only = {k: v for k, v in reference.items() if k.startswith("features.")}
+    torch.save(backbone_only, empty_caches / WEIGHT_FILES["alexnet"])
     net = LPIPSDistance("alex")
     assert not net.is_stand_in
     backbone = net.net.net  # lpips keeps torchvision's layer index as the child name in each slice
@@ -104,12 +110,17 @@ def test_lpips_backbone_loaded_from_torch_hub_cache(empty_caches, no_network):
     torch.testing.assert_close(last_conv.weight, reference["features.10.weight"])
 
 
-def test_resnet_loaded_from_explicit_path(tmp_path, no_network):
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])  # torchvision's file or timm's resnet50.tv_in1k
+def test_resnet_loaded_from_explicit_path(suffix, tmp_path, no_network):
+    from safetensors.torch import save_file
     from torchvision.models import resnet50
 
     reference = resnet50(weights=None).state_dict()
-    path = tmp_path / "my_resnet.pth"
-    torch.save(reference, path)
+    path = tmp_path / f"my_resnet{suffix}"
+    if suffix == ".safetensors":
+        save_file(reference, path)
+    else:
+        torch.save(reference, path)
     net = ResNetLogitsDistance(weights=path)
     assert not net.is_stand_in
     torch.testing.assert_close(net.net.fc.weight, reference["fc.weight"])

@@ -68,13 +68,16 @@ def resolve_weights(key: str, weights: str | os.PathLike | None, *, what: str) -
     """Return the weight file for ``key`` (a WEIGHT_FILES key), or None for the explicit random stand-in.
 
     ``weights``: None = look in the torch hub cache (and, for ResNet-50, the HF cache of timm);
-    "random" = stand-in; anything else = a path to a file. ``what`` names the network in errors.
+    "random" = stand-in; anything else = a path to the file, or to a folder holding it under its usual
+    name. ``what`` names the network in errors.
     """
     if weights == STAND_IN:
         return None
     filename = WEIGHT_FILES[key]
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():  # a folder of weight files, e.g. a copied hub/checkpoints
+            path = path / filename
         if not path.is_file():
             raise MissingWeightsError(f"{what}: weights={str(weights)!r} is not a file (expected {filename}).")
         return path
