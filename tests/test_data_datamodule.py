@@ -189,3 +189,11 @@ def test_train_streams_differ_across_ranks_and_resumed_steps(tmp_path):
     assert first_keys(rank=0) == first_keys(rank=0)  # seeded: reproducible
     assert first_keys(rank=0) != first_keys(rank=1)  # spec section 6: ranks seeded differently
     assert first_keys(rank=0) != first_keys(rank=0, start_step=5000)  # a resumed run does not replay its start
+
+
+def test_pipe_urls_are_read_like_cluster_storage(tmp_path):
+    keys = make_val_shards(tmp_path, shards=2, per_shard=2)
+    data = FlowMoDataModule(val_shards=f"pipe:cat {tmp_path}/val-{{000000..000001}}.tar", image_size=8,
+                            batch_size=4, num_workers=0)
+    data.setup("validate")
+    assert {key for batch in data.val_dataloader() for key in batch["key"]} == keys
