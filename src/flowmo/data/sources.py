@@ -19,7 +19,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 UNKNOWN_CLASS = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the ImageNet train listing holds 1.28M of these
 class SourceItem:
     key: str  # stable sample key (webdataset __key__), unique within a split
     cls: int  # class index (sorted class names / wnids), UNKNOWN_CLASS when there is no label
@@ -113,6 +113,7 @@ def list_ilsvrc_tar(tar_path: Path, val_labels: str | Path | None) -> SourceList
     """The train tar (a tar of per-class tars `n01440764.tar`, ...) or the flat val tar of JPEGs."""
     found: list[tuple[SourceItem, str | None]] = []  # (item, wnid of its per-class tar or None)
     skipped, wnids = [], []
+    tar_name = str(tar_path)  # one string shared by every item
     with open(tar_path, "rb") as outer_file, open(tar_path, "rb") as inner_file:
         # Iterating an uncompressed tar on a seekable file reads headers and seeks past the data.
         for member in tarfile.open(fileobj=outer_file, mode="r:"):
@@ -121,9 +122,9 @@ def list_ilsvrc_tar(tar_path: Path, val_labels: str | Path | None) -> SourceList
                 continue
             if name.suffix.lower() == ".tar":
                 wnids.append(name.stem)
-                found += [(item, name.stem) for item in _inner_tar_items(inner_file, member, tar_path)]
+                found += [(item, name.stem) for item in _inner_tar_items(inner_file, member, tar_name)]
             elif name.suffix.lower() in IMAGE_EXTENSIONS:
-                item = SourceItem(name.stem, UNKNOWN_CLASS, str(tar_path), member.offset_data, member.size)
+                item = SourceItem(name.stem, UNKNOWN_CLASS, tar_name, member.offset_data, member.size)
                 found.append((item, None))
             else:
                 skipped.append({"path": member.name, "reason": "not an image file extension"})
@@ -136,7 +137,7 @@ def list_ilsvrc_tar(tar_path: Path, val_labels: str | Path | None) -> SourceList
     return SourceListing(sorted(items, key=lambda it: it.key), sorted(wnids), skipped)
 
 
-def _inner_tar_items(handle, member: tarfile.TarInfo, tar_path: Path) -> list[SourceItem]:
+def _inner_tar_items(handle, member: tarfile.TarInfo, tar_name: str) -> list[SourceItem]:
     """Index one per-class tar in place. TarFile records absolute offsets of the handle it reads."""
     handle.seek(member.offset_data)
     end = member.offset_data + member.size
@@ -145,7 +146,7 @@ def _inner_tar_items(handle, member: tarfile.TarInfo, tar_path: Path) -> list[So
         if inner.offset >= end:  # an inner tar without end-of-archive blocks: stop at its last byte
             break
         if inner.isfile():
-            found.append(SourceItem(Path(inner.name).stem, UNKNOWN_CLASS, str(tar_path), inner.offset_data, inner.size))
+            found.append(SourceItem(Path(inner.name).stem, UNKNOWN_CLASS, tar_name, inner.offset_data, inner.size))
     return found
 
 
