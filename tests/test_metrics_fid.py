@@ -84,3 +84,19 @@ def test_inception_features_load_pytorch_fid_weights_from_file(tmp_path):
     assert out.shape == (2, 2048) and out.dtype == torch.float64 and not out.requires_grad
     stem = features.net.blocks[0][0].conv.weight
     torch.testing.assert_close(stem, captured["Conv2d_1a_3x3.conv.weight"])
+
+
+def test_pairwise_feature_distance_in_reconstruction_metrics():
+    from flowmo.metrics import ReconstructionMetrics
+
+    generator = torch.Generator().manual_seed(1)
+    original = torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1
+    reconstruction = (original + 0.3 * torch.randn(original.shape, generator=generator)).clamp(-1, 1)
+    metrics = ReconstructionMetrics(pixel=False, lpips_nets=(), fid_feature=PooledColours())
+    metrics.update(original[:3], reconstruction[:3])
+    metrics.update(original[3:], reconstruction[3:])
+    results = metrics.compute()
+    net = PooledColours()
+    pair_distances = (net((original + 1) / 2) - net((reconstruction + 1) / 2)).double().pow(2).sum(dim=1)
+    assert results["pairwise_features"] == pytest.approx(float(pair_distances.mean()), rel=1e-9)
+    assert set(results) == {"rfid", "pairwise_features"}

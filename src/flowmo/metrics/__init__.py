@@ -1,7 +1,13 @@
 """Evaluation metrics (spec §7) as torchmetrics: DDP-correct (summed states), never in model checkpoints."""
 
 from flowmo.metrics.codebook import CodebookUsage, bits_per_pixel, index_bits
-from flowmo.metrics.fid import FIDFeatures, InceptionFeatures, RandomConvFeatures, build_fid
+from flowmo.metrics.fid import (
+    FIDFeatures,
+    InceptionFeatures,
+    PairwiseFeatureDistance,
+    RandomConvFeatures,
+    build_fid,
+)
 from flowmo.metrics.image import (
     PSNR,
     SSIM,
@@ -23,6 +29,7 @@ __all__ = [
     "InceptionFeatures",
     "LPIPSMetric",
     "PSNR",
+    "PairwiseFeatureDistance",
     "PaperPSNR",
     "PaperSSIM",
     "RandomConvFeatures",

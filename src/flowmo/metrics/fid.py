@@ -17,6 +17,7 @@ from unittest import mock
 
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from flowmo.perceptual import FrozenNet, load_state_dict_file, resolve_weights
@@ -34,6 +35,7 @@ class FIDFeatures(FrozenNet):
     def __init__(self, net: nn.Module, num_features: int, *, name: str, is_stand_in: bool = False) -> None:
         super().__init__(net, name=name, is_stand_in=is_stand_in)
         self.num_features = num_features
+        self.last_features: Tensor | None = None  # read by the pairwise distance: no second network pass
 
     def extract(self, images01: Tensor) -> Tensor:
         return self.net(images01)
@@ -44,7 +46,8 @@ class FIDFeatures(FrozenNet):
         self.follow_device(images01)
         # Features in float32 even when the evaluation loop runs under bf16 autocast.
         with torch.no_grad(), torch.autocast(images01.device.type, enabled=False):
-            return self.extract(images01.float()).flatten(1).double()
+            self.last_features = self.extract(images01.float()).flatten(1).double()
+        return self.last_features
 
 
 class InceptionFeatures(FIDFeatures):
@@ -91,6 +94,29 @@ class RandomConvFeatures(FIDFeatures):
         )
         torch.random.set_rng_state(generator_state)
         super().__init__(net, num_features, name="rFID random-conv features", is_stand_in=True)
+
+
+class PairwiseFeatureDistance(Metric):
+    """Squared Euclidean distance between the features of each (original, reconstruction) pair, averaged
+    over pairs: the authors' "pairwise inception" (spec §7)."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("distance_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_pairs", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, original_features: Tensor, reconstruction_features: Tensor) -> None:
+        """Both [B, F]."""
+        difference = original_features.double() - reconstruction_features.double()
+        self.distance_sum += difference.pow(2).sum()
+        self.num_pairs += difference.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.distance_sum / self.num_pairs
 
 
 def build_fid(

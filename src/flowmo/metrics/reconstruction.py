@@ -18,7 +18,7 @@ import os
 from torch import Tensor, nn
 
 from flowmo.metrics.codebook import CodebookUsage
-from flowmo.metrics.fid import RandomConvFeatures, build_fid
+from flowmo.metrics.fid import PairwiseFeatureDistance, RandomConvFeatures, build_fid
 from flowmo.metrics.image import PSNR, SSIM, LPIPSMetric, PaperPSNR, PaperSSIM, to_unit_range
 
 RANGE_TOLERANCE = 1e-3
@@ -26,8 +26,11 @@ WeightsArg = str | os.PathLike | None
 
 
 class ReconstructionMetrics(nn.Module):
-    """psnr, psnr_paper, ssim, ssim_paper, lpips_<net>, rfid and codebook usage; each optional.
+    """psnr, psnr_paper, ssim, ssim_paper, lpips_<net>, rfid (+ pairwise_features) and codebook usage.
 
+    Each part is optional.
+
+    pixel: compute psnr, psnr_paper, ssim, ssim_paper.
     lpips_nets: LPIPS variants to compute, any of ("alex", "vgg"); () disables LPIPS.
     lpips_weights: None (torch hub cache), "random" (stand-in) or {net: path}.
     fid_feature: None = the authors' InceptionV3 (``inception_path`` or the cache), "random" = tiny
@@ -54,6 +57,7 @@ class ReconstructionMetrics(nn.Module):
         for net in lpips_nets:
             self.per_image[f"lpips_{net}"] = LPIPSMetric(net, _weights_for(lpips_weights, net))
         self.fid = _build_optional_fid(fid_feature, inception_path)
+        self.pairwise_features = PairwiseFeatureDistance() if self.fid is not None else None
         self.codebook = CodebookUsage(codebook_bits) if codebook_bits is not None else None
 
     @property
@@ -67,15 +71,21 @@ class ReconstructionMetrics(nn.Module):
         for metric in self.per_image.values():
             metric.update(original, reconstruction)
         if self.fid is not None:
-            self.fid.update(to_unit_range(original), real=True)
-            self.fid.update(to_unit_range(reconstruction), real=False)
+            self._update_fid(original, reconstruction)
         if self.codebook is not None and indices is not None:
             self.codebook.update(indices)
+
+    def _update_fid(self, original: Tensor, reconstruction: Tensor) -> None:
+        self.fid.update(to_unit_range(original), real=True)
+        original_features = self.fid.inception.last_features
+        self.fid.update(to_unit_range(reconstruction), real=False)
+        self.pairwise_features.update(original_features, self.fid.inception.last_features)
 
     def compute(self) -> dict[str, float]:
         results = {name: float(metric.compute()) for name, metric in self.per_image.items()}
         if self.fid is not None:
             results["rfid"] = float(self.fid.compute())
+            results["pairwise_features"] = float(self.pairwise_features.compute())
         if self.codebook is not None:
             results.update(_flat_codebook(self.codebook.compute()))
         return results
@@ -83,7 +93,7 @@ class ReconstructionMetrics(nn.Module):
     def reset(self) -> None:
         for metric in self.per_image.values():
             metric.reset()
-        for metric in (self.fid, self.codebook):
+        for metric in (self.fid, self.pairwise_features, self.codebook):
             if metric is not None:
                 metric.reset()
 
