@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.io
 from data_helpers import (
+    jpeg_bytes,
     make_ilsvrc_train_tar,
     make_ilsvrc_val_tar,
     make_image_folder,
@@ -118,6 +119,17 @@ def test_ilsvrc_val_tar_with_and_without_labels(tmp_path):
     write_shards(tmp_path / "val.tar", tmp_path / "b", "val", val_labels=labels, workers=1, progress=False)
     _, members = all_members(tmp_path / "b", "val")
     assert [members[f"ILSVRC2012_val_{n:08d}.cls"] for n in range(1, 5)] == [b"1", b"0", b"1", b"0"]
+
+
+def test_flat_val_folder_takes_labels_from_a_file(tmp_path):
+    (tmp_path / "val").mkdir()
+    for n in (1, 2):
+        (tmp_path / "val" / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(jpeg_bytes(n))
+    (tmp_path / "labels.txt").write_text("ILSVRC2012_val_00000001.JPEG n09\nILSVRC2012_val_00000002.JPEG n01\n")
+    write_shards(tmp_path / "val", tmp_path / "out", "val", val_labels=tmp_path / "labels.txt", workers=1,
+                 progress=False)
+    _, members = all_members(tmp_path / "out", "val")
+    assert members["ILSVRC2012_val_00000001.cls"] == b"1" and members["ILSVRC2012_val_00000002.cls"] == b"0"
 
 
 def test_devkit_ground_truth_maps_ilsvrc_ids_to_sorted_wnids(tmp_path):

@@ -39,7 +39,11 @@ def list_source(source: str | Path, val_labels: str | Path | None = None) -> Sou
     """Index a source: a directory tree (ImageFolder or flat) or an ILSVRC2012 train/val tar."""
     source = Path(source)
     if source.is_dir():
-        return list_image_folder(source)
+        listing = list_image_folder(source)
+        if val_labels:  # e.g. the extracted ILSVRC2012 val folder: flat, labels come from the devkit
+            labels = load_val_labels(val_labels)
+            listing.items = [replace(item, cls=labels.get(Path(item.key).name, item.cls)) for item in listing.items]
+        return listing
     if source.is_file() and tarfile.is_tarfile(source):
         return list_ilsvrc_tar(source, val_labels)
     raise FileNotFoundError(
