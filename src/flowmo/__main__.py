@@ -1,0 +1,5 @@
+import sys
+
+from flowmo.cli import main
+
+sys.exit(main())

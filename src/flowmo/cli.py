@@ -1,0 +1,93 @@
+"""`flowmo` command line: LightningCLI for fit / validate / test, plus the project's own subcommands.
+
+    flowmo fit -c configs/base.yaml -c configs/model/lo.yaml -c configs/stage/1a.yaml -c configs/data/imagenet.yaml
+    flowmo fit ... --ckpt_path last          # resume the same stage exactly
+    flowmo test -c ... --ckpt_path runs/lo-1b/checkpoints/last.ckpt
+    flowmo shards --source /data/ILSVRC2012_img_val.tar --out data/imagenet --split val
+    flowmo sample-data --out data/sample
+    flowmo export --ckpt runs/lo-1b/checkpoints/last.ckpt --out flowmo_lo.pt
+    flowmo demo
+
+`run_name` names the run: TensorBoard logs under runs/<run_name>/, checkpoints in runs/<run_name>/checkpoints
+(stable across restarts, so `--ckpt_path last` finds them), the resolved config beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from flowmo.data.datamodule import FlowMoDataModule
+from flowmo.module import FlowMoModule
+
+PROJECT_COMMANDS = {
+    "shards": ("flowmo.data.shards", "write WebDataset shards from ImageNet or an image folder"),
+    "sample-data": ("flowmo.data.sample_set", "build the embedded sample set (demo and tests)"),
+    "export": ("flowmo.cli", "export a light tokenizer file (config + EMA or raw weights) from a checkpoint"),
+    "demo": ("flowmo.demo", "tiny end-to-end run on the sample set: 1A, 1B, evaluation, grid, metrics.json"),
+}
+
+
+class FlowMoCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        super().__init__(FlowMoModule, FlowMoDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", type=str, default="flowmo", help="runs/<run_name>/ holds logs and checkpoints")
+        parser.add_argument("--runs_dir", type=str, default="runs")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1,
+                             "checkpoint.every_n_train_steps": 5000, "checkpoint.filename": "step{step:07d}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.link_arguments(("runs_dir", "run_name"), "checkpoint.dirpath",
+                              compute_fn=lambda runs, name: f"{runs}/{name}/checkpoints")
+        parser.link_arguments(("runs_dir", "run_name"), "trainer.default_root_dir",
+                              compute_fn=lambda runs, name: f"{runs}/{name}")
+
+    def instantiate_trainer(self, **kwargs):
+        """Default logger: TensorBoard under runs/<run_name>/version_N (a config may name another logger)."""
+        if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config_init, "runs_dir"),
+                                                 name=self._get(self.config_init, "run_name"))
+        return super().instantiate_trainer(**kwargs)
+
+
+def export_main(argv: list[str]) -> int:
+    from flowmo.checkpoint import export_tokenizer
+    from flowmo.nn.tokenizer import FlowMoTokenizer
+
+    parser = argparse.ArgumentParser(prog="flowmo export", description=PROJECT_COMMANDS["export"][1])
+    parser.add_argument("--ckpt", required=True, help="a FlowMoModule .ckpt or an official flowmo_*.pth")
+    parser.add_argument("--out", required=True, help="where to write the .pt file")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    args = parser.parse_args(argv)
+    tokenizer = FlowMoTokenizer.from_checkpoint(args.ckpt, weights=args.weights)
+    path = export_tokenizer(tokenizer, args.out)
+    print(f"wrote {path} ({sum(p.numel() for p in tokenizer.parameters()) / 1e6:.1f}M parameters, {args.weights} weights)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    explicit = argv is not None
+    argv = list(argv if explicit else sys.argv[1:])
+    if argv and argv[0] in PROJECT_COMMANDS:
+        command, rest = argv[0], argv[1:]
+        if command == "export":
+            return export_main(rest)
+        return int(import_module(PROJECT_COMMANDS[command][0]).main(rest) or 0)
+    if argv and argv[0] in ("-h", "--help"):
+        print("project subcommands:\n" + "\n".join(f"  {k:<12} {v[1]}" for k, v in PROJECT_COMMANDS.items()))
+    FlowMoCLI(args=argv if explicit else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

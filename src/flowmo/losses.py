@@ -1,0 +1,110 @@
+"""Training losses of both stages (spec section 3), kept outside the network.
+
+    out = flowmo_loss(tokenizer, images, recipe, perceptual_net, sample_net, generator)
+    out.total.backward(); log(out.parts)   # parts: flow, perceptual, sample, entropy, commitment, ...
+
+Stage 1A (mode matching): flow MSE + 0.1 LPIPS-VGG(x, one-step x0 estimate) + 0.0025 entropy
++ 0.000625 commitment. Stage 1B (mode seeking): the same flow MSE + 0.01 ResNet-50-logit MSE between x and
+an 8-step Euler sample on a per-sample random grid, back-propagated through the whole chain. Each term is
+switched off by a zero weight or a missing network, so the ablations are config changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from flowmo import flow
+
+
+@dataclass
+class LossOutput:
+    """total: the scalar to back-propagate; parts: detached named terms for logging;
+    indices: the token indices of this batch (codebook statistics), None for a continuous code."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+    indices: Tensor | None
+
+
+@dataclass(frozen=True)
+class LossRecipe:
+    """What one training step optimises. Defaults are Stage 1A of the paper."""
+
+    flow_weight: float = 1.0
+    perceptual_weight: float = 0.1  # on the one-step x0 estimate (needs a perceptual net)
+    sample_weight: float = 0.0  # on the Stage-1B chain sample (needs a sample net)
+    quantizer_weight: float = 1.0  # scales the quantizer's own weighted entropy + commitment loss
+    time_schedule: str = "fat_lognormal"
+    cfg_dropout: float = 0.1  # per-sample probability of the null code
+    chain_steps: int = 8
+    checkpoint_chain: bool = True  # activation checkpointing per decoder call of the chain (non-reentrant)
+    train_encoder: bool = True
+
+
+def flow_matching_loss(velocity: Tensor, images: Tensor, noise: Tensor) -> Tensor:
+    """mean over batch of mean over C,H,W of (noise - v - x)^2; no time weighting (spec 3)."""
+    return (flow.velocity_target(images, noise) - velocity).float().pow(2).mean()
+
+
+def drop_codes(condition: Tensor, probability: float, generator: torch.Generator | None) -> Tensor:
+    """Replace each sample's whole condition, mask channel included, by zeros with `probability` (CFG)."""
+    if probability <= 0:
+        return condition
+    keep = torch.rand(condition.shape[0], device=condition.device, generator=generator) >= probability
+    return condition * keep[:, None, None].to(condition.dtype)
+
+
+def chain_sample(tokenizer: nn.Module, codes: Tensor, noise: Tensor, steps: int,
+                 generator: torch.Generator | None, use_checkpoint: bool) -> Tensor:
+    """Stage-1B sample: `steps` Euler steps from noise on a per-sample random grid, no CFG, no clipping.
+
+    Every decoder call is checkpointed non-reentrantly (reentrant checkpointing silently breaks under
+    torch.compile, spec 8.17), so memory holds one decoder pass at a time instead of eight.
+    """
+    condition = tokenizer.decoder_condition(codes)
+    _, grid = flow.random_chain_timesteps(codes.shape[0], steps, device=codes.device, generator=generator)
+
+    def velocity(z: Tensor, t: Tensor) -> Tensor:
+        if use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(tokenizer.velocity_from_condition, z, condition, t, use_reentrant=False)
+        return tokenizer.velocity_from_condition(z, condition, t)
+
+    return flow.sample_euler(velocity, noise, grid.to(noise.dtype), clip=False)
+
+
+def flowmo_loss(tokenizer: nn.Module, images: Tensor, recipe: LossRecipe, perceptual_net: nn.Module | None = None,
+                sample_net: nn.Module | None = None, generator: torch.Generator | None = None) -> LossOutput:
+    """One micro-batch of either stage (which terms run is decided by `recipe` and the nets given)."""
+    batch = images.shape[0]
+    with torch.set_grad_enabled(recipe.train_encoder and torch.is_grad_enabled()):
+        code = tokenizer.encode(images, check=False)
+    quantized = tokenizer.quantize(code)
+    condition = drop_codes(tokenizer.decoder_condition(quantized.codes), recipe.cfg_dropout, generator)
+
+    t = flow.sample_time(batch, recipe.time_schedule, device=images.device, generator=generator)
+    noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+    noisy = flow.interpolate(images, noise, t)
+    velocity = tokenizer.velocity_from_condition(noisy, condition, t)
+
+    parts: dict[str, Tensor] = {"flow": flow_matching_loss(velocity, images, noise)}
+    total = recipe.flow_weight * parts["flow"]
+    if quantized.loss is not None and recipe.quantizer_weight:
+        total = total + recipe.quantizer_weight * quantized.loss
+        parts.update(quantizer=quantized.loss, entropy=quantized.entropy_loss, commitment=quantized.commitment_loss,
+                     per_sample_entropy=quantized.per_sample_entropy, codebook_entropy=quantized.codebook_entropy)
+    if perceptual_net is not None and recipe.perceptual_weight:
+        estimate = flow.x0_estimate(noisy, velocity, t)
+        parts["perceptual"] = perceptual_net(images, estimate).float().mean()
+        total = total + recipe.perceptual_weight * parts["perceptual"]
+    if sample_net is not None and recipe.sample_weight:
+        chain_noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+        sample = chain_sample(tokenizer, quantized.codes, chain_noise, recipe.chain_steps, generator,
+                              recipe.checkpoint_chain)
+        parts["sample"] = sample_net(images, sample).float().mean()
+        total = total + recipe.sample_weight * parts["sample"]
+    parts["total"] = total
+    return LossOutput(total, {name: value.detach() for name, value in parts.items()}, quantized.indices)

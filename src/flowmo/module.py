@@ -1,0 +1,262 @@
+"""FlowMoModule: the two training stages of FlowMo as one LightningModule (spec sections 3 and 5).
+
+stage "1a" (mode matching): encoder + decoder, flow + LPIPS on the x0 estimate + quantizer losses; the
+encoder is frozen after `freeze_encoder_after` optimizer steps (200k in the paper) and Adam restarts.
+stage "1b" (mode seeking): starts from 1A weights (`init_weights`), encoder frozen from step 0, flow loss +
+0.01 x ResNet-50-logit MSE on an 8-step sample back-propagated through the chain.
+
+Around every optimizer step: weight-norm projection of the block linears, EMA every 10 steps. EMA,
+projection norms, optimizer and the loss-noise generator are all in the checkpoint: a resumed run continues
+exactly (the authors' code restarts EMA and Adam on resume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from flowmo.checkpoint import is_official, read_checkpoint, tokenizer_state
+from flowmo.config import resolve_config
+from flowmo.losses import LossRecipe, flowmo_loss
+from flowmo.metrics import ReconstructionMetrics
+from flowmo.nn.tokenizer import FlowMoTokenizer
+from flowmo.optim import ModelEMA, WeightNormProjection
+from flowmo.perceptual import build_perceptual
+from flowmo.training_stats import batch_codebook_stats, global_norm
+
+STAGES = ("1a", "1b")
+
+
+class FlowMoModule(L.LightningModule):
+    def __init__(
+        self,
+        preset: str = "tiny",
+        architecture: dict[str, Any] | None = None,
+        stage: str = "1a",
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        adam_eps: float = 1e-8,
+        time_schedule: str = "fat_lognormal",
+        cfg_dropout: float = 0.1,
+        flow_weight: float = 1.0,
+        perceptual: str = "lpips_vgg",
+        perceptual_weight: float = 0.1,
+        sample_loss: str = "none",
+        sample_loss_weight: float = 0.01,
+        sample_steps: int = 8,
+        feature_weights: str | None = None,
+        freeze_encoder_after: int | None = 200_000,
+        reset_optimizer_on_freeze: bool = True,
+        weight_norm_projection: bool = True,
+        ema_decay: float = 0.9999,
+        ema_every: int = 10,
+        init_weights: str | None = None,
+        init_weights_from: str = "ema",
+        compile: bool = False,
+        checkpoint_chain: bool = True,
+        seed: int = 0,
+        val_steps: int = 25,
+        val_rho: float = 4.0,
+        val_cfg: float = 1.5,
+        val_cfg_interval: tuple[float, float] | None = (0.17, 1.02),
+        val_use_ema: bool = True,
+        val_lpips_nets: tuple[str, ...] = (),
+        val_rfid: bool = False,
+        inception_path: str | None = None,
+    ):
+        """Arguments map one to one onto the paper's knobs; configs/stage/{1a,1b}.yaml hold its recipes.
+
+        feature_weights: weights of the frozen feature nets (LPIPS, ResNet-50, Inception): None = the
+        pretrained files from the torch hub cache (an error names a missing file), "random" = explicit
+        random stand-ins for CPU demos and tests (logged loudly, recorded in the results).
+        """
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}.")
+        if stage == "1b" and not init_weights:
+            raise ValueError("Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
+                             "(or an official flowmo_*.pth).")
+        self.save_hyperparameters()
+        self.config = resolve_config(preset, architecture)
+        self.tokenizer = FlowMoTokenizer(self.config)
+        if init_weights:
+            self._load_initial_weights(init_weights, init_weights_from)
+        self.recipe = LossRecipe(
+            flow_weight=flow_weight, perceptual_weight=perceptual_weight if stage == "1a" else 0.0,
+            sample_weight=sample_loss_weight if stage == "1b" else 0.0, time_schedule=time_schedule,
+            cfg_dropout=cfg_dropout, chain_steps=sample_steps, checkpoint_chain=checkpoint_chain)
+        self.perceptual_net = build_perceptual(perceptual if self.recipe.perceptual_weight else "none", feature_weights)
+        self.sample_net = build_perceptual(sample_loss if self.recipe.sample_weight else "none", feature_weights)
+        self.ema = ModelEMA(self.tokenizer, ema_decay, ema_every)
+        self.weight_projection = WeightNormProjection(self.tokenizer) if weight_norm_projection else None
+        if stage == "1b":
+            self._set_encoder_trainable(False)
+        self._noise_generator: torch.Generator | None = None
+        self._pending_generator_state: Tensor | None = None
+        self.val_metrics = self._build_metrics()
+
+    # ---------------------------------------------------------------------------------------- set-up
+    def _load_initial_weights(self, path: str, which: str) -> None:
+        """Weights only (no optimizer, no step): how Stage 1B starts from Stage 1A."""
+        checkpoint = read_checkpoint(path)
+        if is_official(checkpoint):
+            source = FlowMoTokenizer.from_official(checkpoint, self.config, weights=which)
+            state, config = source.state_dict(), self.config
+        else:
+            state, config = tokenizer_state(checkpoint, which)
+        if config is not None and config != self.config:
+            raise ValueError(f"init_weights {path} was trained with a different architecture ({config}); "
+                             f"use the same model config ({self.config}).")
+        self.tokenizer.load_state_dict(state, strict=True)
+
+    def _build_metrics(self) -> ReconstructionMetrics:
+        hp = self.hparams
+        fid_feature = False
+        if hp.val_rfid:
+            fid_feature = "random" if hp.feature_weights == "random" else None
+        return ReconstructionMetrics(lpips_nets=tuple(hp.val_lpips_nets), lpips_weights=hp.feature_weights,
+                                     fid_feature=fid_feature, inception_path=hp.inception_path,
+                                     codebook_bits=self._codebook_bits())
+
+    def _codebook_bits(self) -> int | None:
+        return self.config.entropy_group_bits if self.config.quantizer == "lfq" else None
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.tokenizer.encoder.compile()
+            self.tokenizer.decoder.compile()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam(0.9, 0.95), constant lr, no weight decay; encoder and decoder groups (spec 5)."""
+        groups = [{"params": list(self.tokenizer.decoder.parameters()), "name": "decoder"}]
+        if self.hparams.stage == "1a":
+            groups.insert(0, {"params": list(self.tokenizer.encoder.parameters()), "name": "encoder"})
+        return torch.optim.Adam(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.adam_eps,
+                                weight_decay=0.0, fused=self.device.type == "cuda")
+
+    @property
+    def stand_ins(self) -> list[str]:
+        """Frozen feature networks running with random weights (their numbers mean nothing)."""
+        nets = [self.perceptual_net, self.sample_net]
+        names = [net.name for net in nets if net is not None and net.is_stand_in]
+        return sorted(set(names + self.val_metrics.stand_ins))
+
+    # ---------------------------------------------------------------------------------------- encoder freeze
+    def _set_encoder_trainable(self, trainable: bool) -> None:
+        self.tokenizer.encoder.requires_grad_(trainable)
+        self.recipe = replace(self.recipe, train_encoder=trainable)
+
+    def _freeze_due(self) -> bool:
+        after = self.hparams.freeze_encoder_after
+        return self.recipe.train_encoder and after is not None and self.global_step >= after
+
+    def on_train_start(self) -> None:
+        if self._freeze_due():  # resumed past the freeze: the checkpointed optimizer is already post-freeze
+            self._set_encoder_trainable(False)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._freeze_due():
+            self._set_encoder_trainable(False)
+            if self.hparams.reset_optimizer_on_freeze:  # the authors rebuild Adam: every moment restarts
+                for optimizer in self.trainer.optimizers:
+                    optimizer.state.clear()
+
+    # ---------------------------------------------------------------------------------------- training
+    @property
+    def noise_generator(self) -> torch.Generator:
+        """One generator for t, noise, CFG dropout and chain grids, seeded per rank and checkpointed."""
+        if self._noise_generator is None or self._noise_generator.device != self.device:
+            self._noise_generator = torch.Generator(device=self.device)
+            self._noise_generator.manual_seed(self.hparams.seed * 1_000_003 + self.global_rank)
+            if self._pending_generator_state is not None:
+                self._noise_generator.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
+        return self._noise_generator
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = _images(batch)
+        out = flowmo_loss(self.tokenizer, images, self.recipe, self.perceptual_net, self.sample_net,
+                          self.noise_generator)
+        self.log_dict({f"train/{k}": v for k, v in out.parts.items()}, batch_size=images.shape[0])
+        if self._is_logging_step() and out.indices is not None:
+            stats = batch_codebook_stats(out.indices, 2 ** self.config.entropy_group_bits)
+            self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=images.shape[0])
+        return out.total
+
+    def _is_logging_step(self) -> bool:
+        every = getattr(self.trainer, "log_every_n_steps", 50) or 50
+        return self.global_step % every == 0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._is_logging_step():
+            grads = [p.grad for p in self.tokenizer.parameters() if p.grad is not None]
+            if grads:
+                self.log("train/grad_norm", global_norm(grads))
+            self.log("train/param_norm", global_norm([p.detach() for p in self.tokenizer.parameters()]))
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.weight_projection is not None:
+            self.weight_projection.apply_to(self.tokenizer)
+        # global_step does not count this step yet: the EMA moves after steps every, 2*every, ...
+        if (self.global_step + 1) % self.ema.every == 0:
+            self.ema.update(self.tokenizer)
+            if self._is_logging_step():
+                self.log("train/ema_relative_distance", self.ema.relative_distance(self.tokenizer))
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def sampler_settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        interval = tuple(hp.val_cfg_interval) if hp.val_cfg_interval is not None else None
+        return dict(steps=hp.val_steps, rho=hp.val_rho, cfg=hp.val_cfg, cfg_interval=interval)
+
+    def eval_tokenizer(self) -> FlowMoTokenizer:
+        return self.ema.module if self.hparams.val_use_ema else self.tokenizer
+
+    def reconstruct_batch(self, images: Tensor, batch_idx: int) -> tuple[Tensor, Tensor | None]:
+        """Reconstruction with noise fixed by (seed, rank, batch index): repeated evaluations compare."""
+        model = self.eval_tokenizer()
+        quantized = model.quantize(model.encode(images, check=False), with_losses=False)
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(self.hparams.seed * 7919 + self.global_rank * 1_000_003 + batch_idx)
+        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+        return model.sample(quantized.codes, noise, **self.sampler_settings()), quantized.indices
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        images = _images(batch)
+        reconstructions, indices = self.reconstruct_batch(images, batch_idx)
+        self.val_metrics.update(images, reconstructions, indices)
+        return {"images": images, "reconstructions": reconstructions}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test_metrics = self._log_metrics("test")
+
+    def _log_metrics(self, split: str) -> dict[str, float]:
+        results = self.val_metrics.compute()  # already reduced over all ranks
+        self.val_metrics.reset()
+        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, rank_zero_only=True)
+        return results
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["flowmo_config"] = self.config.to_dict()
+        checkpoint["flowmo_noise_generator"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_generator_state = checkpoint.get("flowmo_noise_generator")
+        self._noise_generator = None
+
+
+def _images(batch: Any) -> Tensor:
+    """Batches are dicts from FlowMoDataModule ({"image": ...}) or plain image tensors."""
+    return batch["image"] if isinstance(batch, dict) else batch

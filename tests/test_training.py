@@ -1,0 +1,214 @@
+"""Stage 1A / 1B training on the tiny preset (CPU, fp32): recipes, freezing, projection, EMA, hand-off, resume."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from flowmo.losses import LossRecipe, flowmo_loss
+from flowmo.module import FlowMoModule
+from flowmo.optim import ModelEMA
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+
+
+class FixedImages(Dataset):
+    """A few fixed images (seeded), as {"image"} dicts like the DataModule yields."""
+
+    def __init__(self, count: int = 8, size: int = 32, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        base = torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1
+        ramp = torch.linspace(-0.5, 0.5, size)
+        self.images = (base + 0.3 * ramp[None, None, :, None] + 0.1 * torch.randn(count, 3, size, size,
+                                                                                    generator=generator)).clamp(-1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index]}
+
+
+def loader(count=8, batch=4) -> DataLoader:
+    return DataLoader(FixedImages(count), batch_size=batch, shuffle=False)
+
+
+def trainer(max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True)
+    return L.Trainer(max_steps=max_steps, **{**defaults, **kwargs})
+
+
+def module(**kwargs) -> FlowMoModule:
+    defaults = dict(preset="tiny", perceptual="none", feature_weights="random", val_steps=2, seed=0)
+    return FlowMoModule(**{**defaults, **kwargs})
+
+
+def save_1a(tmp_path, **kwargs) -> str:
+    model = module(**kwargs)
+    run = trainer(2)
+    run.fit(model, loader())
+    path = tmp_path / "stage1a.ckpt"
+    run.save_checkpoint(path)
+    return str(path)
+
+
+def test_fast_dev_run_stage_1a_with_perceptual_loss():
+    model = module(perceptual="lpips_vgg", val_lpips_nets=())
+    trainer(1, fast_dev_run=True).fit(model, loader(), loader())
+    assert model.perceptual_net is not None and model.perceptual_net.is_stand_in
+    assert "LPIPS" in " ".join(model.stand_ins)
+
+
+def test_fast_dev_run_stage_1b_through_the_chain(tmp_path):
+    model = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="resnet50_logits")
+    trainer(1, fast_dev_run=True).fit(model, loader(), loader())
+    assert model.sample_net is not None and model.recipe.sample_weight == 0.01
+
+
+def test_stage_1b_requires_stage_1a_weights():
+    with pytest.raises(ValueError, match="Stage 1B starts from Stage-1A weights"):
+        module(stage="1b")
+
+
+def test_overfitting_a_few_images_lowers_the_flow_loss():
+    torch.manual_seed(0)
+    model = module(lr=2e-3, cfg_dropout=0.0)
+    data = FixedImages(4).images
+
+    def fixed_flow_loss() -> float:
+        generator = torch.Generator().manual_seed(123)
+        recipe = LossRecipe(perceptual_weight=0.0, cfg_dropout=0.0)
+        with torch.no_grad():
+            losses = [flowmo_loss(model.tokenizer, data, recipe, generator=generator).parts["flow"] for _ in range(8)]
+        return float(torch.stack(losses).mean())
+
+    before = fixed_flow_loss()
+    trainer(60).fit(model, loader(4, 4))
+    after = fixed_flow_loss()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_stage_1b_trains_the_decoder_only(tmp_path):
+    model = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="resnet50_logits", lr=1e-3)
+    encoder_before = {k: v.clone() for k, v in model.tokenizer.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.tokenizer.decoder.state_dict().items()}
+    trainer(3).fit(model, loader())
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.tokenizer.encoder.state_dict().items())
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in model.tokenizer.decoder.state_dict().items())
+    optimizer = model.trainer.optimizers[0]
+    assert [group["name"] for group in optimizer.param_groups] == ["decoder"]
+
+
+def test_encoder_freezes_after_the_configured_step_and_adam_restarts():
+    model = module(freeze_encoder_after=3, lr=1e-3)
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append(pl_module.tokenizer.encoder.img_in.weight.detach().clone())
+            if trainer.global_step == 4:  # the first step after the freeze
+                steps = [s["step"] for s in trainer.optimizers[0].state.values()]
+                assert steps and max(float(s) for s in steps) == 1.0  # moments restarted at the freeze
+
+    trainer(6, callbacks=[Snapshot()]).fit(model, loader())
+    assert not torch.equal(snapshots[0], snapshots[2])
+    assert all(torch.equal(snapshots[2], s) for s in snapshots[3:])
+    assert not model.recipe.train_encoder
+
+
+def test_weight_norm_projection_holds_the_initial_norms():
+    model = module(lr=5e-3)
+    names = model.weight_projection.names
+    assert any(".img.attn.qkv" in n for n in names) and any(".txt.mod.lin" in n for n in names)
+    assert all(".double_blocks." in f".{n}" for n in names)
+    initial = {n: model.tokenizer.get_submodule(n).weight.detach().norm().item() for n in names}
+    first_weight = model.tokenizer.get_submodule(names[0]).weight.detach().clone()
+    trainer(4).fit(model, loader())
+    for name in names:
+        assert model.tokenizer.get_submodule(name).weight.norm().item() == pytest.approx(initial[name], rel=1e-5)
+    assert not torch.equal(first_weight, model.tokenizer.get_submodule(names[0]).weight)
+
+
+def test_ema_matches_its_formula():
+    model = module(ema_decay=0.99, ema_every=5, lr=1e-3)
+    initial = {k: v.clone() for k, v in model.tokenizer.state_dict().items()}
+    trainer(5).fit(model, loader())
+    rate = 1 - 0.99**5
+    for name, value in model.tokenizer.state_dict().items():
+        expected = (1 - rate) * initial[name] + rate * value
+        assert torch.allclose(model.ema.module.state_dict()[name], expected, atol=1e-6), name
+
+
+def test_ema_unit_update_and_reset():
+    source = torch.nn.Linear(3, 2)
+    ema = ModelEMA(source, decay=0.9, every=2)
+    with torch.no_grad():
+        source.weight.add_(1.0)
+    ema.update(source)
+    start = source.weight.detach() - 1.0
+    assert torch.allclose(ema.module.weight, 0.81 * start + 0.19 * source.weight.detach())
+    ema.reset(source)
+    assert torch.equal(ema.module.weight, source.weight.detach())
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+@pytest.mark.parametrize("which", ["ema", "raw"])
+def test_stage_1a_to_1b_hand_off_loads_the_chosen_weights(tmp_path, which):
+    path = save_1a(tmp_path, ema_every=1, lr=1e-2)
+    checkpoint = torch.load(path, weights_only=False)
+    prefix = "ema.module." if which == "ema" else "tokenizer."
+    expected = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model = module(stage="1b", init_weights=path, init_weights_from=which, sample_loss="none")
+    for name, value in model.tokenizer.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    # the 1B EMA starts from the loaded weights
+    assert all(torch.equal(v, model.tokenizer.state_dict()[k]) for k, v in model.ema.module.state_dict().items())
+    raw = {k[len("tokenizer."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("tokenizer.")}
+    assert any(not torch.equal(raw[k], expected[k]) for k in raw) or which == "raw"
+
+
+def _state(model: FlowMoModule) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    optimizer = model.trainer.optimizers[0].state_dict()
+    for index, values in optimizer["state"].items():
+        for key, value in values.items():
+            state[f"adam.{index}.{key}"] = torch.as_tensor(value).clone()
+    return state
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopped at step 4 and resumed to 8 == 8 uninterrupted steps, bit for bit: weights, EMA, projection
+    norms, Adam moments and the loss-noise generator all come from the checkpoint.
+
+    One batch per epoch keeps the data identical whatever Lightning's loop does with a map-style loader on
+    restart; the real train stream is infinite and resampled, seeded by the step (flowmo.data.stream).
+    """
+    steps = 4
+    kwargs = dict(ema_every=3, lr=1e-3, freeze_encoder_after=None)
+
+    L.seed_everything(0)
+    straight = module(**kwargs)
+    trainer(2 * steps).fit(straight, loader(4, 4))
+
+    L.seed_everything(0)
+    first = module(**kwargs)
+    first_run = trainer(steps)
+    first_run.fit(first, loader(4, 4))
+    checkpoint = tmp_path / "half.ckpt"
+    first_run.save_checkpoint(checkpoint)
+
+    L.seed_everything(1)  # a different global seed: everything that matters must come from the checkpoint
+    resumed = module(**kwargs)
+    trainer(2 * steps).fit(resumed, loader(4, 4), ckpt_path=str(checkpoint))
+
+    expected, actual = _state(straight), _state(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
