@@ -1,0 +1,73 @@
+"""Every YAML in configs/ parses through the real CLI parser, alone and in the stacks the README uses.
+
+Parsing stops right before classes are instantiated, so the 945M presets cost nothing here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flowmo.cli import FlowMoCLI
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL_YAML = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+class ParsedOnly(Exception):
+    pass
+
+
+class ParseOnlyCLI(FlowMoCLI):
+    def before_instantiate_classes(self) -> None:
+        raise ParsedOnly(self.config)
+
+
+def parse(*files: str, extra: tuple[str, ...] = ()) -> dict:
+    args = ["fit"]
+    for name in files:
+        args += ["-c", str(CONFIGS / name)]
+    with pytest.raises(ParsedOnly) as parsed:
+        ParseOnlyCLI(args=args + list(extra))
+    return parsed.value.args[0]["fit"]
+
+
+def test_there_are_configs():
+    assert {"base.yaml", "model/lo.yaml", "stage/1a.yaml", "stage/1b.yaml", "data/imagenet.yaml"} <= set(ALL_YAML)
+
+
+@pytest.mark.parametrize("name", ALL_YAML)
+def test_each_config_parses_on_top_of_base(name):
+    config = parse("base.yaml", name)
+    assert config["model"]["preset"] in ("tiny", "small", "lo", "hi")
+
+
+@pytest.mark.parametrize("preset", ["lo", "hi"])
+def test_paper_stage_1a_stack(preset):
+    config = parse("base.yaml", f"model/{preset}.yaml", "stage/1a.yaml", "data/imagenet.yaml")
+    model, trainer = config["model"], config["trainer"]
+    assert model["preset"] == preset and model["stage"] == "1a"
+    assert model["lr"] == 1e-4 and list(model["betas"]) == [0.9, 0.95]
+    assert model["perceptual"] == "lpips_vgg" and model["perceptual_weight"] == 0.1
+    assert model["freeze_encoder_after"] == 200_000 and model["time_schedule"] == "fat_lognormal"
+    assert config["data"]["batch_size"] * trainer["accumulate_grad_batches"] * 8 == 128
+    assert trainer["precision"] == "bf16-mixed"
+    assert config["checkpoint"]["every_n_train_steps"] == 5000
+
+
+def test_paper_stage_1b_stack():
+    config = parse("base.yaml", "model/lo.yaml", "stage/1b.yaml", "data/imagenet.yaml",
+                   extra=("--model.init_weights", "runs/lo-1a/checkpoints/last.ckpt"))
+    model, trainer = config["model"], config["trainer"]
+    assert model["stage"] == "1b" and model["lr"] == 5e-5
+    assert model["sample_loss"] == "resnet50_logits" and model["sample_loss_weight"] == 0.01
+    assert model["sample_steps"] == 8 and model["checkpoint_chain"]
+    assert config["data"]["batch_size"] * trainer["accumulate_grad_batches"] * 8 == 64
+    assert trainer["max_steps"] == 25_000
+
+
+def test_run_name_sets_the_checkpoint_folder():
+    config = parse("base.yaml", extra=("--run_name", "lo-1a", "--runs_dir", "/scratch/runs"))
+    assert config["checkpoint"]["dirpath"] == "/scratch/runs/lo-1a/checkpoints"
+    assert config["trainer"]["default_root_dir"] == "/scratch/runs/lo-1a"
