@@ -17,7 +17,7 @@ STAMP   := $(VENV)/.installed
 .PHONY: help install test test-all clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -67,3 +67,62 @@ shards: $(STAMP) ## ImageNet shards: make shards IMAGENET=/data/ILSVRC2012 [SHAR
 
 bench-data: $(STAMP) ## data loader throughput: decode+augment images/s per worker at 256x256, workers per GPU
 	$(PY) scripts/bench_data.py
+
+# ---- training (src/flowmo/module.py, recipes in configs/stage/): Stage 1A, Stage 1B, the demo
+# Global batch = per-device batch x accumulate_grad_batches x GPUS x NODES, fixed to the paper's
+# 128 (1A: 8 per device) and 64 (1B: 4 per device) whatever the GPU count: ACCUM is derived below.
+GPUS      ?= 8
+NODES     ?= 1
+DATA_CFG  ?= configs/data/imagenet.yaml
+RESUME    ?=
+ARGS      ?=
+WORLD     := $(shell echo $$(( $(GPUS) * $(NODES) )))
+# The encoder freezes at step 200k of Stage 1A: DDP must then tolerate parameters without gradients.
+STRATEGY_1A ?= $(if $(filter 1,$(WORLD)),auto,ddp_find_unused_parameters_true)
+STRATEGY_1B ?= $(if $(filter 1,$(WORLD)),auto,ddp)
+INIT_LO   ?= runs/lo-1a/checkpoints/last.ckpt
+INIT_HI   ?= runs/hi-1a/checkpoints/last.ckpt
+
+accum = $(shell b=$(1); w=$(WORLD); n=$(2); if [ $$(( n % (b * w) )) -ne 0 ]; then echo "x"; else echo $$(( n / (b * w) )); fi)
+check_accum = @test "$(1)" != "x" || { echo "global batch $(2) is not divisible by per-device batch $(3) x $(WORLD) devices; pick GPUS/NODES that divide it"; exit 2; }
+check_shards = @if [ "$(DATA_CFG)" = "configs/data/imagenet.yaml" ] && [ ! -f data/imagenet/train.json ]; then echo "No ImageNet shards in data/imagenet: make them once with 'make shards IMAGENET=/path/to/ILSVRC2012' (or point DATA_CFG at your own data config)."; exit 2; fi
+fit_1a = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1a.yaml -c $(DATA_CFG) \
+	--run_name $(1)-1a --trainer.accumulate_grad_batches $(call accum,8,128) --trainer.devices $(GPUS) \
+	--trainer.num_nodes $(NODES) --trainer.strategy $(STRATEGY_1A) $(if $(RESUME),--ckpt_path last) $(ARGS)
+fit_1b = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1b.yaml -c $(DATA_CFG) \
+	--run_name $(1)-1b --model.init_weights $(2) --trainer.accumulate_grad_batches $(call accum,4,64) \
+	--trainer.devices $(GPUS) --trainer.num_nodes $(NODES) --trainer.strategy $(STRATEGY_1B) \
+	$(if $(RESUME),--ckpt_path last) $(ARGS)
+
+.PHONY: train-lo train-hi train-small posttrain-lo posttrain-hi demo tensorboard
+
+train-lo: $(STAMP) ## Stage 1A FlowMo-Lo, 1.3M steps (GPUS=8 NODES=1 RESUME=1 ARGS="--key value")
+	$(check_shards)
+	$(call check_accum,$(call accum,8,128),128,8)
+	$(call fit_1a,lo)
+
+train-hi: $(STAMP) ## Stage 1A FlowMo-Hi, 800k steps
+	$(check_shards)
+	$(call check_accum,$(call accum,8,128),128,8)
+	$(call fit_1a,hi) --trainer.max_steps 800000
+
+train-small: $(STAMP) ## Stage 1A of the ablation base (517M, patch 8), 40 epochs = 400k steps
+	$(check_shards)
+	$(call check_accum,$(call accum,8,128),128,8)
+	$(call fit_1a,small) --trainer.max_steps 400000
+
+posttrain-lo: $(STAMP) ## Stage 1B FlowMo-Lo from the 1A EMA weights (INIT_LO=runs/lo-1a/checkpoints/last.ckpt)
+	$(check_shards)
+	$(call check_accum,$(call accum,4,64),64,4)
+	$(call fit_1b,lo,$(INIT_LO))
+
+posttrain-hi: $(STAMP) ## Stage 1B FlowMo-Hi (INIT_HI=runs/hi-1a/checkpoints/last.ckpt)
+	$(check_shards)
+	$(call check_accum,$(call accum,4,64),64,4)
+	$(call fit_1b,hi,$(INIT_HI))
+
+demo: $(STAMP) ## tiny FlowMo end to end on the sample photos (CPU, minutes): results/demo/{grid.png,metrics.json}
+	$(FLOWMO) demo
+
+tensorboard: $(STAMP) ## TensorBoard over runs/ (losses, lr, grad norm, EMA distance, codebook, grids)
+	$(PY) -m tensorboard.main --logdir runs --bind_all
