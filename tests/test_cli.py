@@ -1,0 +1,69 @@
+"""The `flowmo` command line end to end on tiny shards: fit, resume with --ckpt_path last, export."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowmo import FlowMoTokenizer
+from flowmo.cli import main
+from flowmo.data import build_sample_set
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    build_sample_set(out, size=40, train_crops_per_photo=4, val_crops_per_photo=2, shard_size=8)
+    return out
+
+
+def fit_args(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
+    return ["fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/tiny.yaml"),
+            "-c", str(CONFIGS / "stage/1a.yaml"), "-c", str(CONFIGS / "data/sample.yaml"),
+            "--run_name", "cli-tiny", "--runs_dir", str(runs), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.precision", "32-true", "--trainer.max_steps", str(steps),
+            "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+            "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "2",
+            "--data.train_shards", str(shards / "train.json"), "--data.val_shards", str(shards / "val.json"),
+            "--data.image_size", "32", "--data.batch_size", "2", "--data.val_batch_size", "2",
+            "--model.perceptual", "none", "--model.val_steps", "2", *extra]
+
+
+def test_fit_resume_last_and_export(sample_shards, tmp_path):
+    runs = tmp_path / "runs"
+    assert main(fit_args(sample_shards, runs, 2)) == 0
+    checkpoints = runs / "cli-tiny" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    assert (runs / "cli-tiny" / "version_0" / "config.yaml").is_file()  # the resolved config of the run
+    assert list((runs / "cli-tiny" / "version_0").glob("events.out.tfevents.*"))
+
+    assert main(fit_args(sample_shards, runs, 4, "--ckpt_path", "last")) == 0
+    resumed = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 4
+    assert resumed["flowmo_config"]["code_length"] == 16 and "flowmo_noise_generator" in resumed
+
+    exported = tmp_path / "tiny.pt"
+    assert main(["export", "--ckpt", str(checkpoints / "last.ckpt"), "--out", str(exported)]) == 0
+    tokenizer = FlowMoTokenizer.from_checkpoint(exported)
+    ema = {k[len("ema.module."):]: v for k, v in resumed["state_dict"].items() if k.startswith("ema.module.")}
+    assert all(torch.equal(v, ema[k]) for k, v in tokenizer.state_dict().items())
+    raw = FlowMoTokenizer.from_checkpoint(checkpoints / "last.ckpt", weights="raw")
+    assert all(torch.equal(v, resumed["state_dict"][f"tokenizer.{k}"]) for k, v in raw.state_dict().items())
+
+
+def test_missing_shards_give_one_clear_sentence(tmp_path):
+    args = fit_args(tmp_path / "nowhere", tmp_path / "runs", 1)
+    with pytest.raises(FileNotFoundError, match="make sample-data"):
+        main(args)
+
+
+def test_from_checkpoint_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+        FlowMoTokenizer.from_checkpoint(tmp_path / "missing.ckpt")
