@@ -82,7 +82,8 @@ def flowmo_loss(tokenizer: nn.Module, images: Tensor, recipe: LossRecipe, percep
     batch = images.shape[0]
     with torch.set_grad_enabled(recipe.train_encoder and torch.is_grad_enabled()):
         code = tokenizer.encode(images, check=False)
-    quantized = tokenizer.quantize(code)
+    # A frozen encoder makes the quantizer loss a constant: skip its 2^G-way softmax (16384 wide for Hi).
+    quantized = tokenizer.quantize(code, with_losses=recipe.train_encoder)
     condition = drop_codes(tokenizer.decoder_condition(quantized.codes), recipe.cfg_dropout, generator)
 
     t = flow.sample_time(batch, recipe.time_schedule, device=images.device, generator=generator)
@@ -94,8 +95,9 @@ def flowmo_loss(tokenizer: nn.Module, images: Tensor, recipe: LossRecipe, percep
     total = recipe.flow_weight * parts["flow"]
     if quantized.loss is not None and recipe.quantizer_weight:
         total = total + recipe.quantizer_weight * quantized.loss
-        parts.update(quantizer=quantized.loss, entropy=quantized.entropy_loss, commitment=quantized.commitment_loss,
+        terms = dict(quantizer=quantized.loss, entropy=quantized.entropy_loss, commitment=quantized.commitment_loss,
                      per_sample_entropy=quantized.per_sample_entropy, codebook_entropy=quantized.codebook_entropy)
+        parts.update({name: value for name, value in terms.items() if value is not None})  # FSQ has no entropy terms
     if perceptual_net is not None and recipe.perceptual_weight:
         estimate = flow.x0_estimate(noisy, velocity, t)
         parts["perceptual"] = perceptual_net(images, estimate).float().mean()
