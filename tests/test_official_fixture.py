@@ -107,3 +107,33 @@ def test_unknown_missing_and_misshaped_keys_are_listed(official_fixture):
     message = str(error.value)
     assert "decoder.extra.weight" in message and "decoder.img_in.bias" in message
     assert "encoder.txt_in.bias" in message
+
+
+def test_a_hi_style_configuration_loads_and_runs_the_same_api():
+    """Another shape family (56-bit codes in 14-bit groups, patch 2, other widths/heads) through the official
+    loader and every fixture entry point: nothing in the code may only work for fixture A's shapes."""
+    config = {
+        "image_size": 16, "patch_size": 2, "code_length": 8, "code_dim": 56, "entropy_group_bits": 14,
+        "encoder": {"width": 96, "depth": 1, "heads": 3, "rope_axes": [4, 14, 14]},
+        "decoder": {"width": 80, "depth": 2, "heads": 2, "rope_axes": [8, 16, 16]},
+        "mlp_ratio": 2.0, "qkv_bias": False, "rope_theta": 500, "attention_scale": "8/head_dim",
+        "entropy_temperature": 0.1, "entropy_loss_weight": 0.0025, "commit_loss_weight": 0.000625,
+    }
+    torch.manual_seed(0)
+    official = {name: torch.randn(shape) * 0.05 for name, shape in official_shapes(
+        FlowMoTokenizer.from_config(config, device="meta").config).items()}
+    tok = FlowMoTokenizer.from_official(official, config)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    q = tok.quantize(tok.encode(images))
+    assert q.codes.shape == (2, 8, 56) and q.indices.shape == (2, 32) and int(q.indices.max()) < 2**14
+    assert torch.equal(tok.quantizer.indices_to_codes(q.indices), q.codes)
+    # sub-token 4*l + r holds channels r, r+4, ..., r+52 of token l as bits 0..13
+    bits = (q.codes[0, 0].reshape(14, 4) > 0).long()  # [bit j, r]
+    expected = (bits * (2 ** torch.arange(14))[:, None]).sum(0)
+    assert torch.equal(q.indices[0, :4], expected)
+    assert torch.isfinite(q.entropy_loss) and q.per_sample_entropy <= q.codebook_entropy + 1e-6
+    v = tok.velocity(images, q.codes, torch.tensor([0.3, 0.9]))
+    assert v.shape == images.shape and not torch.allclose(v, tok.velocity(images, None, torch.tensor([0.3, 0.9])))
+    _, grid = flow.random_chain_timesteps(2, 8)
+    assert tok.sample(q.codes, torch.randn_like(images), timesteps=grid, cfg=1.0, clip=False).shape == images.shape
+    assert tok.sample(q.codes, torch.randn_like(images), steps=5).abs().max() <= 1
