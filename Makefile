@@ -126,3 +126,19 @@ demo: $(STAMP) ## tiny FlowMo end to end on the sample photos (CPU, minutes): re
 
 tensorboard: $(STAMP) ## TensorBoard over runs/ (losses, lr, grad norm, EMA distance, codebook, grids)
 	$(PY) -m tensorboard.main --logdir runs --bind_all
+
+# ---- ablations (src/flowmo/ablate.py, configs/ablations/): paper Table 4 + the decoder-width scaling cells.
+# CELLS: comma list of cells or groups (table4 | scaling | all; `flowmo ablate list` shows them); DRY_RUN=1 prints
+# the fit/test commands only; STEPS=N shortens every fit (smoke runs). Devices GPUS x NODES, DATA_CFG and ARGS as
+# for training; global batch 128 kept by gradient accumulation. Evaluation-only cells test the base checkpoint.
+# Rerunning resumes unfinished fits and skips tests whose metrics are current. -> results/ablations/table.{md,csv,png}
+CELLS   ?= table4
+DRY_RUN ?=
+STEPS   ?=
+
+.PHONY: ablate
+
+ablate: $(STAMP) ## run the paper's Table-4 ablation grid (CELLS=..., DRY_RUN=1)
+	$(if $(DRY_RUN),,$(check_shards))
+	$(FLOWMO) ablate run --cells $(CELLS) --gpus $(GPUS) --nodes $(NODES) --data-config $(DATA_CFG) \
+		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) $(if $(ARGS),--extra='$(ARGS)')

@@ -29,6 +29,7 @@ PROJECT_COMMANDS = {
     "sample-data": ("flowmo.data.sample_set", "build the embedded sample set (demo and tests)"),
     "export": ("flowmo.cli", "export a light tokenizer file (config + EMA or raw weights) from a checkpoint"),
     "demo": ("flowmo.demo", "tiny end-to-end run on the sample set: 1A, 1B, evaluation, grid, metrics.json"),
+    "ablate": ("flowmo.ablate", "the paper's Table-4 ablation grid: list, run (fit + test) cells, results table"),
 }
 
 

@@ -29,6 +29,7 @@ from flowmo.perceptual import build_perceptual
 from flowmo.training_stats import batch_codebook_stats, global_norm
 
 STAGES = ("1a", "1b")
+INIT_PARTS = ("all", "encoder")
 
 
 class FlowMoModule(L.LightningModule):
@@ -56,6 +57,7 @@ class FlowMoModule(L.LightningModule):
         ema_every: int = 10,
         init_weights: str | None = None,
         init_weights_from: str = "ema",
+        init_weights_parts: str = "all",
         compile: bool = False,
         checkpoint_chain: bool = True,
         seed: int = 0,
@@ -70,6 +72,10 @@ class FlowMoModule(L.LightningModule):
     ):
         """Arguments map one to one onto the paper's knobs; configs/stage/{1a,1b}.yaml hold its recipes.
 
+        init_weights_parts: "all" loads the whole tokenizer from init_weights; "encoder" loads only the encoder
+        and keeps the decoder's fresh init (with freeze_encoder_after=0: the Table-4 "MSE-pretrained encoder,
+        then frozen" cell, configs/ablations/mse_frozen_encoder.yaml).
+
         feature_weights: weights of the frozen feature nets (LPIPS, ResNet-50, Inception): None = the
         pretrained files from the torch hub cache (an error names a missing file), "random" = explicit
         random stand-ins for CPU demos and tests (logged loudly, recorded in the results).
@@ -80,11 +86,14 @@ class FlowMoModule(L.LightningModule):
         if stage == "1b" and not init_weights:
             raise ValueError("Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
                              "(or an official flowmo_*.pth).")
+        if init_weights_parts not in INIT_PARTS or (init_weights_parts != "all" and not init_weights):
+            raise ValueError(f"init_weights_parts must be one of {INIT_PARTS} and 'encoder' needs model.init_weights; "
+                             f"got {init_weights_parts!r} with init_weights={init_weights!r}.")
         self.save_hyperparameters()
         self.config = resolve_config(preset, architecture)
         self.tokenizer = FlowMoTokenizer(self.config)
         if init_weights:
-            self._load_initial_weights(init_weights, init_weights_from)
+            self._load_initial_weights(init_weights, init_weights_from, init_weights_parts)
         self.recipe = LossRecipe(
             flow_weight=flow_weight, perceptual_weight=perceptual_weight if stage == "1a" else 0.0,
             sample_weight=sample_loss_weight if stage == "1b" else 0.0, time_schedule=time_schedule,
@@ -100,8 +109,9 @@ class FlowMoModule(L.LightningModule):
         self.val_metrics = self._build_metrics()
 
     # ---------------------------------------------------------------------------------------- set-up
-    def _load_initial_weights(self, path: str, which: str) -> None:
-        """Weights only (no optimizer, no step): how Stage 1B starts from Stage 1A."""
+    def _load_initial_weights(self, path: str, which: str, parts: str = "all") -> None:
+        """Weights only (no optimizer, no step): how Stage 1B starts from Stage 1A; `parts="encoder"` takes
+        the encoder alone (a pre-trained encoder under a fresh decoder)."""
         checkpoint = read_checkpoint(path)
         if is_official(checkpoint):
             source = FlowMoTokenizer.from_official(checkpoint, self.config, weights=which)
@@ -111,6 +121,10 @@ class FlowMoModule(L.LightningModule):
         if config is not None and config != self.config:
             raise ValueError(f"init_weights {path} was trained with a different architecture ({config}); "
                              f"use the same model config ({self.config}).")
+        if parts == "encoder":
+            state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+            self.tokenizer.encoder.load_state_dict(state, strict=True)
+            return
         self.tokenizer.load_state_dict(state, strict=True)
 
     def _build_metrics(self) -> ReconstructionMetrics:
@@ -183,7 +197,8 @@ class FlowMoModule(L.LightningModule):
                           self.noise_generator)
         self.log_dict({f"train/{k}": v for k, v in out.parts.items()}, batch_size=images.shape[0])
         if self._is_logging_step() and out.indices is not None:
-            stats = batch_codebook_stats(out.indices, 2 ** self.config.entropy_group_bits)
+            # 2^G sub-codes for LFQ, prod(levels) for FSQ (its indices are whole tokens)
+            stats = batch_codebook_stats(out.indices, self.tokenizer.quantizer.codebook_size)
             self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=images.shape[0])
         return out.total
 
