@@ -338,11 +338,12 @@ def write_plot(rows: list[dict], path: Path) -> str:
     except ImportError:
         return "No plot: matplotlib is not installed (`pip install matplotlib`, then `flowmo ablate table`)."
     names = [r["cell"] for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(max(9, 1.2 * len(names) * 1.5), 4), constrained_layout=True)
+    figure, axes = plt.subplots(1, 3, figsize=(max(9.0, 1.8 * len(names)), 4), constrained_layout=True)
     for axis, metric in zip(axes, METRICS):
         xs = range(len(names))
         axis.bar([x - 0.2 for x in xs], [r[f"{metric}_paper"] for r in rows], 0.4, label="paper")
-        axis.bar([x + 0.2 for x in xs], [r[metric] if r[metric] is not None else 0 for r in rows], 0.4, label="ours")
+        ours = [r[metric] if r[metric] is not None else math.nan for r in rows]  # a missing run draws no bar
+        axis.bar([x + 0.2 for x in xs], ours, 0.4, label="ours")
         axis.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
         axis.set_title({"rfid": "rFID ↓", "psnr": "PSNR ↑", "lpips": "LPIPS ↓"}[metric])
     axes[0].legend()
@@ -418,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         options = options_from(args)
         steps = plan(names, options)
-        print("\n".join(f"# {s.cell} {s.action}\n{s.shell()}" for s in steps))
         if args.dry_run:
+            print("\n".join(f"# {s.cell} {s.action}\n{s.shell()}" for s in steps))
             return 0
         execute(steps, options, force=args.force)
         names = GROUPS["all"]  # the table always shows the whole grid: cells not run yet say so
