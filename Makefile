@@ -127,6 +127,35 @@ demo: $(STAMP) ## tiny FlowMo end to end on the sample photos (CPU, minutes): re
 tensorboard: $(STAMP) ## TensorBoard over runs/ (losses, lr, grad norm, EMA distance, codebook, grids)
 	$(PY) -m tensorboard.main --logdir runs --bind_all
 
+# ---- evaluation (spec 7, configs/eval/paper.yaml): Table 1's protocol on the 50k ImageNet val center crops
+# -> results/<name>/{metrics.json, table_row.md, reconstructions.png}. CKPT= a .ckpt of ours (its architecture
+# is read from it) or OFFICIAL= the authors' flowmo_lo.pth / flowmo_hi.pth; SUBSAMPLE=N = every N-th val image
+# (a quick look: rFID is biased upward with fewer images). Devices: GPUS x NODES; also DATA_CFG, ARGS, NAME.
+CKPT      ?=
+OFFICIAL  ?=
+SUBSAMPLE ?= 1
+NAME      ?=
+STRATEGY_EVAL ?= $(if $(filter 1,$(WORLD)),auto,ddp)
+eval_name = $(or $(NAME),eval-$(1)$(if $(filter-out 1,$(SUBSAMPLE)),-sub$(SUBSAMPLE)))
+check_eval = @if [ -z "$(CKPT)$(OFFICIAL)" ] || { [ -n "$(CKPT)" ] && [ -n "$(OFFICIAL)" ]; }; then echo "usage: make eval-$(1) CKPT=runs/$(1)-1b/checkpoints/last.ckpt (ours) or OFFICIAL=flowmo_$(1).pth (the authors'), exactly one [SUBSAMPLE=10 GPUS=8 NAME=...]"; exit 2; fi
+check_val_shards = @if [ "$(DATA_CFG)" = "configs/data/imagenet.yaml" ] && [ ! -f data/imagenet/val.json ]; then echo "No ImageNet val shards in data/imagenet: make them once with 'make shards IMAGENET=/path/to/ILSVRC2012' (or point DATA_CFG at your own data config)."; exit 2; fi
+eval_run = $(FLOWMO) test -c configs/base.yaml -c configs/model/$(1).yaml -c $(DATA_CFG) -c configs/eval/paper.yaml \
+	--run_name $(call eval_name,$(1)) --data.test_subsample $(SUBSAMPLE) --trainer.devices $(GPUS) \
+	--trainer.num_nodes $(NODES) --trainer.strategy $(STRATEGY_EVAL) \
+	$(if $(CKPT),--ckpt_path $(CKPT),--model.init_weights $(OFFICIAL)) $(ARGS)
+
+.PHONY: eval-lo eval-hi
+
+eval-lo: $(STAMP) ## evaluate FlowMo-Lo as Table 1: make eval-lo CKPT=run.ckpt | OFFICIAL=flowmo_lo.pth [SUBSAMPLE=10]
+	$(call check_eval,lo)
+	$(check_val_shards)
+	$(call eval_run,lo)
+
+eval-hi: $(STAMP) ## evaluate FlowMo-Hi as Table 1: make eval-hi CKPT=run.ckpt | OFFICIAL=flowmo_hi.pth [SUBSAMPLE=10]
+	$(call check_eval,hi)
+	$(check_val_shards)
+	$(call eval_run,hi)
+
 # ---- ablations (src/flowmo/ablate.py, configs/ablations/): paper Table 4 + the decoder-width scaling cells.
 # CELLS: comma list of cells or groups (table4 | scaling | all; `flowmo ablate list` shows them); DRY_RUN=1 prints
 # the fit/test commands only; STEPS=N shortens every fit (smoke runs). Devices GPUS x NODES, DATA_CFG and ARGS as
@@ -142,3 +171,19 @@ ablate: $(STAMP) ## run the paper's Table-4 ablation grid (CELLS=..., DRY_RUN=1)
 	$(if $(DRY_RUN),,$(check_shards))
 	$(FLOWMO) ablate run --cells $(CELLS) --gpus $(GPUS) --nodes $(NODES) --data-config $(DATA_CFG) \
 		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) $(if $(ARGS),--extra='$(ARGS)')
+
+# ---- model benchmark (scripts/bench_model.py): Stage-1A/1B steps, encode, decode (31 NFE); figures only.
+# PRECISION=fp32|bf16 (autocast), COMPILE=1 (torch.compile), COUNT_ONLY=1 (FLOPs/params, no timing; of all four
+# presets unless PRESET is given), BENCH_ARGS for the rest (e.g. --feature-nets random --iters 10 --json b.json).
+PRESET     ?= tiny
+BATCH      ?= 8
+PRECISION  ?= fp32
+COMPILE    ?=
+COUNT_ONLY ?=
+BENCH_ARGS ?=
+
+.PHONY: bench
+
+bench: $(STAMP) ## model benchmark: ms/step, img/s, peak memory, FLOP utilisation vs a matmul (PRESET=tiny BATCH=8)
+	$(PY) scripts/bench_model.py $(if $(COUNT_ONLY),--count-only --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),tiny small lo hi),\
+		--preset $(PRESET) --batch $(BATCH) --precision $(PRECISION) $(if $(COMPILE),--compile)) $(BENCH_ARGS)

@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib import import_module
+from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from flowmo.data.datamodule import FlowMoDataModule
 from flowmo.module import FlowMoModule
+from flowmo.perceptual import MissingWeightsError
 
 PROJECT_COMMANDS = {
     "shards": ("flowmo.data.shards", "write WebDataset shards from ImageNet or an image folder"),
@@ -31,6 +34,10 @@ PROJECT_COMMANDS = {
     "demo": ("flowmo.demo", "tiny end-to-end run on the sample set: 1A, 1B, evaluation, grid, metrics.json"),
     "ablate": ("flowmo.ablate", "the paper's Table-4 ablation grid: list, run (fit + test) cells, results table"),
 }
+
+
+# What a checkpoint decides when it is evaluated: the network's shape. Everything else is the evaluation's.
+ARCHITECTURE_HPARAMS = ("preset", "architecture")
 
 
 class FlowMoCLI(LightningCLI):
@@ -50,6 +57,22 @@ class FlowMoCLI(LightningCLI):
                               compute_fn=lambda runs, name: f"{runs}/{name}/checkpoints")
         parser.link_arguments(("runs_dir", "run_name"), "trainer.default_root_dir",
                               compute_fn=lambda runs, name: f"{runs}/{name}")
+
+    def _parse_ckpt_path(self) -> None:
+        """`fit --ckpt_path` resumes with the checkpoint's hyper-parameters (Lightning's rule). validate/test
+        take only the architecture from it: the evaluation protocol (sampler, metrics, feature weights) is the
+        command line's, and a Stage-1B run's init_weights (a 1A file, maybe not on this machine) is not re-read."""
+        subcommand = self.config.get("subcommand")
+        if subcommand in (None, "fit"):
+            return super()._parse_ckpt_path()
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return None
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        architecture = {key: hparams[key] for key in ARCHITECTURE_HPARAMS if key in hparams}
+        if architecture:
+            self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
+        return None
 
     def instantiate_trainer(self, **kwargs):
         """Default logger: TensorBoard under runs/<run_name>/version_N (a config may name another logger)."""
@@ -86,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(import_module(PROJECT_COMMANDS[command][0]).main(rest) or 0)
     if argv and argv[0] in ("-h", "--help"):
         print("project subcommands:\n" + "\n".join(f"  {k:<12} {v[1]}" for k, v in PROJECT_COMMANDS.items()))
-    FlowMoCLI(args=argv if explicit else None)
+    try:
+        FlowMoCLI(args=argv if explicit else None)
+    except MissingWeightsError as error:  # a set-up problem, not a bug: the sentence, without a traceback
+        print(f"error: {error} On the command line: --model.feature_weights DIR (a folder holding the .pth "
+              "files) or --model.inception_path FILE.", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -259,7 +259,9 @@ class FlowMoModule(L.LightningModule):
     def _log_metrics(self, split: str) -> dict[str, float]:
         results = self.val_metrics.compute()  # already reduced over all ranks
         self.val_metrics.reset()
-        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, rank_zero_only=True)
+        # Every rank logs the same reduced values (so ModelCheckpoint/EarlyStopping see val/rfid on every rank);
+        # sync_dist with rank_zero_only means "already synced": no all-reduce and no DDP sync warning.
+        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, rank_zero_only=True, sync_dist=True)
         return results
 
     # ---------------------------------------------------------------------------------------- checkpoints

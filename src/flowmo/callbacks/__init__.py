@@ -1,6 +1,8 @@
-"""Lightning callbacks: throughput figures, reconstruction grids, evaluation reports."""
+"""Lightning callbacks: throughput figures, reconstruction grids, evaluation reports, skipped-sample counts."""
 
 from flowmo.callbacks.images import ReconstructionGrid
+from flowmo.callbacks.report import EvaluationReport
+from flowmo.callbacks.skipped import SkippedSamples
 from flowmo.callbacks.throughput import Throughput
 
-__all__ = ["ReconstructionGrid", "Throughput"]
+__all__ = ["EvaluationReport", "ReconstructionGrid", "SkippedSamples", "Throughput"]

@@ -73,12 +73,18 @@ class FlowMoDataModule(L.LightningDataModule):
         image_size: side of the square crops (Resize shorter side + Random/CenterCrop).
         batch_size: train batch size per device.
         val_batch_size: eval batch size per device; None reuses batch_size.
+        test_batch_size: test batch size per device; None reuses val_batch_size. Its own key so that the
+            evaluation protocol (configs/eval/paper.yaml: 5, which `psnr_paper` needs) survives a data config
+            stacked after it.
         num_workers: DataLoader worker processes per device (0 reads in the main process).
         pin_memory: page-locked host batches (only when CUDA is available).
         persistent_workers: keep workers alive between epochs / validation runs (only when num_workers > 0).
         random_flip: random horizontal flip in training (the paper uses none).
         shuffle_buffer: samples held by each worker's shuffle buffer in training.
         val_max_samples: cap validation/test at about this many samples in total (each at most once).
+        test_subsample: test on every N-th image of the test split only (1 = all): a quick, deterministic look
+            (`make eval-lo SUBSAMPLE=10` = 5k of the 50k val images). rFID is biased upward with fewer images,
+            so compare subsampled numbers only with each other, never with the paper's 50k ones.
         seed: base seed; each (rank, worker) derives its own stream from it.
     """
 
@@ -90,17 +96,21 @@ class FlowMoDataModule(L.LightningDataModule):
         image_size: int = 256,
         batch_size: int = 8,
         val_batch_size: int | None = None,
+        test_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         random_flip: bool = False,
         shuffle_buffer: int = 1000,
         val_max_samples: int | None = None,
+        test_subsample: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if image_size < 1 or batch_size < 1:
             raise ValueError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
+        if test_subsample < 1:
+            raise ValueError(f"test_subsample must be >= 1 (evaluate every N-th test image), got {test_subsample}")
         self.save_hyperparameters()
         self._skip_counter: SkipCounter | None = None  # created with the first loader (shared with its workers)
 
@@ -121,7 +131,8 @@ class FlowMoDataModule(L.LightningDataModule):
         return self._loader("val", train=False, batch_size=self.hparams.val_batch_size or self.hparams.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False, batch_size=self.hparams.val_batch_size or self.hparams.batch_size)
+        hp = self.hparams
+        return self._loader("test", train=False, batch_size=hp.test_batch_size or hp.val_batch_size or hp.batch_size)
 
     def _splits_for(self, stage: str | None) -> list[str]:
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}
@@ -138,6 +149,18 @@ class FlowMoDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"No {split} shards configured ({unset}): {HOW_TO_MAKE_SHARDS}.")
         return resolve_shards(spec)
 
+    def _shard_offsets(self, split: str) -> dict[str, int] | None:
+        """{shard url: index of its first sample in the split} from a manifest's counts (None otherwise)."""
+        spec = self._shard_spec(split)
+        if spec is None or _is_remote(spec) or not spec.endswith(".json"):
+            return None
+        manifest_path = Path(spec)
+        offsets, start = {}, 0
+        for shard in json.loads(manifest_path.read_text())["shards"]:
+            offsets[str(manifest_path.parent / shard["url"])] = start
+            start += shard["num_samples"]
+        return offsets
+
     def _trainer_position(self) -> tuple[int | None, int | None, int]:
         """(rank, world size, global step); without a Trainer, ShardStream reads RANK/WORLD_SIZE itself."""
         trainer = getattr(self, "trainer", None)
@@ -150,10 +173,12 @@ class FlowMoDataModule(L.LightningDataModule):
         if self._skip_counter is None:
             self._skip_counter = SkipCounter()
         rank, world_size, step = self._trainer_position()
+        subsample = self.hparams.test_subsample if split == "test" else 1
         stream = ShardStream(
             self._shard_urls(split), hp.image_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
             random_flip=hp.random_flip, max_samples=None if train else hp.val_max_samples, rank=rank,
             world_size=world_size, skip_counter=self._skip_counter, start_step=step,
+            subsample=subsample, shard_offsets=self._shard_offsets(split) if subsample > 1 else None,
         )
         return DataLoader(
             stream,

@@ -49,6 +49,7 @@ class ShardStream(IterableDataset):
     `rank` / `world_size` are captured in the main process (e.g. from the Trainer) because DataLoader workers
     may not see the process group; left as None they come from RANK/WORLD_SIZE or torch.distributed.
     `start_step` (the trainer's global step when the loader is built) is mixed into the train seed.
+    `subsample` N > 1 keeps every N-th evaluation sample (see `every_nth`; `shard_offsets` from the manifest).
     """
 
     def __init__(
@@ -64,6 +65,8 @@ class ShardStream(IterableDataset):
         world_size: int | None = None,
         skip_counter: SkipCounter | None = None,
         start_step: int = 0,
+        subsample: int = 1,
+        shard_offsets: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         if not urls:
@@ -78,6 +81,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.skip_counter = skip_counter
         self.start_step = start_step
+        if subsample < 1:
+            raise ValueError(f"subsample must be >= 1 (every N-th evaluation image), got {subsample}.")
+        self.subsample, self.shard_offsets = subsample, shard_offsets or {}
 
     def slot(self) -> tuple[int, int, int, int]:
         """(rank, world_size, worker, num_workers) of the code calling it (honours WORKER/NUM_WORKERS env)."""
@@ -96,6 +102,8 @@ class ShardStream(IterableDataset):
         else:
             my_urls = self.urls[rank::world_size][worker::num_workers]
             samples = tarfile_samples(({"url": url} for url in my_urls), handler=self._skip_error)
+            if self.subsample > 1:
+                samples = every_nth(samples, self.subsample, self.shard_offsets)
         decoded = self._decoded(samples, rng)
         if self.max_samples is not None and not self.train:
             # An even share per reader; about max_samples in total, still each at most once.
@@ -140,6 +148,23 @@ class ShardStream(IterableDataset):
     def _count_skip(self) -> None:
         if self.skip_counter is not None:
             self.skip_counter.add()
+
+
+def every_nth(samples: Iterable[dict], n: int, shard_offsets: dict[str, int]) -> Iterator[dict]:
+    """Evaluation samples whose index in the split is a multiple of n: a quick, deterministic subset.
+
+    index = the shard's first index (`shard_offsets`, from the manifest's counts) + the position in the shard,
+    so every rank and worker selects the same global subset however the shards are divided. Shards without a
+    known offset (a glob or URL spec) count from 0: every N-th sample of each shard. Positions are counted
+    before decoding, so a corrupt sample drops out without shifting the selection.
+    """
+    url, position = None, 0
+    for sample in samples:
+        if sample.get("__url__") != url:
+            url, position = sample.get("__url__"), 0
+        if (shard_offsets.get(url, 0) + position) % n == 0:
+            yield sample
+        position += 1
 
 
 def resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
