@@ -207,3 +207,24 @@ def test_distributed_eval_counts_every_image_once(tmp_path, shards, checkpoint):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results" / "ddp" / "metrics.json").read_text())
     assert report["world_size"] == 2 and report["num_images"] == 4  # indices 0, 3, 6, 9
+
+
+@pytest.mark.skipif(__import__("shutil").which("make") is None, reason="needs GNU make")
+def test_make_eval_targets_pass_ckpt_or_official_and_subsample():
+    """`make -n` only prints the commands: no GPU, no data, no venv needed to parse the targets. `-o STAMP`: never
+    (re)install the venv from a test."""
+    import subprocess
+
+    root = CONFIGS.parent
+
+    def dry_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "-o", ".venv/.installed", *args], cwd=root, capture_output=True, text=True)
+
+    ours = dry_run("eval-lo", "CKPT=runs/lo-1b/checkpoints/last.ckpt", "GPUS=1").stdout
+    assert "test -c configs/base.yaml -c configs/model/lo.yaml" in ours and "-c configs/eval/paper.yaml" in ours
+    assert "--ckpt_path runs/lo-1b/checkpoints/last.ckpt" in ours and "--run_name eval-lo " in ours
+    official = dry_run("eval-hi", "OFFICIAL=flowmo_hi.pth", "SUBSAMPLE=10", "GPUS=8").stdout
+    assert "--model.init_weights flowmo_hi.pth" in official and "--data.test_subsample 10" in official
+    assert "--run_name eval-hi-sub10" in official and "--trainer.strategy ddp" in official
+    missing = subprocess.run(["make", "-o", ".venv/.installed", "eval-lo"], cwd=root, capture_output=True, text=True)
+    assert missing.returncode != 0 and "usage: make eval-lo CKPT=" in missing.stdout
