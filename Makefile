@@ -106,10 +106,10 @@ train-hi: $(STAMP) ## Stage 1A FlowMo-Hi, 800k steps
 	$(call check_accum,$(call accum,8,128),128,8)
 	$(call fit_1a,hi) --trainer.max_steps 800000
 
-train-small: $(STAMP) ## Stage 1A of the ablation base (517M, patch 8), 40 epochs = 400k steps
+train-small: $(STAMP) ## Stage 1A of the ablation base (517M, patch 8), 40 epochs = 400,365 steps
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
-	$(call fit_1a,small) --trainer.max_steps 400000
+	$(call fit_1a,small) --trainer.max_steps 400365
 
 posttrain-lo: $(STAMP) ## Stage 1B FlowMo-Lo from the 1A EMA weights (INIT_LO=runs/lo-1a/checkpoints/last.ckpt)
 	$(check_shards)

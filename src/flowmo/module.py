@@ -13,6 +13,7 @@ exactly (the authors' code restarts EMA and Adam on resume).
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -132,8 +133,12 @@ class FlowMoModule(L.LightningModule):
         fid_feature = False
         if hp.val_rfid:
             fid_feature = "random" if hp.feature_weights == "random" else None
+        # A folder given as feature_weights also holds the Inception file, unless inception_path says otherwise.
+        inception_path = hp.inception_path
+        if inception_path is None and hp.feature_weights not in (None, "random") and Path(hp.feature_weights).is_dir():
+            inception_path = hp.feature_weights
         return ReconstructionMetrics(lpips_nets=tuple(hp.val_lpips_nets), lpips_weights=hp.feature_weights,
-                                     fid_feature=fid_feature, inception_path=hp.inception_path,
+                                     fid_feature=fid_feature, inception_path=inception_path,
                                      codebook_bits=self._codebook_bits())
 
     def _codebook_bits(self) -> int | None:
