@@ -141,10 +141,13 @@ def sampler_nfe(**sampler) -> int:
     return counter.calls
 
 
-def count_flops(fn: Callable[[], None]) -> int:
+def count_flops(fn: Callable[[], None], by_op: dict | None = None) -> int:
+    """Total FLOPs of fn(); `by_op` (optional) receives them per aten op (mm/addmm: linear, bmm: attention)."""
     # The math SDPA backend is made of matmuls the counter knows; the CPU flash kernel is not registered.
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
+    if by_op is not None:
+        by_op.update({str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()})
     return counter.get_total_flops()
 
 
@@ -169,7 +172,9 @@ def _count_workloads(preset: str, batch: int, feature_nets: str, image_size: int
     images = make_images(bundle, batch, "cpu")
     counts = {name: count_flops(workload_fn(name, bundle, images, None)) for name in WORKLOADS[:3]}
     codes = bundle.tokenizer.quantize(bundle.tokenizer.encode(images, check=False), with_losses=False).codes
-    counts["decoder_call"] = count_flops(lambda: bundle.tokenizer.velocity(images, codes, 0.5))
+    by_op: dict[str, int] = {}
+    counts["decoder_call"] = count_flops(lambda: bundle.tokenizer.velocity(images, codes, 0.5), by_op)
+    counts["decoder_call_attention"] = by_op.get("aten.bmm", 0)  # QK^T and AV of the math SDPA backend
     return counts
 
 
@@ -340,19 +345,28 @@ def count_report(preset: str, batch: int, feature_nets: str, image_size: int | N
     return {"preset": preset, "image_size": size, "params": parameter_counts(preset), "decode_nfe": sampler_nfe(),
             "flops_per_image": {"encoder forward": flops["encode"], "decoder forward (1 NFE)": flops["decoder_call"],
                                 "stage1a step": flops["stage1a"], "stage1b step": flops["stage1b"],
-                                "decode (31 NFE)": flops["decode"]}}
+                                "decode (31 NFE)": flops["decode"]},
+            "decoder_forward_attention_flops_per_image": flops["decoder_call_attention"]}
+
+
+COUNT_COLUMNS = {"encoder forward": "enc fwd", "decoder forward (1 NFE)": "dec fwd", "stage1a step": "1A step",
+                 "stage1b step": "1B step", "decode (31 NFE)": "decode"}
 
 
 def print_counts(reports: list[dict]) -> None:
-    keys = list(SPEC_9)
-    print(f"\nFLOPs per image (TFLOP), counted with FlopCounterMode on fake tensors; params in millions")
-    print(f"{'preset':<7}{'res':>5}{'enc M':>8}{'dec M':>8}{'total M':>9}" + "".join(f"{k:>26}" for k in keys))
+    print("\nFLOPs per image in TFLOP (FlopCounterMode on fake tensors); parameters in millions")
+    print(f"{'preset':<8}{'res':>5}{'enc M':>8}{'dec M':>8}{'total M':>9}"
+          + "".join(f"{c:>11}" for c in COUNT_COLUMNS.values()) + f"{'dec attn':>11}")
     for r in reports:
-        p = r["params"]
-        print(f"{r['preset']:<7}{r['image_size']:>5}{p['encoder'] / 1e6:>8.1f}{p['decoder'] / 1e6:>8.1f}"
-              f"{p['total'] / 1e6:>9.1f}" + "".join(f"{r['flops_per_image'][k] / 1e12:>26.4g}" for k in keys))
-    print(f"{'spec §9':<7}{256:>5}{'':>25}" + "".join(f"{SPEC_9[k] / 1e12:>26.4g}" for k in keys))
-    print(f"({SPEC_9_NOTE}; spec §9 is for lo/hi at 256x256)")
+        p, f = r["params"], r["flops_per_image"]
+        print(f"{r['preset']:<8}{r['image_size']:>5}{p['encoder'] / 1e6:>8.1f}{p['decoder'] / 1e6:>8.1f}"
+              f"{p['total'] / 1e6:>9.1f}" + "".join(f"{f[k] / 1e12:>11.4g}" for k in COUNT_COLUMNS)
+              + f"{r['decoder_forward_attention_flops_per_image'] / 1e12:>11.4g}")
+    print(f"{'spec §9':<8}{256:>5}{'':>25}" + "".join(f"{SPEC_9[k] / 1e12:>11.4g}" for k in COUNT_COLUMNS)
+          + f"{1.4:>11.4g}")
+    print(f"dec fwd = one decoder call (1 NFE), dec attn = its attention part; decode = {reports[0]['decode_nfe']} "
+          f"NFE; training steps are forward + backward (1B: 8-step chain, checkpointed).\n({SPEC_9_NOTE}; "
+          "spec §9 is for lo/hi at 256x256)")
 
 
 # ------------------------------------------------------------------------------------------ entry point
