@@ -72,13 +72,17 @@ class PixelDistance(nn.Module):
         return (x - y).pow(2).mean(dim=(1, 2, 3))
 
 
-def build_bundle(preset: str, device: torch.device | str, feature_nets: str, image_size: int | None) -> Bundle:
+def build_feature_nets(feature_nets: str, device) -> tuple[nn.Module | None, nn.Module]:
+    """(perceptual net or None, sample net). "random": same cost as the pretrained nets, never downloads."""
+    if feature_nets == "random":
+        return (build_perceptual("lpips_vgg", "random").to(device),
+                build_perceptual("resnet50_logits", "random").to(device))
+    return None, PixelDistance()
+
+
+def build_bundle(preset: str, device, nets: tuple[nn.Module | None, nn.Module], image_size: int | None) -> Bundle:
     tokenizer = FlowMoTokenizer.from_preset(preset, device=device)
-    perceptual, sample_net = None, PixelDistance()
-    if feature_nets == "random":  # same cost as the pretrained nets; weights "random" never download
-        perceptual = build_perceptual("lpips_vgg", "random").to(device)
-        sample_net = build_perceptual("resnet50_logits", "random").to(device)
-    return Bundle(tokenizer, perceptual, sample_net, image_size or tokenizer.config.image_size)
+    return Bundle(tokenizer, *nets, image_size or tokenizer.config.image_size)
 
 
 def make_images(bundle: Bundle, batch: int, device) -> Tensor:
@@ -158,17 +162,18 @@ def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int 
     losses) does not accept meta. Decode: the CFG interval decides on the host which steps run the
     unconditional pass, which a fake tensor cannot answer; so it is NFE (from the sampler code) x one call.
     """
+    nets = build_feature_nets(feature_nets, "cpu")  # built real: their loaders cannot run under fake mode
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):  # real frozen nets' weights are faked on use
-            counts = _count_workloads(preset, batch, feature_nets, image_size)
+        with FakeTensorMode(allow_non_fake_inputs=True):  # so the frozen nets' real weights are faked on use
+            counts = _count_workloads(preset, batch, nets, image_size)
     finally:
         _cached_rope.cache_clear()  # it now holds fake RoPE tables under the key "cpu"
     counts["decode"] = sampler_nfe() * counts["decoder_call"]
     return {name: value / batch for name, value in counts.items()}
 
 
-def _count_workloads(preset: str, batch: int, feature_nets: str, image_size: int | None) -> dict[str, int]:
-    bundle = build_bundle(preset, "cpu", feature_nets, image_size)
+def _count_workloads(preset: str, batch: int, nets, image_size: int | None) -> dict[str, int]:
+    bundle = build_bundle(preset, "cpu", nets, image_size)
     images = make_images(bundle, batch, "cpu")
     counts = {name: count_flops(workload_fn(name, bundle, images, None)) for name in WORKLOADS[:3]}
     codes = bundle.tokenizer.quantize(bundle.tokenizer.encode(images, check=False), with_losses=False).codes
@@ -295,7 +300,7 @@ def benchmark_preset(preset: str, args, device: torch.device) -> dict:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     size = args.matmul_size or (4096 if device.type == "cuda" else 2048)
     matmul = matmul_flops_per_s(device, dtype, size, iters=20 if device.type == "cuda" else 5)
-    bundle = build_bundle(preset, device, args.feature_nets, args.image_size)
+    bundle = build_bundle(preset, device, build_feature_nets(args.feature_nets, device), args.image_size)
     if args.compile:  # as module.py does: compile the two transformers, keep the loss code eager
         bundle.tokenizer.encoder.compile()
         bundle.tokenizer.decoder.compile()
