@@ -137,3 +137,14 @@ def test_a_hi_style_configuration_loads_and_runs_the_same_api():
     _, grid = flow.random_chain_timesteps(2, 8)
     assert tok.sample(q.codes, torch.randn_like(images), timesteps=grid, cfg=1.0, clip=False).shape == images.shape
     assert tok.sample(q.codes, torch.randn_like(images), steps=5).abs().max() <= 1
+
+
+def test_bf16_autocast_stays_close_to_fp32(reference):
+    """Under bf16 autocast RMSNorm and RoPE still run in fp32: the code and the velocity move by ~1e-2."""
+    tok, ref = reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        code = tok.encode(ref["images"])
+        velocity = tok.velocity(ref["noisy_images"], ref["quantized_code"], ref["t"])
+    assert code.dtype == torch.bfloat16
+    assert (code.float() - ref["encoder_code"]).abs().max() < 0.05
+    assert (velocity.float() - ref["velocity"]).abs().max() < 0.05

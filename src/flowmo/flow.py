@@ -39,8 +39,8 @@ def sample_time(batch: int, schedule: str = "fat_lognormal", *, device=None, gen
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
-    """Broadcast t [B] against an image batch [B, ...]."""
-    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+    """Broadcast t [B] against an image batch [B, ...] (on its device: grids may live on the host)."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(device=like.device, dtype=like.dtype)
 
 
 def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -89,7 +89,8 @@ def random_chain_timesteps(batch: int, steps: int = 8, *, device=None, generator
 def sample_euler(velocity_fn: VelocityFn, noise: Tensor, timesteps: Tensor, *, clip: bool = True) -> Tensor:
     """Euler integration from t = timesteps[..., 0] (1) to timesteps[..., -1] (0).
 
-    timesteps: [K+1] shared by the batch, or [B, K+1] one grid per sample (Stage-1B chains).
+    timesteps: [K+1] shared by the batch, or [B, K+1] one grid per sample (Stage-1B chains). A grid on the
+    host keeps per-step decisions (e.g. the CFG interval) free of device synchronisation.
     """
     z = noise
     for k in range(timesteps.shape[-1] - 1):

@@ -34,9 +34,11 @@ def rope_angles(positions: Tensor, axes_dims: tuple[int, ...], theta: float) -> 
     return angle.cos().float(), angle.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs (2k, 2k+1) of x [B, H, N, D] by the angles of (cos, sin) [N, D/2], in fp32."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Rotate channel pairs (2k, 2k+1) of x [B, H, N, D] by the angles of (cos, sin) [N, D/2], in fp32.
+
+    Returns `dtype` (default: x's dtype), so a caller holding fp32 q/k casts once, here."""
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, N, D/2, 2]
     even, odd = pairs.unbind(-1)
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    return rotated.flatten(-2).to(dtype or x.dtype)

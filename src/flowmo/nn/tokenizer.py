@@ -127,7 +127,8 @@ class FlowMoTokenizer(nn.Module):
         cfg_interval is in EDM sigma (the paper's (0.17, 1.02)), converted by t = sigma/(1+sigma);
         None applies guidance at every step.
         """
-        grid = timesteps.to(noise.device) if timesteps is not None else flow.rho_timesteps(steps, rho, noise.device)
+        # the shared grid stays on the host: deciding which steps are guided then needs no device sync
+        grid = timesteps if timesteps is not None else flow.rho_timesteps(steps, rho)
         interval_t = None if cfg_interval is None else tuple(flow.sigma_to_t(s) for s in cfg_interval)
         conditional = lambda z, t: self.velocity(z, codes, t)  # noqa: E731
         unconditional = lambda z, t: self.velocity(z, None, t)  # noqa: E731
