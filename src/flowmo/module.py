@@ -264,9 +264,10 @@ class FlowMoModule(L.LightningModule):
     def _log_metrics(self, split: str) -> dict[str, float]:
         results = self.val_metrics.compute()  # already reduced over all ranks
         self.val_metrics.reset()
-        # Every rank logs the same reduced values (so ModelCheckpoint/EarlyStopping see val/rfid on every rank);
-        # sync_dist with rank_zero_only means "already synced": no all-reduce and no DDP sync warning.
-        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, rank_zero_only=True, sync_dist=True)
+        # Every rank holds the same reduced values and logs them, so ModelCheckpoint/EarlyStopping can monitor
+        # val/rfid on every rank (rank_zero_only would hide it from the others). sync_dist averages identical
+        # values: one small all-reduce per validation, and no DDP warning.
+        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, sync_dist=True)
         return results
 
     # ---------------------------------------------------------------------------------------- checkpoints
