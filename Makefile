@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-all clean
+.PHONY: help install test test-slow test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ install: $(STAMP) ## create .venv and install flowmo with its dev extras
 
 test: $(STAMP) ## fast CPU test suite (tests marked slow are skipped)
 	$(PY) -m pytest -q -m "not slow" --durations=10
+
+test-slow: $(STAMP) ## only the tests marked slow (CI runs them after `make test`)
+	$(PY) -m pytest -q -m slow --durations=5
 
 test-all: $(STAMP) ## the whole test suite, slow tests included
 	$(PY) -m pytest -q --durations=15
