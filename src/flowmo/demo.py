@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(out_dir, results, columns, images, feature_weights, started, args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_image(side_by_side(columns, max_rows=args.rows), out_dir / "grid.png")
+    rows = torch.linspace(0, images.shape[0] - 1, min(args.rows, images.shape[0])).long()  # every held-out photo
+    save_image(side_by_side([column[rows] for column in columns], max_rows=args.rows), out_dir / "grid.png")
     report = {
         **results,
         "psnr_mean_colour_baseline": mean_colour_baseline(images),

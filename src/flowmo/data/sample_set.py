@@ -19,10 +19,15 @@ from PIL import Image
 
 from flowmo.data.shards import write_shards
 
-# RGB photographs inside the scikit-image wheel (no download). The two motorcycle views show one scene, so
-# they stay on the same side of the split.
+# Photographs inside the scikit-image wheel (no download). The two motorcycle views show one scene, so
+# they stay on the same side of the split. Train also takes the grayscale photographs (as RGB): with only six
+# colour photos a tiny model memorises their textures; the extra structure gains ~1 dB PSNR on the held-out
+# photos in the demo (15.4 vs 14.3 dB after 2500 CPU steps). Synthetic images (color wheel, chessboard,
+# logo, phantom) are left out.
 TRAIN_PHOTOS = (
     "astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+    "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png", "page.png", "clock_motion.png",
+    "cell.png",
 )
 VAL_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 MIN_CROP_FRACTION = 0.35  # smallest train crop, as a fraction of the photo's shorter side
