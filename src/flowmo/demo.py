@@ -26,7 +26,9 @@ from flowmo.metrics.image import psnr_per_image, to_unit_range
 from flowmo.nn.tokenizer import PAPER_SAMPLER, FlowMoTokenizer
 from flowmo.perceptual import WEIGHT_FILES, MissingWeightsError, resolve_weights
 
-CONFIGS = Path("configs")
+# The repository's configs/ (editable install), else ./configs: the demo runs from any working directory.
+_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path("configs")
 FEATURE_NETS = {"vgg16": "LPIPS-VGG", "resnet50": "ResNet-50", "alexnet": "LPIPS-AlexNet"}
 
 
