@@ -33,7 +33,22 @@ def fit_args(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
             "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "2",
             "--data.train_shards", str(shards / "train.json"), "--data.val_shards", str(shards / "val.json"),
             "--data.image_size", "32", "--data.batch_size", "2", "--data.val_batch_size", "2",
-            "--model.perceptual", "none", "--model.val_steps", "2", *extra]
+            "--model.perceptual", "none", "--model.val_steps", "2", "--model.ema_every", "1", *extra]
+
+
+def assert_tensorboard_has_the_promised_curves(run_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(run_dir.glob("events.out.tfevents.*"))))
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    promised = {"train/flow", "train/entropy", "train/commitment", "train/total", "train/grad_norm",
+                "train/param_norm", "train/ema_relative_distance", "train/codebook_used_fraction",
+                "train/code_entropy_bits", "train/steps_per_s", "train/images_per_s", "val/psnr", "val/psnr_paper",
+                "val/ssim", "data/skipped_samples"}
+    assert promised <= scalars, promised - scalars
+    assert any(tag.startswith("lr-Adam") for tag in scalars), scalars
+    assert "val/reconstructions_0" in images
 
 
 def test_fit_resume_last_and_export(sample_shards, tmp_path):
@@ -42,7 +57,7 @@ def test_fit_resume_last_and_export(sample_shards, tmp_path):
     checkpoints = runs / "cli-tiny" / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file()
     assert (runs / "cli-tiny" / "version_0" / "config.yaml").is_file()  # the resolved config of the run
-    assert list((runs / "cli-tiny" / "version_0").glob("events.out.tfevents.*"))
+    assert_tensorboard_has_the_promised_curves(runs / "cli-tiny" / "version_0")
 
     assert main(fit_args(sample_shards, runs, 4, "--ckpt_path", "last")) == 0
     resumed = torch.load(checkpoints / "last.ckpt", weights_only=False)
