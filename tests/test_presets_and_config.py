@@ -25,6 +25,10 @@ def test_our_model_builds_only_parameters_the_forward_pass_uses(name):
                       + (48 * config.patch_size**2 // 16 * w + 3 * config.patch_size**2) + 2 * (2 * w * w + 2 * w))
     wd = config.decoder.width
     unused_decoder = (config.code_dim + 1) * (wd + 1) + (2 * wd * wd + 2 * wd)
+    # the last block's update of the stream no head reads: output projection + MLP (ratio 4)
+    last_update = lambda width: (width * width + width) + (8 * width * width + 5 * width)  # noqa: E731
+    unused_encoder += last_update(w)
+    unused_decoder += last_update(wd)
     assert ours + unused_encoder + unused_decoder == official_parameter_count(config)
     assert all(p.device.type == "meta" for p in model.parameters())
 

@@ -10,6 +10,8 @@ Their module tree and ours hold the same tensors under two differences:
    - encoder.final_layer_img.*                       (the encoder's image head is never read)
    - encoder.final_layer_txt.adaLN_modulation.*      (no adaLN without t)
    - decoder.final_layer_txt.*                       (the decoder's code head is never read)
+   - encoder.double_blocks.<last>.img_{attn.proj,mlp}.*  (the encoder's last image-stream update is never read)
+   - decoder.double_blocks.<last>.txt_{attn.proj,mlp}.*  (the decoder's last code-stream update is never read)
 Anything else unknown, missing or of the wrong shape is an error that lists the keys.
 """
 
@@ -51,7 +53,16 @@ def dropped_official_shapes(config: FlowMoConfig) -> dict[str, tuple[int, ...]]:
     shapes.update(_linear("encoder.final_layer_txt.adaLN_modulation.1", enc_w, 2 * enc_w))
     shapes.update(_linear("decoder.final_layer_txt.linear", dec_w, config.code_dim + 1))
     shapes.update(_linear("decoder.final_layer_txt.adaLN_modulation.1", dec_w, 2 * dec_w))
+    shapes.update(_unread_stream_update("encoder", config.encoder.depth - 1, "img", enc_w, config.mlp_ratio))
+    shapes.update(_unread_stream_update("decoder", config.decoder.depth - 1, "txt", dec_w, config.mlp_ratio))
     return shapes
+
+
+def _unread_stream_update(stack: str, block: int, stream: str, width: int, mlp_ratio: float) -> dict:
+    """Output projection and MLP of a stream in the last block, whose result no head reads."""
+    prefix, hidden = f"{stack}.double_blocks.{block}.{stream}", int(width * mlp_ratio)
+    return {**_linear(f"{prefix}_attn.proj", width, width), **_linear(f"{prefix}_mlp.0", width, hidden),
+            **_linear(f"{prefix}_mlp.2", hidden, width)}
 
 
 def _linear(prefix: str, fan_in: int, fan_out: int) -> dict[str, tuple[int, ...]]:

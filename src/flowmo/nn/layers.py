@@ -69,12 +69,12 @@ class QKNorm(nn.Module):
 class StreamAttention(nn.Module):
     """The per-stream half of joint attention: qkv projection + QK-norm in, output projection out."""
 
-    def __init__(self, width: int, heads: int, qkv_bias: bool):
+    def __init__(self, width: int, heads: int, qkv_bias: bool, with_proj: bool = True):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
         self.norm = QKNorm(width // heads)
-        self.proj = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width) if with_proj else None
 
     def qkv_heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h [B, N, W] -> q, k (fp32, normed), v, each [B, heads, N, head_dim]; qkv rows are (3, heads, head_dim)."""
@@ -119,31 +119,41 @@ def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
 
 
 class StreamBlockHalf(nn.Module):
-    """One stream (image or code tokens) of a double block: its modulation, attention half and MLP."""
+    """One stream (image or code tokens) of a double block: its modulation, attention half and MLP.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool):
+    `has_output=False` (the last block of a stream nobody reads: the encoder's image stream, the decoder's
+    code stream) keeps only what feeds the joint attention (q, k, v): its projection and MLP could never
+    receive a gradient."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool,
+                 has_output: bool = True):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.mod = Modulation(width) if modulated else None
-        self.attn = StreamAttention(width, heads, qkv_bias)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.attn = StreamAttention(width, heads, qkv_bias, with_proj=has_output)
+        self.mlp = (nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+                    if has_output else None)
 
 
 class DoubleStreamBlock(nn.Module):
     """MMDiT block: separate weights per stream, one joint attention over [code tokens; image tokens].
 
     Without a conditioning vector (`modulated=False`, the encoder) shift=scale=0 and gate=1: a plain
-    pre-LN dual-stream transformer. Such a block builds no modulation layers at all, so no parameter
-    is left without a gradient (the authors' checkpoints carry them; the loader drops them).
+    pre-LN dual-stream transformer. Such a block builds no modulation layers at all, and a last block builds
+    no output layers for a stream nobody reads, so no parameter is left without a gradient (DDP needs no
+    find_unused_parameters; the authors' checkpoints carry these tensors and the loader drops them).
+    A stream without output returns None.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool, attn_scale: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool, attn_scale: float,
+                 img_output: bool = True, txt_output: bool = True):
         super().__init__()
         self.attn_scale = attn_scale
-        self.img = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated)
-        self.txt = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated)
+        self.img = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated, has_output=img_output)
+        self.txt = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated, has_output=txt_output)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor | None, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor | None,
+                rope: tuple[Tensor, Tensor]) -> tuple[Tensor | None, Tensor | None]:
         no_mod = ((None, None, None), (None, None, None))
         img_mod = self.img.mod(vec) if self.img.mod is not None else no_mod
         txt_mod = self.txt.mod(vec) if self.txt.mod is not None else no_mod
@@ -157,13 +167,16 @@ class DoubleStreamBlock(nn.Module):
             self.attn_scale,
         )
         # split the streams before merging heads: one copy per stream instead of a merge copy plus a slice copy
-        txt_attn, img_attn = merge_heads(attn[:, :, : txt.shape[1]]), merge_heads(attn[:, :, txt.shape[1] :])
-        img = _residual(img, self.img, img_attn, img_mod)
-        txt = _residual(txt, self.txt, txt_attn, txt_mod)
+        img = _residual(img, self.img, attn[:, :, txt.shape[1] :], img_mod)
+        txt = _residual(txt, self.txt, attn[:, :, : txt.shape[1]], txt_mod)
         return img, txt
 
 
-def _residual(h: Tensor, stream: StreamBlockHalf, attn_out: Tensor, mod) -> Tensor:
+def _residual(h: Tensor, stream: StreamBlockHalf, attn_heads: Tensor, mod) -> Tensor | None:
+    """h + gate1 proj(attention) then + gate2 MLP; attn_heads is this stream's [B, H, N, D] slice."""
+    if stream.mlp is None:
+        return None
+    attn_out = merge_heads(attn_heads)
     (_, _, gate1), (shift2, scale2, gate2) = mod
     update = stream.attn.proj(attn_out)
     h = h + (update if gate1 is None else gate1 * update)

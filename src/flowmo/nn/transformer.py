@@ -67,9 +67,12 @@ class MMDiT(nn.Module):
         self.txt_in = nn.Linear(code_in_dim, arch.width)
         self.time_in = MLPEmbedder(TIME_EMBED_DIM, arch.width) if time_conditioned else None
         scale = attention_scale(attention_scale_spec, arch.head_dim)
+        # The last block's output of a stream without a head is never read: that stream builds no proj/MLP there.
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(arch.width, arch.heads, mlp_ratio, qkv_bias, time_conditioned, scale)
-            for _ in range(arch.depth)
+            DoubleStreamBlock(arch.width, arch.heads, mlp_ratio, qkv_bias, time_conditioned, scale,
+                              img_output=image_out or index < arch.depth - 1,
+                              txt_output=bool(code_out_dim) or index < arch.depth - 1)
+            for index in range(arch.depth)
         )
         self.final_layer_img = FinalLayer(arch.width, patch_dim, time_conditioned) if image_out else None
         self.final_layer_txt = FinalLayer(arch.width, code_out_dim, time_conditioned) if code_out_dim else None
