@@ -29,7 +29,6 @@ from flowmo.perceptual import WEIGHT_FILES, MissingWeightsError, resolve_weights
 # The repository's configs/ (editable install), else ./configs: the demo runs from any working directory.
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path("configs")
-FEATURE_NETS = {"vgg16": "LPIPS-VGG", "resnet50": "ResNet-50", "alexnet": "LPIPS-AlexNet"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,12 +51,7 @@ def feature_weights_choice(choice: str) -> str | None:
     """None (pretrained from the cache) or "random"; `auto` checks the cache and says what it found."""
     if choice != "auto":
         return None if choice == "pretrained" else "random"
-    missing = []
-    for key in ("vgg16", "resnet50"):
-        try:
-            resolve_weights(key, None, what=FEATURE_NETS[key])
-        except MissingWeightsError:
-            missing.append(WEIGHT_FILES[key])
+    missing = [WEIGHT_FILES[key] for key in ("vgg16", "resnet50") if not is_cached(key)]
     if not missing:
         print("demo: pretrained LPIPS-VGG and ResNet-50 weights found; using them.")
         return None
@@ -65,6 +59,15 @@ def feature_weights_choice(choice: str) -> str | None:
           "term (a random VGG only adds texture noise) and Stage 1B's ResNet-50 loss uses RANDOM stand-in weights "
           "(it still exercises the back-propagated 8-step chain). Recorded in metrics.json as stand_ins. !!!")
     return "random"
+
+
+def is_cached(key: str) -> bool:
+    """Whether the pretrained file of feature net `key` (a WEIGHT_FILES key) is in the torch hub cache."""
+    try:
+        resolve_weights(key, None, what=key)
+    except MissingWeightsError:
+        return False
+    return True
 
 
 def ensure_sample_data(data_dir: Path) -> None:
@@ -124,14 +127,10 @@ def evaluate(tokenizer: FlowMoTokenizer, images: torch.Tensor, feature_weights: 
 
 def _available(nets: tuple[str, ...]) -> tuple[str, ...]:
     keys = {"alex": "alexnet", "vgg": "vgg16"}
-    found = []
     for net in nets:
-        try:
-            resolve_weights(keys[net], None, what=f"LPIPS-{net}")
-            found.append(net)
-        except MissingWeightsError:
+        if not is_cached(keys[net]):
             print(f"demo: LPIPS-{net} weights not cached; LPIPS-{net} not reported.")
-    return tuple(found)
+    return tuple(net for net in nets if is_cached(keys[net]))
 
 
 def main(argv: list[str] | None = None) -> int:

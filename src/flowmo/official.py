@@ -130,13 +130,8 @@ def _resolve_config(config, state_dict) -> FlowMoConfig:
     if isinstance(config, str):
         return presets.get(config)
     if isinstance(config, dict):
-        return config_from_official_dict(config)
+        return FlowMoConfig.from_dict(config)  # the fixtures' schema uses our field names
     return config
-
-
-def config_from_official_dict(values: dict) -> FlowMoConfig:
-    """The fixtures' config schema -> FlowMoConfig (identical names; an `attention_scale` is checked)."""
-    return FlowMoConfig.from_dict(dict(values))
 
 
 def check_keys(state_dict: dict[str, torch.Tensor], config: FlowMoConfig) -> None:

@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from flowmo.training_stats import global_norm
+
 
 class ModelEMA(nn.Module):
     """EMA of a model's full state dict, updated every `every` optimizer steps with decay**every.
@@ -46,9 +48,7 @@ class ModelEMA(nn.Module):
     def relative_distance(self, model: nn.Module) -> Tensor:
         """||ema - w|| / ||w|| over all floating-point tensors (a logged health signal)."""
         ema, current = self._pairs(model)
-        diff = torch._foreach_sub(ema, current)
-        num = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff)))
-        return num / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(current))).clamp_min(1e-12)
+        return global_norm(torch._foreach_sub(ema, current)) / global_norm(current).clamp_min(1e-12)
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
@@ -67,16 +67,15 @@ class WeightNormProjection(nn.Module):
         with torch.no_grad():
             norms = [model.get_submodule(n).weight.detach().float().norm() for n in self.names]
         self.register_buffer("target_norms", torch.stack(norms) if norms else torch.zeros(0))
+        self._weights: list[nn.Parameter] | None = None  # resolved on first use, not on every step
 
     @torch.no_grad()
     def apply_to(self, model: nn.Module) -> None:
         """Project the trainable weights (frozen ones have not moved, so they are skipped)."""
-        weights, targets = [], []
-        for index, name in enumerate(self.names):
-            weight = model.get_submodule(name).weight
-            if weight.requires_grad:
-                weights.append(weight)
-                targets.append(self.target_norms[index])
+        if self._weights is None:
+            self._weights = [model.get_submodule(name).weight for name in self.names]
+        trainable = [(w, self.target_norms[i]) for i, w in enumerate(self._weights) if w.requires_grad]
+        weights, targets = [w for w, _ in trainable], [t for _, t in trainable]
         if not weights:
             return
         norms = torch._foreach_norm(weights)  # master weights are fp32 (spec 8.21)
