@@ -124,8 +124,10 @@ posttrain-hi: $(STAMP) ## Stage 1B FlowMo-Hi (INIT_HI=runs/hi-1a/checkpoints/las
 	$(call check_accum,$(call accum,4,64),64,4)
 	$(call fit_1b,hi,$(INIT_HI))
 
-demo: $(STAMP) ## tiny FlowMo end to end on the sample photos (CPU, minutes): results/demo/{grid.png,metrics.json}
-	$(FLOWMO) demo
+DEMO_SEED ?= 0
+
+demo: $(STAMP) ## FlowMo end to end on held-out photos (CPU, ~13 min): results/demo/{grid.png,curves.png,metrics.json} [DEMO_SEED=0]
+	$(FLOWMO) demo --seed $(DEMO_SEED)
 
 tensorboard: $(STAMP) ## TensorBoard over runs/ (losses, lr, grad norm, EMA distance, codebook, grids)
 	$(PY) -m tensorboard.main --logdir runs --bind_all

@@ -40,7 +40,15 @@ def test_there_are_configs():
 @pytest.mark.parametrize("name", ALL_YAML)
 def test_each_config_parses_on_top_of_base(name):
     config = parse("base.yaml", name)
-    assert config["model"]["preset"] in ("tiny", "small", "lo", "hi")
+    assert config["model"]["preset"] in ("tiny", "small", "lo", "hi", "demo")
+
+
+def test_demo_stack_is_one_cpu_run_with_the_demo_recipe():
+    config = parse("base.yaml", "model/demo.yaml", "stage/1a.yaml", "data/sample.yaml", "demo.yaml")
+    model, trainer = config["model"], config["trainer"]
+    assert model["preset"] == "demo" and model["time_schedule"] == "noise_weighted" and model["ema_every"] == 1
+    assert trainer["accumulate_grad_batches"] == 1 and trainer["precision"] == "32-true"
+    assert config["data"]["image_size"] == 32 and not model["val_rfid"]
 
 
 @pytest.mark.parametrize("preset", ["lo", "hi"])

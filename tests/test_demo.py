@@ -1,21 +1,67 @@
-"""`flowmo demo` end to end with a handful of steps: the files and keys the issue promises users."""
+"""`flowmo demo`: the files and keys users are promised (fast, a handful of steps), and the real recipe (slow)."""
 
 import json
 
-from flowmo.data import build_sample_set
+import pytest
+from PIL import Image
+
 from flowmo.demo import main
 
+PROMISED_KEYS = ("psnr_1a", "psnr_1b", "ssim_1a", "ssim_1b", "psnr_mean_colour_baseline", "psnr_pool8_baseline",
+                 "bits_per_pixel", "wall_s")
 
-def test_demo_writes_grid_and_metrics(tmp_path):
-    data = tmp_path / "sample"
-    build_sample_set(data, size=40, train_crops_per_photo=2, val_crops_per_photo=1, shard_size=8)
+
+def run_demo(tmp_path, *extra: str) -> dict:
     out = tmp_path / "demo"
-    assert main(["--out", str(out), "--data", str(data), "--runs-dir", str(tmp_path / "runs"), "--steps-1a", "2",
-                 "--steps-1b", "1", "--freeze-encoder-after", "1", "--batch-1b", "2", "--feature-weights", "random",
-                 "--rows", "3"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("psnr_1a", "psnr_1b", "ssim_1a", "ssim_1b", "psnr_mean_colour_baseline", "wall_s"):
+    assert main(["--out", str(out), "--data", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+                 "--feature-weights", "none", *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_demo_writes_grid_curves_and_metrics(tmp_path):
+    metrics = run_demo(tmp_path, "--steps-1a", "4", "--steps-1b", "2", "--val-every", "2", "--val-every-1b", "2",
+                       "--train-crops", "4", "--val-crops", "2", "--rows", "3")
+    for key in PROMISED_KEYS:
         assert isinstance(metrics[key], float), key
-    assert metrics["stand_ins"] and metrics["val_images"] == 3
+    assert metrics["val_images"] == 6 and metrics["image_size"] == 32 and metrics["bits_per_pixel"] == 1.125
+    assert metrics["sample_loss_1b"] == "pixel_mse" and metrics["perceptual_1a"] == "none"
+    assert len(metrics["substitutes"]) == 2 and metrics["stand_ins"] == []  # said, and no random network ran
     assert metrics["sampler"]["steps"] == 25 and metrics["sampler"]["cfg"] == 1.5
-    assert (out / "grid.png").stat().st_size > 0
+    # the references bracket the task: a mean colour is worse than 192 numbers per image
+    assert metrics["psnr_mean_colour_baseline"] < metrics["psnr_pool8_baseline"]
+    assert metrics["grid_columns"] == ["input", "8x8 pool", "Stage 1A", "Stage 1B"]
+    for figure in ("grid", "curves"):
+        with Image.open(metrics[figure]) as image:
+            assert image.width > 300 and image.height > 300, figure
+    # the validation curve behind curves.png was logged at every --val-every steps of both stages
+    from flowmo.figures import read_scalars
+
+    for stage, steps in (("1a", 4), ("1b", 2)):
+        curve = read_scalars(tmp_path / "runs" / f"demo-{stage}", ("val/psnr",))["val/psnr"]
+        assert len(curve) == steps // 2 and all(value > 5 for _, value in curve), (stage, curve)
+
+
+def test_demo_reuses_its_sample_set_and_rebuilds_a_stale_one(tmp_path):
+    from flowmo.demo import ensure_sample_data
+
+    data = tmp_path / "data"
+    ensure_sample_data(data, 32, 2, 1)
+    stamp = (data / "val.json").stat().st_mtime_ns
+    ensure_sample_data(data, 32, 2, 1)
+    assert (data / "val.json").stat().st_mtime_ns == stamp  # same settings: kept
+    ensure_sample_data(data, 32, 3, 1)
+    assert json.loads((data / "train.json").read_text())["num_samples"] != 0
+    assert json.loads((data / "demo_sample_set.json").read_text())["train_crops_per_photo"] == 3
+
+
+@pytest.mark.slow
+def test_demo_recipe_reconstructs_held_out_photos(tmp_path):
+    """The real `make demo` recipe (~12 minutes on 2 cores) beats the mean-colour guess and Stage 1B helps.
+
+    The bar is what this recipe reaches on every seed measured (README "Demo"), not yet issue 12's +3 dB.
+    """
+    metrics = run_demo(tmp_path)
+    mean_colour = metrics["psnr_mean_colour_baseline"]
+    assert metrics["psnr_1b"] >= mean_colour + 1.0, metrics
+    assert metrics["psnr_1b"] >= metrics["psnr_1a"] + 0.5, metrics
+    assert metrics["psnr_1b"] < metrics["psnr_pool8_baseline"], metrics  # 192 numbers/image is still ahead

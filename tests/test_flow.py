@@ -75,6 +75,10 @@ def test_time_schedules():
     # the thick tail puts ~10% x 2% = 0.2% of the mass above 0.98, where logit-normal has ~0.01%
     assert tail(fat) == pytest.approx(0.1 * 0.02 + 0.9 * tail(logit_normal), abs=5e-4)
     assert tail(fat) > 5 * tail(logit_normal)
+    # noise_weighted: density 2t, so P(t < s) = s^2 (most samples where the code must carry the image)
+    noise_weighted = flow.sample_time(n, "noise_weighted", generator=g)
+    assert noise_weighted.mean() == pytest.approx(2 / 3, abs=0.01)
+    assert (noise_weighted < 0.5).float().mean().item() == pytest.approx(0.25, abs=0.01)
     with pytest.raises(ValueError, match="unknown time schedule"):
         flow.sample_time(2, "cosine")
 

@@ -89,6 +89,17 @@ def test_factory_none_and_unknown():
         build_perceptual("vgg_features")
 
 
+def test_pixel_mse_needs_no_weights_and_measures_per_sample(no_network):
+    net = build_perceptual("pixel_mse")
+    assert not net.is_stand_in and not list(net.state_dict())
+    x = torch.zeros(2, 3, 8, 8, requires_grad=True)
+    y = torch.stack([torch.zeros(3, 8, 8), torch.full((3, 8, 8), 0.5)])
+    distance = net(x, y)
+    assert distance.tolist() == [0.0, 0.25]
+    distance.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the chain sample gets a gradient
+
+
 def test_stand_in_is_flagged_and_builds_offline(no_network):
     with pytest.warns(StandInWeightsWarning, match="RANDOM"):
         net = LPIPSDistance("alex", weights="random")

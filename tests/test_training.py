@@ -72,6 +72,21 @@ def test_fast_dev_run_stage_1b_through_the_chain(tmp_path):
     assert model.sample_net is not None and model.recipe.sample_weight == 0.01
 
 
+def test_stage_1b_with_the_pixel_sample_loss(tmp_path):
+    model = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="pixel_mse", sample_loss_weight=1.0)
+    trainer(1, fast_dev_run=True).fit(model, loader(), loader())
+    assert model.sample_net.name == "pixel MSE" and model.stand_ins == []
+
+
+def test_cosine_lr_schedule_anneals_to_zero_at_max_steps():
+    model = module(lr=1e-3, lr_schedule="cosine")
+    run = trainer(4)
+    run.fit(model, loader())
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        module(lr_schedule="step")
+
+
 def test_stage_1b_requires_stage_1a_weights():
     with pytest.raises(ValueError, match="Stage 1B starts from Stage-1A weights"):
         module(stage="1b")

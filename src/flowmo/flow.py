@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (z [B, ...], t [B]) -> velocity [B, ...]
-TIME_SCHEDULES = ("fat_lognormal", "lognormal", "uniform")
+TIME_SCHEDULES = ("fat_lognormal", "lognormal", "uniform", "noise_weighted")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -25,12 +25,16 @@ def sample_time(batch: int, schedule: str = "fat_lognormal", *, device=None, gen
 
     fat_lognormal: with probability 0.9 sigmoid(N(0,1)), else U(0,1) ("thick-tailed logit-normal"):
     plain logit-normal leaves almost no mass near t=1 and the decoder then shifts colours.
+    noise_weighted: t = sqrt(U(0,1)), density 2t: most samples where the image is mostly noise and the decoder
+    must read the code (not the paper's; the CPU demo's tiny model learns its code faster with it).
     """
     if schedule not in TIME_SCHEDULES:
         raise ValueError(f"unknown time schedule {schedule!r}; choose one of {TIME_SCHEDULES}.")
     uniform = torch.rand(batch, device=device, generator=generator)
     if schedule == "uniform":
         return uniform
+    if schedule == "noise_weighted":
+        return uniform.sqrt()
     logit_normal = torch.sigmoid(torch.randn(batch, device=device, generator=generator))
     if schedule == "lognormal":
         return logit_normal

@@ -12,6 +12,7 @@ exactly (the authors' code restarts EMA and Adam on resume).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from flowmo.perceptual import build_perceptual
 from flowmo.training_stats import batch_codebook_stats, global_norm
 
 STAGES = ("1a", "1b")
+LR_SCHEDULES = ("constant", "cosine")
 INIT_PARTS = ("all", "encoder")
 
 
@@ -40,6 +42,7 @@ class FlowMoModule(L.LightningModule):
         architecture: dict[str, Any] | None = None,
         stage: str = "1a",
         lr: float = 1e-4,
+        lr_schedule: str = "constant",
         betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         time_schedule: str = "fat_lognormal",
@@ -84,6 +87,8 @@ class FlowMoModule(L.LightningModule):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}.")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
         if stage == "1b" and not init_weights:
             raise ValueError("Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
                              "(or an official flowmo_*.pth).")
@@ -149,13 +154,23 @@ class FlowMoModule(L.LightningModule):
             self.tokenizer.encoder.compile()
             self.tokenizer.decoder.compile()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam(0.9, 0.95), constant lr, no weight decay; encoder and decoder groups (spec 5)."""
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (spec 5). The paper's lr is constant;
+        `lr_schedule="cosine"` anneals it to 0 at trainer.max_steps (short runs such as the CPU demo plateau at
+        the noise floor of a constant lr)."""
         groups = [{"params": list(self.tokenizer.decoder.parameters()), "name": "decoder"}]
         if self.hparams.stage == "1a":
             groups.insert(0, {"params": list(self.tokenizer.encoder.parameters()), "name": "encoder"})
-        return torch.optim.Adam(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.adam_eps,
-                                weight_decay=0.0, fused=self.device.type == "cuda")
+        optimizer = torch.optim.Adam(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                     eps=self.hparams.adam_eps, weight_decay=0.0, fused=self.device.type == "cuda")
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        total = self.trainer.max_steps
+        if total <= 0:
+            raise ValueError("lr_schedule 'cosine' anneals to 0 at trainer.max_steps: set --trainer.max_steps.")
+        cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @property
     def stand_ins(self) -> list[str]:

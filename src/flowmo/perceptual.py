@@ -286,15 +286,36 @@ class ResNetLogitsDistance(FrozenNet):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Pixel distance: a sample loss that needs no pretrained network
+
+
+class PixelDistance(FrozenNet):
+    """Per-sample mean squared error in pixel space, [B]: the Stage-1B sample loss of the CPU demo.
+
+    Not the paper's loss. Without pretrained ResNet-50 weights a random ResNet gives the 8-step chain a target
+    with no meaning; the pixel MSE still makes Stage 1B seek the mode (the input itself), which is what raises
+    PSNR. It holds no network and no weights, so it is never a stand-in.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity(), name="pixel MSE", is_stand_in=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_image_pair(x, y)
+        return (x - y).float().pow(2).flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Factory
 
-PERCEPTUAL_KINDS = ("lpips_vgg", "resnet50_logits", "none")
+PERCEPTUAL_KINDS = ("lpips_vgg", "resnet50_logits", "pixel_mse", "none")
 
 
 def build_perceptual(kind: str, weights: str | os.PathLike | None = None) -> FrozenNet | None:
     """Build the frozen network of a perceptual loss.
 
-    kind: "lpips_vgg" (Stage 1A), "resnet50_logits" (Stage 1B) or "none" (returns None).
+    kind: "lpips_vgg" (Stage 1A), "resnet50_logits" (Stage 1B), "pixel_mse" (no network: the CPU demo's
+    Stage-1B loss when the ResNet-50 file is absent) or "none" (returns None).
     weights: None = pretrained from the cache (MissingWeightsError if absent), "random" = explicit
     stand-in (loud warning, ``.is_stand_in``), or a path to the weight file.
     """
@@ -302,6 +323,8 @@ def build_perceptual(kind: str, weights: str | os.PathLike | None = None) -> Fro
         return LPIPSVGG(weights)
     if kind == "resnet50_logits":
         return ResNetLogitsDistance(weights)
+    if kind == "pixel_mse":
+        return PixelDistance()
     if kind == "none":
         return None
     raise ValueError(f"Unknown perceptual network {kind!r}; choose one of {PERCEPTUAL_KINDS}.")

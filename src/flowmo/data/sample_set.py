@@ -1,15 +1,21 @@
-"""The embedded sample set: real photographs shipped inside scikit-image, cut into crops and written as shards.
+"""The embedded sample set: real photographs shipped inside installed packages, cut into crops, written as shards.
 
-`flowmo sample-data --out data/sample` builds it in seconds, offline: the photos are read straight from
-`skimage.data.data_dir` (files inside the wheel), never through `skimage.data.<name>()` loaders, some of which
-download. Train and val are split by photograph, so no photo appears in both. Crops are stored as JPEG at
-`size` px (default 128) and the DataModule resizes/crops them to its `image_size` (the demo uses 32 or 64).
+`flowmo sample-data --out data/sample` builds it in seconds, offline: the photos are read straight from the
+package folders (`skimage.data.data_dir`, matplotlib's `mpl-data/sample_data`), never through loaders that
+download. Train and val are split by photograph, so no photo appears in both.
+
+Crops are taken at every scale: the side of a crop, in the photo's own pixels, is drawn log-uniformly between
+`size` (native resolution, fine texture) and the photo's shorter side (the whole scene, downscaled), then stored
+as JPEG at `size` px. A model trained on ~20 photographs sees each of them as hundreds of different images,
+which is what lets the demo's tiny tokenizer reconstruct photos it never saw (issue: one 128 px downscale per
+crop made it memorise textures). The first val crop of each photo is the whole center square.
 Class index = photograph, sorted by name within each split (the labels are not used by FlowMo).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import shutil
 import sys
@@ -19,31 +25,42 @@ from PIL import Image
 
 from flowmo.data.shards import write_shards
 
-# Photographs inside the scikit-image wheel (no download). The two motorcycle views show one scene, so
-# they stay on the same side of the split. Train also takes the grayscale photographs (as RGB): with only six
-# colour photos a tiny model memorises their textures; the extra structure gains ~1 dB PSNR on the held-out
-# photos in the demo (15.4 vs 14.3 dB after 2500 CPU steps). Synthetic images (color wheel, chessboard,
-# logo, phantom) are left out.
+# Every real photograph the project's dependencies ship (no download): scikit-image's colour and grayscale
+# photos (grayscale ones become RGB; they add structure the six colour photos lack) and matplotlib's portrait
+# of Grace Hopper. The two motorcycle views show one scene, so they stay on the same side of the split.
+# Left out: synthetic images (color wheel, chessboard, logo, phantom, horse silhouette), the 14x25 px GIF and
+# the 25 px LFW face thumbnails (too small to crop at the demo's 32 px).
 TRAIN_PHOTOS = (
     "astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+    "grace_hopper.jpg",
     "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png", "page.png", "clock_motion.png",
-    "cell.png",
+    "cell.png", "text.png", "microaneurysms.png",
 )
 VAL_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
-MIN_CROP_FRACTION = 0.35  # smallest train crop, as a fraction of the photo's shorter side
+MATPLOTLIB_PHOTOS = ("grace_hopper.jpg",)  # in matplotlib's mpl-data/sample_data; the rest are scikit-image's
 
 
 def photo_path(name: str) -> Path:
-    import skimage.data  # imported here: only the sample set needs scikit-image
+    # imported here: only the sample set needs these packages' data folders
+    if name in MATPLOTLIB_PHOTOS:
+        import matplotlib
 
-    path = Path(skimage.data.data_dir) / name
+        folder, package = Path(matplotlib.get_data_path()) / "sample_data", "matplotlib>=3.7"
+    else:
+        import skimage.data
+
+        folder, package = Path(skimage.data.data_dir), "scikit-image>=0.22"
+    path = folder / name
     if not path.is_file():
-        raise FileNotFoundError(f"scikit-image does not ship {name} at {path}; reinstall scikit-image>=0.22")
+        raise FileNotFoundError(f"{package.split('>')[0]} does not ship {name} at {path}; reinstall {package}.")
     return path
 
 
-def random_square(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-    side = int(min(width, height) * rng.uniform(MIN_CROP_FRACTION, 1.0))
+def random_square(width: int, height: int, rng: random.Random, min_side: int) -> tuple[int, int, int, int]:
+    """A square whose side is log-uniform in [min_side, shorter side]: every scale equally often."""
+    shorter = min(width, height)
+    low = min(min_side, shorter)
+    side = int(round(math.exp(rng.uniform(math.log(low), math.log(shorter)))))
     left, top = rng.randint(0, width - side), rng.randint(0, height - side)
     return left, top, left + side, top + side
 
@@ -54,10 +71,11 @@ def center_square(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def crop_boxes(width: int, height: int, count: int, rng: random.Random, with_center: bool) -> list[tuple]:
+def crop_boxes(width: int, height: int, count: int, rng: random.Random, with_center: bool,
+               min_side: int) -> list[tuple]:
     """`count` square crop boxes; the first is the full center square when `with_center` (val)."""
     boxes = [center_square(width, height)] if with_center else []
-    return boxes + [random_square(width, height, rng) for _ in range(count - len(boxes))]
+    return boxes + [random_square(width, height, rng, min_side) for _ in range(count - len(boxes))]
 
 
 def write_photo_crops(photo: str, folder: Path, count: int, size: int, seed: int, with_center: bool) -> None:
@@ -68,7 +86,7 @@ def write_photo_crops(photo: str, folder: Path, count: int, size: int, seed: int
     class_dir.mkdir(parents=True, exist_ok=True)
     with Image.open(photo_path(photo)) as source:
         image = source.convert("RGB")
-    for index, box in enumerate(crop_boxes(*image.size, count, rng, with_center)):
+    for index, box in enumerate(crop_boxes(*image.size, count, rng, with_center, min_side=size)):
         crop = image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
         crop.save(class_dir / f"{stem}_{index:03d}.jpg", quality=90)
 
