@@ -32,3 +32,20 @@ def test_sample_data_cli_rebuilds_in_place(tmp_path, capsys):
     assert main(argv) == 0 and main(argv) == 0  # a second build replaces the first
     assert "val: 3 images of 32px" in capsys.readouterr().out
     assert json.loads((tmp_path / "train.json").read_text())["num_samples"] == 2 * len(TRAIN_PHOTOS)
+
+
+def test_crops_span_native_resolution_to_the_whole_photo():
+    import math
+    import random
+
+    from flowmo.data.sample_set import crop_boxes
+
+    boxes = crop_boxes(600, 400, 2000, random.Random(0), with_center=True, min_side=32)
+    sides = [right - left for left, top, right, bottom in boxes]
+    assert boxes[0] == (100, 0, 500, 400)  # val's first crop: the whole center square
+    assert all(32 <= side <= 400 and bottom - top == right - left for side, (left, top, right, bottom)
+               in zip(sides, boxes))
+    # log-uniform: as many crops below the geometric middle of [32, 400] as above it
+    middle = math.sqrt(32 * 400)
+    assert abs(sum(side < middle for side in sides) / len(sides) - 0.5) < 0.05
+    assert all(left >= 0 and top >= 0 and right <= 600 and bottom <= 400 for left, top, right, bottom in boxes)

@@ -22,31 +22,24 @@ _ENCODER_768 = TransformerConfig(width=768, depth=8, heads=12, rope_axes=(8, 28,
 _DECODER_1152 = TransformerConfig(width=1152, depth=16, heads=12, rope_axes=(12, 42, 42))
 _DECODER_768 = TransformerConfig(width=768, depth=16, heads=12, rope_axes=(8, 28, 28))
 
+_TINY = FlowMoConfig(
+    image_size=32,
+    patch_size=4,
+    code_length=16,
+    code_dim=18,
+    entropy_group_bits=9,
+    encoder=TransformerConfig(width=64, depth=2, heads=2, rope_axes=(4, 14, 14)),
+    decoder=TransformerConfig(width=128, depth=2, heads=2, rope_axes=(8, 28, 28)),
+)
+
 _PRESETS: dict[str, FlowMoConfig] = {
     "lo": FlowMoConfig(code_dim=18, entropy_group_bits=9, encoder=_ENCODER_768, decoder=_DECODER_1152),
     "hi": FlowMoConfig(code_dim=56, entropy_group_bits=14, encoder=_ENCODER_768, decoder=_DECODER_1152),
     "small": FlowMoConfig(
         patch_size=8, code_dim=18, entropy_group_bits=9, encoder=_ENCODER_768, decoder=_DECODER_768
     ),
-    "tiny": FlowMoConfig(
-        image_size=32,
-        patch_size=4,
-        code_length=16,
-        code_dim=18,
-        entropy_group_bits=9,
-        encoder=TransformerConfig(width=64, depth=2, heads=2, rope_axes=(4, 14, 14)),
-        decoder=TransformerConfig(width=128, depth=2, heads=2, rope_axes=(8, 28, 28)),
-    ),
-    "demo": FlowMoConfig(
-        image_size=32,
-        patch_size=4,
-        code_length=16,
-        code_dim=72,
-        entropy_group_bits=9,
-        rope_theta=100.0,
-        encoder=TransformerConfig(width=64, depth=2, heads=2, rope_axes=(4, 14, 14)),
-        decoder=TransformerConfig(width=128, depth=2, heads=2, rope_axes=(8, 28, 28)),
-    ),
+    "tiny": _TINY,
+    "demo": _TINY.replace(code_dim=72, rope_theta=100.0),
 }
 
 
