@@ -187,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     images = validation_images(data_dir, args.image_size)
     results, reconstructions = {}, {}
     for stage, path in (("1a", ckpt_1a), ("1b", ckpt_1b)):
-        values, reconstructions[stage] = evaluate(FlowMoTokenizer.from_checkpoint(path, weights="ema"), images,
-                                                  args.seed)
+        tokenizer = FlowMoTokenizer.from_checkpoint(path, weights="ema")
+        values, reconstructions[stage] = evaluate(tokenizer, images, args.seed)
         results.update({f"{name}_{stage}": value for name, value in values.items()})
+    results["bits_per_pixel"] = tokenizer.config.bits_per_pixel  # both stages share the architecture
     report = write_report(out_dir, results, images, reconstructions, losses, started, args)
     print_table(report)
     return 0
@@ -211,14 +212,12 @@ def write_report(out_dir: Path, results: dict, images: torch.Tensor, reconstruct
               for stage in reconstructions}
     target = {"mean colour + 3 dB (the demo's bar)": baselines["mean colour"] + 3.0}
     training_curves_figure(out_dir / "curves.png", stages, {**baselines, **target})
-    bits = FlowMoTokenizer.from_checkpoint(Path(args.runs_dir) / "demo-1a/checkpoints/last.ckpt").config
     report = {
         **results,
         "psnr_mean_colour_baseline": baselines["mean colour"],
         "psnr_pool8_baseline": baselines[f"{POOL_GRID}x{POOL_GRID} pool"],
         "val_images": int(images.shape[0]),
         "image_size": int(images.shape[-1]),
-        "bits_per_pixel": bits.bits_per_pixel,
         "seed": args.seed,
         "steps_1a": args.steps_1a,
         "steps_1b": args.steps_1b,

