@@ -58,10 +58,11 @@ def test_demo_reuses_its_sample_set_and_rebuilds_a_stale_one(tmp_path):
 def test_demo_recipe_reconstructs_held_out_photos(tmp_path):
     """The real `make demo` recipe (~12 minutes on 2 cores) beats the mean-colour guess and Stage 1B helps.
 
-    The bar is what this recipe reaches on every seed measured (README "Demo"), not yet issue 12's +3 dB.
+    The bar is what this recipe cleared on every seed measured (README: 1B - mean colour 1.7 to 2.5 dB, 1B - 1A
+    1.4 to 2.1 dB over seeds 0-2), not yet issue 12's +3 dB.
     """
     metrics = run_demo(tmp_path)
     mean_colour = metrics["psnr_mean_colour_baseline"]
-    assert metrics["psnr_1b"] >= mean_colour + 1.0, metrics
-    assert metrics["psnr_1b"] >= metrics["psnr_1a"] + 0.5, metrics
+    assert metrics["psnr_1b"] >= mean_colour + 1.5, metrics
+    assert metrics["psnr_1b"] >= metrics["psnr_1a"] + 1.0, metrics
     assert metrics["psnr_1b"] < metrics["psnr_pool8_baseline"], metrics  # 192 numbers/image is still ahead
