@@ -54,6 +54,14 @@ def test_demo_reuses_its_sample_set_and_rebuilds_a_stale_one(tmp_path):
     assert json.loads((data / "demo_sample_set.json").read_text())["train_crops_per_photo"] == 3
 
 
+def test_demo_pretrained_without_the_files_says_what_is_missing():
+    from flowmo.demo import stage_losses
+
+    with pytest.raises(SystemExit, match="vgg16-397923af.pth, resnet50-0676ba61.pth not in the torch hub cache"):
+        stage_losses("pretrained")
+    assert stage_losses("none")["sample_loss_1b"] == "pixel_mse"
+
+
 @pytest.mark.slow
 def test_demo_recipe_reconstructs_held_out_photos(tmp_path):
     """The real `make demo` recipe (~12 minutes on 2 cores) beats the mean-colour guess and Stage 1B helps.

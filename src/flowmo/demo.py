@@ -62,6 +62,10 @@ def stage_losses(choice: str) -> dict:
     Stage 1A: LPIPS-VGG (paper) or none. Stage 1B: ResNet-50 logits (paper) or the pixel MSE of the chain
     sample (a random ResNet would give the chain a target with no meaning; pixel MSE seeks the input itself).
     """
+    missing = [WEIGHT_FILES[key] for key in ("vgg16", "resnet50") if not is_cached(key)]
+    if choice == "pretrained" and missing:
+        raise SystemExit(f"flowmo demo --feature-weights pretrained: {', '.join(missing)} not in the torch hub cache "
+                         "($TORCH_HOME/hub/checkpoints); put them there or use --feature-weights auto.")
     use_vgg = choice == "pretrained" or (choice == "auto" and is_cached("vgg16"))
     use_resnet = choice == "pretrained" or (choice == "auto" and is_cached("resnet50"))
     notes = []
