@@ -50,7 +50,9 @@ def test_demo_reuses_its_sample_set_and_rebuilds_a_stale_one(tmp_path):
     ensure_sample_data(data, 32, 2, 1)
     assert (data / "val.json").stat().st_mtime_ns == stamp  # same settings: kept
     ensure_sample_data(data, 32, 3, 1)
-    assert json.loads((data / "train.json").read_text())["num_samples"] != 0
+    from flowmo.data.sample_set import TRAIN_PHOTOS
+
+    assert json.loads((data / "train.json").read_text())["num_samples"] == 3 * len(TRAIN_PHOTOS)  # rebuilt
     assert json.loads((data / "demo_sample_set.json").read_text())["train_crops_per_photo"] == 3
 
 

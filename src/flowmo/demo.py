@@ -66,8 +66,8 @@ def stage_losses(choice: str) -> dict:
     if choice == "pretrained" and missing:
         raise SystemExit(f"flowmo demo --feature-weights pretrained: {', '.join(missing)} not in the torch hub cache "
                          "($TORCH_HOME/hub/checkpoints); put them there or use --feature-weights auto.")
-    use_vgg = choice == "pretrained" or (choice == "auto" and is_cached("vgg16"))
-    use_resnet = choice == "pretrained" or (choice == "auto" and is_cached("resnet50"))
+    use_vgg = choice == "pretrained" or (choice == "auto" and WEIGHT_FILES["vgg16"] not in missing)
+    use_resnet = choice == "pretrained" or (choice == "auto" and WEIGHT_FILES["resnet50"] not in missing)
     notes = []
     if not use_vgg:
         notes.append(f"Stage 1A without its LPIPS-VGG term ({WEIGHT_FILES['vgg16']} not used)")
