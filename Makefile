@@ -161,21 +161,23 @@ eval-hi: $(STAMP) ## evaluate FlowMo-Hi as Table 1: make eval-hi CKPT=run.ckpt |
 	$(check_val_shards)
 	$(call eval_run,hi)
 
-# ---- ablations (src/flowmo/ablate.py, configs/ablations/): paper Table 4 + the decoder-width scaling cells.
-# CELLS: comma list of cells or groups (table4 | scaling | all; `flowmo ablate list` shows them); DRY_RUN=1 prints
-# the fit/test commands only; STEPS=N shortens every fit (smoke runs). Devices GPUS x NODES, DATA_CFG and ARGS as
-# for training; global batch 128 kept by gradient accumulation. Evaluation-only cells test the base checkpoint.
-# Rerunning resumes unfinished fits and skips tests whose metrics are current. -> results/ablations/table.{md,csv,png}
-CELLS   ?= table4
+# ---- ablations (src/flowmo/ablate.py, configs/ablations/<GRID>.yaml; `flowmo ablate grids` lists them):
+# GRID=paper-table4 | paper-posttrain | scaling | tiny (the demo recipe on this CPU). CELLS: comma list of cells
+# (`flowmo ablate list GRID`); DRY_RUN=1 prints the commands only; STEPS=N shortens every Stage-1A fit. Devices
+# GPUS x NODES and ARGS as for training (the grid keeps its global batch by accumulation). Rerunning resumes
+# unfinished fits and skips tests whose metrics are current. -> results/ablations/<GRID>/table.{md,csv}, <metric>.png
+GRID    ?= paper-table4
+CELLS   ?=
 DRY_RUN ?=
 STEPS   ?=
 
 .PHONY: ablate
 
-ablate: $(STAMP) ## run the paper's Table-4 ablation grid (CELLS=..., DRY_RUN=1)
-	$(if $(DRY_RUN),,$(check_shards))
-	$(FLOWMO) ablate run --cells $(CELLS) --gpus $(GPUS) --nodes $(NODES) --data-config $(DATA_CFG) \
-		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) $(if $(ARGS),--extra='$(ARGS)')
+ablate: $(STAMP) ## run an ablation grid (GRID=tiny runs on this CPU; CELLS=..., DRY_RUN=1)
+	$(if $(DRY_RUN),,$(if $(filter tiny,$(GRID)),,$(check_shards)))
+	$(FLOWMO) ablate run $(GRID) $(if $(CELLS),--cells $(CELLS)) $(if $(filter tiny,$(GRID)),,--gpus $(GPUS) --nodes $(NODES)) \
+		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) $(if $(ARGS),--extra='$(ARGS)') \
+		$(if $(filter-out configs/data/imagenet.yaml,$(DATA_CFG)),--extra='-c $(DATA_CFG)')
 
 # ---- model benchmark (scripts/bench_model.py): Stage-1A/1B steps, encode, decode (31 NFE); figures only.
 # PRECISION=fp32|bf16 (autocast), COMPILE=1 (torch.compile), COUNT_ONLY=1 (FLOPs/params, no timing; of all four

@@ -1,7 +1,8 @@
-"""The Table-4 ablation grid (src/flowmo/ablate.py, configs/ablations/): overlays, commands, results table."""
+"""Ablation grids as data (src/flowmo/ablate.py, configs/ablations/*.yaml): cells, commands, SLURM, results."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -12,16 +13,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from flowmo import ablate
 from flowmo.checkpoint import export_tokenizer
 from flowmo.cli import FlowMoCLI
 from flowmo.config import resolve_config
+from flowmo.errors import UserError
 from flowmo.module import FlowMoModule
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.official import official_parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 # LightningCLI warns when given args while pytest has its own command line: expected here
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -31,7 +35,7 @@ class _Parsed(Exception):
 
 
 class ParseOnlyCLI(FlowMoCLI):
-    """Parses the full config stack like `flowmo fit|test`, then stops before building the 517M model."""
+    """Parses the full config stack like `flowmo fit|test`, then stops before building any model."""
 
     def before_instantiate_classes(self) -> None:
         raise _Parsed(self.config)
@@ -44,71 +48,160 @@ def parse(step: ablate.Step):
     return config[config.subcommand]
 
 
-def steps_by_key(cells: str, **options) -> dict[tuple[str, str], ablate.Step]:
-    return {(s.cell, s.action): s for s in ablate.plan(ablate.select(cells), ablate.Options(**options))}
+def options(tmp_path: Path, **kwargs) -> ablate.Options:
+    return ablate.Options(config_dir=str(CONFIGS), runs_dir="runs", results_dir=str(tmp_path / "results"), **kwargs)
 
 
-@pytest.fixture(scope="module")
-def parsed_grid():
-    """Every step of the whole grid, parsed once from the repository root."""
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        return {key: parse(step) for key, step in steps_by_key("all").items()}
-    finally:
-        os.chdir(cwd)
+def parsed_plan(name: str, tmp_path: Path, **kwargs) -> dict[str, object]:
+    """Every step of a shipped grid, parsed by the real CLI parser (inline overlays written first)."""
+    grid = ablate.load_grid(name, CONFIGS)
+    opts = options(tmp_path, **kwargs)
+    ablate.check_overlays(grid, CONFIGS)
+    ablate.write_inline_overlays(grid, opts)
+    return {step.key: parse(step) for step in ablate.plan(grid, opts)}
 
 
-def test_every_cell_has_an_overlay_and_the_base_is_forty_epochs():
-    assert ablate.BASE_STEPS == 400_365  # ceil(1,281,167 x 40 / 128)
-    for name in ablate.CELLS:
-        assert (REPO / "configs" / "ablations" / f"{name}.yaml").is_file(), name
-    assert sorted(p.stem for p in (REPO / "configs" / "ablations").glob("*.yaml")) == sorted(ablate.CELLS)
+def architecture(parsed) -> object:
+    return resolve_config(parsed.model.preset, parsed.model.architecture)
 
 
-def test_base_cell_resolves_to_the_fewer_params_recipe(parsed_grid):
-    fit = parsed_grid[("base", "fit")]
-    config = resolve_config(fit.model.preset, fit.model.architecture)
+def write_grid(folder: Path, text: str, name: str = "g") -> Path:
+    (folder / "ablations").mkdir(parents=True, exist_ok=True)
+    path = folder / "ablations" / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+GRID_2X2 = """
+title: two by two
+stack: [base.yaml]
+cells: {mode}
+axes:
+  - name: quant
+    values:
+      - {{name: lfq}}
+      - {{name: fsq, overlay: {{model: {{architecture: {{quantizer: fsq, code_dim: 6, fsq_levels: [8, 8, 8, 8, 8, 8]}}}}}}}}
+  - name: post
+    kind: posttrain
+    values:
+      - {{name: 'off'}}
+      - {{name: 'on', overlay: {{trainer: {{max_steps: 3}}}}}}
+  - name: cfg
+    kind: eval
+    values:
+      - {{name: cfg1.5}}
+      - {{name: nocfg, overlay: {{model: {{val_cfg: 1.0}}}}}}
+posttrain:
+  stack: [base.yaml]
+{extra}
+"""
+
+
+# ---------------------------------------------------------------------------------- grid files -> cells
+def test_the_shipped_grids():
+    assert ablate.available_grids(CONFIGS) == ["paper-posttrain", "paper-table4", "scaling", "tiny"]
+    cells = {name: [c.name for c in ablate.load_grid(name, CONFIGS).cells] for name in ablate.available_grids(CONFIGS)}
+    assert cells["paper-table4"] == ["base", "patch16", "mse_frozen_encoder", "no_perceptual", "fsq", "logitnormal",
+                                     "sampler_rho1", "no_cfg"]
+    assert cells["paper-posttrain"] == ["base", "1b", "hi", "hi+1b"]  # product: Lo/Hi x 1A only / + 1B
+    assert cells["scaling"] == ["base", "w2", "w3", "w5"]
+    assert cells["tiny"] == ["base", "fat_lognormal", "lognormal", "uniform", "fsq", "continuous", "posttrain", "rho1",
+                             "no_cfg"]
+
+
+def test_one_at_a_time_and_product_cells(tmp_path):
+    path = write_grid(tmp_path, GRID_2X2.format(mode="one-at-a-time", extra=""))
+    grid = ablate.load_grid(str(path))
+    assert [c.name for c in grid.cells] == ["base", "fsq", "on", "nocfg"]
+    path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra=""))
+    assert [c.name for c in ablate.load_grid(str(path)).cells] == [
+        "base", "nocfg", "on", "on+nocfg", "fsq", "fsq+nocfg", "fsq+on", "fsq+on+nocfg"]
+    path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra="product_axes: [quant, post]"))
+    grid = ablate.load_grid(str(path))
+    assert [c.name for c in grid.cells] == ["base", "on", "fsq", "fsq+on"]
+    fsq_on = grid.cells[-1]
+    assert [v.name for v in fsq_on.choice] == ["fsq", "on", "cfg1.5"]
+
+
+def test_eval_axes_reuse_the_checkpoint_and_posttrain_starts_from_the_1a_run(tmp_path):
+    path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra=""))
+    grid = ablate.load_grid(str(path))
+    steps = ablate.plan(grid, options(tmp_path))
+    fits = [s.run_name for s in steps if s.action == "fit"]
+    assert fits == ["ablate-g-base", "ablate-g-base-on", "ablate-g-fsq", "ablate-g-fsq-on"]  # 8 cells, 4 fits
+    tests = {s.cell: s for s in steps if s.action == "test"}
+    assert len(tests) == 8
+    assert tests["nocfg"].checkpoint == tests["base"].checkpoint == "runs/ablate-g-base/checkpoints/last.ckpt"
+    assert tests["fsq+on+nocfg"].checkpoint == "runs/ablate-g-fsq-on/checkpoints/last.ckpt"
+    hand_off = next(s for s in steps if s.run_name == "ablate-g-fsq-on")
+    argv = list(hand_off.argv)
+    assert argv[argv.index("--model.init_weights") + 1] == "runs/ablate-g-fsq/checkpoints/last.ckpt"
+    assert argv[argv.index("--model.init_weights_from") + 1] == "ema" and hand_off.needs == ("fit:ablate-g-fsq",)
+
+
+def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
+    parsed = parsed_plan("tiny", tmp_path)
+    base = parsed["fit:ablate-tiny-base"]
+    assert architecture(base).bits_per_token == 72 and base.model.time_schedule == "noise_weighted"
+    assert (base.trainer.max_steps, base.model.lr, base.data.batch_size, base.model.perceptual) == (4000, 1e-3, 16, "none")
+    assert base.data.train_shards == "data/demo/train.json" and base.ckpt_path == "last"
+    assert parsed["fit:ablate-tiny-uniform"].model.time_schedule == "uniform"
+    assert parsed["fit:ablate-tiny-fat_lognormal"].model.time_schedule == "fat_lognormal"
+    fsq = architecture(parsed["fit:ablate-tiny-fsq"])
+    assert fsq.quantizer == "fsq" and fsq.bits_per_token == 72  # the same bits as LFQ
+    assert architecture(parsed["fit:ablate-tiny-continuous"]).quantizer == "none"
+    post = parsed["fit:ablate-tiny-base-posttrain"]
+    assert (post.model.stage, post.model.sample_loss, post.model.sample_loss_weight, post.trainer.max_steps) == \
+        ("1b", "pixel_mse", 10.0, 400)
+    assert post.model.init_weights == "runs/ablate-tiny-base/checkpoints/last.ckpt"
+    assert parsed["test:posttrain"].model.init_weights == "runs/ablate-tiny-base-posttrain/checkpoints/last.ckpt"
+    for cell, rho, cfg in (("base", 4.0, 1.5), ("rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0)):
+        test = parsed[f"test:{cell}"]
+        assert (test.model.val_rho, test.model.val_cfg, test.model.val_steps) == (rho, cfg, 25)
+        assert test.model.init_weights == "runs/ablate-tiny-base/checkpoints/last.ckpt"  # eval-only: no new fit
+        assert test.trainer.precision == "32-true" and test.model.val_use_ema
+
+
+def test_paper_table4_cells_change_one_thing(tmp_path):
+    parsed = parsed_plan("paper-table4", tmp_path, gpus=4)
+    base = parsed["fit:ablate-paper-table4-base"]
+    config = architecture(base)
     assert (config.patch_size, config.decoder.width, config.quantizer, config.code_dim) == (8, 768, "lfq", 18)
-    assert fit.trainer.max_steps == 400_365 and fit.run_name == "ablate-base"
-    assert (fit.model.time_schedule, fit.model.perceptual_weight, fit.model.freeze_encoder_after) == \
+    assert base.trainer.max_steps == 400_365 and base.trainer.accumulate_grad_batches == 4  # 8 x 4 x 4 = 128
+    assert (base.model.time_schedule, base.model.perceptual_weight, base.model.freeze_encoder_after) == \
         ("fat_lognormal", 0.1, 200_000)
-    assert fit.ckpt_path == "last"
+    assert architecture(parsed["fit:ablate-paper-table4-patch16"]).patch_size == 16
+    assert parsed["fit:ablate-paper-table4-no_perceptual"].model.perceptual_weight == 0.0
+    fsq = architecture(parsed["fit:ablate-paper-table4-fsq"])
+    assert fsq.quantizer == "fsq" and fsq.bits_per_token == 18 and fsq.fsq_levels == (8,) * 6
+    assert parsed["fit:ablate-paper-table4-logitnormal"].model.time_schedule == "lognormal"
+    mse = parsed["fit:ablate-paper-table4-mse_frozen_encoder"]
+    assert mse.model.init_weights == "runs/ablate-paper-table4-no_perceptual/checkpoints/last.ckpt"
+    assert (mse.model.init_weights_parts, mse.model.freeze_encoder_after, mse.model.perceptual_weight) == \
+        ("encoder", 0, 0.1)
+    for cell, rho, cfg in (("sampler_rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0), ("base", 4.0, 1.5)):
+        test = parsed[f"test:{cell}"]
+        assert (test.model.val_rho, test.model.val_cfg, test.model.val_rfid) == (rho, cfg, True)
+        assert test.model.init_weights == "runs/ablate-paper-table4-base/checkpoints/last.ckpt"
+    grid = ablate.load_grid("paper-table4", CONFIGS)
+    keys = [s.key for s in ablate.plan(grid, options(tmp_path))]
+    assert keys.index("fit:ablate-paper-table4-no_perceptual") < keys.index("fit:ablate-paper-table4-mse_frozen_encoder")
+    assert {c.name: c.paper["psnr"] for c in grid.cells}["logitnormal"] == 16.45
 
 
-@pytest.mark.parametrize("cell, check", [
-    ("patch16", lambda m, c: c.patch_size == 16 and c.decoder.width == 768),
-    ("no_perceptual", lambda m, c: m.perceptual_weight == 0.0 and c.patch_size == 8),
-    ("fsq", lambda m, c: c.quantizer == "fsq" and c.bits_per_token == 18 and c.fsq_levels == (8,) * 6),
-    ("logitnormal", lambda m, c: m.time_schedule == "lognormal"),
-    ("mse_frozen_encoder", lambda m, c: m.init_weights == "runs/ablate-no_perceptual/checkpoints/last.ckpt"
-     and m.init_weights_parts == "encoder" and m.freeze_encoder_after == 0 and m.perceptual_weight == 0.1),
-])
-def test_training_cells_change_one_thing(parsed_grid, cell, check):
-    fit = parsed_grid[(cell, "fit")]
-    assert check(fit.model, resolve_config(fit.model.preset, fit.model.architecture))
-    assert fit.run_name == f"ablate-{cell}" and fit.trainer.max_steps == 400_365
-
-
-@pytest.mark.parametrize("cell, rho, cfg", [("sampler_rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0), ("base", 4.0, 1.5)])
-def test_evaluation_overlays_win_over_the_eval_protocol(parsed_grid, cell, rho, cfg):
-    test = parsed_grid[(cell, "test")]
-    assert (test.model.val_rho, test.model.val_cfg, test.model.val_steps) == (rho, cfg, 25)
-    assert test.model.init_weights == "runs/ablate-base/checkpoints/last.ckpt"
-    assert (test.model.init_weights_from, test.model.init_weights_parts) == ("ema", "all")
-    assert test.run_name == f"ablate-{cell}" and test.model.val_rfid
-
-
-def test_the_mse_cell_is_tested_with_all_of_its_own_weights(parsed_grid):
-    test = parsed_grid[("mse_frozen_encoder", "test")]
-    assert test.model.init_weights == "runs/ablate-mse_frozen_encoder/checkpoints/last.ckpt"
-    assert test.model.init_weights_parts == "all"
+def test_paper_posttrain_keeps_each_stage_length(tmp_path):
+    parsed = parsed_plan("paper-posttrain", tmp_path)
+    assert parsed["fit:ablate-paper-posttrain-base"].trainer.max_steps == 1_300_000
+    assert parsed["fit:ablate-paper-posttrain-hi"].trainer.max_steps == 800_000
+    hi_1b = parsed["fit:ablate-paper-posttrain-hi-1b"]
+    assert (hi_1b.model.stage, hi_1b.model.preset, hi_1b.trainer.max_steps) == ("1b", "hi", 25_000)
+    assert hi_1b.model.init_weights == "runs/ablate-paper-posttrain-hi/checkpoints/last.ckpt"
 
 
 @pytest.mark.parametrize("width", [2, 3, 5])
-def test_scaling_cells_scale_the_decoder_only(parsed_grid, width):
-    fit = parsed_grid[(f"scale_w{width}", "fit")]
-    config = resolve_config(fit.model.preset, fit.model.architecture)
+def test_scaling_cells_scale_the_decoder_only(tmp_path, width):
+    fit = parsed_plan("scaling", tmp_path)[f"fit:ablate-scaling-w{width}"]
+    config = architecture(fit)
     assert config.decoder.width == 192 * width and config.decoder.depth == 16
     assert sum(config.decoder.rope_axes) == config.decoder.head_dim and config.encoder.width == 768
     assert config.patch_size == 8
@@ -129,71 +222,128 @@ def test_scaling_widths_reproduce_the_papers_parameter_counts():
         assert abs(ours[width] - count) < 2.5, (width, ours)
 
 
-def test_dry_run_lists_dependencies_first_and_reuses_the_base_checkpoint(capsys):
-    assert ablate.main(["run", "--cells", "sampler_rho1,no_cfg,mse_frozen_encoder,scale_w4", "--dry-run",
-                        "--gpus", "4", "--steps", "1000"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("flowmo ")]
-    actions = [(shlex.split(line)[1], shlex.split(line)[shlex.split(line).index("--run_name") + 1]) for line in lines]
-    assert actions == [("fit", "ablate-no_perceptual"), ("fit", "ablate-mse_frozen_encoder"),
-                       ("test", "ablate-mse_frozen_encoder"), ("fit", "ablate-base"), ("test", "ablate-sampler_rho1"),
-                       ("test", "ablate-no_cfg"), ("test", "ablate-base")]
-    for line in lines:
-        if " test " in line and "mse" not in line:
-            assert "--model.init_weights runs/ablate-base/checkpoints/last.ckpt" in line
-        if " fit " in line:
-            assert "--trainer.max_steps 1000" in line and "--trainer.accumulate_grad_batches 4" in line
-            assert "--trainer.strategy ddp_find_unused_parameters_true" in line  # the encoder freezes
-    assert "--model.init_weights runs/ablate-no_perceptual/checkpoints/last.ckpt" in lines[1]
+# ---------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("overlay, message", [
+    ("ablations/overlays/nope.yaml", "names the overlay .*nope.yaml, which does not exist"),
+    ("{model: {time_shedule: uniform}}", "sets `model.time_shedule`, which is not a flowmo fit/test argument "
+                                         r"\(did you mean 'time_schedule'\?\)"),
+    ("{trainer: {max_step: 3}}", "sets `trainer.max_step`.*did you mean 'max_steps'"),
+    ("{model: {architecture: {patch: 2}}}", "sets `model.architecture.patch`.*did you mean 'patch_size'"),
+    ("{modle: {lr: 1.0}}", "sets `modle.lr`.*did you mean 'model'"),
+])
+def test_bad_overlays_are_refused_before_anything_runs(tmp_path, overlay, message):
+    path = write_grid(tmp_path, f"stack: [base.yaml]\naxes:\n  - name: a\n    values:\n      - {{name: x}}\n"
+                                f"      - {{name: y, overlay: {overlay}}}\n")
+    grid = ablate.load_grid(str(path))
+    with pytest.raises(UserError, match=message):
+        ablate.check_overlays(grid, CONFIGS)
 
 
-def test_cell_selection_and_its_errors():
-    assert ablate.select("scaling") == ["scale_w2", "scale_w3", "scale_w4", "scale_w5"]
-    assert ablate.select("fsq,base,fsq") == ["base", "fsq"]
-    assert len(ablate.select("all")) == len(ablate.CELLS)
-    with pytest.raises(ValueError, match="unknown ablation cell 'fast'"):
-        ablate.select("base,fast")
-    with pytest.raises(ValueError, match="global batch 128"):
-        ablate.plan(["base"], ablate.Options(gpus=3))
+def test_bad_grids_and_requests_get_one_sentence(tmp_path, capsys):
+    assert ablate.main(["run", "no-such-grid", "--config-dir", str(CONFIGS)]) == 2
+    assert "no ablation grid 'no-such-grid'" in capsys.readouterr().err
+    path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra=""))
+    assert ablate.main(["run", str(path), "--config-dir", str(CONFIGS), "--dry-run", "--max-cells", "4"]) == 2
+    assert "has 8 cells, more than --max-cells 4; pass --yes" in capsys.readouterr().err
+    assert ablate.main(["run", str(path), "--config-dir", str(CONFIGS), "--dry-run", "--cells", "fsq,nope"]) == 2
+    assert "has no cell 'nope'" in capsys.readouterr().err
+    assert ablate.main(["run", "paper-table4", "--config-dir", str(CONFIGS), "--dry-run", "--gpus", "3",
+                        "--results-dir", str(tmp_path / "r")]) == 2
+    assert "global batch 128 is not a multiple of 8 per device x 3 devices" in capsys.readouterr().err
+    for text, message in (("stack: [base.yaml]\n", "`axes` must be a list"),
+                          ("stack: [base.yaml]\ncells: random\naxes: [{name: a, values: [{name: x}]}]\n",
+                           "cells must be one of"),
+                          ("stack: [base.yaml]\naxes: [{name: a, kind: posttrain, values: [{name: x}]}]\n",
+                           "a posttrain axis needs"),
+                          ("stack: [base.yaml]\naxes: [{name: a, values: [{name: x}, {name: on}]}]\n",
+                           "quote it, e.g. name: 'on'"),
+                          ("stack: [base.yaml]\naxes: [{name: a, values: [{name: x}]}]\npaper: {zz: {psnr: 1}}\n",
+                           "paper numbers for \\['zz'\\]")):
+        with pytest.raises(UserError, match=message):
+            ablate.load_grid(str(write_grid(tmp_path, text, name="bad")))
 
 
+# ---------------------------------------------------------------------------------- SLURM
+def test_slurm_scripts_of_a_two_node_grid(tmp_path):
+    results = tmp_path / "results"
+    assert ablate.main(["run", "paper-posttrain", "--config-dir", str(CONFIGS), "--results-dir", str(results),
+                        "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
+                        "--time", "48:00:00", "--dry-run"]) == 0
+    folder = results / "ablations" / "paper-posttrain" / "slurm"
+    scripts = sorted(folder.glob("*.sbatch"))
+    assert [p.name.split("-", 2)[1] for p in scripts] == ["fit", "test", "fit", "test", "fit", "test", "fit", "test"]
+    fit = scripts[0].read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=48:00:00", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue"):
+        assert line in fit.splitlines()
+    srun = next(line for line in fit.splitlines() if line.startswith("srun "))
+    argv = shlex.split(srun)
+    assert argv[1:4] == [sys.executable, "-m", "flowmo"] and argv[4] == "fit"
+    assert argv[-2:] == ["--ckpt_path", "last"]  # a requeued job resumes
+    assert argv[argv.index("--trainer.num_nodes") + 1] == "2" and argv[argv.index("--trainer.devices") + 1] == "8"
+    assert argv[argv.index("--trainer.accumulate_grad_batches") + 1] == "1"  # 8 x 16 devices = 128
+    posttrain = shlex.split(next(l for l in scripts[2].read_text().splitlines() if l.startswith("srun ")))
+    assert posttrain[posttrain.index("--trainer.accumulate_grad_batches") + 1] == "1"  # 4 x 16 = 64
+    assert "--signal" not in scripts[1].read_text()  # tests are not requeued mid-way
+    submit = (folder / "submit.sh").read_text().splitlines()
+    assert submit[4] == f"job_000=$(sbatch --parsable {scripts[0].name})"
+    assert f"job_001=$(sbatch --parsable --dependency=afterok:$job_000 {scripts[1].name})" in submit
+    assert f"job_002=$(sbatch --parsable --dependency=afterok:$job_000 {scripts[2].name})" in submit  # 1B after 1A
+    assert f"job_003=$(sbatch --parsable --dependency=afterok:$job_002 {scripts[3].name})" in submit
+
+
+# ---------------------------------------------------------------------------------- results
 def _write_metrics(results: Path, run: str, report: dict) -> None:
     (results / run).mkdir(parents=True)
     (results / run / "metrics.json").write_text(json.dumps(report))
 
 
-def test_table_from_metrics_files(tmp_path, capsys):
+def test_table_csv_and_plots_from_metrics_files(tmp_path):
     results = tmp_path / "results"
-    _write_metrics(results, "ablate-base", {"metrics": {"rfid": 2.9, "psnr_paper": 20.6, "psnr": 20.9,
-                                                        "lpips_alex": 0.151, "lpips_vgg": 0.2},
-                                            "num_images": 50_000, "stand_ins": []})
-    _write_metrics(results, "ablate-fsq", {"test/rfid": 3.5, "psnr": 21.0, "lpips_vgg": 0.19, "num_images": 5000,
-                                           "stand_ins": ["LPIPS-vgg"]})
-    assert ablate.main(["table", "--results-dir", str(results)]) == 0
-    table = (results / "ablations" / "table.md").read_text()
-    assert "| base | base | 2.90 | 2.87 | 20.60 | 20.71 | 0.151 | 0.150 |  |" in table
+    _write_metrics(results, "ablate-paper-table4-base", {
+        "metrics": {"rfid": 2.9, "psnr_paper": 20.6, "psnr": 20.9, "ssim": 0.61, "lpips_alex": 0.151,
+                    "lpips_vgg": 0.2, "codebook_used_fraction": 0.97}, "num_images": 50_000, "stand_ins": [],
+        "bits_per_pixel": 0.0703})
+    _write_metrics(results, "ablate-paper-table4-fsq", {"test/rfid": 3.5, "psnr": 21.0, "lpips_vgg": 0.19,
+                                                        "num_images": 5000, "stand_ins": ["LPIPS-vgg"]})
+    timings = results / "ablations" / "paper-table4" / "timings.json"
+    timings.parent.mkdir(parents=True)
+    timings.write_text(json.dumps({"fit:ablate-paper-table4-base": {"seconds": 600.0},
+                                   "test:base": {"seconds": 60.0}, "test:no_cfg": {"seconds": 30.0}}))
+    assert ablate.main(["table", "paper-table4", "--config-dir", str(CONFIGS), "--results-dir", str(results)]) == 0
+    folder = results / "ablations" / "paper-table4"
+    table = (folder / "table.md").read_text()
+    base = next(line for line in table.splitlines() if line.startswith("| base "))
+    assert "| 20.60 | 20.71 | 0.610 | 0.151 | 0.150 | 2.90 | 2.87 | 0.97 | 0.070 | 400365 | 11.0 |" in base
     fsq = next(line for line in table.splitlines() if line.startswith("| fsq "))
-    assert "3.50 | 3.14 | 21.00 | 21.31 | 0.190 | 0.140" in fsq
-    assert "STAND-IN" in fsq and "5000 images" in fsq and "per-image PSNR" in fsq and "lpips_vgg" in fsq
-    assert "| scale_w4 | decoder width 768 (w=4) | 517M | 2.90 | 4.45 |" in table  # the base run's numbers
-    assert "not run yet" in next(line for line in table.splitlines() if line.startswith("| no_cfg "))
-    rows = (results / "ablations" / "table.csv").read_text().splitlines()
-    assert rows[0].startswith("cell,group,variant,run,params,rfid,rfid_paper")
-    assert len(rows) == 1 + len(ablate.CELLS)
+    assert "STAND-IN" in fsq and "per-image PSNR" in fsq and "lpips_vgg" in fsq
+    no_cfg = next(line for line in table.splitlines() if line.startswith("| no_cfg "))
+    assert "not run yet" in no_cfg and "evaluation only: tests the checkpoint of paper-table4-base" in no_cfg
+    assert "| 10.5 |" in no_cfg  # its test and the base fit it needed
+    with (folder / "table.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["cell"] for r in rows] == [c.name for c in ablate.load_grid("paper-table4", CONFIGS).cells]
+    assert rows[0]["psnr"] == "20.6" and rows[0]["psnr_paper"] == "20.71" and rows[0]["psnr_key"] == "psnr_paper"
+    for metric in ("psnr", "ssim", "lpips", "rfid", "codebook"):
+        assert (folder / f"{metric}.png").stat().st_size > 5000
 
 
 def test_tests_with_current_metrics_are_skipped(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda argv, check: calls.append(argv) or subprocess.CompletedProcess(argv, 0))
-    options = ablate.Options(runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
-    steps = ablate.plan(["base"], options)
+    grid = ablate.load_grid(str(write_grid(tmp_path, GRID_2X2.format(mode="one-at-a-time", extra=""))))
+    opts = ablate.Options(runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
+    steps = ablate.plan(grid, opts, [grid.cells[0]])
     ckpt = Path(steps[0].checkpoint)
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"")
-    _write_metrics(tmp_path / "results", "ablate-base", {"rfid": 1.0})
-    ablate.execute(steps, options)
+    _write_metrics(tmp_path / "results", "ablate-g-base", {"psnr": 1.0})
+    ablate.execute(grid, steps, opts)
     assert [argv[3] for argv in calls] == ["fit"]
-    ablate.execute(steps, options, force=True)
+    ablate.execute(grid, steps, opts, force=True)
     assert [argv[3] for argv in calls] == ["fit", "fit", "test"]
+    timings = json.loads((tmp_path / "results" / "ablations" / "g" / "timings.json").read_text())
+    assert set(timings) == {"fit:ablate-g-base", "test:base"}
 
 
 # ---------------------------------------------------------------------------------- the module side
@@ -233,25 +383,60 @@ def test_the_fsq_cell_trains():
     assert model.config.bits_per_token == 18
 
 
-@pytest.mark.slow
-def test_tiny_grid_end_to_end(tmp_path):
-    """base + the no_cfg evaluation-only cell, 2 steps of the tiny preset on sample shards, random stand-ins."""
+def test_a_two_by_two_grid_with_post_training_runs_end_to_end(tmp_path):
+    """fit, 1B hand-off, test, table, PNG and HParams, for real: 2 quantizers x {1A only, + 1B}, 2 steps each."""
     from flowmo.data.sample_set import build_sample_set
 
-    build_sample_set(tmp_path / "sample", size=48, train_crops_per_photo=4, val_crops_per_photo=2, shard_size=8)
-    data = tmp_path / "data.yaml"
-    data.write_text(f"data:\n  train_shards: {tmp_path}/sample/train.json\n  val_shards: {tmp_path}/sample/val.json\n"
-                    "  image_size: 32\n  batch_size: 4\n  val_batch_size: 4\n  num_workers: 0\n  pin_memory: false\n"
-                    "  persistent_workers: false\n  shuffle_buffer: 8\n")
-    extra = ("--model.preset tiny --model.feature_weights random --trainer.accelerator cpu --trainer.devices 1 "
-             "--trainer.precision 32-true --model.val_steps 4")
-    command = [sys.executable, "-m", "flowmo", "ablate", "run", "--cells", "no_cfg,base", "--steps", "2",
-               "--config-dir", str(REPO / "configs"), "--data-config", str(data),
-               "--eval-config", str(REPO / "configs" / "eval" / "paper.yaml"), f"--extra={extra}"]
+    build_sample_set(tmp_path / "sample", size=32, train_crops_per_photo=2, val_crops_per_photo=1, shard_size=8)
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    stack = ("[base.yaml, model/tiny.yaml, stage/1a.yaml, data/sample.yaml, demo.yaml, "
+             f"{tmp_path}/fast.yaml]")
+    (tmp_path / "fast.yaml").write_text(
+        f"data:\n  train_shards: {tmp_path}/sample/train.json\n  val_shards: {tmp_path}/sample/val.json\n"
+        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n  sample_steps: 2\n"
+        "  sample_loss_weight: 1.0\ntrainer:\n  max_steps: 2\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n")
+    (tmp_path / "eval.yaml").write_text("model:\n  val_steps: 3\n")
+    grid = write_grid(tmp_path, f"""
+stack: {stack}
+eval_stack: [ablations/overlays/tiny-eval.yaml, {tmp_path}/eval.yaml]
+posttrain:
+  stack: [base.yaml, model/tiny.yaml, stage/1b.yaml, data/sample.yaml, demo.yaml, {tmp_path}/fast.yaml]
+cells: product
+feature_metrics: auto
+axes:
+  - name: quantizer
+    values:
+      - {{name: lfq}}
+      - {{name: fsq, overlay: {{model: {{architecture: {{quantizer: fsq, code_dim: 6, fsq_levels: [8, 8, 8, 8, 8, 8]}}}}}}}}
+  - name: posttrain
+    kind: posttrain
+    values:
+      - {{name: 1a}}
+      - {{name: 1b, overlay: {{model: {{sample_loss: pixel_mse}}, data: {{batch_size: 1}}}}}}
+""", name="two")
+    command = [sys.executable, "-m", "flowmo", "ablate", "run", str(grid), "--config-dir", "configs"]
     subprocess.run(command, cwd=tmp_path, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    base = json.loads((tmp_path / "results" / "ablate-base" / "metrics.json").read_text())
-    no_cfg = json.loads((tmp_path / "results" / "ablate-no_cfg" / "metrics.json").read_text())
-    assert (base["sampler"]["cfg"], no_cfg["sampler"]["cfg"]) == (1.5, 1.0)
-    assert no_cfg["init_weights"] == "runs/ablate-base/checkpoints/last.ckpt"
-    table = (tmp_path / "results" / "ablations" / "table.md").read_text()
-    assert "| no_cfg | no CFG |" in table and "STAND-IN" in table
+    folder = tmp_path / "results" / "ablations" / "two"
+    with (folder / "table.csv").open() as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert list(rows) == ["base", "1b", "fsq", "fsq+1b"]
+    for row in rows.values():
+        assert 0 < float(row["psnr"]) < 60 and float(row["wall_min"]) > 0 and row["notes"] == ""
+    assert rows["fsq+1b"]["steps"] == "2+2"
+    one_b = json.loads((tmp_path / "results" / "ablate-two-fsq+1b" / "metrics.json").read_text())
+    assert one_b["init_weights"] == "runs/ablate-two-fsq-1b/checkpoints/last.ckpt"
+    hand_off = torch.load(tmp_path / "runs" / "ablate-two-fsq-1b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert hand_off["hyper_parameters"]["init_weights"] == "runs/ablate-two-fsq/checkpoints/last.ckpt"
+    assert hand_off["hyper_parameters"]["stage"] == "1b"
+    assert (folder / "psnr.png").stat().st_size > 5000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(tmp_path / "runs" / "ablate-two-fsq+1b" / "hparams"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = {k: v.string_value for k, v in session.session_start_info.hparams.items()}
+    assert hparams == {"grid": "two", "cell": "fsq+1b", "quantizer": "fsq", "posttrain": "1b"}
+    assert events.Scalars("hparam/psnr")[0].value == pytest.approx(float(rows["fsq+1b"]["psnr"]), abs=1e-4)

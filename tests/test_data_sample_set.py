@@ -49,3 +49,35 @@ def test_crops_span_native_resolution_to_the_whole_photo():
     middle = math.sqrt(32 * 400)
     assert abs(sum(side < middle for side in sides) / len(sides) - 0.5) < 0.05
     assert all(left >= 0 and top >= 0 and right <= 600 and bottom <= 400 for left, top, right, bottom in boxes)
+
+
+def _crops(folder, split: str) -> dict[str, Image.Image]:
+    images = {}
+    for shard in sorted(folder.glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in (m for m in tar.getmembers() if m.name.endswith(".jpg")):
+                images[member.name] = Image.open(tar.extractfile(member)).convert("RGB")
+    return images
+
+
+def _saturation(image: Image.Image) -> float:
+    return sum(image.convert("HSV").getchannel("S").getdata()) / (image.width * image.height)
+
+
+def test_colour_jitter_changes_training_colours_only(tmp_path):
+    """Hue/saturation jitter of every training crop, tinted grayscale crops; held-out crops untouched."""
+    plain = build_sample_set(tmp_path / "plain", size=32, train_crops_per_photo=6, val_crops_per_photo=2)
+    jittered = build_sample_set(tmp_path / "jitter", size=32, train_crops_per_photo=6, val_crops_per_photo=2,
+                                colour_jitter=True, tint_grey=1.0)
+    assert plain["train"]["num_samples"] == jittered["train"]["num_samples"]
+    val_plain, val_jittered = _crops(tmp_path / "plain", "val"), _crops(tmp_path / "jitter", "val")
+    assert val_plain.keys() == val_jittered.keys()
+    assert all(val_plain[k].tobytes() == val_jittered[k].tobytes() for k in val_plain)
+    train_plain, train_jittered = _crops(tmp_path / "plain", "train"), _crops(tmp_path / "jitter", "train")
+    grey = [k for k in train_plain if k.split("/")[-1].startswith(("camera", "moon", "coins"))]
+    assert grey and all(_saturation(train_plain[k]) < 8 for k in grey)  # grayscale photos...
+    assert all(_saturation(train_jittered[k]) > 20 for k in grey)  # ...tinted with tint_grey = 1
+    colour = [k for k in train_plain if k.split("/")[-1].startswith("astronaut")]
+    hues = {k: (train_plain[k].convert("HSV").getchannel("H").getdata(),
+                train_jittered[k].convert("HSV").getchannel("H").getdata()) for k in colour}
+    assert sum(list(before) != list(after) for before, after in hues.values()) == len(colour)

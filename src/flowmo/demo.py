@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--train-crops", type=int, default=600, help="crops per training photograph")
     parser.add_argument("--val-crops", type=int, default=16, help="crops per held-out photograph")
+    parser.add_argument("--colour-jitter", type=float, default=0.5, metavar="TINT_GREY",
+                        help="random hue/saturation of every training crop, and this probability of tinting a "
+                             "grayscale crop; negative turns the jitter off (held-out crops are never changed)")
+    parser.add_argument("--fit-1a", action="append", default=[], metavar="ARG",
+                        help="extra `flowmo fit` arguments for Stage 1A, e.g. --fit-1a=--model.lr=2e-3 (repeatable)")
+    parser.add_argument("--fit-1b", action="append", default=[], metavar="ARG",
+                        help="extra `flowmo fit` arguments for Stage 1B (repeatable)")
     parser.add_argument("--feature-weights", choices=("auto", "pretrained", "none"), default="auto",
                         help="auto: the paper's LPIPS-VGG / ResNet-50 losses when their files are cached, else the "
                              "demo's substitutes (said loudly); pretrained: require the files; none: substitutes")
@@ -93,15 +100,17 @@ def is_cached(key: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- data
-def ensure_sample_data(data_dir: Path, size: int, train_crops: int, val_crops: int) -> None:
-    """Build the demo's sample set unless data_dir already holds one made with these settings."""
-    wanted = {"size": size, "train_crops_per_photo": train_crops, "val_crops_per_photo": val_crops}
+def ensure_sample_data(data_dir: Path, size: int, train_crops: int, val_crops: int, tint_grey: float = -1.0) -> None:
+    """Build the demo's sample set unless data_dir already holds one made with these settings.
+    tint_grey < 0: no colour jitter; else jitter every training crop and tint grayscale ones with that probability."""
+    wanted = {"size": size, "train_crops_per_photo": train_crops, "val_crops_per_photo": val_crops,
+              "colour_jitter": tint_grey >= 0, "tint_grey": max(tint_grey, 0.0)}
     stamp = data_dir / "demo_sample_set.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (data_dir / "val.json").is_file():
         return
     print(f"demo: building the sample set in {data_dir} ({size} px crops at every scale)")
     build_sample_set(data_dir, size=size, train_crops_per_photo=train_crops, val_crops_per_photo=val_crops,
-                     shard_size=256)
+                     shard_size=256, colour_jitter=tint_grey >= 0, tint_grey=max(tint_grey, 0.0))
     stamp.write_text(json.dumps(wanted) + "\n")
 
 
@@ -179,15 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     torch.manual_seed(args.seed)
     data_dir, out_dir = Path(args.data), Path(args.out)
-    ensure_sample_data(data_dir, args.image_size, args.train_crops, args.val_crops)
+    ensure_sample_data(data_dir, args.image_size, args.train_crops, args.val_crops, args.colour_jitter)
     losses = stage_losses(args.feature_weights)
     ckpt_1a = run_stage("1a", args, ["--trainer.max_steps", str(args.steps_1a),
-                                     "--model.perceptual", losses["perceptual_1a"]])
+                                     "--model.perceptual", losses["perceptual_1a"], *args.fit_1a])
     ckpt_1b = run_stage("1b", args, ["--trainer.max_steps", str(args.steps_1b), "--model.lr", str(args.lr_1b),
                                      "--data.batch_size", str(args.batch_1b),
                                      "--model.sample_loss", losses["sample_loss_1b"],
                                      "--model.sample_loss_weight", str(losses["sample_weight_1b"]),
-                                     "--model.init_weights", str(ckpt_1a)])
+                                     "--model.init_weights", str(ckpt_1a), *args.fit_1b])
     images = validation_images(data_dir, args.image_size)
     results, reconstructions = {}, {}
     for stage, path in (("1a", ckpt_1a), ("1b", ckpt_1b)):

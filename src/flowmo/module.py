@@ -78,7 +78,7 @@ class FlowMoModule(L.LightningModule):
 
         init_weights_parts: "all" loads the whole tokenizer from init_weights; "encoder" loads only the encoder
         and keeps the decoder's fresh init (with freeze_encoder_after=0: the Table-4 "MSE-pretrained encoder,
-        then frozen" cell, configs/ablations/mse_frozen_encoder.yaml).
+        then frozen" cell, configs/ablations/overlays/mse_frozen_encoder.yaml).
 
         feature_weights: weights of the frozen feature nets (LPIPS, ResNet-50, Inception): None = the
         pretrained files from the torch hub cache (an error names a missing file), "random" = explicit

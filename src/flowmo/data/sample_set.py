@@ -78,7 +78,26 @@ def crop_boxes(width: int, height: int, count: int, rng: random.Random, with_cen
     return boxes + [random_square(width, height, rng, min_side) for _ in range(count - len(boxes))]
 
 
-def write_photo_crops(photo: str, folder: Path, count: int, size: int, seed: int, with_center: bool) -> None:
+def jitter_colour(image: Image.Image, rng: random.Random, tint_grey: float) -> Image.Image:
+    """A random hue rotation and saturation scale (x0.5..x2, log-uniform) of one crop.
+
+    Eleven of the 18 training photographs are grayscale and the colour ones are mostly skin, fabric and
+    micrographs: without this, a held-out blue sky or orange fur decodes as the nearest colour the model
+    knows (a flat image of a random colour scored ~20 dB, a grey one ~36 dB). With probability `tint_grey`
+    a grayscale crop is first given a random colour (a duotone), so flat coloured regions are seen too.
+    """
+    hue, saturation, value = image.convert("HSV").split()
+    if saturation.getextrema()[1] < 8 and rng.random() < tint_grey:
+        hue = Image.new("L", image.size, rng.randrange(256))
+        saturation = Image.new("L", image.size, int(rng.uniform(40, 200)))
+    shift, scale = rng.randrange(256), math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    hue = hue.point(lambda h: (h + shift) % 256)
+    saturation = saturation.point(lambda s: min(255, int(round(s * scale))))
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+
+
+def write_photo_crops(photo: str, folder: Path, count: int, size: int, seed: int, with_center: bool,
+                      colour_jitter: bool = False, tint_grey: float = 0.0) -> None:
     """Crops of one photograph as `folder/<photo>/<photo>_NNN.jpg` (an ImageFolder class per photo)."""
     stem = Path(photo).stem
     rng = random.Random(f"{seed}-{stem}")  # per photo, so adding a photo leaves the others' crops unchanged
@@ -88,6 +107,8 @@ def write_photo_crops(photo: str, folder: Path, count: int, size: int, seed: int
         image = source.convert("RGB")
     for index, box in enumerate(crop_boxes(*image.size, count, rng, with_center, min_side=size)):
         crop = image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+        if colour_jitter:
+            crop = jitter_colour(crop, rng, tint_grey)
         crop.save(class_dir / f"{stem}_{index:03d}.jpg", quality=90)
 
 
@@ -98,6 +119,8 @@ def build_sample_set(
     val_crops_per_photo: int = 16,
     shard_size: int = 16,
     seed: int = 0,
+    colour_jitter: bool = False,
+    tint_grey: float = 0.0,
 ) -> dict[str, dict]:
     """Write `train-*.tar`, `val-*.tar` and their manifests to out_dir; returns {"train": manifest, "val": ...}.
 
@@ -110,7 +133,9 @@ def build_sample_set(
     for split, photos, count in (("train", TRAIN_PHOTOS, train_crops_per_photo),
                                  ("val", VAL_PHOTOS, val_crops_per_photo)):
         for photo in photos:
-            write_photo_crops(photo, staging / split, count, size, seed, with_center=split == "val")
+            jitter = colour_jitter and split == "train"  # the held-out photos keep their own colours
+            write_photo_crops(photo, staging / split, count, size, seed, with_center=split == "val",
+                              colour_jitter=jitter, tint_grey=tint_grey)
         manifests[split] = write_shards(staging / split, out_dir, split, shard_size=shard_size, workers=1,
                                         shuffle=split == "train", seed=seed, progress=False)
     shutil.rmtree(staging)
