@@ -53,14 +53,25 @@ def load_tokenizer_checkpoint(cls, path: str | Path, weights: str = "ema", map_l
     state, config = tokenizer_state(checkpoint, weights)
     if config is None:
         raise ValueError(f"{path} records no FlowMo config; load it with FlowMoTokenizer.from_config + load_state_dict.")
+    require_finite(state, str(path))
     model = cls.from_config(config)
     model.load_state_dict(state, strict=True)
     return model
 
 
+def require_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """A tokenizer with a NaN or Inf weight decodes garbage: refuse it with the name of the first bad tensor."""
+    bad = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{what}: the weight {bad} holds NaN or Inf values (a diverged run); use an earlier "
+                         "checkpoint of the run.")
+
+
 def export_tokenizer(tokenizer, path: str | Path) -> Path:
     """Write {"flowmo_config", "state_dict"}: what downstream users need, without optimizer or EMA copies."""
     path = Path(path)
+    require_finite(tokenizer.state_dict(), f"not exporting to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"flowmo_config": tokenizer.config.to_dict(), "state_dict": tokenizer.state_dict()}, path)
     return path

@@ -32,7 +32,7 @@ PROJECT_COMMANDS = {
     "sample-data": ("flowmo.data.sample_set", "build the embedded sample set (demo and tests)"),
     "export": ("flowmo.cli", "export a light tokenizer file (config + EMA or raw weights) from a checkpoint"),
     "demo": ("flowmo.demo", "tiny end-to-end run on the sample set: 1A, 1B, evaluation, grid, metrics.json"),
-    "ablate": ("flowmo.ablate", "the paper's Table-4 ablation grid: list, run (fit + test) cells, results table"),
+    "ablate": ("flowmo.ablate", "ablation grids (configs/ablations/*.yaml): grids, list, run (fit + test), table"),
 }
 
 
@@ -63,6 +63,8 @@ class FlowMoCLI(LightningCLI):
         take only the architecture from it: the evaluation protocol (sampler, metrics, feature weights) is the
         command line's, and a Stage-1B run's init_weights (a 1A file, maybe not on this machine) is not re-read."""
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
+            self._resolve_last()
         if subcommand in (None, "fit"):
             return super()._parse_ckpt_path()
         ckpt_path = self.config[subcommand].get("ckpt_path")
@@ -73,6 +75,31 @@ class FlowMoCLI(LightningCLI):
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
         return None
+
+    def _resolve_last(self) -> None:
+        """`--ckpt_path last` = the newest readable checkpoint of this run (last.ckpt, step files, SLURM's
+        hpc_ckpt_*), said out loud; with none, a loud note that the run starts from step 0."""
+        from flowmo.faults import latest_checkpoint
+
+        config = self.config["fit"]
+        if config.get("ckpt_path") != "last":
+            return
+        run_dir = Path(config["runs_dir"]) / config["run_name"]
+        latest = latest_checkpoint(run_dir, report=lambda message: print(message, file=sys.stderr))
+        if latest is None:
+            print(f"flowmo: --ckpt_path last: no checkpoint in {run_dir} yet; starting from step 0.", file=sys.stderr)
+        else:
+            print(f"flowmo: resuming from {latest}", file=sys.stderr)
+        config["ckpt_path"] = str(latest) if latest else None
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Every run saves checkpoints atomically, turns SIGTERM / SIGUSR1 into a saved, resumable exit and ends
+        with last.ckpt at its final step."""
+        from flowmo.faults import AtomicCheckpointIO, FinalCheckpoint, Preemption
+
+        if not config.get("plugins"):
+            config["plugins"] = [AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, [*callbacks, Preemption(), FinalCheckpoint()])
 
     def instantiate_trainer(self, **kwargs):
         """Default logger: TensorBoard under runs/<run_name>/version_N (a config may name another logger)."""
@@ -115,6 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error} On the command line: --model.feature_weights DIR (a folder holding the .pth "
               "files) or --model.inception_path FILE.", file=sys.stderr)
         return 2
+    except BaseException as error:  # noqa: BLE001 - only the faults a user acts on are mapped, others re-raise
+        from flowmo.faults import exit_code_for
+
+        mapped = exit_code_for(error)
+        if mapped is None:
+            raise
+        code, sentence = mapped
+        if sentence:
+            print(f"error: {sentence}", file=sys.stderr)
+        return code
     return 0
 
 

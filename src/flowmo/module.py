@@ -13,6 +13,7 @@ exactly (the authors' code restarts EMA and Adam on resume).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class FlowMoModule(L.LightningModule):
         val_lpips_nets: tuple[str, ...] = (),
         val_rfid: bool = False,
         inception_path: str | None = None,
+        max_nonfinite_steps: int = 5,
     ):
         """Arguments map one to one onto the paper's knobs; configs/stage/{1a,1b}.yaml hold its recipes.
 
@@ -83,6 +85,9 @@ class FlowMoModule(L.LightningModule):
         feature_weights: weights of the frozen feature nets (LPIPS, ResNet-50, Inception): None = the
         pretrained files from the torch hub cache (an error names a missing file), "random" = explicit
         random stand-ins for CPU demos and tests (logged loudly, recorded in the results).
+
+        max_nonfinite_steps: an optimizer step whose loss or gradients are not finite is skipped (no weight,
+        EMA or Adam update) and counted (train/skipped_nonfinite); this many in a row stop the run.
         """
         super().__init__()
         if stage not in STAGES:
@@ -113,6 +118,10 @@ class FlowMoModule(L.LightningModule):
         self._noise_generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None
         self.val_metrics = self._build_metrics()
+        self._loss_parts: dict[str, Tensor] = {}  # the last micro-batch's loss terms (named in a divergence error)
+        self._nonfinite_micro_batches = 0  # since the last optimizer step
+        self.skipped_nonfinite = 0  # optimizer steps skipped in this process (they still count toward max_steps)
+        self._nonfinite_in_a_row = 0
 
     # ---------------------------------------------------------------------------------------- set-up
     def _load_initial_weights(self, path: str, which: str, parts: str = "all") -> None:
@@ -215,6 +224,9 @@ class FlowMoModule(L.LightningModule):
         images = _images(batch)
         out = flowmo_loss(self.tokenizer, images, self.recipe, self.perceptual_net, self.sample_net,
                           self.noise_generator)
+        self._loss_parts = {k: v.detach() for k, v in out.parts.items()}
+        if not torch.isfinite(out.total.detach()).all():
+            self._nonfinite_micro_batches += 1
         self.log_dict({f"train/{k}": v for k, v in out.parts.items()}, batch_size=images.shape[0])
         if self._is_logging_step() and out.indices is not None:
             # 2^G sub-codes for LFQ, prod(levels) for FSQ (its indices are whole tokens)
@@ -234,7 +246,15 @@ class FlowMoModule(L.LightningModule):
             self.log("train/param_norm", global_norm([p.detach() for p in self.tokenizer.parameters()]))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Run the last micro-batch's forward + backward here, so a non-finite update can be dropped before
+        # Adam, the weight projection or the EMA see it (Lightning requires the closure to be called).
+        result = optimizer_closure() if optimizer_closure is not None else None
+        if not self._update_is_finite():
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_nonfinite_step()
+            return
+        self._nonfinite_in_a_row = 0
+        super().optimizer_step(epoch, batch_idx, optimizer, lambda: result)
         if self.weight_projection is not None:
             self.weight_projection.apply_to(self.tokenizer)
         # global_step does not count this step yet: the EMA moves after steps every, 2*every, ...
@@ -242,6 +262,32 @@ class FlowMoModule(L.LightningModule):
             self.ema.update(self.tokenizer)
             if self._is_logging_step():
                 self.log("train/ema_relative_distance", self.ema.relative_distance(self.tokenizer))
+
+    def _update_is_finite(self) -> bool:
+        """Every micro-batch loss of this step and every gradient finite (one device sync per step)."""
+        grads = [p.grad for p in self.tokenizer.parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(norm) for norm in torch._foreach_norm(grads)]).all() if grads else True
+        nonfinite_loss, self._nonfinite_micro_batches = self._nonfinite_micro_batches, 0
+        return bool(finite) and nonfinite_loss == 0
+
+    def _skip_nonfinite_step(self) -> None:
+        self.skipped_nonfinite += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+        limit = self.hparams.max_nonfinite_steps
+        terms = [k for k, v in self._loss_parts.items() if not torch.isfinite(v).all()] or ["gradients only"]
+        print(f"flowmo: skipped optimizer step {self.global_step + 1}: non-finite {', '.join(terms)} "
+              f"({self._nonfinite_in_a_row} in a row; the run stops at {limit})", file=sys.stderr)
+        if self._nonfinite_in_a_row >= limit:
+            from flowmo.faults import NonFiniteTraining, latest_checkpoint
+
+            run_dir = Path(self.trainer.default_root_dir) if self._trainer is not None else None
+            last = latest_checkpoint(run_dir, report=lambda _: None) if run_dir else None
+            raise NonFiniteTraining(
+                f"{limit} optimizer steps in a row (up to step {self.global_step + 1}) had a non-finite "
+                f"{' / '.join(terms)}; no weight, EMA or Adam state moved in those steps and nothing non-finite was "
+                f"saved. The last good checkpoint is {last or 'none (no save yet)'}: lower --model.lr or check the "
+                "data, then resume with --ckpt_path last.")
 
     # ---------------------------------------------------------------------------------------- evaluation
     def sampler_settings(self) -> dict[str, Any]:
@@ -287,6 +333,13 @@ class FlowMoModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from flowmo.faults import CheckpointSaveError
+
+        bad = next((k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()),
+                   None)
+        if bad is not None:  # a resumable file must never carry a poisoned weight
+            raise CheckpointSaveError(f"refusing to save a checkpoint whose {bad} is not finite; the previous "
+                                      "checkpoints are intact: resume from them with a lower --model.lr.")
         checkpoint["flowmo_config"] = self.config.to_dict()
         checkpoint["flowmo_noise_generator"] = self.noise_generator.get_state()
 

@@ -28,7 +28,7 @@ from flowmo.data.stream import ShardStream, SkipCounter, collate
 
 HOW_TO_MAKE_SHARDS = (
     "make them with `make shards IMAGENET=/path/to/ILSVRC2012` (ImageNet) or `make sample-data` (the embedded "
-    "sample images, written to data/sample), then point the data config at the {split}.json manifest or the .tar files"
+    "sample images, written to data/sample), then point the data config at the train.json / val.json manifest or the .tar files"
 )
 
 

@@ -97,7 +97,9 @@ class ShardStream(IterableDataset):
         # str seeds hash deterministically; start_step makes a resumed run draw new data, not replay its start
         rng = random.Random(f"flowmo-data-{self.seed}-{self.start_step}-{rank}-{worker}")
         if self.train:
-            samples = tarfile_samples(resampled_urls(self.urls, rng), handler=self._skip_error)
+            progress = {"shards_without_sample": 0}
+            samples = tarfile_samples(resampled_urls(self.urls, rng, progress), handler=self._skip_error)
+            samples = _reset_on_sample(samples, progress)
             samples = buffer_shuffle(samples, self.shuffle_buffer, rng)
         else:
             my_urls = self.urls[rank::world_size][worker::num_workers]
@@ -134,6 +136,8 @@ class ShardStream(IterableDataset):
                 tensor = train_transform(image, self.image_size, rng, self.random_flip)
             else:
                 tensor = val_transform(image, self.image_size)
+            if not torch.isfinite(tensor).all():  # one NaN pixel would poison every weight within a step
+                raise ValueError("non-finite pixel")
             cls = int(sample["cls"]) if "cls" in sample else -1
         except Exception:  # corrupt JPEG, missing image field, bad label: skip it, count it
             self._count_skip()
@@ -167,10 +171,28 @@ def every_nth(samples: Iterable[dict], n: int, shard_offsets: dict[str, int]) ->
         position += 1
 
 
-def resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
-    """Shards drawn uniformly with replacement, forever: an infinite train stream without epochs."""
+def resampled_urls(urls: list[str], rng: random.Random, progress: dict | None = None) -> Iterator[dict]:
+    """Shards drawn uniformly with replacement, forever: an infinite train stream without epochs.
+
+    With `progress` (reset by _reset_on_sample whenever a sample comes out), a stream that opens
+    2 x len(urls) + 8 shards in a row without a single sample stops: every shard is empty or unreadable.
+    """
+    limit = 2 * len(urls) + 8
     while True:
+        if progress is not None:
+            if progress["shards_without_sample"] >= limit:
+                shown = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+                raise RuntimeError(f"the training shards yield no sample ({limit} shard reads in a row gave none): "
+                                   f"{shown}; check that the paths or the pipe: command produce WebDataset tars "
+                                   "of images (flowmo shards writes them).")
+            progress["shards_without_sample"] += 1
         yield {"url": rng.choice(urls)}
+
+
+def _reset_on_sample(samples: Iterable[dict], progress: dict) -> Iterator[dict]:
+    for sample in samples:
+        progress["shards_without_sample"] = 0
+        yield sample
 
 
 def buffer_shuffle(samples: Iterable[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:

@@ -1,0 +1,195 @@
+"""Faults a ten-day run meets, and what each one costs (nothing, or the steps since the last save):
+
+- a checkpoint save that dies half-way (full disk, killed process): `AtomicCheckpointIO` writes a temporary
+  file beside the target, fsyncs it and renames it over the target, so the previous file stays intact; a failed
+  save removes its temporary file and stops the run with one sentence;
+- preemption: `Preemption` turns SIGTERM (and SIGUSR1 outside SLURM's own requeue handling) into a
+  checkpoint written at the end of the current optimizer step, then an exit with EXIT_PREEMPTED;
+- resume: `latest_checkpoint` is the one notion of "latest" behind `--ckpt_path last`: the newest readable
+  file among the run's last.ckpt, step checkpoints and SLURM's hpc_ckpt_*.ckpt; an unreadable one is reported
+  and skipped; with none, the run says loudly that it starts from step 0.
+Non-finite steps are handled in FlowMoModule (skipped, counted, and after `max_nonfinite_steps` in a row the
+run stops with NonFiniteTraining).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from flowmo.errors import UserError
+
+EXIT_DIVERGED = 3  # K non-finite steps in a row: nothing non-finite was saved
+EXIT_CHECKPOINT_FAILED = 4  # a save failed (e.g. disk full); the previous checkpoint is intact
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint of the last finished step was written; resume with last
+TEMP_MARK = ".tmp-"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous file of that name is untouched."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+# ------------------------------------------------------------------------------------------- atomic saves
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `.<name>.tmp-<pid>` in the destination folder, flush + fsync, then rename over the target."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+        try:
+            with open(temporary, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+            _fsync_folder(path.parent)
+        except BaseException as error:
+            temporary.unlink(missing_ok=True)
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            previous = (f"the previous {path.name} is intact" if path.exists() else
+                        f"no {path.name} was written and the earlier checkpoints are intact")
+            raise CheckpointSaveError(f"could not write the checkpoint {path} ({error.__class__.__name__}: "
+                                      f"{error}); {previous}. Free space (or fix the folder) and resume with "
+                                      "--ckpt_path last.") from error
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX: the directory entry lives in the folder)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files of saves that a killed process never finished."""
+    removed = []
+    for path in Path(folder).glob(f".*{TEMP_MARK}*"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------- resume
+def is_readable(path: Path) -> bool:
+    """A torch.save file is a zip; a truncated one has no central directory (cheap: reads the end only)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    checkpoints = Path(run_dir) / "checkpoints"
+    found = [p for p in checkpoints.glob("*.ckpt") if not p.name.startswith(".")] if checkpoints.is_dir() else []
+    found += list(Path(run_dir).glob("hpc_ckpt_*.ckpt"))  # Lightning's SLURM requeue saves here
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def latest_checkpoint(run_dir: Path, report=print) -> Path | None:
+    """The newest readable checkpoint of a run (last.ckpt, step files, hpc_ckpt_*); unreadable ones reported."""
+    for path in resume_candidates(run_dir):
+        if is_readable(path):
+            return path
+        report(f"flowmo: {path} is unreadable (a save cut short?); trying the next newest checkpoint.")
+    return None
+
+
+# ------------------------------------------------------------------------------------------- preemption
+class Preemption(L.Callback):
+    """SIGTERM / SIGUSR1 -> finish the current optimizer step, save `last.ckpt`, exit with EXIT_PREEMPTED.
+
+    Lightning sets `trainer.received_sigterm` on SIGTERM and raises SIGTERMException at the next batch end; this
+    callback saves there. SIGUSR1 is routed to the same path, except under SLURM with Lightning's auto-requeue,
+    which saves hpc_ckpt_N.ckpt and requeues by itself (latest_checkpoint resumes from either).
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.saved: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = self._folder(trainer)
+        if trainer.is_global_zero and folder is not None and folder.is_dir():
+            for path in remove_stale_temporaries(folder):
+                print(f"flowmo: removed {path.name}, left by a save that never finished", file=sys.stderr)
+        if not _slurm_requeues(trainer) and hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(trainer, "received_sigterm", True))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        folder = self._folder(trainer)
+        if folder is None:
+            return
+        path = folder / "last.ckpt"
+        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes (atomically, see AtomicCheckpointIO)
+        self.saved = path
+        if trainer.is_global_zero:
+            print(f"flowmo: stopped by a signal after step {trainer.global_step}; saved {path}. Resume with "
+                  f"--ckpt_path last (exit code {EXIT_PREEMPTED}).", file=sys.stderr)
+
+    def _folder(self, trainer: L.Trainer) -> Path | None:
+        if self.dirpath:
+            return Path(self.dirpath)
+        callback = trainer.checkpoint_callback
+        return Path(callback.dirpath) if callback is not None and callback.dirpath else None
+
+
+class FinalCheckpoint(L.Callback):
+    """last.ckpt always holds the final state of a finished fit. Lightning's ModelCheckpoint saves `last` only on
+    its save intervals (or at the end of an epoch), so a run whose max_steps is not a multiple of the interval
+    ended with an older last.ckpt, and a resume then repeated the lost steps."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is None or not callback.dirpath or not getattr(callback, "save_last", False):
+            return
+        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+            path = Path(callback.dirpath) / "last.ckpt"
+            if path.is_file():
+                return
+        trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+        callback._last_global_step_saved = trainer.global_step
+
+
+def _slurm_requeues(trainer: L.Trainer) -> bool:
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = trainer._accelerator_connector.cluster_environment
+    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+
+
+def exit_code_for(error: BaseException) -> tuple[int, str] | None:
+    """(exit code, one sentence) for the faults a user must act on; None for real bugs (keep the traceback)."""
+    if isinstance(error, SIGTERMException):
+        return EXIT_PREEMPTED, ""
+    if isinstance(error, NonFiniteTraining):
+        return EXIT_DIVERGED, str(error)
+    if isinstance(error, CheckpointSaveError):
+        return EXIT_CHECKPOINT_FAILED, str(error)
+    if isinstance(error, UserError):
+        return 2, str(error)
+    return None

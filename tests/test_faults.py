@@ -1,0 +1,191 @@
+"""Faults injected for real: a signal mid-run, a save that fails half-way, a file cut short, a NaN pixel,
+a huge learning rate, a stream of empty shards. Each must cost nothing but the steps since the last save."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from flowmo.data import build_sample_set
+from flowmo.faults import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteTraining, latest_checkpoint
+from flowmo.module import FlowMoModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    build_sample_set(out, size=40, train_crops_per_photo=4, val_crops_per_photo=2, shard_size=8)
+    return out
+
+
+def fit_command(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flowmo", "fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/tiny.yaml"),
+            "-c", str(CONFIGS / "stage/1a.yaml"), "-c", str(CONFIGS / "data/sample.yaml"), "--run_name", "fault",
+            "--runs_dir", str(runs), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.precision", "32-true", "--trainer.max_steps", str(steps), "--trainer.accumulate_grad_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+            "--trainer.log_every_n_steps", "1", "--data.train_shards", str(shards / "train.json"),
+            "--data.val_shards", str(shards / "val.json"), "--data.image_size", "32", "--data.batch_size", "2",
+            "--model.perceptual", "none", "--model.ema_every", "1", *extra]
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_sigterm_mid_run_saves_the_last_step_and_exits_non_zero(shards, tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(fit_command(shards, runs, 100_000, "--checkpoint.every_n_train_steps", "100000"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    events = runs / "fault" / "version_0"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(events.glob("events.out.tfevents.*")):
+        time.sleep(0.5)
+    time.sleep(4)  # some optimizer steps in
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, output[-2000:]
+    last = runs / "fault" / "checkpoints" / "last.ckpt"
+    saved = step_of(last)
+    assert saved > 0 and "Resume with --ckpt_path last" in output
+    resumed = run(fit_command(shards, runs, saved + 2, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {last}" in resumed.stderr and step_of(last) == saved + 2
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_save_that_fails_half_way_keeps_the_previous_checkpoint(shards, tmp_path):
+    runs = tmp_path / "runs"
+    first = run(fit_command(shards, runs, 2, "--checkpoint.every_n_train_steps", "2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoints = runs / "fault" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    before = last.read_bytes()
+    # the resumed run may write logs, but no file larger than half a checkpoint: its step-4 save dies mid-write
+    failed = run(fit_command(shards, runs, 4, "--checkpoint.every_n_train_steps", "2", "--ckpt_path", "last"),
+                 preexec_fn=_limit_file_size(len(before) // 2))
+    assert failed.returncode == EXIT_CHECKPOINT_FAILED, failed.stderr[-2000:]
+    assert "could not write the checkpoint" in failed.stderr and "checkpoints are intact" in failed.stderr
+    assert last.read_bytes() == before and step_of(last) == 2  # the previous last.ckpt, byte for byte
+    assert not [p for p in checkpoints.iterdir() if ".tmp-" in p.name]  # no temporary file left behind
+
+
+def test_resume_skips_a_checkpoint_cut_short(shards, tmp_path):
+    runs = tmp_path / "runs"
+    assert run(fit_command(shards, runs, 4, "--checkpoint.every_n_train_steps", "2")).returncode == 0
+    checkpoints = runs / "fault" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # what a kill mid-copy leaves
+    os.utime(last)  # and it is the newest file
+    reports = []
+    assert latest_checkpoint(runs / "fault", report=reports.append) == checkpoints / "step0000004.ckpt"
+    assert "unreadable" in reports[0]
+    resumed = run(fit_command(shards, runs, 6, "--checkpoint.every_n_train_steps", "2", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "last.ckpt is unreadable" in resumed.stderr and step_of(last) == 6
+
+
+def test_ckpt_path_last_with_nothing_to_resume_says_so(shards, tmp_path):
+    started = run(fit_command(shards, tmp_path / "runs", 1, "--ckpt_path", "last"))
+    assert started.returncode == 0 and "no checkpoint in" in started.stderr and "starting from step 0" in started.stderr
+
+
+def test_a_huge_learning_rate_stops_the_run_with_nothing_non_finite_saved(shards, tmp_path):
+    runs = tmp_path / "runs"
+    result = run(fit_command(shards, runs, 200, "--model.lr", "1e3", "--checkpoint.every_n_train_steps", "1",
+                             "--model.max_nonfinite_steps", "3"))
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-2000:]
+    assert "3 optimizer steps in a row" in result.stderr and "resume with --ckpt_path last" in result.stderr
+    saved = sorted((runs / "fault" / "checkpoints").glob("*.ckpt"))
+    for path in saved:  # every checkpoint written is finite, last.ckpt included
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+
+
+def _tiny(**kwargs) -> FlowMoModule:
+    return FlowMoModule(**{"preset": "tiny", "perceptual": "none", "freeze_encoder_after": None, "ema_every": 1,
+                           **kwargs})
+
+
+def test_one_nan_pixel_skips_one_step_and_moves_nothing():
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    images[2, 0, 5, 5] = float("nan")  # batch 1 of 3
+    model = _tiny(lr=1e-3)
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 1:
+                before["raw"] = [p.detach().clone() for p in module.tokenizer.parameters()]
+                before["ema"] = [p.detach().clone() for p in module.ema.module.parameters()]
+                before["adam"] = {k: v["exp_avg"].clone() for k, v in enumerate(trainer.optimizers[0].state.values())}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                assert all(torch.equal(a, b) for a, b in zip(before["raw"], module.tokenizer.parameters()))
+                assert all(torch.equal(a, b) for a, b in zip(before["ema"], module.ema.module.parameters()))
+                after = {k: v["exp_avg"] for k, v in enumerate(trainer.optimizers[0].state.values())}
+                assert all(torch.equal(before["adam"][k], after[k]) for k in after)
+                before["checked"] = True
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()])
+    trainer.fit(model, torch.utils.data.DataLoader(images, batch_size=2))
+    # the skipped step still counts toward max_steps (Lightning counts it): 3 batches, 3 steps, 2 updates
+    assert before["checked"] and model.skipped_nonfinite == 1 and trainer.global_step == 3
+    assert all(torch.isfinite(p).all() for p in model.tokenizer.parameters())
+
+
+def test_nonfinite_steps_in_a_row_raise_with_the_terms_named():
+    images = torch.full((4, 3, 32, 32), float("nan"))
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NonFiniteTraining, match="2 optimizer steps in a row .* non-finite .*flow"):
+        trainer.fit(_tiny(max_nonfinite_steps=2), torch.utils.data.DataLoader(images, batch_size=2))
+
+
+def test_a_stream_of_empty_shards_fails_within_seconds(tmp_path):
+    from flowmo.data.stream import resampled_urls
+
+    empty = []
+    for index in range(3):
+        path = tmp_path / f"empty-{index}.tar"
+        tarfile.open(path, "w").close()
+        empty.append(str(path))
+    from flowmo.data import FlowMoDataModule
+
+    pattern = f"{tmp_path}/empty-{{0..2}}.tar"
+    data = FlowMoDataModule(pattern, pattern, image_size=32, batch_size=2, num_workers=0)
+    data.setup("fit")
+    started = time.time()
+    with pytest.raises(RuntimeError, match="the training shards yield no sample .*empty-0.tar"):
+        next(iter(data.train_dataloader()))
+    assert time.time() - started < 10
+    assert resampled_urls  # imported: the stream the DataModule uses
