@@ -89,6 +89,8 @@ INIT_HI   ?= runs/hi-1a/checkpoints/last.ckpt
 accum = $(shell b=$(1); w=$(WORLD); n=$(2); if [ $$(( n % (b * w) )) -ne 0 ]; then echo "x"; else echo $$(( n / (b * w) )); fi)
 check_accum = @test "$(1)" != "x" || { echo "global batch $(2) is not divisible by per-device batch $(3) x $(WORLD) devices; pick GPUS/NODES that divide it"; exit 2; }
 check_shards = @if [ "$(DATA_CFG)" = "configs/data/imagenet.yaml" ] && [ ! -f data/imagenet/train.json ]; then echo "No ImageNet shards in data/imagenet: make them once with 'make shards IMAGENET=/path/to/ILSVRC2012' (or point DATA_CFG at your own data config)."; exit 2; fi
+# RESUME=1 with no checkpoint of that run is a mistake (a typo'd run, another machine): stop, do not start at step 0
+check_resume = @test -z "$(RESUME)" || ls runs/$(1)/checkpoints/*.ckpt runs/$(1)/hpc_ckpt_*.ckpt >/dev/null 2>&1 || { echo "RESUME=1 but runs/$(1) has no checkpoint to resume; drop RESUME=1 to start the run."; exit 2; }
 fit_1a = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1a.yaml -c $(DATA_CFG) \
 	--run_name $(1)-1a --trainer.accumulate_grad_batches $(call accum,8,128) --trainer.devices $(GPUS) \
 	--trainer.num_nodes $(NODES) --trainer.strategy $(STRATEGY_1A) $(if $(RESUME),--ckpt_path last) $(ARGS)
@@ -100,26 +102,31 @@ fit_1b = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c config
 .PHONY: train-lo train-hi train-small posttrain-lo posttrain-hi demo tensorboard
 
 train-lo: $(STAMP) ## Stage 1A FlowMo-Lo, 1.3M steps (GPUS=8 NODES=1 RESUME=1 ARGS="--key value")
+	$(call check_resume,lo-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
 	$(call fit_1a,lo)
 
 train-hi: $(STAMP) ## Stage 1A FlowMo-Hi, 800k steps
+	$(call check_resume,hi-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
 	$(call fit_1a,hi) --trainer.max_steps 800000
 
 train-small: $(STAMP) ## Stage 1A of the ablation base (517M, patch 8), 40 epochs = 400,365 steps
+	$(call check_resume,small-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
 	$(call fit_1a,small) --trainer.max_steps 400365
 
 posttrain-lo: $(STAMP) ## Stage 1B FlowMo-Lo from the 1A EMA weights (INIT_LO=runs/lo-1a/checkpoints/last.ckpt)
+	$(call check_resume,lo-1b)
 	$(check_shards)
 	$(call check_accum,$(call accum,4,64),64,4)
 	$(call fit_1b,lo,$(INIT_LO))
 
 posttrain-hi: $(STAMP) ## Stage 1B FlowMo-Hi (INIT_HI=runs/hi-1a/checkpoints/last.ckpt)
+	$(call check_resume,hi-1b)
 	$(check_shards)
 	$(call check_accum,$(call accum,4,64),64,4)
 	$(call fit_1b,hi,$(INIT_HI))

@@ -1,7 +1,7 @@
 """`flowmo` command line: LightningCLI for fit / validate / test, plus the project's own subcommands.
 
     flowmo fit -c configs/base.yaml -c configs/model/lo.yaml -c configs/stage/1a.yaml -c configs/data/imagenet.yaml
-    flowmo fit ... --ckpt_path last          # resume the same stage exactly
+    flowmo fit ... --ckpt_path last          # resume the same stage from its newest readable checkpoint
     flowmo test -c ... --ckpt_path runs/lo-1b/checkpoints/last.ckpt
     flowmo shards --source /data/ILSVRC2012_img_val.tar --out data/imagenet --split val
     flowmo sample-data --out data/sample
@@ -43,7 +43,9 @@ ARCHITECTURE_HPARAMS = ("preset", "architecture")
 class FlowMoCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        # no option abbreviations (--trainer.max_step would silently mean max_steps); parse errors are raised
+        # to main(), which prints their one sentence instead of 110 lines of usage
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_error": False})
         super().__init__(FlowMoModule, FlowMoDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:  # noqa: BLE001 - only the faults a user acts on are mapped, others re-raise
         from flowmo.faults import exit_code_for
 
+        if isinstance(error, argparse.ArgumentError):  # a mistyped option or a bad value in a config file
+            subcommand = argv[0] if argv and not argv[0].startswith("-") else "fit"
+            print(f"error: {error}. `flowmo {subcommand} --help` lists every option.", file=sys.stderr)
+            return 2
         mapped = exit_code_for(error)
         if mapped is None:
             raise
