@@ -69,30 +69,67 @@ class FlowMoTokenizer(nn.Module):
 
     # ----------------------------------------------------------------------------------- validation
     def check_images(self, images: Tensor, check_range: bool = True) -> None:
-        """One clear ValueError per kind of bad input (wrong type, rank, channels, dtype, size, range)."""
+        """One clear ValueError per kind of bad input (type, rank, channels, dtype, empty, size, NaN, range)."""
         if not isinstance(images, Tensor):
-            raise ValueError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}.")
+            raise ValueError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}; "
+                             "for numpy use torch.from_numpy(array).")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {list(images.shape)}; "
                              "add a batch dim with images[None] or convert to RGB.")
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}; "
                              "for uint8 use images.float() / 127.5 - 1.")
+        if images.shape[0] == 0 or images.shape[-2] == 0 or images.shape[-1] == 0:
+            raise ValueError(f"images must hold at least one non-empty image, got shape {list(images.shape)}.")
         p = self.config.patch_size
         if images.shape[-2] % p or images.shape[-1] % p:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {p}; "
                              f"resize or crop to a multiple of {p}.")
-        if check_range and images.numel():
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or Inf values; replace them (e.g. torch.nan_to_num) before encoding.")
+        if check_range:
             low, high = images.aminmax()
             if low.item() < -1.001 or high.item() > 1.001:
                 raise ValueError(f"images must lie in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]; "
                                  "for [0, 1] images use images * 2 - 1.")
+
+    def check_indices(self, indices) -> Tensor:
+        """Token ids as an int64 tensor [B, N] on the model's device, or one ValueError that says what is wrong.
+        Lists and numpy arrays are accepted; N must be the code's id count and every id within the codebook."""
+        if self.config.quantizer == "none":
+            raise ValueError("this tokenizer has a continuous code (quantizer 'none'): it has no token ids.")
+        try:
+            ids = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"token ids must be an integer tensor, list or numpy array [B, N]; {error}.") from None
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"token ids must be integers, got {ids.dtype}; use ids.long() only if they are whole "
+                             "numbers written as floats.")
+        expected = self.ids_per_image
+        if ids.dim() != 2 or ids.shape[1] != expected or ids.shape[0] == 0:
+            raise ValueError(f"token ids must have shape [B, {expected}] (B >= 1) for this tokenizer, got "
+                             f"{list(ids.shape)}; add a batch dim with ids[None].")
+        size = self.quantizer.codebook_size
+        if ids.min().item() < 0 or ids.max().item() >= size:
+            raise ValueError(f"token ids must lie in [0, {size}), got [{ids.min().item()}, {ids.max().item()}]; "
+                             "they come from another tokenizer or were corrupted.")
+        return ids.to(device=self.decoder.img_in.weight.device, dtype=torch.long)
+
+    @property
+    def ids_per_image(self) -> int:
+        """How many token ids one image has: code_length x sub-tokens per token (LFQ) or code_length (FSQ)."""
+        return self.config.code_length * getattr(self.quantizer, "groups_per_token", 1)
+
+    def _model_dtype(self, images: Tensor) -> Tensor:
+        """Half, bfloat16 or float64 images run in the model's own dtype (the API promise: any float dtype)."""
+        return images.to(self.decoder.img_in.weight.dtype)
 
     # ----------------------------------------------------------------------------------- the model
     def encode(self, images: Tensor, check: bool = True) -> Tensor:
         """Continuous code [B, L, D] of images [B, 3, H, W] in [-1, 1] (before quantization)."""
         if check:
             self.check_images(images)
+            images = self._model_dtype(images)
         zeros = images.new_zeros(images.shape[0], self.config.code_length, self.config.code_dim)
         _, code = self.encoder(images, zeros)
         return code
@@ -127,6 +164,7 @@ class FlowMoTokenizer(nn.Module):
         cfg_interval is in EDM sigma (the paper's (0.17, 1.02)), converted by t = sigma/(1+sigma);
         None applies guidance at every step.
         """
+        self._check_sample_inputs(codes, noise, steps)
         # the shared grid stays on the host: deciding which steps are guided then needs no device sync
         grid = timesteps if timesteps is not None else flow.rho_timesteps(steps, rho)
         interval_t = None if cfg_interval is None else tuple(flow.sigma_to_t(s) for s in cfg_interval)
@@ -134,6 +172,17 @@ class FlowMoTokenizer(nn.Module):
         unconditional = lambda z, t: self.velocity(z, None, t)  # noqa: E731
         velocity_fn = flow.guided_velocity(conditional, unconditional, cfg, interval_t)
         return flow.sample_euler(velocity_fn, noise, grid, clip=clip)
+
+    def _check_sample_inputs(self, codes: Tensor | None, noise: Tensor, steps: int) -> None:
+        """Shapes only (no device sync: validation and evaluation call this for every batch)."""
+        if not isinstance(noise, Tensor) or noise.dim() != 4 or noise.shape[1] != 3 or not noise.is_floating_point():
+            raise ValueError("noise must be a float tensor [B, 3, H, W] (the image shape to decode).")
+        expected = (noise.shape[0], self.config.code_length, self.config.code_dim)
+        if codes is not None and (not isinstance(codes, Tensor) or tuple(codes.shape) != expected):
+            shape = list(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"codes must have shape {list(expected)} (one code per noise image), got {shape}.")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}.")
 
     # ----------------------------------------------------------------------------------- downstream API
     @torch.no_grad()
@@ -148,9 +197,18 @@ class FlowMoTokenizer(nn.Module):
     def detokenize(self, indices: Tensor, noise: Tensor | None = None, image_size: tuple[int, int] | None = None,
                    generator: torch.Generator | None = None, **sampler) -> Tensor:
         """int64 token indices -> images [B, 3, H, W] in [-1, 1] (paper sampler unless overridden)."""
-        codes = self.quantizer.indices_to_codes(indices.long()).to(self.decoder.img_in.weight.dtype)
+        indices = self.check_indices(indices)
+        codes = self.quantizer.indices_to_codes(indices).to(self.decoder.img_in.weight.dtype)
+        if noise is not None:
+            self.check_images(noise, check_range=False)
+            if noise.shape[0] != indices.shape[0]:
+                raise ValueError(f"noise has {noise.shape[0]} images for {indices.shape[0]} rows of token ids.")
+            noise = self._model_dtype(noise)
         if noise is None:
             height, width = image_size or (self.config.image_size, self.config.image_size)
+            if height <= 0 or width <= 0 or height % self.config.patch_size or width % self.config.patch_size:
+                raise ValueError(f"image_size {(height, width)} must be positive multiples of the patch size "
+                                 f"{self.config.patch_size}.")
             noise = torch.randn(indices.shape[0], 3, height, width, device=indices.device,
                                 dtype=codes.dtype, generator=generator)
         return self.sample(codes, noise, **{**PAPER_SAMPLER, **sampler})
@@ -159,5 +217,5 @@ class FlowMoTokenizer(nn.Module):
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None, **sampler) -> Tensor:
         """encode -> quantize -> decode with the paper's sampler."""
         codes = self.quantize(self.encode(images), with_losses=False).codes
-        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+        noise = torch.randn(images.shape, device=images.device, dtype=codes.dtype, generator=generator)
         return self.sample(codes, noise, **{**PAPER_SAMPLER, **sampler})
