@@ -189,3 +189,24 @@ def test_a_stream_of_empty_shards_fails_within_seconds(tmp_path):
         next(iter(data.train_dataloader()))
     assert time.time() - started < 10
     assert resampled_urls  # imported: the stream the DataModule uses
+
+
+def test_sixteen_bit_and_transparent_images_decode_faithfully():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flowmo.data.transforms import decode_rgb
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    encoded = io.BytesIO()
+    Image.fromarray(ramp).save(encoded, format="PNG")  # mode I;16
+    pixels = np.array(decode_rgb(encoded.getvalue()))
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 1  # scaled, not all white
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[:4, :, 3] = 255, 255  # red, transparent in the lower half
+    encoded = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(encoded, format="PNG")
+    pixels = np.array(decode_rgb(encoded.getvalue()))
+    assert pixels[0, 0].tolist() == [255, 0, 0] and pixels[7, 7].tolist() == [255, 255, 255]  # on white

@@ -16,10 +16,24 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (documented in the README)
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, ...) to an RGB PIL image; raises on corrupt data."""
+    """Decode encoded image bytes (JPEG, PNG, ...) to an 8-bit RGB PIL image; raises on corrupt data.
+
+    16-bit images (PNG modes I;16 / I) are scaled to 8 bits, not clipped (a plain convert saturates them
+    to white); images with alpha are composited on ALPHA_BACKGROUND, not stripped (hidden colours showed).
+    """
     with Image.open(io.BytesIO(data)) as image:
         image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            scale = 1 / 257 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 1
+            image = image.point(lambda value: value * scale).convert("L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+            return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")  # grayscale, CMYK and palette images exist in ImageNet
 
 
