@@ -210,3 +210,16 @@ def test_sixteen_bit_and_transparent_images_decode_faithfully():
     Image.fromarray(rgba, "RGBA").save(encoded, format="PNG")
     pixels = np.array(decode_rgb(encoded.getvalue()))
     assert pixels[0, 0].tolist() == [255, 0, 0] and pixels[7, 7].tolist() == [255, 255, 255]  # on white
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_the_fields(shards, tmp_path):
+    runs = tmp_path / "runs"
+    assert run(fit_command(shards, runs, 1)).returncode == 0
+    other = run(fit_command(shards, runs, 2, "-c", str(CONFIGS / "model/demo.yaml"), "--ckpt_path", "last"))
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "another architecture" in other.stderr and "code_dim: 18 -> 72" in other.stderr
+    assert "Traceback" not in other.stderr
+    from flowmo.errors import UserError
+
+    with pytest.raises(UserError, match="code_dim: 18 -> 72; rope_theta: 10000.0 -> 100.0"):
+        FlowMoModule(preset="demo", perceptual="none", init_weights=str(runs / "fault" / "checkpoints" / "last.ckpt"))

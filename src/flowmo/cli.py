@@ -67,6 +67,7 @@ class FlowMoCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand == "fit":
             self._resolve_last()
+            self._refuse_other_architecture()
         if subcommand in (None, "fit"):
             return super()._parse_ckpt_path()
         ckpt_path = self.config[subcommand].get("ckpt_path")
@@ -93,6 +94,26 @@ class FlowMoCLI(LightningCLI):
         else:
             print(f"flowmo: resuming from {latest}", file=sys.stderr)
         config["ckpt_path"] = str(latest) if latest else None
+
+    def _refuse_other_architecture(self) -> None:
+        """Resuming a checkpoint of another architecture would silently train that one under this run's name."""
+        from flowmo.config import config_differences, resolve_config
+        from flowmo.errors import UserError
+
+        config = self.config["fit"]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        # mmap: only the hyper-parameters are read here, not gigabytes of weights
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        if "preset" not in hparams:
+            return
+        theirs = resolve_config(hparams["preset"], hparams.get("architecture"))
+        ours = resolve_config(config["model"]["preset"], config["model"].get("architecture"))
+        if theirs != ours:
+            raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of another architecture than the configured one "
+                            f"({'; '.join(config_differences(theirs, ours))}); give the configs it was trained with, "
+                            "or start a new run_name.")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """Every run saves checkpoints atomically, turns SIGTERM / SIGUSR1 into a saved, resumable exit and ends

@@ -181,3 +181,18 @@ def resolve_config(preset: str, overrides: dict[str, Any] | None = None) -> Flow
         else:
             values[key] = value
     return FlowMoConfig.from_dict(values)
+
+
+def config_differences(theirs: FlowMoConfig, ours: FlowMoConfig) -> list[str]:
+    """'field: theirs -> ours' for every architecture field that differs (encoder./decoder. fields flattened)."""
+    def flat(config: FlowMoConfig) -> dict[str, Any]:
+        values = {}
+        for key, value in config.to_dict().items():
+            if isinstance(value, dict):
+                values.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                values[key] = value
+        return values
+
+    a, b = flat(theirs), flat(ours)
+    return [f"{key}: {a.get(key)} -> {b.get(key)}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]

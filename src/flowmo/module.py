@@ -134,8 +134,11 @@ class FlowMoModule(L.LightningModule):
         else:
             state, config = tokenizer_state(checkpoint, which)
         if config is not None and config != self.config:
-            raise ValueError(f"init_weights {path} was trained with a different architecture ({config}); "
-                             f"use the same model config ({self.config}).")
+            from flowmo.config import config_differences
+            from flowmo.errors import UserError
+
+            raise UserError(f"init_weights {path} has another architecture than the configured one "
+                            f"({'; '.join(config_differences(config, self.config))}); use that file's model config.")
         if parts == "encoder":
             state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
             self.tokenizer.encoder.load_state_dict(state, strict=True)
