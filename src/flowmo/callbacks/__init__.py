@@ -1,8 +1,9 @@
 """Lightning callbacks: throughput figures, reconstruction grids, evaluation reports, skipped-sample counts."""
 
 from flowmo.callbacks.images import ReconstructionGrid
+from flowmo.callbacks.progress import StepProgressBar
 from flowmo.callbacks.report import EvaluationReport
 from flowmo.callbacks.skipped import SkippedSamples
 from flowmo.callbacks.throughput import Throughput
 
-__all__ = ["EvaluationReport", "ReconstructionGrid", "SkippedSamples", "Throughput"]
+__all__ = ["EvaluationReport", "ReconstructionGrid", "SkippedSamples", "StepProgressBar", "Throughput"]
