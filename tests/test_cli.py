@@ -82,3 +82,33 @@ def test_missing_shards_give_one_clear_sentence(tmp_path):
 def test_from_checkpoint_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         FlowMoTokenizer.from_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_reconstruct_tokenize_detokenize_files(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from flowmo.checkpoint import export_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer_file = export_tokenizer(FlowMoTokenizer.from_preset("tiny"), tmp_path / "tiny.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            photos / f"p{index}.png")
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    common = ["--tokenizer", str(tokenizer_file), "--steps", "2"]
+    assert main(["reconstruct", str(photos), "--out", str(tmp_path / "recon"), *common]) == 0
+    assert "wrote 3 input | reconstruction PNGs to" in (out := capsys.readouterr().out) and "skipped 1 unreadable: broken.jpg" in out
+    with Image.open(tmp_path / "recon" / "p0.png") as image:
+        assert image.size == (64, 32)  # input | reconstruction, 32 px each
+    assert main(["tokenize", str(photos), "--out", str(tmp_path / "ids"), *common]) == 0
+    ids = np.load(tmp_path / "ids" / "p1.npy")
+    assert ids.dtype == np.uint16 and ids.shape == (32,) and ids.max() < 512
+    assert main(["detokenize", str(tmp_path / "ids"), "--out", str(tmp_path / "decoded"), "--size", "48", *common]) == 0
+    with Image.open(tmp_path / "decoded" / "p2.png") as image:
+        assert image.size == (48, 48)
+    np.save(tmp_path / "ids" / "bad.npy", np.full(32, 9999))
+    assert main(["detokenize", str(tmp_path / "ids"), "--out", str(tmp_path / "d2"), *common]) == 2
+    assert "token ids must lie in [0, 512)" in capsys.readouterr().err

@@ -6,6 +6,7 @@
     flowmo shards --source /data/ILSVRC2012_img_val.tar --out data/imagenet --split val
     flowmo sample-data --out data/sample
     flowmo export --ckpt runs/lo-1b/checkpoints/last.ckpt --out flowmo_lo.pt
+    flowmo reconstruct --tokenizer flowmo_lo.pt photos/ --out recon/    # also: flowmo tokenize / detokenize
     flowmo demo
 
 `run_name` names the run: TensorBoard logs under runs/<run_name>/, checkpoints in runs/<run_name>/checkpoints
@@ -33,6 +34,9 @@ PROJECT_COMMANDS = {
     "export": ("flowmo.cli", "export a light tokenizer file (config + EMA or raw weights) from a checkpoint"),
     "demo": ("flowmo.demo", "tiny end-to-end run on the sample set: 1A, 1B, evaluation, grid, metrics.json"),
     "ablate": ("flowmo.ablate", "ablation grids (configs/ablations/*.yaml): grids, list, run (fit + test), table"),
+    "reconstruct": ("flowmo.tools", "images or folders -> input | reconstruction PNGs"),
+    "tokenize": ("flowmo.tools", "images or folders -> one .npy of token ids per image"),
+    "detokenize": ("flowmo.tools", ".npy token id files -> decoded PNGs"),
 }
 
 
@@ -47,6 +51,14 @@ class FlowMoCLI(LightningCLI):
         # to main(), which prints their one sentence instead of 110 lines of usage
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_error": False})
         super().__init__(FlowMoModule, FlowMoDataModule, *args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit / validate / test. No `predict`: FlowMo has no forward to predict with; the file-level tools
+        are `flowmo reconstruct | tokenize | detokenize` (flowmo.tools)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict", None)
+        return commands
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str, default="flowmo", help="runs/<run_name>/ holds logs and checkpoints")
@@ -171,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
         if command == "export":
             return export_main(rest)
+        if PROJECT_COMMANDS[command][0] == "flowmo.tools":
+            return int(import_module("flowmo.tools").main(rest, command=command) or 0)
         return int(import_module(PROJECT_COMMANDS[command][0]).main(rest) or 0)
     if argv and argv[0] in ("-h", "--help"):
         print("project subcommands:\n" + "\n".join(f"  {k:<12} {v[1]}" for k, v in PROJECT_COMMANDS.items()))

@@ -1,0 +1,167 @@
+"""File-level tools: images in, images or token ids out.
+
+    flowmo reconstruct --tokenizer runs/demo-1b/checkpoints/last.ckpt photo.jpg more/ --out recon/
+    flowmo tokenize    --tokenizer flowmo_lo.pth photos/ --out tokens/        # one <name>.npy of ids per image
+    flowmo detokenize  --tokenizer flowmo_lo.pth tokens/ --out decoded/ --size 256
+
+--tokenizer takes a FlowMoModule .ckpt, an exported .pt or the authors' flowmo_lo.pth / flowmo_hi.pth (EMA
+weights). Images are resized (shorter side) and center-cropped to --size (default: the tokenizer's training
+size), as in evaluation. Unreadable images are skipped and counted; the run says how many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flowmo.data.transforms import decode_rgb, val_transform
+from flowmo.errors import UserError
+from flowmo.nn.tokenizer import FlowMoTokenizer
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
+
+
+def load_tokenizer(path: str, device: str) -> FlowMoTokenizer:
+    source = Path(path)
+    if not source.is_file():
+        raise UserError(f"--tokenizer {path} does not exist; give a .ckpt, an exported .pt or flowmo_lo/hi.pth.")
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    from flowmo.checkpoint import is_official
+
+    if is_official(checkpoint):
+        model = FlowMoTokenizer.from_official(checkpoint)
+    else:
+        model = FlowMoTokenizer.from_checkpoint(source, weights="ema")
+    return model.to(device).eval()
+
+
+def list_files(inputs: list[str], suffixes: set[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in suffixes)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise UserError(f"{item} does not exist; give image files or folders.")
+    if not files:
+        raise UserError(f"no {'/'.join(sorted(suffixes))} files in {', '.join(inputs)}.")
+    return files
+
+
+def read_images(files: list[Path], size: int) -> tuple[list[Path], list[torch.Tensor], list[Path]]:
+    """(readable files, [3, size, size] tensors in [-1, 1], skipped files)."""
+    kept, tensors, skipped = [], [], []
+    for path in files:
+        try:
+            tensors.append(val_transform(decode_rgb(path.read_bytes()), size))
+            kept.append(path)
+        except Exception:  # an unreadable or corrupt file: skip it, count it, go on
+            skipped.append(path)
+    return kept, tensors, skipped
+
+
+def batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def progress(done: int, total: int, what: str) -> None:
+    print(f"\r{what}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels)
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor) -> Image.Image:
+    return to_pil(torch.cat([left, right], dim=-1))
+
+
+def reconstruct(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
+    size = args.size or model.config.image_size
+    files, images, skipped = read_images(list_files(args.inputs, IMAGE_SUFFIXES), size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    for start, chunk in batches(images, args.batch):
+        batch = torch.stack(chunk).to(args.device)
+        recon = model.reconstruct(batch, generator=generator, steps=args.steps)
+        for offset, (source, target) in enumerate(zip(batch, recon)):
+            side_by_side(source, target).save(out / f"{files[start + offset].stem}.png")
+        progress(start + len(chunk), len(images), "reconstruct")
+    return report(len(images), skipped, out, "input | reconstruction PNGs")
+
+
+def tokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
+    size = args.size or model.config.image_size
+    files, images, skipped = read_images(list_files(args.inputs, IMAGE_SUFFIXES), size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if model.quantizer.codebook_size <= 2**16 else np.int64  # the smallest that holds the ids
+    for start, chunk in batches(images, args.batch):
+        ids = model.tokenize(torch.stack(chunk).to(args.device)).cpu().numpy().astype(dtype)
+        for offset, row in enumerate(ids):
+            np.save(out / f"{files[start + offset].stem}.npy", row)
+        progress(start + len(chunk), len(images), "tokenize")
+    return report(len(images), skipped, out, f"token id files ({dtype.__name__}, {model.ids_per_image} ids each)")
+
+
+def detokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
+    files = list_files(args.inputs, {".npy"})
+    size = args.size or model.config.image_size
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    rows = []
+    for path in files:
+        ids = np.load(path)
+        rows.append(ids.astype(np.int64) if np.issubdtype(ids.dtype, np.integer) else ids)
+    for start, chunk in batches(rows, args.batch):
+        try:
+            stacked = np.stack(chunk)
+        except ValueError as error:
+            raise UserError(f"the .npy files hold id arrays of different lengths ({error}).") from None
+        images = model.detokenize(stacked, image_size=(size, size), generator=generator, steps=args.steps)
+        for offset, image in enumerate(images):
+            to_pil(image).save(out / f"{files[start + offset].stem}.png")
+        progress(start + len(chunk), len(rows), "detokenize")
+    return report(len(rows), [], out, "decoded PNGs")
+
+
+def report(done: int, skipped: list[Path], out: Path, what: str) -> int:
+    print(f"wrote {done} {what} to {out}" + (f"; skipped {len(skipped)} unreadable: "
+                                            f"{', '.join(p.name for p in skipped[:5])}" if skipped else ""))
+    return 0
+
+
+COMMANDS = {"reconstruct": reconstruct, "tokenize": tokenize, "detokenize": detokenize}
+
+
+def main(argv: list[str] | None = None, command: str = "reconstruct") -> int:
+    what = {"reconstruct": "images or folders -> input | reconstruction PNGs",
+            "tokenize": "images or folders -> one .npy of token ids per image",
+            "detokenize": ".npy id files or folders -> decoded PNGs"}[command]
+    parser = argparse.ArgumentParser(prog=f"flowmo {command}", description=what)
+    parser.add_argument("inputs", nargs="+", help="files or folders")
+    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt or flowmo_lo/hi.pth")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--size", type=int, help="image side in px (default: the tokenizer's training size)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps (paper: 25, rho 4, interval CFG 1.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the decoding noise")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        model = load_tokenizer(args.tokenizer, args.device)
+        with torch.no_grad():
+            return COMMANDS[command](args, model)
+    except (UserError, ValueError) as error:
+        print(f"flowmo {command}: {error}", file=sys.stderr)
+        return 2
