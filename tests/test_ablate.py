@@ -143,8 +143,11 @@ def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     parsed = parsed_plan("tiny", tmp_path)
     base = parsed["fit:ablate-tiny-base"]
     assert architecture(base).bits_per_token == 72 and base.model.time_schedule == "noise_weighted"
-    assert (base.trainer.max_steps, base.model.lr, base.data.batch_size, base.model.perceptual) == (4000, 1e-3, 16, "none")
-    assert base.data.train_shards == "data/demo/train.json" and base.ckpt_path == "last"
+    assert (base.trainer.max_steps, base.model.lr, base.data.batch_size, base.model.perceptual) == (3000, 1e-3, 16, "none")
+    assert base.data.train_shards == "data/demo/train.json"
+    grid = ablate.load_grid("tiny", CONFIGS)
+    fits = [s for s in ablate.plan(grid, options(tmp_path)) if s.action == "fit"]
+    assert all(s.argv[-2:] == ("--ckpt_path", "last") for s in fits)  # a rerun resumes (parsed: no run yet -> None)
     assert parsed["fit:ablate-tiny-uniform"].model.time_schedule == "uniform"
     assert parsed["fit:ablate-tiny-fat_lognormal"].model.time_schedule == "fat_lognormal"
     fsq = architecture(parsed["fit:ablate-tiny-fsq"])
@@ -152,7 +155,7 @@ def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     assert architecture(parsed["fit:ablate-tiny-continuous"]).quantizer == "none"
     post = parsed["fit:ablate-tiny-base-posttrain"]
     assert (post.model.stage, post.model.sample_loss, post.model.sample_loss_weight, post.trainer.max_steps) == \
-        ("1b", "pixel_mse", 10.0, 400)
+        ("1b", "pixel_mse", 10.0, 800)
     assert post.model.init_weights == "runs/ablate-tiny-base/checkpoints/last.ckpt"
     assert parsed["test:posttrain"].model.init_weights == "runs/ablate-tiny-base-posttrain/checkpoints/last.ckpt"
     for cell, rho, cfg in (("base", 4.0, 1.5), ("rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0)):
