@@ -78,16 +78,49 @@ class FlowMoModule(L.LightningModule):
     ):
         """Arguments map one to one onto the paper's knobs; configs/stage/{1a,1b}.yaml hold its recipes.
 
-        init_weights_parts: "all" loads the whole tokenizer from init_weights; "encoder" loads only the encoder
-        and keeps the decoder's fresh init (with freeze_encoder_after=0: the Table-4 "MSE-pretrained encoder,
-        then frozen" cell, configs/ablations/overlays/mse_frozen_encoder.yaml).
-
-        feature_weights: weights of the frozen feature nets (LPIPS, ResNet-50, Inception): None = the
-        pretrained files from the torch hub cache (an error names a missing file), "random" = explicit
-        random stand-ins for CPU demos and tests (logged loudly, recorded in the results).
-
-        max_nonfinite_steps: an optimizer step whose loss or gradients are not finite is skipped (no weight,
-        EMA or Adam update) and counted (train/skipped_nonfinite); this many in a row stop the run.
+        Args:
+            preset: named architecture: lo, hi, small, tiny or demo (flowmo.presets).
+            architecture: FlowMoConfig fields overriding the preset, e.g. {"patch_size": 8}.
+            stage: 1a (mode matching: encoder + decoder) or 1b (mode seeking: encoder frozen, chain loss).
+            lr: Adam learning rate (paper: 1e-4 in 1A, 5e-5 in 1B).
+            lr_schedule: constant (paper) or cosine (decays to 0 at trainer.max_steps).
+            betas: Adam betas (paper: 0.9, 0.95).
+            adam_eps: Adam epsilon.
+            time_schedule: how t is drawn in the flow loss: fat_lognormal (paper: logit-normal with a 10% uniform
+                tail), lognormal, uniform or noise_weighted (t = sqrt(U), the CPU demo's).
+            cfg_dropout: probability of the null code in training (enables CFG at sampling; paper 0.1).
+            flow_weight: weight of the flow-matching MSE.
+            perceptual: 1A perceptual loss on the x0 estimate: lpips_vgg (paper), pixel_mse or none.
+            perceptual_weight: its weight (paper 0.1).
+            sample_loss: 1B loss on the 8-step chain sample: resnet50_logits (paper), pixel_mse or none.
+            sample_loss_weight: its weight (paper 0.01 for ResNet logits).
+            sample_steps: Euler steps of the 1B chain (paper 8).
+            feature_weights: weights of the frozen feature nets (LPIPS, ResNet-50, Inception): None = the
+                pretrained files from the torch hub cache (an error names a missing file), a folder holding the
+                .pth files, or "random" = explicit random stand-ins for CPU tests (logged loudly, recorded).
+            freeze_encoder_after: optimizer step after which the 1A encoder is frozen (paper 200k; null = never).
+            reset_optimizer_on_freeze: restart Adam's moments at the freeze (the authors rebuild the optimizer).
+            weight_norm_projection: keep each weight matrix at its initial norm after every step (paper).
+            ema_decay: EMA decay per EMA update (paper 0.9999).
+            ema_every: optimizer steps between EMA updates (paper 10; decay applies per update).
+            init_weights: start from these weights (a .ckpt, exported .pt or official .pth; 1B needs a 1A file).
+            init_weights_from: ema or raw weights of init_weights.
+            init_weights_parts: "all" loads the whole tokenizer; "encoder" only the encoder, keeping the decoder's
+                fresh init (with freeze_encoder_after=0: the Table-4 "MSE-pretrained encoder, then frozen" cell,
+                configs/ablations/overlays/mse_frozen_encoder.yaml).
+            compile: torch.compile the transformer blocks.
+            checkpoint_chain: activation-checkpoint the 1B chain (less memory, ~1/3 more compute).
+            seed: seeds the noise generator (t, noise, CFG dropout, chain grids) and evaluation noise.
+            val_steps: sampler steps in validation/test (paper 25).
+            val_rho: sampler grid t_k = (k/n)^rho (paper 4).
+            val_cfg: classifier-free guidance scale (paper 1.5; 1 = off).
+            val_cfg_interval: EDM sigma interval where CFG applies (paper 0.17, 1.02; null = every step).
+            val_use_ema: evaluate the EMA weights (paper) rather than the raw ones.
+            val_lpips_nets: LPIPS variants computed in validation/test: alex and/or vgg.
+            val_rfid: compute rFID (Inception weights needed).
+            inception_path: the pt_inception-2015-12-05 file for rFID (default: the torch hub cache).
+            max_nonfinite_steps: an optimizer step whose loss or gradients are not finite is skipped (no weight,
+                EMA or Adam update) and counted (train/skipped_nonfinite); this many in a row stop the run.
         """
         super().__init__()
         if stage not in STAGES:
