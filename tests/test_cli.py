@@ -10,17 +10,9 @@ import torch
 
 from flowmo import FlowMoTokenizer
 from flowmo.cli import main
-from flowmo.data import build_sample_set
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 warnings.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def sample_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sample")
-    build_sample_set(out, size=40, train_crops_per_photo=4, val_crops_per_photo=2, shard_size=8)
-    return out
 
 
 def fit_args(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:

@@ -17,7 +17,6 @@ import lightning as L
 import pytest
 import torch
 
-from flowmo.data import build_sample_set
 from flowmo.faults import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteTraining, latest_checkpoint
 from flowmo.module import FlowMoModule
 
@@ -25,11 +24,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 warnings.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sample")
-    build_sample_set(out, size=40, train_crops_per_photo=4, val_crops_per_photo=2, shard_size=8)
-    return out
+@pytest.fixture
+def shards(sample_shards) -> Path:
+    return sample_shards
 
 
 def fit_command(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
