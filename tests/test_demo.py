@@ -66,13 +66,13 @@ def test_demo_pretrained_without_the_files_says_what_is_missing():
 
 @pytest.mark.slow
 def test_demo_recipe_reconstructs_held_out_photos(tmp_path):
-    """The real `make demo` recipe (~12 minutes on 2 cores) beats the mean-colour guess and Stage 1B helps.
+    """The real `make demo` recipe (~13 minutes on 2 cores): held-out PSNR at least 3 dB above the mean-colour
+    guess (issue 12's bar), and Stage 1B clearly above Stage 1A.
 
-    The bar is what this recipe cleared on every seed measured (README: 1B - mean colour 1.7 to 2.5 dB, 1B - 1A
-    1.4 to 2.1 dB over seeds 0-2), not yet issue 12's +3 dB.
+    Measured (README): 1B - mean colour +3.42 / +3.29 / +3.36 dB and 1B - 1A +2.4 / +2.4 / +2.2 dB, seeds 0-2.
     """
     metrics = run_demo(tmp_path)
     mean_colour = metrics["psnr_mean_colour_baseline"]
-    assert metrics["psnr_1b"] >= mean_colour + 1.5, metrics
-    assert metrics["psnr_1b"] >= metrics["psnr_1a"] + 1.0, metrics
+    assert metrics["psnr_1b"] >= mean_colour + 3.0, metrics
+    assert metrics["psnr_1b"] >= metrics["psnr_1a"] + 1.5, metrics
     assert metrics["psnr_1b"] < metrics["psnr_pool8_baseline"], metrics  # 192 numbers/image is still ahead
