@@ -228,3 +228,14 @@ def test_make_eval_targets_pass_ckpt_or_official_and_subsample():
     assert "--run_name eval-hi-sub10" in official and "--trainer.strategy ddp" in official
     missing = subprocess.run(["make", "-o", ".venv/.installed", "eval-lo"], cwd=root, capture_output=True, text=True)
     assert missing.returncode != 0 and "usage: make eval-lo CKPT=" in missing.stdout
+
+
+def test_a_table_row_names_the_architecture_it_evaluated():
+    from flowmo.callbacks.report import table_markdown
+
+    report = {"metrics": {"psnr_paper": 20.0}, "sampler": {"steps": 25, "rho": 4.0, "cfg": 1.5,
+              "cfg_interval": [0.17, 1.02], "seed": 0, "nfe": 31}, "stand_ins": [], "warning": None,
+              "bits_per_pixel": 0.07, "tokens_x_vocab": "256 × 2^18", "num_images": 10, "weights": "ema",
+              "precision": "32-true", "model": {"hparams": {"preset": "tiny"}}}
+    assert "| eval-lo [tiny architecture] |" in table_markdown("eval-lo", report)  # make eval-lo CKPT=<tiny>
+    assert "| eval-tiny |" in table_markdown("eval-tiny", report)

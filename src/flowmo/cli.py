@@ -85,8 +85,12 @@ class FlowMoCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return None
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         architecture = {key: hparams[key] for key in ARCHITECTURE_HPARAMS if key in hparams}
+        configured = self.config[subcommand].get("model", {}).get("preset")
+        if architecture.get("preset") not in (None, configured):
+            print(f"flowmo {subcommand}: {ckpt_path} is a {architecture['preset']!r} checkpoint, not the configured "
+                  f"{configured!r}; evaluating it as {architecture['preset']!r} (the report says so).", file=sys.stderr)
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
         return None

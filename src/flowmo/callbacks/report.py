@@ -176,7 +176,10 @@ def _cell(metrics: dict[str, float], key: str, digits: int) -> str:
 def table_markdown(name: str, report: dict[str, Any]) -> str:
     """Table 1's header and one row (paper-compatible PSNR/SSIM), then the correct values and the protocol."""
     m, s = report["metrics"], report["sampler"]
-    label = f"{name} (STAND-IN NETS)" if report["stand_ins"] else name
+    preset = report["model"]["hparams"].get("preset")
+    # the row says what was evaluated: `make eval-lo CKPT=<a tiny checkpoint>` must not read as FlowMo-Lo
+    label = name if not preset or preset in name else f"{name} [{preset} architecture]"
+    label = f"{label} (STAND-IN NETS)" if report["stand_ins"] else label
     row = (f"| {label} | {report['bits_per_pixel']:.3f} | {report['tokens_x_vocab']} | {_cell(m, 'rfid', 2)} | "
            f"{_cell(m, 'psnr_paper', 2)} | {_cell(m, 'ssim_paper', 3)} | {_cell(m, 'lpips_alex', 3)} |")
     notes = [
