@@ -809,7 +809,8 @@ def build_sample_set(grid: Grid) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmo ablate", description="ablation grids (configs/ablations/*.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("grids", help="the grids in configs/ablations/")
+    grids = sub.add_parser("grids", help="the grids in configs/ablations/")
+    grids.add_argument("--config-dir", default="configs")
     listing = sub.add_parser("list", help="a grid's cells and their resolved overlays")
     run = sub.add_parser("run", help="fit + test a grid's cells, then write its table")
     table = sub.add_parser("table", help="write results/ablations/<grid>/table.{md,csv} and the PNGs")
@@ -873,8 +874,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if args.command == "grids":
-        for name in available_grids("configs"):
-            print(f"{name:16} {load_grid(name).title}")
+        for name in available_grids(args.config_dir):
+            print(f"{name:16} {load_grid(name, args.config_dir).title}")
         return 0
     grid = load_grid(args.grid, args.config_dir)
     options = options_from(args)
