@@ -220,3 +220,13 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_fields(shard
 
     with pytest.raises(UserError, match="code_dim: 18 -> 72; rope_theta: 10000.0 -> 100.0"):
         FlowMoModule(preset="demo", perceptual="none", init_weights=str(runs / "fault" / "checkpoints" / "last.ckpt"))
+
+
+def test_user_errors_are_one_sentence_without_a_traceback(shards, tmp_path, capsys):
+    from flowmo.cli import main
+
+    assert main(fit_command(shards, tmp_path, 1, "--data.image_size", "30")[3:]) == 2
+    assert "data.image_size 30 is not a multiple of the patch size 4; use 28 or 32." in capsys.readouterr().err
+    assert main(fit_command(shards, tmp_path, 1, "--trainer.max_step", "1")[3:]) == 2  # no prefix matching
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --trainer.max_step 1" in err and "usage:" not in err

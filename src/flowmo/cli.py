@@ -95,6 +95,20 @@ class FlowMoCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
         return None
 
+    def before_instantiate_classes(self) -> None:
+        """Checks that need the whole config: the data's image size must be a multiple of the patch."""
+        from flowmo.config import resolve_config
+        from flowmo.errors import UserError
+
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if not config or "model" not in config or "data" not in config:
+            return
+        patch = resolve_config(config["model"]["preset"], config["model"].get("architecture")).patch_size
+        size = config["data"].get("image_size")
+        if size and size % patch:
+            raise UserError(f"data.image_size {size} is not a multiple of the patch size {patch}; use "
+                            f"{size - size % patch or patch} or {size + patch - size % patch}.")
+
     def _resolve_last(self) -> None:
         """`--ckpt_path last` = the newest readable checkpoint of this run (last.ckpt, step files, SLURM's
         hpc_ckpt_*), said out loud; with none, a loud note that the run starts from step 0."""
