@@ -230,3 +230,14 @@ def test_user_errors_are_one_sentence_without_a_traceback(shards, tmp_path, caps
     assert main(fit_command(shards, tmp_path, 1, "--trainer.max_step", "1")[3:]) == 2  # no prefix matching
     err = capsys.readouterr().err
     assert "unrecognized arguments: --trainer.max_step 1" in err and "usage:" not in err
+
+
+def test_latest_checkpoint_includes_slurm_requeue_saves(tmp_path):
+    """Lightning's SLURM requeue writes <run>/hpc_ckpt_N.ckpt; `--ckpt_path last` must prefer it when newer."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 100}, run_dir / "checkpoints" / "last.ckpt")
+    time.sleep(0.05)
+    torch.save({"global_step": 130}, run_dir / "hpc_ckpt_1.ckpt")
+    (run_dir / "checkpoints" / ".last.ckpt.tmp-123").write_bytes(b"half")  # a killed save's leftover: ignored
+    assert latest_checkpoint(run_dir) == run_dir / "hpc_ckpt_1.ckpt"
