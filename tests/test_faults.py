@@ -241,3 +241,28 @@ def test_latest_checkpoint_includes_slurm_requeue_saves(tmp_path):
     torch.save({"global_step": 130}, run_dir / "hpc_ckpt_1.ckpt")
     (run_dir / "checkpoints" / ".last.ckpt.tmp-123").write_bytes(b"half")  # a killed save's leftover: ignored
     assert latest_checkpoint(run_dir) == run_dir / "hpc_ckpt_1.ckpt"
+
+
+def test_a_truncated_test_shard_reports_the_images_lost(sample_shards, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from flowmo.cli import main
+
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    manifest = json.loads((shards / "val.json").read_text())
+    first = shards / manifest["shards"][0]["url"]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # a copy cut short
+    monkeypatch.chdir(tmp_path)
+    args = ["test", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/tiny.yaml"),
+            "-c", str(CONFIGS / "data/sample.yaml"), "-c", str(CONFIGS / "eval/paper.yaml"),
+            "--data.val_shards", str(shards / "val.json"), "--data.image_size", "32", "--model.val_steps", "1",
+            "--model.val_lpips_nets", "[]", "--model.val_rfid", "false", "--trainer.precision", "32-true",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+            "--run_name", "cut", "--runs_dir", str(tmp_path / "runs")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "results" / "cut" / "metrics.json").read_text())
+    expected = sum(shard["num_samples"] for shard in manifest["shards"])
+    assert report["images_lost"] == expected - report["num_images"] > 0
+    assert f"of the {expected} test images in the manifest were not read" in report["warning"]

@@ -69,6 +69,13 @@ class EvaluationReport(L.Callback):
         report = build_report(trainer, pl_module, num_images=num_images, resolution=self._resolution,
                               wall_time_s=time.perf_counter() - self._start)
         report["skipped_samples"] = skipped
+        expected = getattr(trainer.datamodule, "expected_images", lambda split: None)("test")
+        if expected is not None and num_images < expected:  # read errors count shards; this counts images
+            report["images_lost"] = expected - num_images
+            lost = (f"{expected - num_images} of the {expected} test images in the manifest were not read "
+                    "(corrupt or truncated shards); the metrics cover the rest")
+            report["warning"] = f"{report['warning']} {lost}" if report["warning"] else lost
+            rank_zero_warn(lost)
         folder = Path(self.out_dir) / (self.name or run_name(trainer))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "metrics.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -160,6 +161,17 @@ class FlowMoDataModule(L.LightningDataModule):
             offsets[str(manifest_path.parent / shard["url"])] = start
             start += shard["num_samples"]
         return offsets
+
+    def expected_images(self, split: str = "test") -> int | None:
+        """Images an exact-once pass over `split` should yield, from its manifest (None when unknown): what a
+        report compares with the images actually read, so a truncated shard shows as images lost."""
+        offsets = self._shard_offsets(split)
+        if offsets is None or self.hparams.val_max_samples is not None:
+            return None
+        manifest = json.loads(Path(self._shard_spec(split)).read_text())
+        total = sum(shard["num_samples"] for shard in manifest["shards"])
+        every = self.hparams.test_subsample if split == "test" else 1
+        return math.ceil(total / every)
 
     def _trainer_position(self) -> tuple[int | None, int | None, int]:
         """(rank, world size, global step); without a Trainer, ShardStream reads RANK/WORLD_SIZE itself."""
