@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from flowmo.errors import UserError
+
 QUANTIZERS = ("lfq", "fsq", "none")
 ATTENTION_SCALES = ("8/head_dim", "1/sqrt(head_dim)")
 
@@ -27,15 +29,15 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rope_axes", tuple(int(a) for a in self.rope_axes))
         if self.width <= 0 or self.depth <= 0 or self.heads <= 0:
-            raise ValueError(f"width, depth and heads must be positive, got {self.width}, {self.depth}, {self.heads}.")
+            raise UserError(f"width, depth and heads must be positive, got {self.width}, {self.depth}, {self.heads}.")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}; pick a width that is.")
+            raise UserError(f"width {self.width} is not divisible by heads {self.heads}; pick a width that is.")
         if len(self.rope_axes) != 3:
-            raise ValueError(f"rope_axes needs 3 entries (latent index, row, column), got {list(self.rope_axes)}.")
+            raise UserError(f"rope_axes needs 3 entries (latent index, row, column), got {list(self.rope_axes)}.")
         if any(a <= 0 or a % 2 for a in self.rope_axes):
-            raise ValueError(f"every RoPE axis dim must be positive and even, got {list(self.rope_axes)}.")
+            raise UserError(f"every RoPE axis dim must be positive and even, got {list(self.rope_axes)}.")
         if sum(self.rope_axes) != self.head_dim:
-            raise ValueError(
+            raise UserError(
                 f"RoPE axes {list(self.rope_axes)} sum to {sum(self.rope_axes)} but head_dim is "
                 f"{self.width}/{self.heads}={self.head_dim}; they must be equal."
             )
@@ -85,30 +87,30 @@ class FlowMoConfig:
 
     def _check_geometry(self) -> None:
         if self.patch_size <= 0 or self.image_size % self.patch_size:
-            raise ValueError(
+            raise UserError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                 "choose a patch size that divides the image."
             )
         if self.code_length <= 0 or self.code_dim <= 0:
-            raise ValueError(f"code_length and code_dim must be positive, got {self.code_length}, {self.code_dim}.")
+            raise UserError(f"code_length and code_dim must be positive, got {self.code_length}, {self.code_dim}.")
         if self.attention_scale not in ATTENTION_SCALES:
-            raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}.")
+            raise UserError(f"attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}.")
 
     def _check_quantizer(self) -> None:
         if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}.")
+            raise UserError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}.")
         if self.quantizer == "lfq" and (self.entropy_group_bits <= 0 or self.code_dim % self.entropy_group_bits):
-            raise ValueError(
+            raise UserError(
                 f"code_dim {self.code_dim} is not divisible by entropy_group_bits {self.entropy_group_bits}; "
                 "use a group size that divides the bits per token (9 for 18, 14 for 56)."
             )
         if self.quantizer == "lfq" and self.entropy_group_bits > 20:
-            raise ValueError(f"entropy_group_bits {self.entropy_group_bits} needs a 2^G softmax; keep G <= 20.")
+            raise UserError(f"entropy_group_bits {self.entropy_group_bits} needs a 2^G softmax; keep G <= 20.")
         if self.quantizer == "fsq":
             if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
-                raise ValueError(f"FSQ needs fsq_levels with every level >= 2, got {self.fsq_levels}.")
+                raise UserError(f"FSQ needs fsq_levels with every level >= 2, got {self.fsq_levels}.")
             if len(self.fsq_levels) != self.code_dim:
-                raise ValueError(
+                raise UserError(
                     f"FSQ has one channel per level: code_dim {self.code_dim} != len(fsq_levels) "
                     f"{len(self.fsq_levels)}; set code_dim={len(self.fsq_levels)}."
                 )
@@ -138,7 +140,7 @@ class FlowMoConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown FlowMo config keys {unknown}; valid keys are {sorted(known)}.")
+            raise UserError(f"unknown FlowMo config keys {unknown}; valid keys are {sorted(known)}.")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +161,7 @@ def fsq_levels_for_bits(bits: int) -> tuple[int, ...]:
     Used by the FSQ-vs-LFQ ablation so both quantizers spend the same bits per token.
     """
     if bits <= 0:
-        raise ValueError(f"bits must be positive, got {bits}.")
+        raise UserError(f"bits must be positive, got {bits}.")
     levels = [8] * (bits // 3)
     remainder = bits % 3
     if remainder:

@@ -190,6 +190,6 @@ def exit_code_for(error: BaseException) -> tuple[int, str] | None:
         return EXIT_DIVERGED, str(error)
     if isinstance(error, CheckpointSaveError):
         return EXIT_CHECKPOINT_FAILED, str(error)
-    if isinstance(error, UserError):
+    if isinstance(error, (UserError, FileNotFoundError)):  # a bad value, a missing shard or file: the user's to fix
         return 2, str(error)
     return None

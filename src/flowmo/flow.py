@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from flowmo.errors import UserError
+
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (z [B, ...], t [B]) -> velocity [B, ...]
 TIME_SCHEDULES = ("fat_lognormal", "lognormal", "uniform", "noise_weighted")
 
@@ -29,7 +31,7 @@ def sample_time(batch: int, schedule: str = "fat_lognormal", *, device=None, gen
     must read the code (not the paper's; the CPU demo's tiny model learns its code faster with it).
     """
     if schedule not in TIME_SCHEDULES:
-        raise ValueError(f"unknown time schedule {schedule!r}; choose one of {TIME_SCHEDULES}.")
+        raise UserError(f"unknown time schedule {schedule!r}; choose one of {TIME_SCHEDULES}.")
     uniform = torch.rand(batch, device=device, generator=generator)
     if schedule == "uniform":
         return uniform
@@ -67,7 +69,7 @@ def x0_estimate(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
 def rho_timesteps(steps: int, rho: float = 4.0, device=None) -> Tensor:
     """Descending grid t_k = (k/n)^rho for k = n..0, [n + 1] (spec 4, 8.13). rho=1 is uniform."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
+        raise UserError(f"steps must be >= 1, got {steps}.")
     k = torch.arange(steps, -1, -1, dtype=torch.float64, device=device)
     return ((k / steps) ** rho).float()
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from flowmo.checkpoint import is_official, read_checkpoint, tokenizer_state
 from flowmo.config import resolve_config
+from flowmo.errors import UserError
 from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.nn.tokenizer import FlowMoTokenizer
@@ -124,14 +125,14 @@ class FlowMoModule(L.LightningModule):
         """
         super().__init__()
         if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}.")
+            raise UserError(f"stage must be one of {STAGES}, got {stage!r}.")
         if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+            raise UserError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
         if stage == "1b" and not init_weights:
-            raise ValueError("Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
+            raise UserError("Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
                              "(or an official flowmo_*.pth).")
         if init_weights_parts not in INIT_PARTS or (init_weights_parts != "all" and not init_weights):
-            raise ValueError(f"init_weights_parts must be one of {INIT_PARTS} and 'encoder' needs model.init_weights; "
+            raise UserError(f"init_weights_parts must be one of {INIT_PARTS} and 'encoder' needs model.init_weights; "
                              f"got {init_weights_parts!r} with init_weights={init_weights!r}.")
         self.save_hyperparameters()
         self.config = resolve_config(preset, architecture)
@@ -168,7 +169,6 @@ class FlowMoModule(L.LightningModule):
             state, config = tokenizer_state(checkpoint, which)
         if config is not None and config != self.config:
             from flowmo.config import config_differences
-            from flowmo.errors import UserError
 
             raise UserError(f"init_weights {path} has another architecture than the configured one "
                             f"({'; '.join(config_differences(config, self.config))}); use that file's model config.")
@@ -212,7 +212,7 @@ class FlowMoModule(L.LightningModule):
             return optimizer
         total = self.trainer.max_steps
         if total <= 0:
-            raise ValueError("lr_schedule 'cosine' anneals to 0 at trainer.max_steps: set --trainer.max_steps.")
+            raise UserError("lr_schedule 'cosine' anneals to 0 at trainer.max_steps: set --trainer.max_steps.")
         cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

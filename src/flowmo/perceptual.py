@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowmo.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STAND_IN = "random"
@@ -172,12 +174,12 @@ class FrozenNet(nn.Module):
 def check_image_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     """Both images [B, 3, H, W] floating point of one shape (values are expected in [-1, 1])."""
     if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(
+        raise UserError(
             f"Expected two image batches of one shape [B, 3, H, W] in [-1, 1], got {tuple(x.shape)} and "
             f"{tuple(y.shape)}."
         )
     if not (x.is_floating_point() and y.is_floating_point()):
-        raise ValueError(f"Expected float images in [-1, 1], got dtypes {x.dtype} and {y.dtype}.")
+        raise UserError(f"Expected float images in [-1, 1], got dtypes {x.dtype} and {y.dtype}.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ class LPIPSDistance(FrozenNet):
 
     def __init__(self, net: str = "vgg", weights: str | os.PathLike | None = None) -> None:
         if net not in self.BACKBONES:
-            raise ValueError(f"LPIPS net must be one of {sorted(self.BACKBONES)}, got {net!r}.")
+            raise UserError(f"LPIPS net must be one of {sorted(self.BACKBONES)}, got {net!r}.")
         key = self.BACKBONES[net]
         path = resolve_weights(key, weights, what=f"LPIPS-{net} backbone ({key})")
         model = _lpips_with_random_backbone(net)
@@ -235,11 +237,11 @@ def _load_lpips_backbone(backbone: nn.Module, state: dict[str, torch.Tensor], pa
                 for param_name, param in layer.named_parameters(recurse=False):
                     key = f"features.{index}.{param_name}"
                     if key not in state or state[key].shape != param.shape:
-                        raise ValueError(f"{path} does not look like the torchvision backbone: bad {key}.")
+                        raise UserError(f"{path} does not look like the torchvision backbone: bad {key}.")
                     param.copy_(state[key])
                     loaded.add(key)
     if loaded != expected:
-        raise ValueError(f"{path}: backbone keys not used: {sorted(expected - loaded)}.")
+        raise UserError(f"{path}: backbone keys not used: {sorted(expected - loaded)}.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,4 +329,4 @@ def build_perceptual(kind: str, weights: str | os.PathLike | None = None) -> Fro
         return PixelDistance()
     if kind == "none":
         return None
-    raise ValueError(f"Unknown perceptual network {kind!r}; choose one of {PERCEPTUAL_KINDS}.")
+    raise UserError(f"Unknown perceptual network {kind!r}; choose one of {PERCEPTUAL_KINDS}.")

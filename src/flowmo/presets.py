@@ -17,6 +17,7 @@ authors' code (encoder multiplier 4, decoder 6).
 from __future__ import annotations
 
 from flowmo.config import FlowMoConfig, TransformerConfig
+from flowmo.errors import UserError
 
 _ENCODER_768 = TransformerConfig(width=768, depth=8, heads=12, rope_axes=(8, 28, 28))
 _DECODER_1152 = TransformerConfig(width=1152, depth=16, heads=12, rope_axes=(12, 42, 42))
@@ -51,5 +52,5 @@ def names() -> list[str]:
 def get(name: str) -> FlowMoConfig:
     """The configuration of preset `name` (configs are frozen: use `.replace(...)` to derive one)."""
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {names()}.")
+        raise UserError(f"unknown preset {name!r}; choose one of {names()}.")
     return _PRESETS[name]

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
 from flowmo.data.stream import ShardStream, SkipCounter, collate
+from flowmo.errors import UserError
 
 HOW_TO_MAKE_SHARDS = (
     "make them with `make shards IMAGENET=/path/to/ILSVRC2012` (ImageNet) or `make sample-data` (the embedded "
@@ -109,9 +110,9 @@ class FlowMoDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if image_size < 1 or batch_size < 1:
-            raise ValueError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
+            raise UserError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
         if test_subsample < 1:
-            raise ValueError(f"test_subsample must be >= 1 (evaluate every N-th test image), got {test_subsample}")
+            raise UserError(f"test_subsample must be >= 1 (evaluate every N-th test image), got {test_subsample}")
         self.save_hyperparameters()
         self._skip_counter: SkipCounter | None = None  # created with the first loader (shared with its workers)
 
