@@ -264,8 +264,9 @@ class FlowMoModule(L.LightningModule):
         if not torch.isfinite(out.total.detach()).all():
             self._nonfinite_micro_batches += 1
         self.log_dict({f"train/{k}": v for k, v in out.parts.items()}, batch_size=images.shape[0])
-        if self._is_logging_step() and out.indices is not None:
-            # 2^G sub-codes for LFQ, prod(levels) for FSQ (its indices are whole tokens)
+        if self._is_logging_step() and out.indices is not None and self.tokenizer.quantizer.codebook_size <= 2**20:
+            # 2^G sub-codes for LFQ, prod(levels) for FSQ (its indices are whole tokens; a histogram only while
+            # the codebook is small enough to count: 2^18 for the paper's FSQ cell, not 8^24 for the tiny grid's)
             stats = batch_codebook_stats(out.indices, self.tokenizer.quantizer.codebook_size)
             self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=images.shape[0])
         return out.total

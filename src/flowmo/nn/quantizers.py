@@ -131,6 +131,11 @@ class FSQ(nn.Module):
     def codebook_size(self) -> int:
         return math.prod(self.levels)
 
+    @property
+    def has_ids(self) -> bool:
+        """Whether a token's code fits one int64 id (prod(levels) < 2^63)."""
+        return self.codebook_size < 2**63
+
     def _bound(self, code: Tensor) -> Tensor:
         """Squash to (-(L-1)/2, (L-1)/2), shifted by half a step for even L so rounding gives L values."""
         half = (self.level_counts - 1) * (1 + 1e-3) / 2
@@ -143,7 +148,9 @@ class FSQ(nn.Module):
         rounded = bounded + (bounded.round() - bounded).detach()
         half_width = torch.div(self.level_counts, 2, rounding_mode="floor")
         codes = (rounded / half_width).to(code.dtype)
-        out = QuantizerOutput(codes=codes, indices=self.codes_to_indices(codes))
+        # one int64 id per token only while the codebook fits (8^24 levels = 72 bits does not): otherwise no ids
+        indices = self.codes_to_indices(codes) if self.has_ids else None
+        out = QuantizerOutput(codes=codes, indices=indices)
         if with_losses:
             zero = code.new_zeros((), dtype=torch.float32)
             out.loss = out.entropy_loss = out.commitment_loss = zero
@@ -155,6 +162,9 @@ class FSQ(nn.Module):
         return (digits * self.basis).sum(dim=-1)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
+        if not self.has_ids:
+            raise ValueError(f"FSQ levels {self.levels} make {self.codebook_size:.3g} codes per token, more than an "
+                             "int64 id holds; this tokenizer has no token ids (use encode/quantize codes).")
         half_width = torch.div(self.level_counts, 2, rounding_mode="floor")
         digits = (indices[..., None] // self.basis) % self.level_counts.long()
         return (digits.float() - half_width) / half_width

@@ -190,7 +190,8 @@ class FlowMoTokenizer(nn.Module):
         """images [B, 3, H, W] in [-1, 1] -> int64 token indices ([B, L*F] for LFQ, [B, L] for FSQ)."""
         out = self.quantize(self.encode(images), with_losses=False)
         if out.indices is None:
-            raise ValueError("this tokenizer has a continuous code (quantizer 'none'); use encode() instead.")
+            raise ValueError("this tokenizer has no token ids (a continuous code, or FSQ levels whose product exceeds "
+                             "an int64 id); use encode() and quantize() instead.")
         return out.indices
 
     @torch.no_grad()
