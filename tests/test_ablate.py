@@ -443,3 +443,12 @@ axes:
     hparams = {k: v.string_value for k, v in session.session_start_info.hparams.items()}
     assert hparams == {"grid": "two", "cell": "fsq+1b", "quantizer": "fsq", "posttrain": "1b"}
     assert events.Scalars("hparam/psnr")[0].value == pytest.approx(float(rows["fsq+1b"]["psnr"]), abs=1e-4)
+
+
+def test_fsq_at_72_bits_trains_without_token_ids():
+    """The tiny grid's FSQ cell: 24 channels of 8 levels = 8^24 codes per token, more than an int64 id holds."""
+    model = _tiny(architecture={"quantizer": "fsq", "code_dim": 24, "fsq_levels": [8] * 24})
+    _fit(model)
+    assert model.config.bits_per_token == 72 and model.tokenizer.quantize(torch.randn(1, 16, 24)).indices is None
+    with pytest.raises(ValueError, match="no token ids"):
+        model.tokenizer.tokenize(torch.zeros(1, 3, 32, 32))
