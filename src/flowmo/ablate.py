@@ -114,6 +114,7 @@ class Grid:
     posttrain_batch: dict | None = None
     sample_set: dict | None = None  # build the demo's sample shards first (tiny grids)
     feature_metrics: str = "configured"  # "auto": LPIPS / rFID only where the pretrained files are cached
+    per_image_metrics: bool = False  # PSNR / SSIM per image (the demo's) rather than the paper's pooled ones
     notes: str = ""
     cells: tuple[Cell, ...] = field(default=())
 
@@ -141,7 +142,8 @@ def load_grid(name: str, config_dir: str | Path = "configs") -> Grid:
     raw = yaml.safe_load(path.read_text()) or {}
     where = str(path)
     unknown = set(raw) - {"title", "description", "stack", "eval_stack", "posttrain", "steps", "axes", "cells",
-                          "product_axes", "paper", "sample_set", "feature_metrics", "notes", "batch"}
+                          "product_axes", "paper", "sample_set", "feature_metrics", "notes", "batch",
+                          "per_image_metrics"}
     if unknown:
         raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; see configs/ablations/README.md for the format.")
     axes = tuple(_axis(entry, where) for entry in _require(raw, "axes", list, where))
@@ -164,7 +166,9 @@ def load_grid(name: str, config_dir: str | Path = "configs") -> Grid:
                 posttrain_stack=tuple(posttrain.get("stack") or ()), steps=raw.get("steps"),
                 posttrain_steps=posttrain.get("steps"), axes=axes, mode=mode, product_axes=product_axes,
                 paper={str(k): dict(v) for k, v in (raw.get("paper") or {}).items()},
-                batch=raw.get("batch"), posttrain_batch=posttrain.get("batch"), sample_set=raw.get("sample_set"), feature_metrics=raw.get("feature_metrics", "configured"),
+                batch=raw.get("batch"), posttrain_batch=posttrain.get("batch"), sample_set=raw.get("sample_set"),
+                feature_metrics=raw.get("feature_metrics", "configured"),
+                per_image_metrics=bool(raw.get("per_image_metrics", False)),
                 notes=raw.get("notes", ""))
     grid = dataclasses.replace(grid, cells=tuple(_cells(grid)))
     unknown_paper = set(grid.paper) - {c.name for c in grid.cells}
@@ -527,7 +531,7 @@ def execute(grid: Grid, steps: list[Step], options: Options, force: bool = False
 
 def log_hparams(grid: Grid, cell: Cell, options: Options) -> Path | None:
     """The cell's axis values and final metrics in TensorBoard's HParams tab (runs/<test run>/hparams)."""
-    found = read_metrics(metrics_path(grid, cell, options))
+    found = read_metrics(metrics_path(grid, cell, options), grid.per_image_metrics)
     if found is None:
         return None
     from torch.utils.tensorboard import SummaryWriter
@@ -602,15 +606,19 @@ def _lookup(pools: list[dict], key: str) -> float | None:
     return None
 
 
-def read_metrics(path: Path) -> dict | None:
-    """{metric: value, <metric>_key, num_images, stand_ins, bits_per_pixel} from a test's metrics.json."""
+def read_metrics(path: Path, per_image: bool = False) -> dict | None:
+    """{metric: value, <metric>_key, num_images, stand_ins, bits_per_pixel} from a test's metrics.json.
+    per_image: PSNR / SSIM per image first (the paper's pooled variants are for comparing with the paper)."""
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
     pools = [report.get("metrics") or {}, report]
     found: dict = {"num_images": report.get("num_images"), "stand_ins": list(report.get("stand_ins") or []),
                    "bits_per_pixel": report.get("bits_per_pixel")}
-    for metric, keys in METRIC_KEYS.items():
+    preferences = dict(METRIC_KEYS)
+    if per_image:
+        preferences.update(psnr=("psnr", "psnr_paper"), ssim=("ssim", "ssim_paper"))
+    for metric, keys in preferences.items():
         key = next((k for k in keys if _lookup(pools, k) is not None), None)
         if key is not None:
             found[metric], found[f"{metric}_key"] = _lookup(pools, key), key
@@ -624,7 +632,7 @@ def collect(grid: Grid, options: Options) -> list[dict]:
     steps = {s.key: s for s in plan(grid, options)}
     rows = []
     for cell in grid.cells:
-        found = read_metrics(metrics_path(grid, cell, options))
+        found = read_metrics(metrics_path(grid, cell, options), grid.per_image_metrics)
         row: dict[str, Any] = {"cell": cell.name, "changes": ", ".join(f"{v.axis}: {v.label}" for v in
                                                                         cell.changes(grid)) or "base"}
         for metric in METRICS:
@@ -673,7 +681,7 @@ def _notes(grid: Grid, cell: Cell, found: dict | None) -> list[str]:
         return notes + ["not run yet"]
     if found["stand_ins"]:
         notes.append(f"STAND-IN NETS ({', '.join(found['stand_ins'])}): numbers mean nothing")
-    if found.get("psnr_key") == "psnr":
+    if found.get("psnr_key") == "psnr" and not grid.per_image_metrics:
         notes.append("per-image PSNR")
     if found.get("lpips_key") not in (None, "lpips_alex"):
         notes.append(f"LPIPS = {found['lpips_key']}")
@@ -702,7 +710,8 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append(_fmt(row[metric], metric))
             if any(r[f"{metric}_paper"] is not None for r in rows):
                 cells.append(_fmt(row[f"{metric}_paper"], metric))
-        bpp = "–" if row["bits_per_pixel"] is None else f"{row['bits_per_pixel']:.3f}"
+        bpp = row["bits_per_pixel"]
+        bpp = "–" if bpp is None else "continuous" if math.isinf(bpp) else f"{bpp:.3f}"
         wall = "–" if row["wall_min"] is None else f"{row['wall_min']:.1f}"
         cells += [bpp, row["steps"] or "–", wall, row["notes"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -760,7 +769,8 @@ def write_plots(rows: list[dict], folder: Path) -> list[Path]:
 def report_markdown(grid: Grid, rows: list[dict], plots: list[Path]) -> str:
     parts = [f"# Ablation grid `{grid.name}`: {grid.title}\n", grid.description.strip() + "\n" if grid.description else "",
              f"Cells: {grid.mode} over {', '.join(f'{a.name} ({a.kind})' for a in grid.axes)}. "
-             "wall (min) = every step the cell needed (shared fits counted in each cell that uses them).\n",
+             + ("PSNR and SSIM are per image (averaged over images). " if grid.per_image_metrics else "")
+             + "wall (min) = every step the cell needed (shared fits counted in each cell that uses them).\n",
              markdown_table(rows)]
     if grid.notes:
         parts.append(grid.notes.strip() + "\n")
