@@ -66,7 +66,7 @@ def test_demo_pretrained_without_the_files_says_what_is_missing():
 
 @pytest.mark.slow
 def test_demo_recipe_reconstructs_held_out_photos(tmp_path):
-    """The real `make demo` recipe (~13 minutes on 2 cores): held-out PSNR at least 3 dB above the mean-colour
+    """The real `make demo` recipe (~13.5 minutes on 2 cores): held-out PSNR at least 3 dB above the mean-colour
     guess (issue 12's bar), and Stage 1B clearly above Stage 1A.
 
     Measured (README): 1B - mean colour +3.42 / +3.29 / +3.36 dB and 1B - 1A +2.4 / +2.4 / +2.2 dB, seeds 0-2.
