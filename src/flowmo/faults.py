@@ -136,7 +136,9 @@ class Preemption(L.Callback):
             for path in remove_stale_temporaries(folder):
                 print(f"flowmo: removed {path.name}, left by a save that never finished", file=sys.stderr)
         if not _slurm_requeues(trainer) and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(trainer, "received_sigterm", True))
+            # the flag Lightning's own SIGTERM handler sets (trainer.received_sigterm is its read-only view)
+            connector = trainer._signal_connector
+            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(connector, "received_sigterm", True))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
