@@ -107,6 +107,7 @@ def test_resume_skips_a_checkpoint_cut_short(shards, tmp_path):
     resumed = run(fit_command(shards, runs, 6, "--checkpoint.every_n_train_steps", "2", "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "last.ckpt is unreadable" in resumed.stderr and step_of(last) == 6
+    assert not list(checkpoints.glob("last-v*.ckpt"))  # one last.ckpt, no versioned copy beside it
 
 
 def test_ckpt_path_last_with_nothing_to_resume_says_so(shards, tmp_path):

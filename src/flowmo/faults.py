@@ -169,12 +169,14 @@ class FinalCheckpoint(L.Callback):
         callback = trainer.checkpoint_callback
         if callback is None or not callback.dirpath or not getattr(callback, "save_last", False):
             return
-        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
-            path = Path(callback.dirpath) / "last.ckpt"
-            if path.is_file():
-                return
-        trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+        path = Path(callback.dirpath) / "last.ckpt"
+        if getattr(callback, "_last_global_step_saved", None) != trainer.global_step or not path.is_file():
+            trainer.save_checkpoint(path)
+        # tell ModelCheckpoint that `last` is written: its own end-of-training save would otherwise write a
+        # second copy beside it (last-v1.ckpt, its version counter)
+        callback.last_model_path = str(path)
         callback._last_global_step_saved = trainer.global_step
+        callback._last_checkpoint_saved = True
 
 
 def _slurm_requeues(trainer: L.Trainer) -> bool:
