@@ -421,9 +421,9 @@ def _feature_metric_args(grid: Grid) -> list[str]:
     """feature_metrics: auto -> LPIPS (AlexNet / VGG) and rFID only where their pretrained files are cached."""
     if grid.feature_metrics != "auto":
         return []
-    from flowmo.demo import is_cached
+    from flowmo.demo import available_lpips, is_cached
 
-    nets = [net for net, key in (("alex", "alexnet"), ("vgg", "vgg16")) if is_cached(key)]
+    nets = list(available_lpips())
     return ["--model.val_lpips_nets", json.dumps(nets), "--model.val_rfid", str(is_cached("inception_fid")).lower()]
 
 

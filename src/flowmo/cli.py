@@ -85,7 +85,7 @@ class FlowMoCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return None
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        hparams = _checkpoint_hparams(ckpt_path)
         architecture = {key: hparams[key] for key in ARCHITECTURE_HPARAMS if key in hparams}
         configured = self.config[subcommand].get("model", {}).get("preset")
         if architecture.get("preset") not in (None, configured):
@@ -134,8 +134,7 @@ class FlowMoCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        # mmap: only the hyper-parameters are read here, not gigabytes of weights
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        hparams = _checkpoint_hparams(ckpt_path)
         if "preset" not in hparams:
             return
         theirs = resolve_config(hparams["preset"], hparams.get("architecture"))
@@ -168,6 +167,11 @@ class FlowMoCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config_init, "runs_dir"),
                                                  name=self._get(self.config_init, "run_name"))
         return super().instantiate_trainer(**kwargs)
+
+
+def _checkpoint_hparams(path: str) -> dict:
+    """A Lightning checkpoint's hyper-parameters; mmap reads them without loading gigabytes of weights."""
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
 
 
 def _cpu_runs_fp32(config: dict) -> None:

@@ -170,13 +170,13 @@ def row_psnr(images: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def evaluate(tokenizer: FlowMoTokenizer, images: torch.Tensor, seed: int) -> tuple[dict, torch.Tensor]:
     reconstructions, indices = reconstruct(tokenizer, images, seed)
-    metrics = ReconstructionMetrics(lpips_nets=_available_lpips(), fid_feature=False,
+    metrics = ReconstructionMetrics(lpips_nets=available_lpips(), fid_feature=False,
                                     codebook_bits=tokenizer.config.entropy_group_bits)
     metrics.update(images, reconstructions, indices)
     return metrics.compute(), reconstructions
 
 
-def _available_lpips() -> tuple[str, ...]:
+def available_lpips() -> tuple[str, ...]:
     """LPIPS variants whose backbone weights are cached (none are downloaded)."""
     keys = {"alex": "alexnet", "vgg": "vgg16"}
     return tuple(net for net, key in keys.items() if is_cached(key))
