@@ -186,18 +186,27 @@ ablate: $(STAMP) ## run an ablation grid (GRID=tiny runs on this CPU; CELLS=...,
 		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) $(if $(ARGS),--extra='$(ARGS)') \
 		$(if $(filter-out configs/data/imagenet.yaml,$(DATA_CFG)),--extra='-c $(DATA_CFG)')
 
-# ---- model benchmark (scripts/bench_model.py): Stage-1A/1B steps, encode, decode (31 NFE); figures only.
-# PRECISION=fp32|bf16 (autocast), COMPILE=1 (torch.compile), COUNT_ONLY=1 (FLOPs/params, no timing; of all four
-# presets unless PRESET is given), BENCH_ARGS for the rest (e.g. --feature-nets random --iters 10 --json b.json).
+# ---- model benchmark (scripts/bench_model.py): Stage-1A/1B optimizer steps, encode, decode (31 NFE); figures
+# only, rows merged into results/bench/bench.json. PRESET=tiny|cpu-mid|small|lo|hi, PRECISION=fp32|bf16 (autocast),
+# COMPILE=1 (torch.compile), PROFILE=1 (time by operator group), SCALING=1 (1A and decode against batch 1..32 and
+# half/double image size), COUNT_ONLY=1 (FLOPs/params, no timing; of all presets unless PRESET is given),
+# BENCH_ARGS for the rest (e.g. --feature-nets random --iters 10). bench-compare BASE=rev: this tree against rev.
 PRESET     ?= tiny
 BATCH      ?= 8
 PRECISION  ?= fp32
 COMPILE    ?=
+PROFILE    ?=
+SCALING    ?=
 COUNT_ONLY ?=
 BENCH_ARGS ?=
+BASE       ?=
 
-.PHONY: bench
+.PHONY: bench bench-compare
 
-bench: $(STAMP) ## model benchmark: ms/step, img/s, peak memory, FLOP utilisation vs a matmul (PRESET=tiny BATCH=8)
-	$(PY) scripts/bench_model.py $(if $(COUNT_ONLY),--count-only --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),tiny small lo hi),\
-		--preset $(PRESET) --batch $(BATCH) --precision $(PRECISION) $(if $(COMPILE),--compile)) $(BENCH_ARGS)
+bench-compare: $(STAMP) ## time this tree's model code against BASE=rev on PRESET (alternating runs), print speed-ups
+	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<git revision> [PRESET=cpu-mid]"; exit 2; }
+	$(PY) scripts/bench_compare.py --base $(BASE) --preset $(PRESET) --batch $(BATCH)
+
+bench: $(STAMP) ## model benchmark: ms/step, img/s, peak memory, FLOP utilisation vs a matmul -> results/bench/bench.json
+	$(PY) scripts/bench_model.py $(if $(COUNT_ONLY),--count-only --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),tiny cpu-mid small lo hi),		--preset $(PRESET) --batch $(BATCH) --precision $(PRECISION) $(if $(COMPILE),--compile) $(if $(PROFILE),--profile) \
+		$(if $(SCALING),--scaling)) $(BENCH_ARGS)

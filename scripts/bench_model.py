@@ -1,23 +1,28 @@
-"""Model benchmark: ms per step, images/s, peak memory and FLOP utilisation of the FlowMo workloads.
+"""Model benchmark: ms per call, images/s, peak memory and FLOP utilisation of the FlowMo workloads.
 
     python scripts/bench_model.py                                  # tiny, batch 8, fp32, cuda if present
-    python scripts/bench_model.py --preset lo --batch 8 --precision bf16 --compile --json lo.json
+    python scripts/bench_model.py --preset cpu-mid --profile       # + where the time goes, by operator group
+    python scripts/bench_model.py --preset cpu-mid --scaling       # + time/memory against batch and image size
+    python scripts/bench_model.py --preset lo --batch 8 --precision bf16 --compile
     python scripts/bench_model.py --count-only --preset tiny small lo hi   # FLOPs/params only, no timing
 
-Workloads (spec sections 3-5):
-  stage1a  Stage-1A micro-batch: encoder + decoder forward and backward through `flowmo_loss`
-           (flow MSE + quantizer losses, + LPIPS-VGG on the x0 estimate with --feature-nets random).
-  stage1b  Stage-1B micro-batch: encoder without grad, decoder flow loss + the 8-step checkpointed chain
-           sample, backward through the chain. The sample loss is a pixel MSE (--feature-nets off) or a
-           random-weight ResNet-50 logit distance (random): without a sample loss the chain would not run.
-  encode   encoder + LFQ indices (inference; the input range check is skipped: it is validation, not model).
-  decode   `detokenize`: the paper's 25-step rho=4 sampler with CFG 1.5 on its interval = 31 NFE.
-Training steps are forward + backward only: no optimizer step (Adam moments are 8 bytes/param more memory).
+Workloads (spec sections 3-5), named by their `stage` in the rows:
+  1a      a Stage-1A optimizer step: encoder + decoder forward and backward through `flowmo_loss` (flow MSE +
+          quantizer losses, + LPIPS-VGG on the x0 estimate with --feature-nets random), then Adam (the kernel the
+          training module picks), the weight-norm projection, and the EMA at the module's cadence (every 10th call).
+  1b      a Stage-1B optimizer step: encoder without grad, decoder flow loss + the 8-step checkpointed chain
+          sample, backward through the chain, then the same update. The sample loss is a pixel MSE
+          (--feature-nets off) or a random-weight ResNet-50 logit distance (random).
+  encode  encoder + LFQ indices (inference; the input range check is skipped: it is validation, not model).
+  decode  `detokenize`: the paper's 25-step rho=4 sampler with CFG 1.5 on its interval = 31 NFE.
 
-FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, counted once on fake tensors (free even for
-FlowMo-Lo, and identical on every device) with the math attention backend (the CPU flash-attention kernel
-is not in the counter's registry, so counting it as is would miss attention). Utilisation = model FLOP/s over the FLOP/s of an NxN
-matmul timed in the same run at the same dtype and device. Printed figures only; nothing is asserted.
+Every run writes its rows into results/bench/bench.json (--json to change; rows with the same preset, stage,
+device, dtype, batch, image size, compile flag and label are replaced, others kept, so runs accumulate). A row:
+preset, stage, device, dtype, batch, image_size, ms (median per call), images_per_s, peak_mem_mb (MiB; GPU: max
+allocated, CPU: RSS growth), model_flops (per call: forward + backward for training, counted once by
+`torch.utils.flop_counter` on fake tensors with the math attention backend, optimizer excluded), utilisation
+(model FLOP/s over the FLOP/s of an NxN matmul timed in the same run at the same dtype and device), plus min_ms,
+compile, threads, torch, code (git revision of the model code) and label. Printed figures only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import ctypes
 import gc
 import json
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,9 +49,17 @@ from flowmo import presets
 from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.nn.tokenizer import PAPER_SAMPLER, FlowMoTokenizer
 from flowmo.nn.transformer import _cached_rope
+from flowmo.optim import ModelEMA, WeightNormProjection
 from flowmo.perceptual import build_perceptual
 
-WORKLOADS = ("stage1a", "stage1b", "encode", "decode")
+try:
+    from flowmo.optim import adam_kernel
+except ImportError:  # model code from before adam_kernel existed (the "before" rows of a comparison)
+    def adam_kernel(device: torch.device) -> dict[str, bool]:
+        return {"fused": device.type == "cuda"}
+
+WORKLOADS = ("1a", "1b", "encode", "decode")
+TRAINING = ("1a", "1b")
 RECIPE_1A = LossRecipe()  # paper Stage 1A: flow + 0.1 perceptual + quantizer, encoder trained
 RECIPE_1B = LossRecipe(perceptual_weight=0.0, sample_weight=0.01, train_encoder=False)
 # Spec section 9 estimates, FLOPs per 256x256 image for FlowMo-Lo/Hi (the spec's "[est]" numbers).
@@ -63,6 +77,26 @@ class Bundle:
     perceptual: nn.Module | None
     sample_net: nn.Module
     image_size: int
+    update: "Update | None" = None  # built for timed training steps (not for FLOP counting)
+
+
+class Update:
+    """What follows a training step's backward in FlowMoModule: Adam(0.9, 0.95) with the module's kernel choice,
+    the weight-norm projection, and the EMA every `ema_every` calls."""
+
+    def __init__(self, tokenizer: FlowMoTokenizer, device: torch.device, ema_every: int = 10):
+        self.tokenizer = tokenizer
+        self.optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-4, betas=(0.9, 0.95), **adam_kernel(device))
+        self.projection = WeightNormProjection(tokenizer)
+        self.ema = ModelEMA(tokenizer, every=ema_every)
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.optimizer.step()
+        self.projection.apply_to(self.tokenizer)
+        self.calls += 1
+        if self.calls % self.ema.every == 0:
+            self.ema.update(self.tokenizer)
 
 
 class PixelDistance(nn.Module):
@@ -121,11 +155,20 @@ def decode_call(bundle: Bundle, indices: Tensor) -> None:
     bundle.tokenizer.detokenize(indices, image_size=(bundle.image_size, bundle.image_size))
 
 
+def optimizer_step(bundle: Bundle, images: Tensor, recipe: LossRecipe) -> None:
+    """A whole training step: forward, backward, then the update the training module runs."""
+    training_step(bundle, images, recipe)
+    bundle.update()
+
+
 def workload_fn(name: str, bundle: Bundle, images: Tensor, indices: Tensor | None) -> Callable[[], None]:
-    if name == "stage1a":
-        return lambda: training_step(bundle, images, RECIPE_1A)
-    if name == "stage1b":
-        return lambda: training_step(bundle, images, RECIPE_1B)
+    """The call timed for `name`; training steps include the update when the bundle has one (timing), not
+    when it does not (FLOP counting: the model's forward + backward)."""
+    step = optimizer_step if bundle.update is not None else training_step
+    if name == "1a":
+        return lambda: step(bundle, images, RECIPE_1A)
+    if name == "1b":
+        return lambda: step(bundle, images, RECIPE_1B)
     if name == "encode":
         return lambda: encode_call(bundle, images)
     return lambda: decode_call(bundle, indices)
@@ -141,6 +184,10 @@ class _CountCalls:
     def velocity(self, noisy: Tensor, codes, t) -> Tensor:
         self.calls += 1
         return torch.zeros_like(noisy)
+
+    def velocity_with_null(self, noisy: Tensor, codes, t) -> tuple[Tensor, Tensor]:
+        self.calls += 2  # one call on twice the batch: the FLOPs of two
+        return torch.zeros_like(noisy), torch.zeros_like(noisy)
 
     def _check_sample_inputs(self, codes, noise, steps) -> None:
         """The real tokenizer checks shapes here; the counter's stand-in inputs have none to check."""
@@ -163,7 +210,8 @@ def count_flops(fn: Callable[[], None], by_op: dict | None = None) -> int:
     return counter.get_total_flops()
 
 
-def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int | None) -> dict[str, float]:
+def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int | None,
+                    workloads: tuple[str, ...] | list[str] = WORKLOADS) -> dict[str, float]:
     """FLOPs per image of every workload, counted on fake tensors (shapes only: no memory, no compute).
 
     Fake CPU tensors rather than the meta device: autocast (which the quantizer switches off for its
@@ -173,17 +221,20 @@ def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int 
     nets = build_feature_nets(feature_nets, "cpu")  # built real: their loaders cannot run under fake mode
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):  # so the frozen nets' real weights are faked on use
-            counts = _count_workloads(preset, batch, nets, image_size)
+            counts = _count_workloads(preset, batch, nets, image_size, workloads)
     finally:
         _cached_rope.cache_clear()  # it now holds fake RoPE tables under the key "cpu"
-    counts["decode"] = sampler_nfe() * counts["decoder_call"]
+    if "decode" in workloads:
+        counts["decode"] = sampler_nfe() * counts["decoder_call"]
     return {name: value / batch for name, value in counts.items()}
 
 
-def _count_workloads(preset: str, batch: int, nets, image_size: int | None) -> dict[str, int]:
+def _count_workloads(preset: str, batch: int, nets, image_size: int | None, workloads) -> dict[str, int]:
     bundle = build_bundle(preset, "cpu", nets, image_size)
     images = make_images(bundle, batch, "cpu")
-    counts = {name: count_flops(workload_fn(name, bundle, images, None)) for name in WORKLOADS[:3]}
+    counts = {name: count_flops(workload_fn(name, bundle, images, None)) for name in workloads if name != "decode"}
+    if "decode" not in workloads:
+        return counts
     codes = bundle.tokenizer.quantize(bundle.tokenizer.encode(images, check=False), with_losses=False).codes
     by_op: dict[str, int] = {}
     counts["decoder_call"] = count_flops(lambda: bundle.tokenizer.velocity(images, codes, 0.5), by_op)
@@ -265,19 +316,84 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, iters: 
     return 2 * n**3 / seconds
 
 
+# ------------------------------------------------------------------------------------------ where the time goes
+# Operator groups of the --profile breakdown, matched on aten names (first match wins).
+PROFILE_GROUPS = (
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "softmax")),
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+                 "aten::addmv")),
+    ("optimizer, projection, EMA", ("_fused_adam", "_foreach_", "optimizer")),
+    ("data movement", ("copy", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous", "aten::to",
+                       "aten::index", "aten::fill_", "aten::zero", "aten::empty", "aten::slice", "aten::select",
+                       "aten::view", "aten::reshape", "aten::transpose", "aten::permute", "aten::expand",
+                       "aten::as_strided", "aten::t", "aten::split", "aten::chunk", "aten::unbind",
+                       "aten::unflatten", "aten::flatten", "aten::narrow", "aten::squeeze", "aten::unsqueeze",
+                       "aten::repeat", "aten::new_", "aten::resize", "aten::detach", "aten::alias")),
+    ("norms, RoPE, modulation (elementwise)", ("aten::",)),
+)
+
+
+def profile_group(op_name: str) -> str:
+    for group, prefixes in PROFILE_GROUPS:
+        if any(op_name.startswith(p) or (not p.startswith("aten::") and p in op_name) for p in prefixes):
+            return group
+    return "other (autograd, Python)"
+
+
+def profile_call(fn: Callable[[], None], device: torch.device, top: int = 12) -> dict:
+    """Self time per operator of one call (after the timed ones: warm) and its share per group."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        fn()
+        synchronize(device)
+    on_device = device.type == "cuda"
+    ops = {}
+    for event in profiler.key_averages():
+        self_us = event.self_device_time_total if on_device else event.self_cpu_time_total
+        if self_us > 0:
+            ops[event.key] = self_us / 1e3
+    total = sum(ops.values()) or 1.0
+    groups: dict[str, float] = {}
+    for name, ms in ops.items():
+        groups[profile_group(name)] = groups.get(profile_group(name), 0.0) + ms
+    top_ops = sorted(ops.items(), key=lambda item: -item[1])[:top]
+    return {"total_ms": total, "groups_ms": dict(sorted(groups.items(), key=lambda item: -item[1])),
+            "top_ops_ms": dict(top_ops), "clock": "device" if on_device else "cpu"}
+
+
+def print_profile(stage: str, profile: dict) -> None:
+    total = profile["total_ms"]
+    print(f"  {stage}: {total:.1f} ms of {profile['clock']} self time")
+    for group, ms in profile["groups_ms"].items():
+        print(f"    {group:<40}{ms:>10.1f} ms {ms / total:>7.1%}")
+    print("    top operators: " + ", ".join(f"{name} {ms / total:.1%}" for name, ms in profile["top_ops_ms"].items()))
+
+
 # ------------------------------------------------------------------------------------------ the benchmark
 @dataclass
 class Row:
-    workload: str
-    ms: float  # median
-    min_ms: float  # the best call: the steadier figure on a shared or throttled machine
+    preset: str
+    stage: str
+    device: str
+    dtype: str
+    batch: int
+    image_size: int
+    ms: float  # median per call
     images_per_s: float
-    peak_mib: float | None
-    memory_kind: str
-    flops_per_image: float
-    flops_per_s: float
+    peak_mem_mb: float | None  # MiB
+    model_flops: float  # per call (the whole batch)
     utilisation: float
+    min_ms: float  # the best call: the steadier figure on a shared or throttled machine
+    memory_kind: str
+    compile: bool
+    threads: int
+    torch: str
+    code: str
+    label: str
     all_ms: list[float] = field(default_factory=list)
+    profile: dict | None = None
 
 
 def precision_context(device: torch.device, precision: str):
@@ -286,14 +402,30 @@ def precision_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def measure(name: str, fn, args, device: torch.device, flops: float, matmul: float) -> Row:
+@dataclass
+class Setting:
+    """What one row measures besides the workload: everything the Row copies from the run."""
+
+    preset: str
+    device: torch.device
+    batch: int
+    image_size: int
+    flops_per_image: float
+    matmul: float
+
+
+def measure(stage: str, fn, args, setting: Setting) -> Row:
     memory: dict = {}
-    with peak_memory(device, memory), precision_context(device, args.precision):
-        seconds = time_calls(fn, device, args.warmup, args.iters)
+    with peak_memory(setting.device, memory), precision_context(setting.device, args.precision):
+        seconds = time_calls(fn, setting.device, args.warmup, args.iters)
+        profile = profile_call(fn, setting.device) if args.profile else None
     median = statistics.median(seconds)
-    rate = args.batch * flops / median
-    return Row(name, 1e3 * median, 1e3 * min(seconds), args.batch / median, memory["peak_mib"], memory["memory_kind"], flops, rate,
-               rate / matmul, [1e3 * s for s in seconds])
+    flops = setting.batch * setting.flops_per_image
+    return Row(setting.preset, stage, describe_device(setting.device), args.precision, setting.batch,
+               setting.image_size, 1e3 * median, setting.batch / median, memory["peak_mib"], flops,
+               flops / median / setting.matmul, 1e3 * min(seconds), memory["memory_kind"], args.compile,
+               torch.get_num_threads(), torch.__version__, code_revision(), args.label, [1e3 * s for s in seconds],
+               profile)
 
 
 def pick_device(name: str) -> torch.device:
@@ -302,28 +434,44 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def benchmark_preset(preset: str, args, device: torch.device) -> dict:
-    """Time every selected workload of one preset; returns the JSON-able report."""
-    flops = flops_per_image(preset, args.batch, args.feature_nets, args.image_size)
+def reference_matmul(args, device: torch.device) -> tuple[int, float]:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     size = args.matmul_size or (4096 if device.type == "cuda" else 2048)
-    matmul = matmul_flops_per_s(device, dtype, size, iters=20 if device.type == "cuda" else 5)
-    bundle = build_bundle(preset, device, build_feature_nets(args.feature_nets, device), args.image_size)
+    return size, matmul_flops_per_s(device, dtype, size, iters=20 if device.type == "cuda" else 5)
+
+
+def benchmark_preset(preset: str, args, device: torch.device, batch: int, image_size: int | None,
+                     workloads: list[str], matmul: float) -> list[Row]:
+    """Time the selected workloads of one preset at one (batch, image size)."""
+    flops = flops_per_image(preset, batch, args.feature_nets, image_size, workloads)
+    bundle = build_bundle(preset, device, build_feature_nets(args.feature_nets, device), image_size)
     if args.compile:  # as module.py does: compile the two transformers, keep the loss code eager
         bundle.tokenizer.encoder.compile()
         bundle.tokenizer.decoder.compile()
-    images = make_images(bundle, args.batch, device)
+    if any(stage in TRAINING for stage in workloads):
+        bundle.update = Update(bundle.tokenizer, device)
+    images = make_images(bundle, batch, device)
     indices = make_indices(bundle, images)
     rows = []
-    for name in args.workloads:
+    for stage in workloads:
         free_grads(bundle.tokenizer)  # else the last step's gradients count in the next workload's peak memory
-        rows.append(measure(name, workload_fn(name, bundle, images, indices), args, device, flops[name], matmul))
-    return {"preset": preset, "device": describe_device(device), "batch": args.batch,
-            "image_size": bundle.image_size, "precision": args.precision, "compile": args.compile,
-            "feature_nets": args.feature_nets, "warmup": args.warmup, "iters": args.iters,
-            "params": parameter_counts(preset), "decode_nfe": sampler_nfe(),
-            "decoder_call_flops_per_image": flops["decoder_call"], "matmul_size": size,
-            "matmul_flops_per_s": matmul, "torch": torch.__version__, "rows": [asdict(row) for row in rows]}
+        setting = Setting(preset, device, batch, bundle.image_size, flops[stage], matmul)
+        rows.append(measure(stage, workload_fn(stage, bundle, images, indices), args, setting))
+    return rows
+
+
+def scaling_rows(preset: str, args, device: torch.device, matmul: float) -> list[Row]:
+    """1A step and decode against batch (at the preset's size) and image size (at --batch): how cost grows."""
+    config = presets.get(preset)
+    rows = []
+    for batch in args.scaling_batches:
+        rows += benchmark_preset(preset, args, device, batch, args.image_size, ["1a", "decode"], matmul)
+        print_rows(rows[-2:])
+    for factor in (0.5, 2.0):
+        size = int(config.image_size * factor) // config.patch_size * config.patch_size
+        rows += benchmark_preset(preset, args, device, args.batch, size, ["1a", "decode"], matmul)
+        print_rows(rows[-2:])
+    return rows
 
 
 def describe_device(device: torch.device) -> str:
@@ -332,26 +480,68 @@ def describe_device(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
+def code_revision() -> str:
+    """The git revision of the flowmo package under test (+dirty), so before/after rows say what they timed."""
+    import flowmo
+
+    folder = Path(flowmo.__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+# ------------------------------------------------------------------------------------------ bench.json
+ROW_KEY = ("preset", "stage", "device", "dtype", "batch", "image_size", "compile", "label")
+
+
+def merge_rows(path: Path, rows: list[dict], fresh: bool) -> list[dict]:
+    """The file's rows with these rows replacing the ones they measure again (same ROW_KEY)."""
+    old = [] if fresh or not path.exists() else json.loads(path.read_text())
+    new_keys = {tuple(row[k] for k in ROW_KEY) for row in rows}
+    kept = [row for row in old if tuple(row.get(k) for k in ROW_KEY) not in new_keys]
+    return kept + rows
+
+
+def write_rows(path: Path, rows: list[Row], fresh: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = merge_rows(path, [asdict(row) for row in rows], fresh)
+    path.write_text(json.dumps(merged, indent=1))
+    print(f"wrote {len(rows)} rows to {path} ({len(merged)} in all)")
+
+
 # ------------------------------------------------------------------------------------------ printing
-def _mem(row: dict) -> str:
-    return "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.0f} MiB"
+def _mem(row: Row) -> str:
+    return "n/a" if row.peak_mem_mb is None else f"{row.peak_mem_mb:.0f} MiB"
 
 
-def print_report(report: dict) -> None:
-    params = report["params"]["total"] / 1e6
-    print(f"\nFlowMo {report['preset']} ({report['image_size']}x{report['image_size']}, {params:.2f}M params), "
-          f"batch {report['batch']}, {report['precision']}{' + compile' if report['compile'] else ''}, "
-          f"{report['device']}, torch {report['torch']}, feature nets {report['feature_nets']}")
-    print(f"reference matmul {report['matmul_size']}^2 {report['precision']}: "
-          f"{report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; median of {report['iters']} after "
-          f"{report['warmup']} warm-up; decode = {report['decode_nfe']} NFE")
-    print(f"{'workload':<10}{'ms/call':>11}{'min ms':>10}{'img/s':>10}{'peak mem':>12}{'GFLOP/img':>12}{'GFLOP/s':>10}"
-          f"{'util':>8}")
-    for row in report["rows"]:
-        print(f"{row['workload']:<10}{row['ms']:>11.2f}{row['min_ms']:>10.2f}{row['images_per_s']:>10.1f}{_mem(row):>12}"
-              f"{row['flops_per_image'] / 1e9:>12.4g}{row['flops_per_s'] / 1e9:>10.1f}{row['utilisation']:>8.1%}")
-    print(f"peak mem: {report['rows'][0]['memory_kind'] if report['rows'] else ''}; util = model FLOP/s / matmul "
-          f"FLOP/s; training rows are forward + backward of one micro-batch (no optimizer step)")
+def print_header(preset: str, args, device: torch.device, matmul_size: int, matmul: float) -> None:
+    config = presets.get(preset)
+    params = parameter_counts(preset)["total"] / 1e6
+    print(f"\nFlowMo {preset} ({config.image_size}x{config.image_size}, {params:.2f}M params), "
+          f"{args.precision}{' + compile' if args.compile else ''}, {describe_device(device)}, torch "
+          f"{torch.__version__}, feature nets {args.feature_nets}, code {code_revision()}")
+    print(f"reference matmul {matmul_size}^2 {args.precision}: {matmul / 1e9:.1f} GFLOP/s; median of {args.iters} "
+          f"after {args.warmup} warm-up; decode = {sampler_nfe()} NFE")
+    print(f"{'stage':<8}{'batch':>6}{'size':>6}{'ms/call':>11}{'min ms':>10}{'img/s':>10}{'peak mem':>12}"
+          f"{'GFLOP/call':>12}{'util':>8}")
+
+
+def print_rows(rows: list[Row]) -> None:
+    for row in rows:
+        print(f"{row.stage:<8}{row.batch:>6}{row.image_size:>6}{row.ms:>11.2f}{row.min_ms:>10.2f}"
+              f"{row.images_per_s:>10.1f}{_mem(row):>12}{row.model_flops / 1e9:>12.4g}{row.utilisation:>8.1%}")
+        if row.profile is not None:
+            print_profile(row.stage, row.profile)
+
+
+def print_footer(rows: list[Row]) -> None:
+    print(f"peak mem: {rows[0].memory_kind if rows else ''}; util = model FLOP/s / matmul FLOP/s; training rows are "
+          "a whole optimizer step (forward, backward, Adam, projection, EMA every 10th)")
 
 
 def count_report(preset: str, batch: int, feature_nets: str, image_size: int | None) -> dict:
@@ -359,7 +549,7 @@ def count_report(preset: str, batch: int, feature_nets: str, image_size: int | N
     size = image_size or presets.get(preset).image_size
     return {"preset": preset, "image_size": size, "params": parameter_counts(preset), "decode_nfe": sampler_nfe(),
             "flops_per_image": {"encoder forward": flops["encode"], "decoder forward (1 NFE)": flops["decoder_call"],
-                                "stage1a step": flops["stage1a"], "stage1b step": flops["stage1b"],
+                                "stage1a step": flops["1a"], "stage1b step": flops["1b"],
                                 "decode (31 NFE)": flops["decode"]},
             "decoder_forward_attention_flops_per_image": flops["decoder_call_attention"]}
 
@@ -385,8 +575,11 @@ def print_counts(reports: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ entry point
+DEFAULT_JSON = Path("results/bench/bench.json")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--preset", nargs="+", default=["tiny"], choices=presets.names())
     parser.add_argument("--batch", type=int, default=8, help="images per call (a micro-batch for training)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = bf16 autocast")
@@ -402,8 +595,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=None, help="reference matmul N (default 4096 GPU, 2048 CPU)")
     parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
                         help="torch.set_float32_matmul_precision (training uses medium = TF32 on GPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one call per workload: self time by operator group and top ops")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also time the 1A step and the decode against batch and image size (half, double)")
+    parser.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--label", default="", help="a tag stored in each row, e.g. before / after a change")
     parser.add_argument("--count-only", action="store_true", help="print FLOPs and params per preset, no timing")
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="rows are merged into this file")
+    parser.add_argument("--fresh", action="store_true", help="start the JSON file over instead of merging")
     return parser.parse_args(argv)
 
 
@@ -415,15 +615,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.count_only:
         reports = [count_report(p, args.batch, args.feature_nets, args.image_size) for p in args.preset]
         print_counts(reports)
-    else:
-        device = pick_device(args.device)
-        reports = [benchmark_preset(p, args, device) for p in args.preset]
-        for report in reports:
-            print_report(report)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"reports": reports}, indent=2))
-        print(f"wrote {args.json}")
+        return 0
+    device = pick_device(args.device)
+    matmul_size, matmul = reference_matmul(args, device)
+    rows: list[Row] = []
+    for preset in args.preset:
+        print_header(preset, args, device, matmul_size, matmul)
+        preset_rows = benchmark_preset(preset, args, device, args.batch, args.image_size, args.workloads, matmul)
+        print_rows(preset_rows)
+        if args.scaling:
+            preset_rows += scaling_rows(preset, args, device, matmul)
+        print_footer(preset_rows)
+        rows += preset_rows
+    write_rows(args.json, rows, args.fresh)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Smoke test of scripts/bench_model.py: it runs on CPU and reports every figure. No timing is asserted."""
+"""Smoke test of scripts/bench_model.py: it runs on CPU, writes bench.json rows of the documented schema and
+profiles each workload. No timing is asserted."""
 
 import importlib.util
 import json
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_model.py"
+ROW_FIELDS = ("preset", "stage", "device", "dtype", "batch", "image_size", "ms", "images_per_s", "peak_mem_mb",
+              "model_flops", "utilisation")
 
 
 def load_script():
@@ -21,23 +24,53 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_bench_model_reports_every_workload(tmp_path, capsys):
+def run(bench, out: Path, *extra: str) -> list[dict]:
+    argv = ["--preset", "tiny", "--batch", "2", "--warmup", "1", "--iters", "1", "--device", "cpu",
+            "--matmul-size", "256", "--threads", "1", "--json", str(out), *extra]
+    assert bench.main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_writes_rows_of_the_schema_for_every_stage_with_a_profile(tmp_path, capsys):
+    bench = load_script()
+    rows = run(bench, tmp_path / "bench.json", "--profile")
+    by_stage = {row["stage"]: row for row in rows}
+    assert set(by_stage) == {"1a", "1b", "encode", "decode"}
+    for row in rows:
+        assert all(name in row for name in ROW_FIELDS), sorted(set(ROW_FIELDS) - set(row))
+        assert (row["preset"], row["dtype"], row["batch"], row["image_size"]) == ("tiny", "fp32", 2, 32)
+        for key in ("ms", "images_per_s", "model_flops", "utilisation"):
+            assert positive(row[key]), (row["stage"], key, row[key])
+        assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
+        groups = row["profile"]["groups_ms"]
+        assert "matmuls" in groups and abs(sum(groups.values()) - row["profile"]["total_ms"]) < 1e-6
+    assert "optimizer, projection, EMA" in by_stage["1a"]["profile"]["groups_ms"]  # the step includes Adam
+    # Shape-level FLOP relations that hold whatever the machine: a step is more than its forward passes.
+    assert by_stage["1a"]["model_flops"] > 2 * by_stage["encode"]["model_flops"]
+    assert by_stage["decode"]["model_flops"] > 25 * by_stage["encode"]["model_flops"] / 2
+    printed = capsys.readouterr().out
+    assert "util" in printed and "top operators" in printed
+
+
+def test_rows_accumulate_and_a_rerun_replaces_its_own(tmp_path):
     bench = load_script()
     out = tmp_path / "bench.json"
-    argv = ["--preset", "tiny", "--batch", "2", "--warmup", "1", "--iters", "1", "--device", "cpu",
-            "--matmul-size", "256", "--threads", "1", "--json", str(out)]
-    assert bench.main(argv) == 0
-    report = json.loads(out.read_text())["reports"][0]
-    assert report["decode_nfe"] == 31  # 25 steps + 6 guided ones inside the CFG interval (spec 4)
-    assert positive(report["matmul_flops_per_s"]) and report["params"]["total"] > 0
-    rows = {row["workload"]: row for row in report["rows"]}
-    assert set(rows) == {"stage1a", "stage1b", "encode", "decode"}
-    for row in rows.values():
-        for key in ("ms", "images_per_s", "flops_per_image", "flops_per_s", "utilisation"):
-            assert positive(row[key]), (row["workload"], key, row[key])
-        assert row["peak_mib"] is None or row["peak_mib"] >= 0
-    # Shape-level FLOP relations that hold whatever the machine: a step is more than its forward passes.
-    assert rows["stage1a"]["flops_per_image"] > 2 * rows["encode"]["flops_per_image"]
-    assert rows["decode"]["flops_per_image"] == 31 * report["decoder_call_flops_per_image"]
-    printed = capsys.readouterr().out
-    assert "stage1b" in printed and "util" in printed
+    run(bench, out, "--workloads", "encode")
+    run(bench, out, "--workloads", "encode", "--label", "after")
+    rows = run(bench, out, "--workloads", "encode", "decode")
+    assert sorted((row["stage"], row["label"]) for row in rows) == [("decode", ""), ("encode", ""), ("encode", "after")]
+    assert len(run(bench, out, "--workloads", "encode", "--fresh")) == 1
+
+
+def test_scaling_rows_cover_batch_and_image_size(tmp_path):
+    bench = load_script()
+    rows = run(bench, tmp_path / "bench.json", "--workloads", "encode", "--scaling", "--scaling-batches", "1", "2")
+    scaled = {(row["stage"], row["batch"], row["image_size"]) for row in rows}
+    assert {("1a", 1, 32), ("decode", 2, 32), ("1a", 2, 16), ("decode", 2, 64)} <= scaled
+
+
+def test_decode_flops_are_its_network_evaluations_times_one_call():
+    bench = load_script()
+    assert bench.sampler_nfe() == 31  # 25 steps + 6 guided ones inside the CFG interval (spec 4)
+    flops = bench.flops_per_image("tiny", 2, "off", None)
+    assert flops["decode"] == 31 * flops["decoder_call"]

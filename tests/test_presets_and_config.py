@@ -34,7 +34,9 @@ def test_our_model_builds_only_parameters_the_forward_pass_uses(name):
 
 
 def test_preset_names_and_bit_rates():
-    assert presets.names() == ["lo", "hi", "small", "tiny", "demo"]
+    assert presets.names() == ["lo", "hi", "small", "tiny", "cpu-mid", "demo"]
+    assert presets.get("cpu-mid").bits_per_pixel == pytest.approx(64 * 18 / 64**2)
+    assert presets.get("cpu-mid").decoder.head_dim == 32 and presets.get("cpu-mid").groups_per_token == 2
     assert presets.get("demo").bits_per_pixel == pytest.approx(16 * 72 / 32**2)
     assert presets.get("lo").bits_per_pixel == pytest.approx(0.0703, abs=1e-4)
     assert presets.get("hi").bits_per_pixel == pytest.approx(0.2188, abs=1e-4)

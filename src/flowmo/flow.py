@@ -112,20 +112,28 @@ def _grid_column(timesteps: Tensor, k: int, batch: int) -> Tensor:
 
 
 def guided_velocity(conditional: VelocityFn, unconditional: VelocityFn, cfg: float,
-                    interval_t: tuple[float, float] | None = None) -> VelocityFn:
+                    interval_t: tuple[float, float] | None = None,
+                    paired: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> VelocityFn:
     """Classifier-free guidance v_u + cfg (v_c - v_u), applied only where t lies in `interval_t`
-    (inclusive; None = everywhere). Outside the interval only the conditional model runs."""
+    (inclusive; None = everywhere). Outside the interval only the conditional model runs.
+
+    `paired(z, t) -> (v_c, v_u)`, when given, computes both velocities of a guided step in one network call
+    (twice the batch, one pass over the weights) instead of two calls."""
     if cfg == 1.0:
         return conditional
 
+    def both(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return paired(z, t) if paired is not None else (conditional(z, t), unconditional(z, t))
+
     def velocity(z: Tensor, t: Tensor) -> Tensor:
-        v_cond = conditional(z, t)
         if interval_t is None:
-            return v_cond + (cfg - 1.0) * (v_cond - unconditional(z, t))
+            v_cond, v_uncond = both(z, t)
+            return v_cond + (cfg - 1.0) * (v_cond - v_uncond)
         inside = (t >= interval_t[0]) & (t <= interval_t[1])
         if not bool(inside.any()):  # skip the unconditional pass on unguided steps: 31 NFE, not 50
-            return v_cond
-        v_guided = v_cond + (cfg - 1.0) * (v_cond - unconditional(z, t))
+            return conditional(z, t)
+        v_cond, v_uncond = both(z, t)
+        v_guided = v_cond + (cfg - 1.0) * (v_cond - v_uncond)
         return torch.where(_per_sample(inside, z).bool(), v_guided, v_cond)
 
     return velocity

@@ -28,7 +28,7 @@ from flowmo.errors import UserError
 from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.nn.tokenizer import FlowMoTokenizer
-from flowmo.optim import ModelEMA, WeightNormProjection
+from flowmo.optim import ModelEMA, WeightNormProjection, adam_kernel
 from flowmo.perceptual import build_perceptual
 from flowmo.training_stats import batch_codebook_stats, global_norm
 
@@ -207,7 +207,7 @@ class FlowMoModule(L.LightningModule):
         if self.hparams.stage == "1a":
             groups.insert(0, {"params": list(self.tokenizer.encoder.parameters()), "name": "encoder"})
         optimizer = torch.optim.Adam(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                     eps=self.hparams.adam_eps, weight_decay=0.0, fused=self.device.type == "cuda")
+                                     eps=self.hparams.adam_eps, weight_decay=0.0, **adam_kernel(self.device))
         if self.hparams.lr_schedule == "constant":
             return optimizer
         total = self.trainer.max_steps

@@ -51,6 +51,18 @@ class ModelEMA(nn.Module):
         return global_norm(torch._foreach_sub(ema, current)) / global_norm(current).clamp_min(1e-12)
 
 
+FUSED_ADAM_DEVICES = ("cuda", "cpu", "xpu", "mps")
+
+
+def adam_kernel(device: torch.device) -> dict[str, bool]:
+    """Adam's one-kernel implementation wherever torch has it. On CPU torch otherwise picks its per-tensor loop:
+    536 ms per step for cpu-mid's 26M parameters against 17 ms fused (a third of a whole 1A step), and the
+    weights after 20 steps agree to 1.5e-8 (tests/test_speed.py)."""
+    if device.type in FUSED_ADAM_DEVICES:
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def block_linear_names(model: nn.Module) -> list[str]:
     """Every nn.Linear inside a double block (qkv, proj, both MLP layers, modulation), spec 5."""
     return [name for name, module in model.named_modules()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flowmo.nn.rope import apply_rope
+from flowmo.nn.rope import rotate
 
 LN_EPS = 1e-6
 
@@ -51,9 +51,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed * self.scale.float()
+        # torch's fused kernel: x * rsqrt(mean(x^2) + eps) * scale as before (bit-identical on CPU here), at about
+        # half the time forward and three quarters with backward. Autocast off: the result must stay fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x.float(), self.scale.shape, self.scale.float(), self.eps)
 
 
 class QKNorm(nn.Module):
@@ -84,9 +85,10 @@ class StreamAttention(nn.Module):
 
 
 def joint_attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], scale: float) -> Tensor:
-    """RoPE (fp32) then full bidirectional SDPA over the joint sequence in v's dtype. [B, H, N, D] -> same."""
+    """RoPE (fp32; `rope` = the pairwise [N, head_dim] tables) then full bidirectional SDPA over the joint
+    sequence in v's dtype. [B, H, N, D] -> same."""
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin, v.dtype), apply_rope(k, cos, sin, v.dtype)
+    q, k = rotate(q, cos, sin, v.dtype), rotate(k, cos, sin, v.dtype)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -114,8 +116,14 @@ class Modulation(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
+    """LayerNorm without affine, then (1 + scale) * x + shift (one fused multiply-add kernel)."""
     normed = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-    return normed if shift is None else (1 + scale) * normed + shift
+    return normed if shift is None else torch.addcmul(shift, normed, 1 + scale)
+
+
+def gated_add(h: Tensor, gate: Tensor | None, update: Tensor) -> Tensor:
+    """h + gate * update in one kernel (h + update without a gate: the encoder)."""
+    return h + update if gate is None else torch.addcmul(h, gate, update)
 
 
 class StreamBlockHalf(nn.Module):
@@ -178,10 +186,8 @@ def _residual(h: Tensor, stream: StreamBlockHalf, attn_heads: Tensor, mod) -> Te
         return None
     attn_out = merge_heads(attn_heads)
     (_, _, gate1), (shift2, scale2, gate2) = mod
-    update = stream.attn.proj(attn_out)
-    h = h + (update if gate1 is None else gate1 * update)
-    update = stream.mlp(modulate(h, shift2, scale2))
-    return h + (update if gate2 is None else gate2 * update)
+    h = gated_add(h, gate1, stream.attn.proj(attn_out))
+    return gated_add(h, gate2, stream.mlp(modulate(h, shift2, scale2)))
 
 
 class FinalLayer(nn.Module):

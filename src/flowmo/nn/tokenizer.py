@@ -155,6 +155,15 @@ class FlowMoTokenizer(nn.Module):
         condition = self.decoder_condition(codes, noisy.shape[0], like=noisy)
         return self.velocity_from_condition(noisy, condition, t)
 
+    def velocity_with_null(self, noisy: Tensor, codes: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(velocity with `codes`, velocity with the null code) from one decoder call on twice the batch: a
+        guided sampler step reads the weights once instead of twice."""
+        batch = noisy.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=noisy.device).expand(batch)
+        condition = torch.cat([self.decoder_condition(codes), self.decoder_condition(None, batch, like=codes)])
+        both = self.velocity_from_condition(torch.cat([noisy, noisy]), condition, torch.cat([t, t]))
+        return both[:batch], both[batch:]
+
     def sample(self, codes: Tensor | None, noise: Tensor, steps: int = 25, rho: float = 4.0, cfg: float = 1.5,
                cfg_interval: tuple[float, float] | None = (0.17, 1.02), timesteps: Tensor | None = None,
                clip: bool = True) -> Tensor:
@@ -170,7 +179,9 @@ class FlowMoTokenizer(nn.Module):
         interval_t = None if cfg_interval is None else tuple(flow.sigma_to_t(s) for s in cfg_interval)
         conditional = lambda z, t: self.velocity(z, codes, t)  # noqa: E731
         unconditional = lambda z, t: self.velocity(z, None, t)  # noqa: E731
-        velocity_fn = flow.guided_velocity(conditional, unconditional, cfg, interval_t)
+        paired = lambda z, t: self.velocity_with_null(z, codes, t)  # noqa: E731
+        velocity_fn = flow.guided_velocity(conditional, unconditional, cfg, interval_t,
+                                           paired=paired if codes is not None else None)
         return flow.sample_euler(velocity_fn, noise, grid, clip=clip)
 
     def _check_sample_inputs(self, codes: Tensor | None, noise: Tensor, steps: int) -> None:

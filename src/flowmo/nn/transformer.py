@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from flowmo.config import TransformerConfig
 from flowmo.nn.layers import DoubleStreamBlock, FinalLayer, MLPEmbedder, timestep_embedding
-from flowmo.nn.rope import rope_angles, token_positions
+from flowmo.nn.rope import pairwise_tables, rope_angles, token_positions
 
 TIME_EMBED_DIM = 256
 
@@ -99,10 +99,11 @@ class MMDiT(nn.Module):
 
 @functools.lru_cache(maxsize=16)
 def _cached_rope(code_length: int, grid_h: int, grid_w: int, axes: tuple[int, ...], theta: float, device: str):
-    """RoPE tables depend only on the geometry, so every forward pass of that geometry shares them.
+    """Pairwise RoPE tables (cos, sin), each [N, head_dim] (rope.pairwise_tables): they depend only on the
+    geometry, so every forward pass of that geometry shares them.
 
     Built outside inference mode: a table first made during validation is later saved for backward.
     """
     with torch.inference_mode(False), torch.no_grad():
         positions = token_positions(code_length, grid_h, grid_w, device=torch.device(device))
-        return rope_angles(positions, axes, theta)
+        return pairwise_tables(*rope_angles(positions, axes, theta))
