@@ -91,7 +91,7 @@ def test_reconstruct_tokenize_detokenize_files(tmp_path, capsys):
         Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
             photos / f"p{index}.png")
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
-    common = ["--tokenizer", str(tokenizer_file), "--steps", "2"]
+    common = ["--tokenizer", str(tokenizer_file), "--sampler", "fast", "--steps", "2"]
     assert main(["reconstruct", str(photos), "--out", str(tmp_path / "recon"), *common]) == 0
     assert "wrote 3 input | reconstruction PNGs to" in (out := capsys.readouterr().out) and "skipped 1 unreadable: broken.jpg" in out
     with Image.open(tmp_path / "recon" / "p0.png") as image:
