@@ -26,7 +26,7 @@ def run_bench(src: Path, label: str, args: argparse.Namespace, json_path: Path) 
     env = {**os.environ, "PYTHONPATH": str(src)}
     command = [sys.executable, str(BENCH), "--preset", args.preset, "--batch", str(args.batch), "--iters",
                str(args.iters), "--warmup", str(args.warmup), "--workloads", *args.workloads, "--label", label,
-               "--json", str(json_path)]
+               "--json", str(json_path), *(["--threads", str(args.threads)] if args.threads else [])]
     print(f"--- {label}: {' '.join(command[1:])} (flowmo from {src})", flush=True)
     subprocess.run(command, env=env, check=True)
 
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of both sides (default: torch's)")
     parser.add_argument("--workloads", nargs="+", default=["1a", "decode"])
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "bench" / "bench.json")
     args = parser.parse_args()
