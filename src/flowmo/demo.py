@@ -24,6 +24,7 @@ from flowmo.figures import read_scalars, reconstruction_figure, training_curves_
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.metrics.image import psnr_per_image, to_unit_range
 from flowmo.nn.tokenizer import PAPER_SAMPLER, FlowMoTokenizer
+from flowmo.arguments import demo_arguments as parse_args
 from flowmo.perceptual import WEIGHT_FILES, MissingWeightsError, resolve_weights
 
 # The repository's configs/ (editable install), else ./configs: the demo runs from any working directory.
@@ -31,35 +32,6 @@ _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path("configs")
 STAGES = {"1a": "Stage 1A", "1b": "Stage 1B"}
 POOL_GRID = 8  # the 8x8 average-pool reference: 8*8*3 = 192 numbers per image
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="flowmo demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/demo", help="where grid.png, curves.png and metrics.json go")
-    parser.add_argument("--data", default="data/demo", help="demo sample shards (built here if missing or stale)")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the model init, the data order and the noise")
-    parser.add_argument("--steps-1a", type=int, default=5000)
-    parser.add_argument("--steps-1b", type=int, default=800)
-    parser.add_argument("--lr-1b", type=float, default=1e-3)
-    parser.add_argument("--batch-1b", type=int, default=8, help="Stage-1B batch (each sample runs an 8-step chain)")
-    parser.add_argument("--val-every", type=int, default=500, help="Stage-1A steps between validations (curves)")
-    parser.add_argument("--val-every-1b", type=int, default=100, help="Stage-1B steps between validations")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--train-crops", type=int, default=600, help="crops per training photograph")
-    parser.add_argument("--val-crops", type=int, default=16, help="crops per held-out photograph")
-    parser.add_argument("--colour-jitter", type=float, default=0.5, metavar="TINT_GREY",
-                        help="random hue/saturation of every training crop, and this probability of tinting a "
-                             "grayscale crop; negative turns the jitter off (held-out crops are never changed)")
-    parser.add_argument("--fit-1a", action="append", default=[], metavar="ARG",
-                        help="extra `flowmo fit` arguments for Stage 1A, e.g. --fit-1a=--model.lr=2e-3 (repeatable)")
-    parser.add_argument("--fit-1b", action="append", default=[], metavar="ARG",
-                        help="extra `flowmo fit` arguments for Stage 1B (repeatable)")
-    parser.add_argument("--feature-weights", choices=("auto", "pretrained", "none"), default="auto",
-                        help="auto: the paper's LPIPS-VGG / ResNet-50 losses when their files are cached, else the "
-                             "demo's substitutes (said loudly); pretrained: require the files; none: substitutes")
-    parser.add_argument("--rows", type=int, default=9, help="held-out images in the grid")
-    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -184,7 +156,10 @@ def available_lpips() -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------- the demo
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     started = time.time()
     torch.manual_seed(args.seed)
     data_dir, out_dir = Path(args.data), Path(args.out)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flowmo.arguments import tool_arguments
 from flowmo.data.transforms import decode_rgb, val_transform
 from flowmo.errors import UserError
 from flowmo.nn.tokenizer import FlowMoTokenizer
@@ -150,21 +151,12 @@ COMMANDS = {"reconstruct": reconstruct, "tokenize": tokenize, "detokenize": deto
 
 
 def main(argv: list[str] | None = None, command: str = "reconstruct") -> int:
-    what = {"reconstruct": "images or folders -> input | reconstruction PNGs",
-            "tokenize": "images or folders -> one .npy of token ids per image",
-            "detokenize": ".npy id files or folders -> decoded PNGs"}[command]
-    parser = argparse.ArgumentParser(prog=f"flowmo {command}", description=what)
-    parser.add_argument("inputs", nargs="+", help="files or folders")
-    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt or flowmo_lo/hi.pth")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--size", type=int, help="image side in px (default: the tokenizer's training size)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--sampler", choices=("paper", "fast"), default="paper",
-                        help="paper: 25 steps, rho 4, CFG 1.5 on the interval (31 NFE); fast: 8 such steps (10 NFE)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps instead of the named sampler's")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the decoding noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return run(tool_arguments(argv, command), command)
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = load_tokenizer(args.tokenizer, args.device)
         with torch.no_grad():

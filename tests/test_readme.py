@@ -1,0 +1,209 @@
+"""Every command in the README's ```bash blocks is exercised, as a new user would type it, in a fresh copy of the
+checkout (tracked and untracked-not-ignored files; the existing .venv linked in).
+
+How each command is exercised is decided by RULES below; a README command that no rule covers fails the fast
+test `test_every_readme_command_has_a_rule`, so a new command cannot go untested. The kinds:
+  run      run verbatim (or in the short form the rule states, e.g. fewer steps), exit status 0
+  dry      needs GPUs, ImageNet or hours: `make -n` must expand it, and every `flowmo fit|validate|test` line it
+           would run must parse with its configs (`--print_config`: configs, options and choices checked)
+  parse    a `flowmo fit|validate|test` command for GPUs / ImageNet: parses with `--print_config`
+  covered  run by another test (named in the rule) or by CI itself
+The runs themselves are one slow test (several minutes: each `flowmo` start imports torch and Lightning).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+# ------------------------------------------------------------------------------------------ the commands
+def readme_commands(text: str | None = None) -> list[str]:
+    """The commands of the README's ```bash blocks: continuation lines joined, comments and #! / #SBATCH dropped."""
+    text = README.read_text() if text is None else text
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            command = strip_comment(line).strip()
+            if command:
+                commands.append(re.sub(r"\s+", " ", command))
+    return commands
+
+
+def strip_comment(line: str) -> str:
+    """The line without its shell comment (a # at the start or after whitespace, outside quotes)."""
+    quote = None
+    for index, char in enumerate(line):
+        if char in "\"'" and quote in (None, char):
+            quote = None if quote else char
+        elif char == "#" and quote is None and (index == 0 or line[index - 1].isspace()):
+            return line[:index]
+    return line
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # re.fullmatch against the command
+    kind: str  # run | dry | parse | covered
+    why: str = ""  # for covered: which test or job runs it; for a short form: what is shortened
+    rewrite: tuple[tuple[str, str], ...] = ()  # (regex, replacement) applied before running (short forms)
+
+
+FAKE_IMAGENET = "fake-imagenet"  # a two-class ImageFolder tree the harness writes: `make shards` in short form
+RULES = (
+    Rule(r"make test", "covered", ".ci/run runs `make test` first, on a clean clone"),
+    Rule(r"make demo", "covered", "test_demo.py::test_demo_recipe_reconstructs_held_out_photos runs the recipe "
+         "`make demo` runs (flowmo demo --seed 0, defaults); here `make -n demo` must expand to it"),
+    Rule(r"flowmo (reconstruct|tokenize|detokenize) .*", "run", "tok.pt: exported from the tiny CPU run below; "
+         "photos/: three generated images"),
+    Rule(r"make shards IMAGENET=\S+", "run", "IMAGENET = a generated two-class ImageFolder tree (6 images)",
+         ((r"IMAGENET=\S+", f"IMAGENET={FAKE_IMAGENET} SHARDS_OUT=data/fake-imagenet"),)),
+    Rule(r"make sample-data", "run"),
+    Rule(r"make bench-data", "run"),
+    Rule(r"make (train|posttrain)-\S+( \S+)*", "dry"),
+    Rule(r"make tensorboard", "dry"),
+    Rule(r"\.venv/bin/flowmo fit .* --trainer\.max_steps \d+ .*", "run", "2 optimizer steps instead of 200",
+         ((r"--trainer\.max_steps \d+", "--trainer.max_steps 2"),)),
+    Rule(r"(srun )?flowmo (fit|validate|test) .*", "parse"),
+    Rule(r"make eval-\S+ .*", "dry"),
+    Rule(r"flowmo ablate (grids|list \S+)", "run"),
+    Rule(r"make ablate GRID=\S+ DRY_RUN=1", "run"),
+    Rule(r"make ablate GRID=\S+( GPUS=\d+)?", "run", "with DRY_RUN=1: every fit/test command printed, none run "
+         "(the tiny grid's real run is 39 min, measured in the README)", ((r"$", " DRY_RUN=1"),)),
+    Rule(r"flowmo ablate run .* --launcher slurm .*", "run", "with --dry-run: sbatch files written, not submitted",
+         ((r"$", " --dry-run"),)),
+    Rule(r"flowmo ablate table \S+", "run"),
+    Rule(r"make bench", "run"),
+    Rule(r"make bench COUNT_ONLY=1", "run"),
+    Rule(r"make bench .*(PRESET=(lo|hi|small)|COMPILE=1|PRECISION=bf16|PROFILE=1|SCALING=1).*", "dry"),
+    Rule(r"make bench-compare BASE=\S+( PRESET=\S+)?", "dry"),
+    Rule(r"\.venv/bin/python scripts/sampler_steps\.py .*", "run", "--checkpoint = the tiny CPU run's; 2 step "
+         "counts, 1 repeat", ((r"--checkpoint \S+", "--checkpoint runs/tiny-cpu/checkpoints/last.ckpt"),
+                              (r"$", " --steps 2 4 --repeats 1"))),
+)
+
+
+def rule_for(command: str) -> Rule | None:
+    return next((rule for rule in RULES if re.fullmatch(rule.pattern, command)), None)
+
+
+def test_every_readme_command_has_a_rule():
+    commands = readme_commands()
+    assert len(commands) >= 30  # the parser found the blocks
+    uncovered = [command for command in commands if rule_for(command) is None]
+    assert not uncovered, f"README commands no rule in tests/test_readme.py exercises: {uncovered}"
+
+
+def test_the_parser_joins_continuations_and_drops_comments():
+    text = "x\n```bash\nmake a   # note\nflowmo fit -c x.yaml \\\n    --y 1  # more\n#!/bin/bash\n```\n"
+    assert readme_commands(text) == ["make a", "flowmo fit -c x.yaml --y 1"]
+
+
+# ------------------------------------------------------------------------------------------ running them
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    """A copy of the working tree as a fresh clone has it (mtimes kept, so make sees .venv as installed)."""
+    copy = tmp_path_factory.mktemp("readme") / "flowmo"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        source = ROOT / name
+        if source.is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / name)
+    (copy / ".venv").symlink_to(ROOT / ".venv")
+    reinstall = subprocess.run(["make", "-n", "install"], cwd=copy, capture_output=True, text=True).stdout
+    if "pip install" in reinstall:  # would re-point the shared editable install at this temporary copy
+        pytest.skip("`make install` is not up to date in this checkout: run `make install` first")
+    write_fake_inputs(copy)
+    return copy
+
+
+def write_fake_inputs(copy: Path) -> None:
+    """photos/ for the file tools and a two-class ImageFolder tree standing in for ImageNet."""
+    rng = np.random.default_rng(0)
+    for folder, count in (("photos", 3), (f"{FAKE_IMAGENET}/train/n01", 2), (f"{FAKE_IMAGENET}/train/n02", 2),
+                          (f"{FAKE_IMAGENET}/val/n01", 1), (f"{FAKE_IMAGENET}/val/n02", 1)):
+        (copy / folder).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(copy / folder / f"image{index}.JPEG", format="JPEG")
+
+
+def shell(copy: Path, command: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{copy / '.venv' / 'bin'}:{os.environ['PATH']}", "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(["bash", "-c", command], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess, command: str) -> None:
+    assert result.returncode == 0, f"`{command}` exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def parse_only(copy: Path, command: str) -> None:
+    """A flowmo fit/validate/test command checked without running: configs load, options and choices parse."""
+    words = shlex.split(command)
+    if words[0] == "srun":
+        words = words[1:]
+    words = ["flowmo" if words[0].endswith("flowmo") else words[0], *words[1:]]
+    check(shell(copy, shlex.join(words) + " --print_config"), command)
+
+
+def dry_run(copy: Path, command: str) -> None:
+    expanded = shell(copy, command.replace("make ", "make -n ", 1))
+    check(expanded, command)
+    lines = [line.strip() for line in expanded.stdout.splitlines()]
+    flowmo_lines = [line for line in lines if re.match(r"\S*flowmo (fit|validate|test) ", line)]
+    for line in flowmo_lines:
+        parse_only(copy, line)
+    assert flowmo_lines or re.search(r"tensorboard|bench|demo", command), f"`{command}` expands to no flowmo run"
+
+
+def short_form(command: str, rule: Rule) -> str:
+    for pattern, replacement in rule.rewrite:
+        command = re.sub(pattern, replacement, command, count=1)
+    return command
+
+
+def setup_order(commands: list[str]) -> list[str]:
+    """The README's order, except what other commands need comes first: the sample set, then the CPU run
+    (its checkpoint becomes tok.pt and the sampler sweep's checkpoint)."""
+    first = [c for c in commands if c == "make sample-data"] + [c for c in commands if c.startswith(".venv/bin/flowmo fit")]
+    return first + [c for c in commands if c not in first]
+
+
+@pytest.mark.slow
+def test_readme_commands_work_verbatim_in_a_fresh_checkout(checkout):
+    ran = []
+    for command in setup_order(readme_commands()):
+        rule = rule_for(command)
+        if rule.kind == "covered":
+            if command == "make demo":
+                check(shell(checkout, "make -n demo"), command)
+            continue
+        if rule.kind == "parse":
+            parse_only(checkout, command)
+        elif rule.kind == "dry":
+            dry_run(checkout, command)
+        else:
+            check(shell(checkout, short_form(command, rule)), command)
+        if command.startswith(".venv/bin/flowmo fit"):
+            check(shell(checkout, "flowmo export --ckpt runs/tiny-cpu/checkpoints/last.ckpt --out tok.pt"), "export")
+        ran.append(command)
+    assert (checkout / "recon").is_dir() and any((checkout / "decoded").glob("*.png"))
+    assert (checkout / "data" / "fake-imagenet" / "train.json").is_file()
+    assert (checkout / "results" / "bench" / "bench.json").is_file()
+    assert len(ran) >= 25
