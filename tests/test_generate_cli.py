@@ -77,3 +77,16 @@ def test_generate_refuses_another_tokenizer(trained_generator, capsys):
     assert main(["generate", "--generator", str(checkpoint), "--tokenizer", str(other), "--classes", "0",
                  "--out", str(folder / "refused")]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+
+
+def test_gen_eval_cli_writes_a_report_naming_reference_and_protocol(trained_generator, sample_shards):
+    import json
+
+    folder, tokenizer, checkpoint = trained_generator
+    out = folder / "eval" / "report.json"
+    assert main(["gen-eval", "--generator", str(checkpoint), "--tokenizer", str(tokenizer), "--reference",
+                 str(sample_shards / "train.json"), "--num-samples", "10", "--batch", "5", "--features", "random",
+                 "--steps", "2", "--sampler", "fast", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 10 and report["stand_in_features"] and "protocol" in report
+    assert report["reference"]["manifest"].endswith("train.json") and (folder / "eval" / "reference_stats.pt").is_file()
