@@ -108,3 +108,21 @@ def test_token_datamodule_yields_int64_batches(tmp_path, sample_shards):
     assert data.token_layout["tokens"] == 16 and data.token_layout["groups"] == 2
     rows = sum(len(b["key"]) for b in data.val_dataloader())
     assert rows == read_token_manifest(manifest_path)["num_samples"]
+
+
+def test_token_streams_of_two_ranks_differ_and_split_validation(tmp_path, sample_shards):
+    from itertools import islice
+
+    from flowmo.generate.data import TokenStream
+
+    pretokenize(tokenizer_file(tmp_path, seed=0), sample_shards / "train.json", tmp_path / "tokens")
+    manifest = read_token_manifest(tmp_path / "tokens" / "train.json")
+    urls = [str(tmp_path / "tokens" / shard["url"]) for shard in manifest["shards"]]
+    first = [[row["key"] for row in islice(TokenStream(urls, train=True, rank=rank, world_size=2, shuffle_buffer=4), 6)]
+             for rank in (0, 1)]
+    assert first[0] != first[1]  # ranks draw their own rows
+    resumed = [row["key"] for row in islice(TokenStream(urls, train=True, rank=0, world_size=2, shuffle_buffer=4,
+                                                        start_step=100), 6)]
+    assert resumed != first[0]  # a resumed run does not replay its start
+    halves = [{row["key"] for row in TokenStream(urls, train=False, rank=rank, world_size=2)} for rank in (0, 1)]
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == manifest["num_samples"]

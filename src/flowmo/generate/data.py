@@ -27,14 +27,20 @@ class TokenStream(IterableDataset):
     """Rows `{"ids": int64 [L*F], "cls": int, "key": str}` of token shards."""
 
     def __init__(self, urls: list[str], train: bool, seed: int = 0, shuffle_buffer: int = 1000,
-                 max_samples: int | None = None):
+                 max_samples: int | None = None, rank: int | None = None, world_size: int | None = None,
+                 start_step: int = 0):
+        """rank / world_size are captured in the main process (workers may not see the process group, and ranks
+        must draw different rows); start_step makes a resumed run draw new rows instead of replaying its start."""
         super().__init__()
         self.urls, self.train, self.seed = list(urls), train, seed
         self.shuffle_buffer, self.max_samples = shuffle_buffer, max_samples
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
 
     def __iter__(self) -> Iterator[dict]:
         rank, world_size, worker, num_workers = pytorch_worker_info()
-        rng = random.Random(f"flowmo-tokens-{self.seed}-{rank}-{worker}")
+        if self.rank is not None:
+            rank, world_size = self.rank, self.world_size or 1
+        rng = random.Random(f"flowmo-tokens-{self.seed}-{self.start_step}-{rank}-{worker}")
         if self.train:
             samples = buffer_shuffle(tarfile_samples(resampled_urls(self.urls, rng)), self.shuffle_buffer, rng)
         else:
@@ -89,14 +95,21 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = TokenStream(self._urls("train"), train=True, seed=self.hparams.seed,
-                             shuffle_buffer=self.hparams.shuffle_buffer)
+                             shuffle_buffer=self.hparams.shuffle_buffer, **self._placement(),
+                             start_step=self.trainer.global_step if self.trainer else 0)
         return self._loader(stream, self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_manifest is None:
             return []
-        stream = TokenStream(self._urls("val"), train=False, max_samples=self.hparams.val_max_samples)
+        stream = TokenStream(self._urls("val"), train=False, max_samples=self.hparams.val_max_samples,
+                             **self._placement())
         return self._loader(stream, self.hparams.val_batch_size or self.hparams.batch_size)
+
+    def _placement(self) -> dict:
+        if self.trainer is None:
+            return {}
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
 
     def _loader(self, stream: TokenStream, batch_size: int) -> DataLoader:
         return DataLoader(stream, batch_size=batch_size, num_workers=self.hparams.num_workers,

@@ -87,7 +87,8 @@ def reference_statistics(manifest: str | Path, features: GenerationFeatures, ima
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate)
     total, outer, count, kept = None, None, 0, []
     for batch in loader:
-        pool, _ = features((batch["image"] + 1) / 2)
+        pool, _ = features((batch["image"].to(features.head.device) + 1) / 2)
+        pool = pool.cpu()
         total = pool.sum(0) if total is None else total + pool.sum(0)
         outer = pool.T @ pool if outer is None else outer + pool.T @ pool
         count += pool.shape[0]
@@ -135,7 +136,8 @@ def evaluate_generator(sample_fn: Callable[[Tensor], Tensor], reference: dict, f
     kept = []
     for start in range(0, num_samples, batch_size):
         images = sample_fn(labels[start:start + batch_size])
-        pool, logits = features(((images.float() + 1) / 2).clamp(0, 1))
+        pool, logits = features(((images.float().to(features.head.device) + 1) / 2).clamp(0, 1))
+        pool, logits = pool.cpu(), logits.cpu()  # the metrics' states live on the CPU
         fid.update(pool, real=False)
         inception_score.update(logits)
         kept.append(pool[: max(0, len(reference["knn_features"]) - sum(p.shape[0] for p in kept))].float())
