@@ -44,3 +44,28 @@ def test_precision_recall_of_disjoint_and_nested_sets():
     assert precision_recall(real, real + 100.0) == (0.0, 0.0)
     precision, recall = precision_recall(real, real[:50] * 0.5)  # collapsed onto part of the real manifold
     assert precision > 0.9 and recall < 0.9
+
+
+def test_inception_generation_features_read_pool3_and_the_classifier_from_one_file(tmp_path):
+    """A file with pytorch-fid's key layout (random values, as tests/test_metrics_fid.py): IS logits are its fc
+    weights (no bias) applied to the same pool3 features gFID uses."""
+    from unittest import mock
+
+    import torchvision.models
+    from pytorch_fid import inception as fid_inception
+
+    from flowmo.perceptual import WEIGHT_FILES
+
+    captured = {}
+    with (
+        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(torchvision.models.Inception3, "load_state_dict",
+                          lambda model, state, *a, **k: captured.update(model.state_dict())),
+    ):
+        fid_inception.fid_inception_v3()
+    path = tmp_path / WEIGHT_FILES["inception_fid"]
+    torch.save(captured, path)
+    features = GenerationFeatures.inception(str(path))
+    pool, logits = features(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and not features.is_stand_in
+    torch.testing.assert_close(logits, pool @ captured["fc.weight"].double().T)
