@@ -85,6 +85,7 @@ def test_pretokenize_resumes_per_shard_and_counts_corrupt_images(tmp_path):
     again = pretokenize(tokenizer_path, shards / "train-*.tar", out, "--crops", "3")
     assert first.stat().st_mtime_ns == written_at  # the finished shard was skipped
     assert again["num_samples"] == 6
+    assert pretokenize(tokenizer_path, shards / "train-*.tar", out, "--crops", "3") == again  # nothing left to do
     other = tokenizer_file(tmp_path, seed=1)  # finishing this folder with another tokenizer is refused
     assert pretokenize_main(["--tokenizer", str(other), "--shards", str(shards / "train-*.tar"), "--out", str(out),
                              "--crops", "3", "--no-progress"]) == 2
@@ -126,3 +127,16 @@ def test_token_streams_of_two_ranks_differ_and_split_validation(tmp_path, sample
     assert resumed != first[0]  # a resumed run does not replay its start
     halves = [{row["key"] for row in TokenStream(urls, train=False, rank=rank, world_size=2)} for rank in (0, 1)]
     assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == manifest["num_samples"]
+
+
+@pytest.mark.slow
+def test_pretokenize_splits_shards_over_two_ranks(tmp_path, sample_shards):
+    """Lightning predict on 2 CPU ranks (ddp_spawn): every shard written once, the manifest counts them all."""
+    from flowmo.generate.pretokenize import pretokenize as pretokenize_api
+
+    tokenizer = tokenizer_file(tmp_path, seed=0)
+    two = pretokenize_api(str(tokenizer), str(sample_shards / "val.json"), tmp_path / "two", split="val",
+                          accelerator="cpu", devices=2, strategy="ddp_spawn", progress=False)
+    one = pretokenize(tokenizer, sample_shards / "val.json", tmp_path / "one", "--split", "val")
+    assert two["num_samples"] == one["num_samples"] and two["num_shards"] == one["num_shards"]
+    assert token_rows(tmp_path / "two", two).keys() == token_rows(tmp_path / "one", one).keys()

@@ -6,7 +6,8 @@
 Input shard i becomes token shard `{split}-{i:06d}.tar` (format: flowmo.generate.tokens), written to a temp name
 and renamed when complete, with a record under `.{split}-parts/`: a rerun skips finished shards. Corrupt images
 are skipped, counted and listed in the manifest. The tokenizer runs with its EMA weights (what the paper
-evaluates) in a plain loop on one device (`--device`): not yet Lightning predict across GPUs.
+evaluates) in fp32 under Lightning predict: with `--devices 8` each rank encodes every 8th pending shard on its
+own GPU, and rank 0 writes the manifest once all ranks are done.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
@@ -52,9 +55,9 @@ def image_crops(data: bytes, key: str, crops: dict, size: int, seed: int) -> lis
 class ShardTokenizer:
     """Encodes one image shard into one token shard."""
 
-    def __init__(self, tokenizer, crops: dict, size: int, seed: int, batch_size: int, device: str):
+    def __init__(self, tokenizer, crops: dict, size: int, seed: int, batch_size: int):
         self.tokenizer, self.crops, self.size, self.seed = tokenizer, crops, size, seed
-        self.batch_size, self.device = batch_size, device
+        self.batch_size = batch_size
         self.dtype = smallest_dtype(tokenizer.quantizer.codebook_size)
 
     def samples(self, url: str, skipped: list) -> list[tuple[str, str, int, torch.Tensor]]:
@@ -79,7 +82,7 @@ class ShardTokenizer:
         with tarfile.open(tmp_path, "w") as tar:
             for start in range(0, len(samples), self.batch_size):
                 chunk = samples[start:start + self.batch_size]
-                images = torch.stack([image for *_, image in chunk]).to(self.device)
+                images = torch.stack([image for *_, image in chunk]).to(self.tokenizer.decoder.img_in.weight.device)
                 ids = self.tokenizer.tokenize(images).cpu().numpy().astype(self.dtype)
                 for (key, source_key, label, _), row in zip(chunk, ids):
                     _add_member(tar, f"{key}.tokens.npy", encode_ids(row))
@@ -93,13 +96,40 @@ class ShardTokenizer:
         return record
 
 
+class ShardPredictor(L.LightningModule):
+    """Lightning predict over pending shards: one predict step encodes one whole shard on this rank's device."""
+
+    def __init__(self, writer: ShardTokenizer, jobs: list[tuple[str, str, str]], progress: bool):
+        super().__init__()
+        self.tokenizer = writer.tokenizer  # a submodule, so Lightning moves it to this rank's device
+        self.writer, self.jobs, self.progress = writer, jobs, progress
+        self.bar: tqdm | None = None
+
+    def predict_dataloader(self) -> DataLoader:
+        mine = self.jobs[self.global_rank::self.trainer.world_size]  # disjoint: no two ranks write one shard
+        return DataLoader(mine or [()], batch_size=None)  # Lightning refuses an empty loader: one no-op job
+
+    def on_predict_start(self) -> None:
+        self.bar = tqdm(unit="img", desc=f"pretokenize (rank {self.global_rank})", disable=not self.progress,
+                        position=self.global_rank)
+
+    def predict_step(self, job: tuple[str, str, str] | tuple, batch_idx: int) -> int:
+        if not job:
+            return 0
+        url, out_path, part_path = job
+        return self.writer.write(url, Path(out_path), Path(part_path), self.bar)["num_samples"]
+
+    def on_predict_end(self) -> None:
+        self.bar.close()
+
+
 def pretokenize(tokenizer_path: str, shards: str, out_dir: str | Path, split: str = "train", crops: str = "center",
-                size: int | None = None, seed: int = 0, batch_size: int = 32, device: str = "cpu",
-                progress: bool = True) -> dict:
+                size: int | None = None, seed: int = 0, batch_size: int = 32, accelerator: str = "auto",
+                devices: int | str = "auto", strategy: str = "auto", progress: bool = True) -> dict:
     """Write (or finish writing) the token shards of one split; returns the token manifest."""
     from flowmo.tools import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path, device)
+    tokenizer = load_tokenizer(tokenizer_path, "cpu")
     crop_policy = {**parse_crops(crops), "seed": seed}
     size = size or tokenizer.config.image_size
     urls = _image_shards(shards)
@@ -109,15 +139,21 @@ def pretokenize(tokenizer_path: str, shards: str, out_dir: str | Path, split: st
     run = {"tokenizer_sha256": record["sha256"], "crops": crop_policy, "image_size": size,
            "source": str(Path(shards).resolve())}
     parts_dir = _start_or_resume(out_dir, split, run)
-    writer = ShardTokenizer(tokenizer, crop_policy, size, seed, batch_size, device)
+    writer = ShardTokenizer(tokenizer, crop_policy, size, seed, batch_size)
     names = [f"{split}-{index:06d}.tar" for index in range(len(urls))]
-    with tqdm(unit="img", desc=f"pretokenize {split}", disable=not progress) as bar:
-        for url, name in zip(urls, names):
-            if (out_dir / name).exists() and (parts_dir / f"{name}.json").exists():
-                continue  # finished by an earlier run
-            writer.write(url, out_dir / name, parts_dir / f"{name}.json", bar)
+    pending = [(url, str(out_dir / name), str(parts_dir / f"{name}.json")) for url, name in zip(urls, names)
+               if not ((out_dir / name).exists() and (parts_dir / f"{name}.json").exists())]  # skip finished shards
+    is_global_zero = True
+    if pending:
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision="32-true",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            use_distributed_sampler=False)
+        trainer.predict(ShardPredictor(writer, pending, progress), return_predictions=False)
+        trainer.strategy.barrier()  # every rank's shards are written before the manifest counts them
+        is_global_zero = trainer.is_global_zero
     manifest = _manifest(split, run, record, writer.dtype, shards, names, parts_dir)
-    _atomic_write_text(out_dir / f"{split}.json", json.dumps(manifest, indent=1))
+    if is_global_zero:
+        _atomic_write_text(out_dir / f"{split}.json", json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -166,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="crop side in px (default: the tokenizer's)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random crops")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, gpu, cpu")
+    parser.add_argument("--devices", default="auto", help="devices (ranks) to split the shards over")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         with torch.no_grad():
+            devices = int(args.devices) if args.devices.isdigit() else args.devices
             manifest = pretokenize(args.tokenizer, args.shards, args.out, args.split, args.crops, args.size,
-                                   args.seed, args.batch, args.device, progress=not args.no_progress)
+                                   args.seed, args.batch, args.accelerator, devices, progress=not args.no_progress)
     except (UserError, ValueError) as error:
         print(f"flowmo pretokenize: {error}", file=sys.stderr)
         return 2
