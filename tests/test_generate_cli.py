@@ -90,3 +90,20 @@ def test_gen_eval_cli_writes_a_report_naming_reference_and_protocol(trained_gene
     report = json.loads(out.read_text())
     assert report["num_samples"] == 10 and report["stand_in_features"] and "protocol" in report
     assert report["reference"]["manifest"].endswith("train.json") and (folder / "eval" / "reference_stats.pt").is_file()
+
+
+def test_gen_fit_resumes_from_last(trained_generator):
+    import shutil
+
+    import torch
+
+    folder, _, _ = trained_generator
+    shutil.copytree(folder / "runs" / "g", folder / "runs" / "resumed")  # the other tests keep their checkpoint
+    checkpoint = folder / "runs" / "resumed" / "checkpoints" / "last.ckpt"
+    code = main(["gen", "fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "tiny.yaml"),
+                 "--data.train_tokens", str(folder / "tokens" / "train.json"), "--data.val_tokens", "null",
+                 "--data.batch_size", "8", "--runs_dir", str(folder / "runs"), "--run_name", "resumed",
+                 "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false", "--ckpt_path", "last"])
+    assert code == 0
+    resumed = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 6 and "mask_generator_state" in resumed

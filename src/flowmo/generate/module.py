@@ -69,6 +69,7 @@ class MaskGITModule(L.LightningModule):
         self.tokenizer_sha256 = token_layout.get("tokenizer_sha256")
         self.network = MaskGITTransformer(resolve(preset, architecture), self.layout)
         self._generator: torch.Generator | None = None
+        self._pending_generator_state: Tensor | None = None  # from a checkpoint, applied on first use
         # the tokenizer, loaded on first use; held in a list so that it is no submodule: never trained, moved by
         # Lightning or checkpointed with the generator
         self._tokenizer_holder: list = []
@@ -76,10 +77,21 @@ class MaskGITModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- training
     @property
     def noise_generator(self) -> torch.Generator:
+        """Masks and class dropout: seeded per rank, checkpointed, so a resumed run draws what it would have."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003
                                                                               + self.global_rank)
+            if self._pending_generator_state is not None:
+                self._generator.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
         return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mask_generator_state"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_generator_state = checkpoint.get("mask_generator_state")
+        self._generator = None
 
     def loss(self, ids: Tensor, classes: Tensor, generator: torch.Generator | None = None,
              class_dropout: float | None = None) -> Tensor:
