@@ -107,3 +107,20 @@ def test_gen_fit_resumes_from_last(trained_generator):
     assert code == 0
     resumed = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 6 and "mask_generator_state" in resumed
+
+
+@pytest.mark.slow
+def test_gen_eval_samples_on_two_ranks(trained_generator, sample_shards, tmp_path):
+    """Lightning predict on 2 CPU ranks (ddp_spawn): rank 0 measures all ranks' samples."""
+    from flowmo.generate.evaluate import GenerationFeatures, reference_statistics
+    from flowmo.generate.gen_eval import sample_and_measure
+    from flowmo.generate.sample import load_generator
+    from flowmo.tools import load_tokenizer
+
+    folder, tokenizer_path, checkpoint = trained_generator
+    features = GenerationFeatures.stand_in(num_features=8)
+    reference = reference_statistics(sample_shards / "train.json", features, 32)
+    report = sample_and_measure(load_generator(str(checkpoint), "cpu"), load_tokenizer(str(tokenizer_path), "cpu"),
+                                features, reference, 20, 4, dict(steps=2), "fast", 0, tmp_path / "features",
+                                "cpu", 2, "ddp_spawn")
+    assert report["num_samples"] == 20 and len(list((tmp_path / "features").glob("features-rank*.pt"))) == 2

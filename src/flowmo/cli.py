@@ -43,7 +43,7 @@ PROJECT_COMMANDS = {
     "pretokenize": ("flowmo.generate.pretokenize", "image shards -> token shards for a generator (+ manifest)"),
     "gen": ("flowmo.generate.cli", "MaskGIT generator on token shards: gen fit | gen validate (LightningCLI)"),
     "generate": ("flowmo.generate.sample", "a generator + its tokenizer -> sample PNGs and a grid"),
-    "gen-eval": ("flowmo.generate.evaluate", "gFID / IS / precision / recall of a generator -> report JSON"),
+    "gen-eval": ("flowmo.generate.gen_eval", "gFID / IS / precision / recall of a generator -> report JSON"),
 }
 
 

@@ -123,30 +123,45 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     return (fraction_inside(fake, real, knn_radii(real, k)), fraction_inside(real, fake, knn_radii(fake, k)))
 
 
-def evaluate_generator(sample_fn: Callable[[Tensor], Tensor], reference: dict, features: GenerationFeatures,
-                       num_samples: int, num_classes: int, batch_size: int = 50, k: int = 3) -> dict:
-    """Metrics of `sample_fn(classes [B]) -> images [B, 3, H, W] in [-1, 1]` over `num_samples` class-balanced
-    samples, against `reference` (reference_statistics). Returns the numbers with the protocol and reference."""
-    fid = FrechetInceptionDistance(feature=Precomputed(reference["sum"].numel()), reset_real_features=False)
-    fid.real_features_sum = reference["sum"].double().clone()
-    fid.real_features_cov_sum = reference["outer_sum"].double().clone()
-    fid.real_features_num_samples = torch.tensor(reference["count"]).long()
-    inception_score = InceptionScore(feature=Precomputed(features.head.shape[0]), splits=10)
-    labels = torch.arange(num_samples) % num_classes
-    kept = []
-    for start in range(0, num_samples, batch_size):
+def sample_features(sample_fn: Callable[[Tensor], Tensor], labels: Tensor, features: GenerationFeatures,
+                    batch_size: int = 50) -> tuple[Tensor, Tensor]:
+    """(pool features [N, D], logits [N, C]) on the CPU, float32 (the network's own precision), of the images
+    `sample_fn(classes [B]) -> [B, 3, H, W] in [-1, 1]` makes for `labels` [N]."""
+    pools, logits = [], []
+    for start in range(0, len(labels), batch_size):
         images = sample_fn(labels[start:start + batch_size])
-        pool, logits = features(((images.float().to(features.head.device) + 1) / 2).clamp(0, 1))
-        pool, logits = pool.cpu(), logits.cpu()  # the metrics' states live on the CPU
-        fid.update(pool, real=False)
-        inception_score.update(logits)
-        kept.append(pool[: max(0, len(reference["knn_features"]) - sum(p.shape[0] for p in kept))].float())
+        pool, logit = features(((images.float().to(features.head.device) + 1) / 2).clamp(0, 1))
+        pools.append(pool.float().cpu())
+        logits.append(logit.float().cpu())
+    return torch.cat(pools), torch.cat(logits)
+
+
+def metrics_from_features(reference: dict, pool: Tensor, logits: Tensor, features: GenerationFeatures,
+                          k: int = 3, chunk: int = 1000) -> dict:
+    """gFID, IS, precision and recall of generated features against `reference` (reference_statistics), with
+    the protocol and the reference set named."""
+    fid = FrechetInceptionDistance(feature=Precomputed(reference["sum"].numel()), reset_real_features=False)
+    fid.real_features_sum = reference["sum"].double().cpu().clone()
+    fid.real_features_cov_sum = reference["outer_sum"].double().cpu().clone()
+    fid.real_features_num_samples = torch.tensor(reference["count"]).long()
+    inception_score = InceptionScore(feature=Precomputed(logits.shape[1]), splits=10)
+    for start in range(0, len(pool), chunk):
+        fid.update(pool[start:start + chunk].double(), real=False)
+        inception_score.update(logits[start:start + chunk].double())
     score_mean, score_std = inception_score.compute()
-    precision, recall = precision_recall(reference["knn_features"], torch.cat(kept), k)
+    knn_reference = reference["knn_features"]
+    precision, recall = precision_recall(knn_reference, pool[: len(knn_reference)], k)
     return {"gfid": float(fid.compute()), "inception_score": float(score_mean), "inception_score_std": float(score_std),
-            "precision": precision, "recall": recall, "num_samples": num_samples, "knn_k": k,
+            "precision": precision, "recall": recall, "num_samples": len(pool), "knn_k": k,
             "reference": reference["reference"], "protocol": PROTOCOL, "features": features.name,
             "stand_in_features": features.is_stand_in}
+
+
+def evaluate_generator(sample_fn: Callable[[Tensor], Tensor], reference: dict, features: GenerationFeatures,
+                       num_samples: int, num_classes: int, batch_size: int = 50, k: int = 3) -> dict:
+    """Metrics of `sample_fn` over `num_samples` class-balanced samples (class i % num_classes) on one device."""
+    labels = torch.arange(num_samples) % num_classes
+    return metrics_from_features(reference, *sample_features(sample_fn, labels, features, batch_size), features, k)
 
 
 def write_report(report: dict, path: str | Path) -> Path:
@@ -155,56 +170,3 @@ def write_report(report: dict, path: str | Path) -> Path:
     path.write_text(json.dumps(report, indent=1))
     return path
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`flowmo gen-eval`: sample a generator through its tokenizer and write the metrics report (JSON)."""
-    import argparse
-    import sys
-
-    from flowmo.errors import UserError
-    from flowmo.generate.sample import load_generator
-    from flowmo.generate.tokens import check_same_tokenizer
-    from flowmo.perceptual import MissingWeightsError
-    from flowmo.tools import load_tokenizer
-
-    parser = argparse.ArgumentParser(prog="flowmo gen-eval", description="gFID / IS / precision / recall -> JSON")
-    parser.add_argument("--generator", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--reference", required=True, help="the training image shards' manifest (flowmo shards)")
-    parser.add_argument("--cache", default=None, help="reference statistics file (default: beside --out)")
-    parser.add_argument("--num-samples", type=int, default=50_000)
-    parser.add_argument("--features", default=None,
-                        help="Inception weight file or folder (default: torch hub cache); 'random' = stand-in")
-    parser.add_argument("--out", required=True, help="report .json")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--cfg", type=float, default=None)
-    parser.add_argument("--sampler", choices=("paper", "fast"), default="paper")
-    parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    try:
-        generator = load_generator(args.generator, args.device)
-        tokenizer = load_tokenizer(args.tokenizer, args.device)
-        check_same_tokenizer(generator.tokenizer_sha256, tokenizer, "the generator's training tokens")
-        features = (GenerationFeatures.stand_in() if args.features == "random"
-                    else GenerationFeatures.inception(args.features)).to(args.device)
-        cache = args.cache or Path(args.out).with_name("reference_stats.pt")
-        reference = reference_statistics(args.reference, features, tokenizer.config.image_size, cache, args.batch)
-        rng = torch.Generator(device=args.device).manual_seed(args.seed)
-
-        def sample(classes: Tensor) -> Tensor:
-            ids = generator.generate(classes.to(args.device), steps=args.steps, cfg=args.cfg, generator=rng)
-            return tokenizer.detokenize(ids, generator=rng, sampler=args.sampler)
-
-        report = evaluate_generator(sample, reference, features, args.num_samples, generator.layout.num_classes,
-                                    args.batch)
-    except (UserError, ValueError, MissingWeightsError) as error:
-        print(f"flowmo gen-eval: {error}", file=sys.stderr)
-        return 2
-    report["settings"] = {key: value for key, value in vars(args).items() if key not in ("out",)}
-    path = write_report(report, args.out)
-    stand_in = " (RANDOM STAND-IN FEATURES: these numbers mean nothing)" if features.is_stand_in else ""
-    print(f"gFID {report['gfid']:.3f}  IS {report['inception_score']:.2f}  precision {report['precision']:.3f}  "
-          f"recall {report['recall']:.3f}{stand_in} -> {path}")
-    return 0
