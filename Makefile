@@ -168,6 +168,21 @@ eval-hi: $(STAMP) ## evaluate FlowMo-Hi as Table 1: make eval-hi CKPT=run.ckpt |
 	$(check_val_shards)
 	$(call eval_run,hi)
 
+
+# ---- generation (README, Generation): MaskGIT on FlowMo tokens
+GEN_TOKENIZER ?= flowmo_lo.pth
+TOKENS_OUT    ?= data/tokens-lo
+
+.PHONY: pretokenize gen-paper
+
+pretokenize: $(STAMP) ## token shards of SHARDS_OUT's train + val: make pretokenize GEN_TOKENIZER=flowmo_lo.pth [TOKENS_OUT=data/tokens-lo GPUS=8]
+	$(FLOWMO) pretokenize --tokenizer $(GEN_TOKENIZER) --shards $(SHARDS_OUT)/train.json --out $(TOKENS_OUT) --devices $(GPUS)
+	$(FLOWMO) pretokenize --tokenizer $(GEN_TOKENIZER) --shards $(SHARDS_OUT)/val.json --out $(TOKENS_OUT) --split val --devices $(GPUS)
+
+gen-paper: $(STAMP) ## MaskGIT on those tokens, configs/generator/paper.yaml (RESUME=1 ARGS="--key value")
+	$(FLOWMO) gen fit -c configs/generator/base.yaml -c configs/generator/paper.yaml \
+	  --data.train_tokens $(TOKENS_OUT)/train.json --data.val_tokens $(TOKENS_OUT)/val.json \
+	  --model.tokenizer $(GEN_TOKENIZER) --trainer.devices $(GPUS) $(if $(RESUME),--ckpt_path last) $(ARGS)
 # ---- ablations (src/flowmo/ablate.py, configs/ablations/<GRID>.yaml; `flowmo ablate grids` lists them):
 # GRID=paper-table4 | paper-posttrain | scaling | tiny (the demo recipe on this CPU). CELLS: comma list of cells
 # (`flowmo ablate list GRID`); DRY_RUN=1 prints the commands only; STEPS=N shortens every Stage-1A fit. Devices

@@ -8,6 +8,9 @@
     flowmo export --ckpt runs/lo-1b/checkpoints/last.ckpt --out flowmo_lo.pt
     flowmo reconstruct --tokenizer flowmo_lo.pt photos/ --out recon/    # also: flowmo tokenize / detokenize
     flowmo demo
+    flowmo pretokenize --tokenizer flowmo_lo.pth --shards data/imagenet/train.json --out data/tokens-lo
+    flowmo gen fit -c configs/generator/base.yaml -c configs/generator/paper.yaml   # MaskGIT on those tokens
+    flowmo generate --generator runs/gen/checkpoints/last.ckpt --tokenizer flowmo_lo.pth --classes 1,2 --out samples
 
 `run_name` names the run: TensorBoard logs under runs/<run_name>/, checkpoints in runs/<run_name>/checkpoints
 (stable across restarts, so `--ckpt_path last` finds them), the resolved config beside them.
@@ -36,6 +39,10 @@ PROJECT_COMMANDS = {
     "reconstruct": ("flowmo.tools", "images or folders -> input | reconstruction PNGs"),
     "tokenize": ("flowmo.tools", "images or folders -> one .npy of token ids per image"),
     "detokenize": ("flowmo.tools", ".npy token id files -> decoded PNGs"),
+    "pretokenize": ("flowmo.generate.pretokenize", "image shards -> token shards for a generator (+ manifest)"),
+    "gen": ("flowmo.generate.cli", "MaskGIT generator on token shards: gen fit | gen validate (LightningCLI)"),
+    "generate": ("flowmo.generate.sample", "a generator + its tokenizer -> sample PNGs and a grid"),
+    "gen-eval": ("flowmo.generate.gen_eval", "gFID / IS / precision / recall of a generator -> report JSON"),
 }
 
 
