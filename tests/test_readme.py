@@ -8,6 +8,8 @@ test `test_every_readme_command_has_a_rule`, so a new command cannot go untested
            would run must parse with its configs (`--print_config`: configs, options and choices checked)
   parse    a `flowmo fit|validate|test` command for GPUs / ImageNet: parses with `--print_config`
   covered  run by another test (named in the rule) or by CI itself
+  refused  needs files a fresh checkout lacks (ImageNet shards, the authors' weights): run verbatim, it must end
+           with exit status 2 and one sentence naming what is missing (no traceback, no usage text)
 The runs themselves are one slow test (several minutes: each `flowmo` start imports torch and Lightning).
 """
 
@@ -77,7 +79,14 @@ RULES = (
     Rule(r"make tensorboard", "dry"),
     Rule(r"\.venv/bin/flowmo fit .* --trainer\.max_steps \d+ .*", "run", "2 optimizer steps instead of 200",
          ((r"--trainer\.max_steps \d+", "--trainer.max_steps 2"),)),
-    Rule(r"(srun )?flowmo (fit|validate|test) .*", "parse"),
+    Rule(r"(srun )?flowmo (gen )?(fit|validate|test) (?!.*tiny-cpu).*configs/(data/imagenet|generator/paper).*", "parse"),
+    Rule(r"flowmo (pretokenize|generate|gen-eval) .*flowmo_lo\.pth.*", "refused"),
+    Rule(r"flowmo sample-data --out \S+", "run"),
+    Rule(r"flowmo (pretokenize|generate) .*runs/demo-1b/.*", "run", "the tiny CPU run's checkpoint as the tokenizer",
+         ((r"runs/demo-1b/checkpoints/last\.ckpt", "runs/tiny-cpu/checkpoints/last.ckpt"),) * 2),
+    Rule(r"flowmo gen fit .*configs/generator/tiny\.yaml.*", "run", "the tiny CPU run's tokenizer, 2 steps",
+         ((r"runs/demo-1b/checkpoints/last\.ckpt", "runs/tiny-cpu/checkpoints/last.ckpt"),
+          (r"--trainer\.max_steps \d+", "--trainer.max_steps 2"))),
     Rule(r"make eval-\S+ .*", "dry"),
     Rule(r"flowmo ablate (grids|list \S+)", "run"),
     Rule(r"make ablate GRID=\S+ DRY_RUN=1", "run"),
@@ -159,6 +168,7 @@ def parse_only(copy: Path, command: str) -> None:
     if words[0] == "srun":
         words = words[1:]
     words = ["flowmo" if words[0].endswith("flowmo") else words[0], *words[1:]]
+    assert re.match(r"flowmo (gen )?(fit|validate|test)", shlex.join(words)), command
     check(shell(copy, shlex.join(words) + " --print_config"), command)
 
 
@@ -176,6 +186,14 @@ def short_form(command: str, rule: Rule) -> str:
     for pattern, replacement in rule.rewrite:
         command = re.sub(pattern, replacement, command, count=1)
     return command
+
+
+def refused(copy: Path, command: str) -> None:
+    result = shell(copy, command)
+    said = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"`{command}` exited {result.returncode}:\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-2000:]
+    assert said and re.search(r"flowmo_lo\.pth|data/imagenet|runs/gen-paper", said[-1]), said
 
 
 def setup_order(commands: list[str]) -> list[str]:
@@ -198,6 +216,8 @@ def test_readme_commands_work_verbatim_in_a_fresh_checkout(checkout):
             parse_only(checkout, command)
         elif rule.kind == "dry":
             dry_run(checkout, command)
+        elif rule.kind == "refused":
+            refused(checkout, command)
         else:
             check(shell(checkout, short_form(command, rule)), command)
         if command.startswith(".venv/bin/flowmo fit"):
