@@ -23,6 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -34,7 +35,8 @@ from flowmo.data.indexed import IndexedBatches
 from flowmo.data.stream import ShardStream, SkipCounter, collate
 from flowmo.errors import UserError
 
-TRAIN_SAMPLERS = ("auto", "indexed", "stream")
+TrainSampler = Literal["auto", "indexed", "stream"]
+TRAIN_SAMPLERS = get_args(TrainSampler)
 
 HOW_TO_MAKE_SHARDS = (
     "make them with `make shards IMAGENET=/path/to/ILSVRC2012` (ImageNet) or `make sample-data` (the embedded "
@@ -121,7 +123,7 @@ class FlowMoDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         random_flip: bool = False,
-        train_sampler: str = "auto",
+        train_sampler: TrainSampler = "auto",
         shuffle_buffer: int = 1000,
         val_max_samples: int | None = None,
         test_subsample: int = 1,
