@@ -148,6 +148,30 @@ def test_a_run_killed_mid_run_and_resumed_ends_bit_equal_to_an_uninterrupted_one
     assert any(name.startswith("model/ema.") for name in a) and any(name.endswith("exp_avg_sq") for name in a)
 
 
+def test_a_stop_inside_an_accumulation_group_waits_for_the_group_s_optimizer_step(tmp_path):
+    """A signal during micro-batch 2, the first of the second group of 2: the save waits for micro-batch 3 and
+    the group's step, so the checkpoint's step (2) and micro-batch count (4) agree. Saved at micro-batch 2, it
+    lost that micro-batch's gradient and the resumed run stepped on micro-batch 3 alone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from flowmo.faults import Preemption
+
+    class SignalDuringBatch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 2:
+                trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+
+    trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[SignalDuringBatch(), Preemption(), ModelCheckpoint(tmp_path, every_n_train_steps=100)])
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_tiny(), torch.utils.data.DataLoader(torch.rand(16, 3, 32, 32) * 2 - 1, batch_size=2))
+    checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    micro_batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    assert (checkpoint["global_step"], micro_batches) == (2, 4)
+
+
 def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
