@@ -124,14 +124,14 @@ def test_a_corrupt_sample_is_skipped_counted_and_replaced_the_same_way_every_tim
 def test_the_sampler_is_indexed_for_local_shards_and_streams_remote_ones(sample_shards, capsys):
     local = str(sample_shards / "train.json")
     remote = f"pipe:cat {sample_shards}/train-{{000000..000008}}.tar"
-    assert FlowMoDataModule(local).train_sampler() == "indexed"
-    assert FlowMoDataModule(local, train_sampler="stream").train_sampler() == "stream"
+    assert FlowMoDataModule(local).resolved_train_sampler() == "indexed"
+    assert FlowMoDataModule(local, train_sampler="stream").resolved_train_sampler() == "stream"
     streamed = FlowMoDataModule(remote, image_size=16, batch_size=2, num_workers=0, shuffle_buffer=4)
-    assert streamed.train_sampler() == "stream"
+    assert streamed.resolved_train_sampler() == "stream"
     for _ in range(2):
         assert next(iter(streamed.train_dataloader()))["image"].shape == (2, 3, 16, 16)
     assert capsys.readouterr().err.count("does not replay the uninterrupted run's images bit for bit") == 1
     with pytest.raises(UserError, match="train_sampler indexed needs local shard files"):
-        FlowMoDataModule(remote, train_sampler="indexed").train_sampler()
+        FlowMoDataModule(remote, train_sampler="indexed").resolved_train_sampler()
     with pytest.raises(UserError, match="must be one of auto, indexed, stream"):
         FlowMoDataModule(local, train_sampler="random")

@@ -162,9 +162,9 @@ def test_a_stop_inside_an_accumulation_group_waits_for_the_group_s_optimizer_ste
             if batch_idx == 2:
                 trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
 
+    callbacks = [SignalDuringBatch(), Preemption(), ModelCheckpoint(tmp_path, every_n_train_steps=100)]
     trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[SignalDuringBatch(), Preemption(), ModelCheckpoint(tmp_path, every_n_train_steps=100)])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     with pytest.raises(SIGTERMException):
         trainer.fit(_tiny(), torch.utils.data.DataLoader(torch.rand(16, 3, 32, 32) * 2 - 1, batch_size=2))
     checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)

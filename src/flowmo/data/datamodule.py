@@ -7,13 +7,13 @@ Shard paths (`train_shards`, `val_shards`, `test_shards`) may be
     `pipe:aws s3 cp s3://bucket/train-{000000..001281}.tar -`), several patterns joined by `::`.
 Local paths are checked at setup; remote ones are trusted.
 
-Training data is infinite (drawn with replacement), so train with `max_steps` and an integer
-`val_check_interval` with `check_val_every_n_epoch: null`. Local shards are read by index (flowmo.data.index,
-flowmo.data.indexed): micro-batch m of rank r depends only on (seed, r, m), so a resumed run replays the
-uninterrupted one bit for bit. Remote and `pipe:` shards cannot be read by index and are streamed
-(flowmo.data.stream): a resumed run is a correct continuation, not a replay. Validation covers each sample exactly once across
-ranks and workers; ranks may then get unequal batch counts, so per-step `sync_dist` logging in validation must
-be avoided (torchmetrics states, synced at epoch end, are fine).
+Training data is infinite (drawn with replacement), so train with `max_steps` and an integer `val_check_interval`
+with `check_val_every_n_epoch: null`. Local shards are read by index (flowmo.data.index, flowmo.data.indexed):
+micro-batch m of rank r depends only on (seed, r, m), so a resumed run replays the uninterrupted one bit for bit.
+Remote and `pipe:` shards cannot be read by index and are streamed (flowmo.data.stream): a resumed run is a correct
+continuation, not a replay. Validation covers each sample exactly once across ranks and workers; ranks may then get
+unequal batch counts, so per-step `sync_dist` logging in validation must be avoided (torchmetrics states, synced at
+epoch end, are fine).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class FlowMoDataModule(L.LightningDataModule):
             self._shard_urls(split)
 
     def train_dataloader(self) -> DataLoader:
-        if self.train_sampler() == "stream":
+        if self.resolved_train_sampler() == "stream":
             self._warn_stream_once()
             return self._loader("train", train=True, batch_size=self.hparams.batch_size)
         return self._indexed_loader()
@@ -202,7 +202,7 @@ class FlowMoDataModule(L.LightningDataModule):
         every = self.hparams.test_subsample if split == "test" else 1
         return math.ceil(total / every)
 
-    def train_sampler(self) -> str:
+    def resolved_train_sampler(self) -> str:
         """`indexed` or `stream`: what `train_sampler` (auto, indexed, stream) means for these train shards."""
         chosen, spec = self.hparams.train_sampler, self._shard_spec("train")
         remote = spec is not None and _is_remote(spec)
@@ -218,10 +218,16 @@ class FlowMoDataModule(L.LightningDataModule):
         if self._warned_stream or rank not in (None, 0):
             return
         self._warned_stream = True
-        why = "remote shards cannot be read by index" if self.hparams.train_sampler == "auto" else "data.train_sampler stream"
+        why = ("remote shards cannot be read by index" if self.hparams.train_sampler == "auto"
+               else "data.train_sampler stream")
         print(f"flowmo: training shards are streamed ({why}): a resumed run continues correctly but does not replay "
               "the uninterrupted run's images bit for bit (local shards with data.train_sampler auto or indexed do).",
               file=sys.stderr)
+
+    def _shared_skip_counter(self) -> SkipCounter:
+        if self._skip_counter is None:  # created in the main process, before the loader's workers start
+            self._skip_counter = SkipCounter()
+        return self._skip_counter
 
     def _trainer_position(self) -> tuple[int | None, int | None, int, int]:
         """(rank, world size, global step, accumulate_grad_batches); without a Trainer, the readers take
@@ -243,15 +249,13 @@ class FlowMoDataModule(L.LightningDataModule):
         """Whole micro-batches by number. The trainer's global step counts optimizer steps; the data counts
         micro-batches, so a run resumed at step k starts at micro-batch k x accumulate_grad_batches."""
         hp = self.hparams
-        if self._skip_counter is None:
-            self._skip_counter = SkipCounter()
         rank, _, step, accumulation = self._trainer_position()
         if step > 0 and rank in (None, 0):
             print(f"flowmo: training data resumes at micro-batch {step * accumulation} (step {step} x "
                   f"accumulate_grad_batches {accumulation}), where the uninterrupted run would be.", file=sys.stderr)
         batches = IndexedBatches(self.train_index(), hp.image_size, hp.batch_size, seed=hp.seed,
                                  start_batch=step * accumulation, rank=rank, random_flip=hp.random_flip,
-                                 skip_counter=self._skip_counter)
+                                 skip_counter=self._shared_skip_counter())
         return DataLoader(
             batches,
             batch_size=None,  # the dataset yields collated batches: every batch is full (drop_last, spec section 6)
@@ -262,14 +266,12 @@ class FlowMoDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
         hp = self.hparams
-        if self._skip_counter is None:
-            self._skip_counter = SkipCounter()
         rank, world_size, step, _ = self._trainer_position()
         subsample = self.hparams.test_subsample if split == "test" else 1
         stream = ShardStream(
             self._shard_urls(split), hp.image_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
             random_flip=hp.random_flip, max_samples=None if train else hp.val_max_samples, rank=rank,
-            world_size=world_size, skip_counter=self._skip_counter, start_step=step,
+            world_size=world_size, skip_counter=self._shared_skip_counter(), start_step=step,
             subsample=subsample, shard_offsets=self._shard_offsets(split) if subsample > 1 else None,
         )
         return DataLoader(

@@ -11,6 +11,11 @@ micro-batches start + w, start + w + W, ...; the DataLoader hands an iterable da
 process round-robin over its workers, in order, so the main process sees start, start + 1, ... whatever the
 number of workers. A corrupt, unreadable or non-finite sample is counted in the SkipCounter and replaced by the
 RNG's next draw, which is as deterministic as the rest.
+
+Every iteration starts at `start_batch`: the data is one infinite epoch, iterated once per loader, and the
+DataModule builds each loader at the trainer's current step. (An epoch-limited setup, `limit_train_batches`
+with `max_epochs`, would replay the same batches each epoch unless the loader is rebuilt each epoch with
+`reload_dataloaders_every_n_epochs: 1`.)
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ class IndexedBatches(IterableDataset):
     ) -> None:
         super().__init__()
         if len(index) == 0:
-            shown = ", ".join(index.shards[:3]) + (f" and {len(index.shards) - 3} more" if len(index.shards) > 3 else "")
+            more = f" and {len(index.shards) - 3} more" if len(index.shards) > 3 else ""
+            shown = ", ".join(index.shards[:3]) + more
             raise RuntimeError(f"the training shards yield no sample (no image member in any of them): {shown}; "
                                "check that the paths hold WebDataset tars of images (flowmo shards writes them).")
         self.index = index
