@@ -3,9 +3,12 @@
     python scripts/bench_data.py                      # ImageNet-like shards built from scikit-image photos
     python scripts/bench_data.py --shards data/imagenet/train.json --workers 8
 
-One DataLoader worker runs exactly the loop measured with `--workers 0` (shard read, shuffle buffer, JPEG
-decode, Resize + RandomCrop, to float tensor), so that figure is the per-worker throughput. It then prints how
-many workers one GPU needs for FlowMo-Lo pre-training (spec section 9: ~0.6-0.7 s per step of 128 on 8 GPUs).
+Both training samplers are timed: `indexed` (random reads through the shard index, whole micro-batches; the
+default for local shards) and `stream` (sequential shard reads + shuffle buffer; remote shards). One
+DataLoader worker runs exactly the loop measured in this process (read, JPEG decode, Resize + RandomCrop, to
+float tensor), so that figure is the per-worker throughput. It also times building the shard index by walking
+the tar headers, and prints how many workers one GPU needs for FlowMo-Lo pre-training (spec section 9:
+~0.6-0.7 s per step of 128 on 8 GPUs).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from PIL import Image
 
 from flowmo.data.datamodule import resolve_shards
+from flowmo.data.index import build_index
+from flowmo.data.indexed import IndexedBatches
 from flowmo.data.sample_set import TRAIN_PHOTOS, VAL_PHOTOS, photo_path
 from flowmo.data.shards import write_shards
 from flowmo.data.stream import ShardStream, collate
@@ -57,7 +62,7 @@ def build_imagenet_like_shards(folder: Path, count: int, seed: int = 0) -> str:
 
 
 def per_worker_rate(urls: list[str], image_size: int, count: int, shuffle_buffer: int) -> float:
-    """images/s of one reader in this process: exactly what one DataLoader worker does."""
+    """images/s of one stream reader in this process: exactly what one DataLoader worker does."""
     stream = iter(ShardStream(urls, image_size, train=True, shuffle_buffer=shuffle_buffer))
     for _ in range(min(shuffle_buffer, count) + 8):  # warm up: fill the shuffle buffer, import lazily loaded code
         next(stream)
@@ -67,17 +72,36 @@ def per_worker_rate(urls: list[str], image_size: int, count: int, shuffle_buffer
     return count / (time.perf_counter() - start)
 
 
-def loader_rate(urls: list[str], image_size: int, count: int, workers: int, batch_size: int, buffer: int) -> float:
-    """images/s of a DataLoader with `workers` processes (startup excluded)."""
-    stream = ShardStream(urls, image_size, train=True, shuffle_buffer=buffer)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate))
-    for _ in range(2 * workers):
-        next(loader)
-    batches = max(1, count // batch_size)
+def indexed_per_worker_rate(batches: IndexedBatches, count: int) -> float:
+    """images/s of one indexed reader in this process (whole micro-batches, as a worker makes them)."""
+    reader = iter(batches)
+    next(reader)  # warm up: import lazily loaded code, open the first files
+    steps = max(1, count // batches.batch_size)
     start = time.perf_counter()
-    for _ in range(batches):
-        next(loader)
-    return batches * batch_size / (time.perf_counter() - start)
+    for _ in range(steps):
+        next(reader)
+    return steps * batches.batch_size / (time.perf_counter() - start)
+
+
+def loader_rate(loader: torch.utils.data.DataLoader, count: int, workers: int, batch_size: int) -> float:
+    """images/s of a DataLoader with `workers` processes (startup excluded)."""
+    batches = iter(loader)
+    for _ in range(2 * workers):
+        next(batches)
+    steps = max(1, count // batch_size)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def stream_loader(urls: list[str], image_size: int, workers: int, batch_size: int, buffer: int):
+    stream = ShardStream(urls, image_size, train=True, shuffle_buffer=buffer)
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+
+
+def indexed_loader(batches: IndexedBatches, workers: int):
+    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers)
 
 
 def report_workers_needed(rate: float) -> None:
@@ -102,14 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.shards or build_imagenet_like_shards(Path(tmp), count=max(256, args.images // 2))
         urls = resolve_shards(spec)
-        rate = per_worker_rate(urls, args.image_size, args.images, args.shuffle_buffer)
-        print(f"decode + Resize/RandomCrop {args.image_size}x{args.image_size} + to tensor: "
-              f"{rate:.0f} images/s per worker ({len(urls)} shards of {args.shards or 'ImageNet-like JPEGs'})")
+        started = time.perf_counter()
+        index = build_index(urls)
+        seconds = time.perf_counter() - started
+        print(f"shard index by walking the tar headers: {len(index)} samples in {len(urls)} shards, {seconds:.2f} s "
+              f"({seconds / max(1, len(index)) * 1e6:.0f} us per sample, page cache warm)")
+        batches = IndexedBatches(index, args.image_size, args.batch_size)
+        rates = {"stream": per_worker_rate(urls, args.image_size, args.images, args.shuffle_buffer),
+                 "indexed": indexed_per_worker_rate(batches, args.images)}
+        for sampler, rate in rates.items():
+            print(f"{sampler:>7}: decode + Resize/RandomCrop {args.image_size}x{args.image_size} + to tensor: "
+                  f"{rate:.0f} images/s per worker ({len(urls)} shards of {args.shards or 'ImageNet-like JPEGs'})")
         if args.workers > 0:
-            total = loader_rate(urls, args.image_size, args.images, args.workers, args.batch_size, args.shuffle_buffer)
-            per_worker = total / args.workers
-            print(f"DataLoader with {args.workers} workers: {total:.0f} images/s ({per_worker:.0f} per worker)")
-        report_workers_needed(rate)
+            loaders = {"stream": stream_loader(urls, args.image_size, args.workers, args.batch_size,
+                                               args.shuffle_buffer),
+                       "indexed": indexed_loader(batches, args.workers)}
+            for sampler, loader in loaders.items():
+                total = loader_rate(loader, args.images, args.workers, args.batch_size)
+                print(f"{sampler:>7}: DataLoader with {args.workers} workers: {total:.0f} images/s "
+                      f"({total / args.workers:.0f} per worker)")
+        report_workers_needed(rates["indexed"])
     return 0
 
 

@@ -71,6 +71,107 @@ def test_a_signal_mid_run_saves_the_last_step_and_exits_non_zero(shards, tmp_pat
     assert f"resuming from {last}" in resumed.stderr and step_of(last) == saved + 2
 
 
+def _logged_step(run_dir: Path) -> int:
+    """The newest optimizer step in the CSV log; a row logged at step s follows optimizer step s + 1, whose
+    checkpoint (if it has one) is already written. -1 before the first row."""
+    steps = [-1]
+    for path in run_dir.glob("**/metrics.csv"):
+        header, *rows = path.read_text().splitlines() or [""]
+        column = header.split(",").index("step") if "step" in header.split(",") else None
+        for fields in (row.split(",") for row in rows):
+            if column is not None and len(fields) > column and fields[column].isdigit():  # not a half-written row
+                steps.append(int(fields[column]))
+    return max(steps) + 1
+
+
+def _newest_checkpoint_step(runs: Path) -> int:
+    found = latest_checkpoint(runs / "fault", report=lambda message: None)
+    return -1 if found is None else step_of(found)
+
+
+def _kill_past_a_checkpoint(process: subprocess.Popen, runs: Path) -> tuple[int, int]:
+    """SIGKILL once the run has finished optimizer steps past its newest checkpoint (checked while the process
+    is stopped, so the two numbers cannot move under the check). Returns (steps done, checkpoint step)."""
+    while process.poll() is None:
+        if _logged_step(runs) > max(_newest_checkpoint_step(runs), 0):
+            process.send_signal(signal.SIGSTOP)
+            done, saved = _logged_step(runs), _newest_checkpoint_step(runs)
+            if saved > 0 and done > saved:
+                process.kill()
+                process.wait()
+                return done, saved
+            process.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended (exit {process.returncode}) before it could be killed mid-run")
+
+
+def _training_state(path: Path) -> dict[str, torch.Tensor]:
+    """Raw and EMA weights, Adam's moments and step counts, and the loss-noise generator of a checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = {f"model/{k}": v for k, v in checkpoint["state_dict"].items()}
+    for param, moments in checkpoint["optimizer_states"][0]["state"].items():
+        state.update({f"adam/{param}/{name}": torch.as_tensor(value) for name, value in moments.items()})
+    state["noise_generator"] = checkpoint["flowmo_noise_generator"]
+    state["global_step"] = torch.tensor(checkpoint["global_step"])
+    return state
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_run_killed_mid_run_and_resumed_ends_bit_equal_to_an_uninterrupted_one(shards, tmp_path, accumulation):
+    """Issue 8: SIGKILL (no chance to save) after steps past the last checkpoint, resume with --ckpt_path last:
+    raw and EMA weights, Adam state and step equal the uninterrupted run's bit for bit. The runs use 1 and 2
+    loader workers: the batches do not depend on the worker count either."""
+    steps = 12
+
+    def command(runs: Path, workers: int, *extra: str) -> list[str]:
+        return fit_command(shards, runs, steps, "--checkpoint.every_n_train_steps", "4", "--data.num_workers",
+                           str(workers), "--trainer.accumulate_grad_batches", str(accumulation),
+                           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+                           str(runs / "csv"), "--trainer.logger.flush_logs_every_n_steps", "1", *extra)
+
+    uninterrupted = run(command(tmp_path / "a", 1))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    runs = tmp_path / "b"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command(runs, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env)
+    done, saved = _kill_past_a_checkpoint(process, runs)
+    assert process.returncode == -signal.SIGKILL and 0 < saved < done < steps
+    resumed = run(command(runs, 2, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"training data resumes at micro-batch {saved * accumulation} " in resumed.stderr
+    a = _training_state(tmp_path / "a" / "fault" / "checkpoints" / "last.ckpt")
+    b = _training_state(runs / "fault" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys() and int(a["global_step"]) == steps
+    differing = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not differing, f"{len(differing)} of {len(a)} tensors differ after the resume, e.g. {differing[:5]}"
+    assert any(name.startswith("model/ema.") for name in a) and any(name.endswith("exp_avg_sq") for name in a)
+
+
+def test_a_stop_inside_an_accumulation_group_waits_for_the_group_s_optimizer_step(tmp_path):
+    """A signal during micro-batch 2, the first of the second group of 2: the save waits for micro-batch 3 and
+    the group's step, so the checkpoint's step (2) and micro-batch count (4) agree. Saved at micro-batch 2, it
+    lost that micro-batch's gradient and the resumed run stepped on micro-batch 3 alone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from flowmo.faults import Preemption
+
+    class SignalDuringBatch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 2:
+                trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+
+    callbacks = [SignalDuringBatch(), Preemption(), ModelCheckpoint(tmp_path, every_n_train_steps=100)]
+    trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_tiny(), torch.utils.data.DataLoader(torch.rand(16, 3, 32, 32) * 2 - 1, batch_size=2))
+    checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    micro_batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    assert (checkpoint["global_step"], micro_batches) == (2, 4)
+
+
 def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk

@@ -124,11 +124,18 @@ class Preemption(L.Callback):
     Lightning sets `trainer.received_sigterm` on SIGTERM and raises SIGTERMException at the next batch end; this
     callback saves there. SIGUSR1 is routed to the same path, except under SLURM with Lightning's auto-requeue,
     which saves hpc_ckpt_N.ckpt and requeues by itself (latest_checkpoint resumes from either).
+
+    With accumulate_grad_batches > 1 the next batch end may fall inside an accumulation group: a save there
+    loses the gradients of the group's micro-batches already run, and the resumed run took its next optimizer
+    step on the rest of the group alone. So a stop asked for inside a group is held until the micro-batch that
+    completes the group (its optimizer step), and the saved step then matches the data position exactly.
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
         self.saved: Path | None = None
+        self._step_at_batch_start = 0
+        self._stop_held = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self._folder(trainer)
@@ -139,6 +146,20 @@ class Preemption(L.Callback):
             # the flag Lightning's own SIGTERM handler sets (trainer.received_sigterm is its read-only view)
             connector = trainer._signal_connector
             signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(connector, "received_sigterm", True))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        """Runs before Lightning's check of the flag at this batch's end: hold it inside a group, give it back at
+        the group's optimizer step (a skipped non-finite step counts too: the global step still moves)."""
+        connector = trainer._signal_connector
+        completes_a_step = trainer.global_step != self._step_at_batch_start
+        if connector.received_sigterm and not completes_a_step:
+            connector.received_sigterm, self._stop_held = False, True
+        elif self._stop_held and completes_a_step:
+            connector.received_sigterm, self._stop_held = True, False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":

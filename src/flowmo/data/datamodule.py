@@ -7,10 +7,13 @@ Shard paths (`train_shards`, `val_shards`, `test_shards`) may be
     `pipe:aws s3 cp s3://bucket/train-{000000..001281}.tar -`), several patterns joined by `::`.
 Local paths are checked at setup; remote ones are trusted.
 
-The train stream is infinite (resampled shards), so train with `max_steps` and an integer
-`val_check_interval` with `check_val_every_n_epoch: null`. Validation covers each sample exactly once across
-ranks and workers; ranks may then get unequal batch counts, so per-step `sync_dist` logging in validation must
-be avoided (torchmetrics states, synced at epoch end, are fine).
+Training data is infinite (drawn with replacement), so train with `max_steps` and an integer `val_check_interval`
+with `check_val_every_n_epoch: null`. Local shards are read by index (flowmo.data.index, flowmo.data.indexed):
+micro-batch m of rank r depends only on (seed, r, m), so a resumed run replays the uninterrupted one bit for bit.
+Remote and `pipe:` shards cannot be read by index and are streamed (flowmo.data.stream): a resumed run is a correct
+continuation, not a replay. Validation covers each sample exactly once across ranks and workers; ranks may then get
+unequal batch counts, so per-step `sync_dist` logging in validation must be avoided (torchmetrics states, synced at
+epoch end, are fine).
 """
 
 from __future__ import annotations
@@ -18,15 +21,22 @@ from __future__ import annotations
 import glob
 import json
 import math
+import sys
 from pathlib import Path
+from typing import Literal, get_args
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
+from flowmo.data.index import ShardIndex, index_for
+from flowmo.data.indexed import IndexedBatches
 from flowmo.data.stream import ShardStream, SkipCounter, collate
 from flowmo.errors import UserError
+
+TrainSampler = Literal["auto", "indexed", "stream"]
+TRAIN_SAMPLERS = get_args(TrainSampler)
 
 HOW_TO_MAKE_SHARDS = (
     "make them with `make shards IMAGENET=/path/to/ILSVRC2012` (ImageNet) or `make sample-data` (the embedded "
@@ -49,6 +59,10 @@ def resolve_shards(spec: str) -> list[str]:
 
 def _is_remote(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec.split("::")[0]
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _manifest_shards(manifest_path: Path) -> list[str]:
@@ -82,12 +96,18 @@ class FlowMoDataModule(L.LightningDataModule):
         pin_memory: page-locked host batches (only when CUDA is available).
         persistent_workers: keep workers alive between epochs / validation runs (only when num_workers > 0).
         random_flip: random horizontal flip in training (the paper uses none).
-        shuffle_buffer: samples held by each worker's shuffle buffer in training.
+        train_sampler: how training samples are drawn. `indexed`: by number through an index of the local
+            shards (`train.index.npz` beside the manifest; built and cached when missing), so micro-batch m of
+            rank r depends only on (seed, r, m) and a resumed run replays the uninterrupted one bit for bit.
+            `stream`: shards drawn at random and read through a shuffle buffer; the only way to read remote
+            or `pipe:` shards; a resumed run continues correctly but sees other images. `auto` (default):
+            indexed for local shards, stream for remote ones.
+        shuffle_buffer: samples held by each worker's shuffle buffer in training (`stream` sampler only).
         val_max_samples: cap validation/test at about this many samples in total (each at most once).
         test_subsample: test on every N-th image of the test split only (1 = all): a quick, deterministic look
             (`make eval-lo SUBSAMPLE=10` = 5k of the 50k val images). rFID is biased upward with fewer images,
             so compare subsampled numbers only with each other, never with the paper's 50k ones.
-        seed: base seed; each (rank, worker) derives its own stream from it.
+        seed: base seed of the training draws; each rank derives its own from it.
     """
 
     def __init__(
@@ -103,6 +123,7 @@ class FlowMoDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         random_flip: bool = False,
+        train_sampler: TrainSampler = "auto",
         shuffle_buffer: int = 1000,
         val_max_samples: int | None = None,
         test_subsample: int = 1,
@@ -113,8 +134,12 @@ class FlowMoDataModule(L.LightningDataModule):
             raise UserError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
         if test_subsample < 1:
             raise UserError(f"test_subsample must be >= 1 (evaluate every N-th test image), got {test_subsample}")
+        if train_sampler not in TRAIN_SAMPLERS:
+            raise UserError(f"data.train_sampler must be one of {', '.join(TRAIN_SAMPLERS)}, got {train_sampler!r}.")
         self.save_hyperparameters()
         self._skip_counter: SkipCounter | None = None  # created with the first loader (shared with its workers)
+        self._train_index: ShardIndex | None = None  # built or read once, at the first indexed train loader
+        self._warned_stream = False
 
     @property
     def skipped_samples(self) -> int:
@@ -127,7 +152,10 @@ class FlowMoDataModule(L.LightningDataModule):
             self._shard_urls(split)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True, batch_size=self.hparams.batch_size)
+        if self.resolved_train_sampler() == "stream":
+            self._warn_stream_once()
+            return self._loader("train", train=True, batch_size=self.hparams.batch_size)
+        return self._indexed_loader()
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False, batch_size=self.hparams.val_batch_size or self.hparams.batch_size)
@@ -174,23 +202,76 @@ class FlowMoDataModule(L.LightningDataModule):
         every = self.hparams.test_subsample if split == "test" else 1
         return math.ceil(total / every)
 
-    def _trainer_position(self) -> tuple[int | None, int | None, int]:
-        """(rank, world size, global step); without a Trainer, ShardStream reads RANK/WORLD_SIZE itself."""
+    def resolved_train_sampler(self) -> str:
+        """`indexed` or `stream`: what `train_sampler` (auto, indexed, stream) means for these train shards."""
+        chosen, spec = self.hparams.train_sampler, self._shard_spec("train")
+        remote = spec is not None and _is_remote(spec)
+        if chosen == "indexed" and remote:
+            raise UserError(f"data.train_sampler indexed needs local shard files, but {spec!r} is remote; copy the "
+                            "shards to local storage or use data.train_sampler stream (resume is then not bit-exact).")
+        if chosen == "auto":
+            return "stream" if remote else "indexed"
+        return chosen
+
+    def _warn_stream_once(self) -> None:
+        rank, *_ = self._trainer_position()
+        if self._warned_stream or rank not in (None, 0):
+            return
+        self._warned_stream = True
+        why = ("remote shards cannot be read by index" if self.hparams.train_sampler == "auto"
+               else "data.train_sampler stream")
+        print(f"flowmo: training shards are streamed ({why}): a resumed run continues correctly but does not replay "
+              "the uninterrupted run's images bit for bit (local shards with data.train_sampler auto or indexed do).",
+              file=sys.stderr)
+
+    def _shared_skip_counter(self) -> SkipCounter:
+        if self._skip_counter is None:  # created in the main process, before the loader's workers start
+            self._skip_counter = SkipCounter()
+        return self._skip_counter
+
+    def _trainer_position(self) -> tuple[int | None, int | None, int, int]:
+        """(rank, world size, global step, accumulate_grad_batches); without a Trainer, the readers take
+        RANK/WORLD_SIZE themselves and start at step 0."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
-            return None, None, 0
-        return trainer.global_rank, trainer.world_size, trainer.global_step
+            return None, None, 0, 1
+        return trainer.global_rank, trainer.world_size, trainer.global_step, trainer.accumulate_grad_batches
+
+    def train_index(self) -> ShardIndex:
+        """The index of the train shards (read from beside the manifest, or built and cached there once)."""
+        if self._train_index is None:
+            spec = self._shard_spec("train")
+            manifest = spec if spec is not None and spec.endswith(".json") else None
+            self._train_index = index_for(self._shard_urls("train"), manifest, report=_to_stderr)
+        return self._train_index
+
+    def _indexed_loader(self) -> DataLoader:
+        """Whole micro-batches by number. The trainer's global step counts optimizer steps; the data counts
+        micro-batches, so a run resumed at step k starts at micro-batch k x accumulate_grad_batches."""
+        hp = self.hparams
+        rank, _, step, accumulation = self._trainer_position()
+        if step > 0 and rank in (None, 0):
+            print(f"flowmo: training data resumes at micro-batch {step * accumulation} (step {step} x "
+                  f"accumulate_grad_batches {accumulation}), where the uninterrupted run would be.", file=sys.stderr)
+        batches = IndexedBatches(self.train_index(), hp.image_size, hp.batch_size, seed=hp.seed,
+                                 start_batch=step * accumulation, rank=rank, random_flip=hp.random_flip,
+                                 skip_counter=self._shared_skip_counter())
+        return DataLoader(
+            batches,
+            batch_size=None,  # the dataset yields collated batches: every batch is full (drop_last, spec section 6)
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+        )
 
     def _loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
         hp = self.hparams
-        if self._skip_counter is None:
-            self._skip_counter = SkipCounter()
-        rank, world_size, step = self._trainer_position()
+        rank, world_size, step, _ = self._trainer_position()
         subsample = self.hparams.test_subsample if split == "test" else 1
         stream = ShardStream(
             self._shard_urls(split), hp.image_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
             random_flip=hp.random_flip, max_samples=None if train else hp.val_max_samples, rank=rank,
-            world_size=world_size, skip_counter=self._skip_counter, start_step=step,
+            world_size=world_size, skip_counter=self._shared_skip_counter(), start_step=step,
             subsample=subsample, shard_offsets=self._shard_offsets(split) if subsample > 1 else None,
         )
         return DataLoader(

@@ -144,7 +144,8 @@ def build_sample_set(
 
 def _remove_previous_build(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for pattern in (".staging", "train-*", "val-*", "train.json", "val.json", ".train-parts", ".val-parts"):
+    for pattern in (".staging", "train-*", "val-*", "train.json", "val.json", "train.index.npz", "val.index.npz",
+                    ".train-parts", ".val-parts"):
         for old in out_dir.glob(pattern):
             if old.is_dir():
                 shutil.rmtree(old)

@@ -4,6 +4,8 @@ Output in DIR:
   {split}-000000.tar, ...   samples `{key}.jpg` (original bytes, never re-encoded; a non-JPEG source file keeps
                             its own format and extension, e.g. `.png`) + `{key}.cls` (class index as text)
   {split}.json              manifest: sample count, shard list with counts, classes, skipped files with reasons
+  {split}.index.npz         per sample: shard, byte offset and size of the image, class, key (flowmo.data.index),
+                            what training reads samples by number through (bit-exact resume)
 
 Resumable: shard i always holds the same items (a fixed order cut into fixed-size slices), each shard is written
 to `*.tar.tmp` and renamed only when complete, and a per-shard record under `.{split}-parts/` says it is done. A
@@ -28,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from flowmo.data.index import ShardEntries, ShardIndex, index_for, index_shard, save_index, sidecar_path
 from flowmo.data.sources import SourceItem, close_descriptors, list_source, read_item_bytes
 
 # PIL format name -> shard field; JPEG is the normal case, the others keep their bytes under their own extension.
@@ -71,7 +74,9 @@ def write_shards(
            "shuffle": shuffle, "seed": seed}
     manifest_path = out_dir / f"{split}.json"
     if _finished(manifest_path, run, out_dir):
-        return json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
+        index_for([str(out_dir / shard["url"]) for shard in manifest["shards"]], manifest_path)  # if missing or stale
+        return manifest
     parts_dir = _start_or_resume(out_dir, split, run)
     chunks = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     names = [f"{split}-{index:06d}.tar" for index in range(len(chunks))]
@@ -81,7 +86,9 @@ def write_shards(
         _run_tasks(pending, workers, progress, desc=f"shards {split}")
     finally:
         close_descriptors(_tar_descriptors)  # opened here when the shards were written in this process
-    manifest = _manifest(split, run, listing, names, parts_dir)
+    records = [json.loads((parts_dir / f"{name}.json").read_text()) for name in names]
+    manifest = _manifest(split, run, listing, records)
+    _save_index(out_dir, records, sidecar_path(manifest_path))  # first: a manifest always has its index beside it
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     shutil.rmtree(parts_dir)
     return manifest
@@ -144,7 +151,9 @@ def write_one_shard(task: tuple[str, str, list[SourceItem]]) -> int:
             _add_member(tar, f"{item.key}.{field}", data)
             _add_member(tar, f"{item.key}.cls", str(item.cls).encode())
             written += 1
-    record = {"url": Path(shard_path).name, "num_samples": written, "skipped": skipped}
+    # indexed now, while the shard is still in the page cache (a later walk over 140 GB would read from disk)
+    record = {"url": Path(shard_path).name, "num_samples": written, "skipped": skipped,
+              "index": index_shard(tmp_path).to_json()}
     _atomic_write_text(Path(part_path), json.dumps(record))
     os.replace(tmp_path, shard_path)
     return len(items)
@@ -183,8 +192,15 @@ def _describe(item: SourceItem) -> str:
     return item.path if item.size < 0 else f"{item.path}@{item.offset}+{item.size}"
 
 
-def _manifest(split: str, run: dict, listing, names: list[str], parts_dir: Path) -> dict:
-    records = [json.loads((parts_dir / f"{name}.json").read_text()) for name in names]
+def _save_index(out_dir: Path, records: list[dict], path: Path) -> None:
+    """The split's index from the shards' records (a record of an older writer without one: walk that shard)."""
+    shards = [str(out_dir / record["url"]) for record in records]
+    entries = [ShardEntries.from_json(record["index"]) if "index" in record else index_shard(shard)
+               for record, shard in zip(records, shards)]
+    save_index(ShardIndex.from_entries(shards, entries), path)
+
+
+def _manifest(split: str, run: dict, listing, records: list[dict]) -> dict:
     skipped = list(listing.skipped) + [entry for record in records for entry in record["skipped"]]
     return {
         "version": MANIFEST_VERSION,

@@ -1,9 +1,12 @@
 """The sample stream read from WebDataset shards: an IterableDataset, usable with or without Lightning.
 
-Train: every (rank, worker) draws shards at random with replacement, forever, from its own seeded RNG (spec
-section 6: a per-rank sampler with replacement, ranks seeded differently), shuffles samples in a buffer, and
-decodes + augments them. Eval: shards are split by rank, then by worker, and read in order, so across all
-ranks and workers each sample is seen exactly once and the order is fixed.
+Train (the `stream` sampler: remote and `pipe:` shards, which cannot be read by index; local shards use
+flowmo.data.indexed): every (rank, worker) draws shards at random with replacement, forever, from its own
+seeded RNG (spec section 6: a per-rank sampler with replacement, ranks seeded differently), shuffles samples in
+a buffer, and decodes + augments them. Where it stands depends on everything read before, so a resumed run is
+reseeded by its start step: a correct continuation, not a replay of the uninterrupted run.
+Eval: shards are split by rank, then by worker, and read in order, so across all ranks and workers each sample
+is seen exactly once and the order is fixed.
 
 Corrupt samples (and unreadable tar members) are skipped and counted in a counter shared with the DataLoader
 workers, so the training module can log the count; they never stop the run.
@@ -22,10 +25,10 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
+from flowmo.data.index import IMAGE_FIELDS
 from flowmo.data.transforms import decode_rgb, train_transform, val_transform
 
 MAX_FAILURES_IN_A_ROW = 1000  # a few corrupt JPEGs are normal; a thousand in a row means wrong or broken shards
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif", "ppm")
 
 
 class SkipCounter:
@@ -85,15 +88,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"subsample must be >= 1 (every N-th evaluation image), got {subsample}.")
         self.subsample, self.shard_offsets = subsample, shard_offsets or {}
 
-    def slot(self) -> tuple[int, int, int, int]:
-        """(rank, world_size, worker, num_workers) of the code calling it (honours WORKER/NUM_WORKERS env)."""
-        rank, world_size, worker, num_workers = pytorch_worker_info()
-        if self.rank is not None:
-            rank, world_size = self.rank, self.world_size or 1
-        return rank, world_size, worker, num_workers
-
     def __iter__(self) -> Iterator[dict]:
-        rank, world_size, worker, num_workers = self.slot()
+        rank, world_size, worker, num_workers = reader_slot(self.rank, self.world_size)
         # str seeds hash deterministically; start_step makes a resumed run draw new data, not replay its start
         rng = random.Random(f"flowmo-data-{self.seed}-{self.start_step}-{rank}-{worker}")
         if self.train:
@@ -152,6 +148,16 @@ class ShardStream(IterableDataset):
     def _count_skip(self) -> None:
         if self.skip_counter is not None:
             self.skip_counter.add()
+
+
+def reader_slot(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int, int]:
+    """(rank, world_size, worker, num_workers) of the code calling it; a rank given by the main process wins
+    over RANK/WORLD_SIZE and torch.distributed (workers may not see the process group). Honours the
+    WORKER/NUM_WORKERS environment variables (webdataset's hook)."""
+    found_rank, found_world_size, worker, num_workers = pytorch_worker_info()
+    if rank is not None:
+        return rank, world_size or 1, worker, num_workers
+    return found_rank, found_world_size, worker, num_workers
 
 
 def every_nth(samples: Iterable[dict], n: int, shard_offsets: dict[str, int]) -> Iterator[dict]:
