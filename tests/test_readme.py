@@ -99,9 +99,10 @@ RULES = (
     Rule(r"make bench COUNT_ONLY=1", "run"),
     Rule(r"make bench .*(PRESET=(lo|hi|small)|COMPILE=1|PRECISION=bf16|PROFILE=1|SCALING=1).*", "dry"),
     Rule(r"make bench-compare BASE=\S+( PRESET=\S+)?", "dry"),
-    Rule(r"\.venv/bin/python scripts/sampler_steps\.py .*", "run", "--checkpoint = the tiny CPU run's; 2 step "
-         "counts, 1 repeat", ((r"--checkpoint \S+", "--checkpoint runs/tiny-cpu/checkpoints/last.ckpt"),
-                              (r"$", " --steps 2 4 --repeats 1"))),
+    Rule(r"\.venv/bin/python scripts/sampler_steps\.py .*", "run", "--checkpoint = the tiny CPU run's, --data = "
+         "the sample set; 2 step counts, 1 repeat",
+         ((r"--checkpoint \S+", "--checkpoint runs/tiny-cpu/checkpoints/last.ckpt"),
+          (r"--data \S+", "--data data/sample"), (r"$", " --steps 2 4 --repeats 1"))),
 )
 
 
