@@ -203,7 +203,8 @@ def test_resume_continues_exactly(tmp_path):
     norms, Adam moments and the loss-noise generator all come from the checkpoint.
 
     One batch per epoch keeps the data identical whatever Lightning's loop does with a map-style loader on
-    restart; the real train stream is infinite and resampled, seeded by the step (flowmo.data.stream).
+    restart; the real training data is drawn by micro-batch number (flowmo.data.indexed), which
+    tests/test_faults.py checks through the CLI with a kill and a resume.
     """
     steps = 4
     kwargs = dict(ema_every=3, lr=1e-3, freeze_encoder_after=None)
