@@ -17,7 +17,9 @@ from flowmo.perceptual import (
     MissingWeightsError,
     ResNetLogitsDistance,
     StandInWeightsWarning,
+    alexnet_features,
     build_perceptual,
+    lpips_heads_file,
 )
 
 
@@ -107,18 +109,22 @@ def test_stand_in_is_flagged_and_builds_offline(no_network):
 
 
 def test_lpips_backbone_loaded_from_torch_hub_cache(empty_caches, no_network):
-    from torchvision.models import alexnet
-
-    reference = alexnet(weights=None).state_dict()
+    # A torchvision-layout AlexNet file (``features.{i}.*`` plus a classifier LPIPS never reads).
+    reference = {f"features.{k}": v for k, v in alexnet_features().state_dict().items()}
+    reference["classifier.1.weight"] = torch.zeros(4096, 9216)
     empty_caches.mkdir(parents=True)
-    backbone_only = {k: v for k, v in reference.items() if k.startswith("features.")}
-    torch.save(backbone_only, empty_caches / WEIGHT_FILES["alexnet"])
+    torch.save(reference, empty_caches / WEIGHT_FILES["alexnet"])
     net = LPIPSDistance("alex")
     assert not net.is_stand_in
-    backbone = net.net.net  # lpips keeps torchvision's layer index as the child name in each slice
-    torch.testing.assert_close(getattr(backbone.slice1, "0").weight, reference["features.0.weight"])
-    last_conv = getattr(backbone.slice5, "10")
-    torch.testing.assert_close(last_conv.weight, reference["features.10.weight"])
+    torch.testing.assert_close(net.net.features[0].weight, reference["features.0.weight"])
+    torch.testing.assert_close(net.net.features[10].weight, reference["features.10.weight"])
+
+
+def test_lpips_backbone_file_with_wrong_layout_is_refused(empty_caches, no_network):
+    empty_caches.mkdir(parents=True)
+    torch.save({"features.0.weight": torch.zeros(1)}, empty_caches / WEIGHT_FILES["alexnet"])
+    with pytest.raises(ValueError, match="does not look like the torchvision backbone"):
+        LPIPSDistance("alex")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])  # torchvision's file or timm's resnet50.tv_in1k
@@ -203,8 +209,33 @@ def test_lpips_vgg_is_the_vgg_variant(lpips_vgg):
 
 
 def test_lpips_linear_heads_come_from_the_lpips_wheel(lpips_vgg):
-    import importlib.resources
+    heads = torch.load(lpips_heads_file("vgg"), map_location="cpu", weights_only=True)
+    for k, head in enumerate(lpips_vgg.net.heads):
+        torch.testing.assert_close(head.weight, heads[f"lin{k}.model.1.weight"])
 
-    heads_file = importlib.resources.files("lpips") / "weights" / "v0.1" / "vgg.pth"
-    heads = torch.load(str(heads_file), map_location="cpu", weights_only=True)
-    torch.testing.assert_close(lpips_vgg.net.lin0.model[1].weight, heads["lin0.model.1.weight"])
+
+def test_lpips_heads_missing_wheel_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
+    with pytest.raises(MissingWeightsError, match="pip install --no-deps lpips"):
+        LPIPSDistance("vgg", weights="random")
+
+
+@pytest.mark.parametrize("net", ["vgg", "alex"])
+def test_lpips_equals_the_lpips_package(net):
+    """Same backbone weights, same heads: our LPIPS gives the package's distance (needs torchvision)."""
+    pytest.importorskip("torchvision")
+    lpips = pytest.importorskip("lpips")
+    with pytest.warns(StandInWeightsWarning):
+        ours = LPIPSDistance(net, weights="random")
+    reference = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
+    backbone = {}
+    for block in reference.net.children():  # lpips keeps torchvision's layer index as each child's name
+        for index, layer in block.named_children():
+            backbone.update({f"features.{index}.{k}": v for k, v in layer.state_dict().items()})
+    ours.net.features.load_state_dict({k[len("features."):]: v for k, v in backbone.items()})
+    x, y = images(batch=3, size=64, seed=1), images(batch=3, size=64, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, y), reference(x, y).flatten(), rtol=1e-6, atol=1e-7)  # float64: 0.0 seen

@@ -184,13 +184,129 @@ def check_image_pair(x: torch.Tensor, y: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # LPIPS
+#
+# Written here rather than taken from the ``lpips`` package because that package builds its backbones with
+# torchvision, and the CPU build of torch our laptop users install has no matching torchvision. The backbones
+# below keep torchvision's ``features.{i}`` layer indices, so torchvision's weight files load unchanged; the
+# learned linear heads are read from the files the ``lpips`` wheel ships (the wheel is never imported).
+
+# LPIPS v0.1 input scaling: (x - shift) / scale, per RGB channel, on images in [-1, 1].
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+_NORMALIZE_EPS = 1e-10
+
+
+def _conv_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> list:
+    return [nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding), nn.ReLU(inplace=True)]
+
+
+def vgg16_features() -> nn.Sequential:
+    """torchvision's ``vgg16().features`` (13 3x3 convs in five blocks, each block ends in a 2x2 max pool)."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for width, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        for _ in range(convs):
+            layers += _conv_relu(in_channels, width)
+            in_channels = width
+        layers.append(nn.MaxPool2d(2, 2))
+    return nn.Sequential(*layers)
+
+
+def alexnet_features() -> nn.Sequential:
+    """torchvision's ``alexnet().features``."""
+    return nn.Sequential(
+        *_conv_relu(3, 64, kernel=11, stride=4, padding=2), nn.MaxPool2d(3, 2),
+        *_conv_relu(64, 192, kernel=5, padding=2), nn.MaxPool2d(3, 2),
+        *_conv_relu(192, 384), *_conv_relu(384, 256), *_conv_relu(256, 256), nn.MaxPool2d(3, 2),
+    )
+
+
+# Per backbone: the constructor, the ``features`` indices whose output LPIPS compares (after each ReLU named by
+# the LPIPS paper: relu1_2 .. relu5_3 for VGG, relu1 .. relu5 for AlexNet) and their channel counts.
+LPIPS_BACKBONES = {
+    "vgg": (vgg16_features, (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)),
+    "alex": (alexnet_features, (1, 4, 7, 9, 11), (64, 192, 384, 256, 256)),
+}
+
+
+class LPIPSNetwork(nn.Module):
+    """LPIPS v0.1 (linear heads, no spatial map): per-sample distance [B, 1, 1, 1] of two images in [-1, 1]."""
+
+    def __init__(self, net: str) -> None:
+        super().__init__()
+        build, taps, channels = LPIPS_BACKBONES[net]
+        self.features = build()[: taps[-1] + 1]  # nothing after the last tap is ever used
+        self.taps = taps
+        # ``lin{k}.model.1.weight`` in the wheel's file: a dropout (inert in eval) then a bias-free 1x1 conv.
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in channels)
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+
+    def tapped_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x - self.shift) / self.scale
+        tapped = []
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in self.taps:
+                tapped.append(x)
+        return tapped
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # One backbone pass over both images (no batch-dependent layers in it).
+        both = self.tapped_features(torch.cat([x, y]))
+        distance = 0
+        for head, features in zip(self.heads, both):
+            fx, fy = _unit_channels(features).chunk(2)
+            distance = distance + head((fx - fy).pow(2)).mean(dim=(2, 3), keepdim=True)
+        return distance
+
+
+def _unit_channels(features: torch.Tensor) -> torch.Tensor:
+    """Scale every spatial position's channel vector to unit length (LPIPS' normalisation, eps 1e-10)."""
+    norm = features.pow(2).sum(dim=1, keepdim=True).sqrt()
+    return features / (norm + _NORMALIZE_EPS)
+
+
+def lpips_heads_file(net: str) -> Path:
+    """The linear-head weights of LPIPS v0.1 inside the installed ``lpips`` wheel, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingWeightsError(
+            f"LPIPS-{net}: the linear heads come from the `lpips` wheel, which is not installed; install it "
+            f"without its torchvision requirement: pip install --no-deps lpips."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / f"{net}.pth"
+    if not path.is_file():
+        raise MissingWeightsError(f"LPIPS-{net}: {path} is missing from the installed lpips wheel; reinstall it.")
+    return path
+
+
+def _load_lpips_heads(network: LPIPSNetwork, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for k, head in enumerate(network.heads):
+            key = f"lin{k}.model.1.weight"
+            if key not in state or state[key].shape != head.weight.shape:
+                raise UserError(f"{path} does not hold LPIPS v0.1 linear heads: bad {key}.")
+            head.weight.copy_(state[key])
+
+
+def _load_lpips_backbone(network: LPIPSNetwork, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy torchvision's ``features.{i}.*`` weights into the backbone, whose layers keep the index i."""
+    backbone = {f"features.{key}": value for key, value in network.features.state_dict().items()}
+    missing = [key for key in backbone if key not in state or state[key].shape != backbone[key].shape]
+    if missing:
+        raise UserError(f"{path} does not look like the torchvision backbone: bad {missing[0]}.")
+    network.features.load_state_dict({key[len("features."):]: state[key] for key in backbone})
 
 
 class LPIPSDistance(FrozenNet):
     """LPIPS v0.1 with learned linear heads; inputs in [-1, 1]; returns the per-sample distance [B].
 
-    The linear heads ship inside the ``lpips`` wheel. The backbone (torchvision VGG16 / AlexNet) is built
-    random (``pnet_rand=True``, so torchvision downloads nothing) and filled from the cached weight file.
+    The linear heads come from the ``lpips`` wheel's files. The backbone (VGG16 / AlexNet, torchvision's
+    layout) is filled from the cached torchvision weight file, or left random for the explicit stand-in.
     """
 
     BACKBONES = {"vgg": "vgg16", "alex": "alexnet"}
@@ -200,15 +316,16 @@ class LPIPSDistance(FrozenNet):
             raise UserError(f"LPIPS net must be one of {sorted(self.BACKBONES)}, got {net!r}.")
         key = self.BACKBONES[net]
         path = resolve_weights(key, weights, what=f"LPIPS-{net} backbone ({key})")
-        model = _lpips_with_random_backbone(net)
+        model = LPIPSNetwork(net)
+        _load_lpips_heads(model, lpips_heads_file(net))
         if path is not None:
-            _load_lpips_backbone(model.net, load_state_dict_file(path), path)
+            _load_lpips_backbone(model, load_state_dict_file(path), path)
         super().__init__(model, name=f"LPIPS-{net}", is_stand_in=path is None)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         check_image_pair(x, y)
         self.follow_device(x)
-        return self.net(x, y).flatten()  # lpips returns [B, 1, 1, 1]
+        return self.net(x, y).flatten()
 
 
 class LPIPSVGG(LPIPSDistance):
@@ -216,32 +333,6 @@ class LPIPSVGG(LPIPSDistance):
 
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
         super().__init__("vgg", weights)
-
-
-def _lpips_with_random_backbone(net: str) -> nn.Module:
-    import lpips
-
-    with warnings.catch_warnings():
-        # lpips passes the deprecated ``pretrained=False`` to torchvision; harmless here.
-        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-        return lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-
-
-def _load_lpips_backbone(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Copy torchvision ``features.{i}.*`` weights into lpips' slices, whose children keep the index i."""
-    expected = {k for k in state if k.startswith("features.")}
-    loaded = set()
-    with torch.no_grad():
-        for block in backbone.children():  # slice1 .. sliceN (nn.Sequential)
-            for index, layer in block.named_children():
-                for param_name, param in layer.named_parameters(recurse=False):
-                    key = f"features.{index}.{param_name}"
-                    if key not in state or state[key].shape != param.shape:
-                        raise UserError(f"{path} does not look like the torchvision backbone: bad {key}.")
-                    param.copy_(state[key])
-                    loaded.add(key)
-    if loaded != expected:
-        raise UserError(f"{path}: backbone keys not used: {sorted(expected - loaded)}.")
 
 
 # ----------------------------------------------------------------------------------------------------------
