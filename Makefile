@@ -5,28 +5,49 @@ SHELL := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 FLOWMO  := $(VENV)/bin/flowmo
-# torch/torchvision pair tested on CPU here (x86_64); override on a cluster, e.g. TORCH_SPEC="torch==2.5.1 torchvision==0.20.1".
-ARCH    := $(shell uname -m)
-ifeq ($(ARCH),aarch64)
-TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
-else
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Which torch build .venv gets. TORCH=cpu: torch's CPU wheel (~1 GB installed, no torchvision: flowmo needs
+# none); TORCH=cuda: the registry's default CUDA build (~6 GB with its nvidia wheels) plus torchvision, lpips and
+# pytorch-fid, the reference implementations some tests compare ours with. auto: cuda where nvidia-smi lists a
+# GPU, else cpu. Override the exact pins with TORCH_SPEC="torch==2.x.y ..." (e.g. for a cluster's CUDA version).
+TORCH   ?= auto
+ifeq ($(TORCH),auto)
+TORCH   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 endif
-STAMP   := $(VENV)/.installed
+ARCH    := $(shell uname -m)
+ifeq ($(TORCH),cpu)
+# The CPU wheel lives on PyTorch's own index; one quick try there, so a machine that only reaches a mirror
+# holding the wheel (like our CI) does not spend a minute on retries.
+TORCH_SPEC  ?= torch==2.13.0+cpu
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 10
+EXTRAS      := dev
+else ifeq ($(ARCH),aarch64)
+TORCH_SPEC  ?= torch==2.9.1 torchvision==0.24.1
+EXTRAS      := dev,reference
+else
+TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS      := dev,reference
+endif
+STAMP   := $(VENV)/.installed-$(TORCH)
 
 .PHONY: help install test test-slow test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
 
+# lpips is installed without its dependencies: flowmo reads only the linear heads its wheel ships, and its
+# torchvision requirement would pull a CUDA torch into a CPU install. On TORCH=cpu a torchvision left by an
+# earlier cuda install is removed: it would not import against the CPU torch and would break torchmetrics.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(TORCH_INDEX) $(TORCH_SPEC)
+	$(if $(filter cpu,$(TORCH)),$(PY) -m pip uninstall -q -y torchvision pytorch-fid 2>/dev/null || true)
+	$(PY) -m pip install -q --no-deps "lpips==0.1.4"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install flowmo with its dev extras
+install: $(STAMP) ## create .venv and install flowmo with its dev extras (TORCH=auto|cpu|cuda, see above)
 
 test: $(STAMP) ## fast CPU test suite (tests marked slow are skipped)
 	$(PY) -m pytest -q -m "not slow" --durations=10
