@@ -4,12 +4,14 @@ recall = 1 (random stand-in features: tests never download Inception); the refer
 import pytest
 import torch
 
-from flowmo.data.datamodule import resolve_shards
-from flowmo.data.stream import ShardStream
 from flowmo.generate.evaluate import GenerationFeatures, evaluate_generator, precision_recall, reference_statistics
 
 
 def reference_images(manifest, size):
+    # Imported here: the data path is the only part of this file that reads image files.
+    from flowmo.data.datamodule import resolve_shards
+    from flowmo.data.stream import ShardStream
+
     return torch.stack([row["image"] for row in ShardStream(resolve_shards(str(manifest)), size, train=False)])
 
 
@@ -47,25 +49,15 @@ def test_precision_recall_of_disjoint_and_nested_sets():
 
 
 def test_inception_generation_features_read_pool3_and_the_classifier_from_one_file(tmp_path):
-    """A file with pytorch-fid's key layout (random values, as tests/test_metrics_fid.py): IS logits are its fc
+    """A file with pytorch-fid's key layout (seeded values, as tests/test_metrics_fid.py): IS logits are its fc
     weights (no bias) applied to the same pool3 features gFID uses."""
-    from unittest import mock
-
-    import torchvision.models
-    from pytorch_fid import inception as fid_inception
-
+    from flowmo.feature_nets import deterministic_fill, fid_inception_v3
     from flowmo.perceptual import WEIGHT_FILES
 
-    captured = {}
-    with (
-        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(torchvision.models.Inception3, "load_state_dict",
-                          lambda model, state, *a, **k: captured.update(model.state_dict())),
-    ):
-        fid_inception.fid_inception_v3()
+    state = deterministic_fill(fid_inception_v3(), seed=0).state_dict()
     path = tmp_path / WEIGHT_FILES["inception_fid"]
-    torch.save(captured, path)
+    torch.save(state, path)
     features = GenerationFeatures.inception(str(path))
     pool, logits = features(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and not features.is_stand_in
-    torch.testing.assert_close(logits, pool @ captured["fc.weight"].double().T)
+    torch.testing.assert_close(logits, pool @ state["fc.weight"].double().T)

@@ -1,6 +1,4 @@
-"""rFID: closed-form Fréchet distance, offline Inception policy, loading pytorch-fid's architecture from a file."""
-
-from unittest import mock
+"""rFID: closed-form Fréchet distance, offline Inception policy, loading a file in pytorch-fid's key layout."""
 
 import numpy as np
 import pytest
@@ -8,6 +6,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from flowmo.feature_nets import deterministic_fill, fid_inception_v3
 from flowmo.metrics import FIDFeatures, InceptionFeatures, build_fid
 from flowmo.perceptual import WEIGHT_FILES, MissingWeightsError
 
@@ -61,29 +60,21 @@ def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
 
 
 def test_inception_features_load_pytorch_fid_weights_from_file(tmp_path):
-    """Write a file with pytorch-fid's exact key layout (random values), load it, run the real network."""
-    import torchvision.models
-    from pytorch_fid import inception as fid_inception
-
-    captured = {}
-
-    def capture_instead_of_loading(model, state_dict, *args, **kwargs):
-        captured.update(model.state_dict())
-
-    with (
-        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(torchvision.models.Inception3, "load_state_dict", capture_instead_of_loading),
-    ):
-        fid_inception.fid_inception_v3()
+    """A file in pytorch-fid's key layout (tests/test_feature_nets.py checks it is the same), seeded values:
+    it loads strictly and the features are the loaded network's pool3."""
+    state = deterministic_fill(fid_inception_v3(), seed=0).state_dict()
     path = tmp_path / WEIGHT_FILES["inception_fid"]
-    torch.save(captured, path)
+    torch.save(state, path)
 
     features = InceptionFeatures(weights=path)
     assert not features.is_stand_in and features.state_dict() == {}
-    out = features(torch.rand(2, 3, 32, 32))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = features(images)
     assert out.shape == (2, 2048) and out.dtype == torch.float64 and not out.requires_grad
-    stem = features.net.blocks[0][0].conv.weight
-    torch.testing.assert_close(stem, captured["Conv2d_1a_3x3.conv.weight"])
+    torch.testing.assert_close(features.net.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    with torch.no_grad():  # preprocessing (resize to 299, 2x - 1) is the network's own
+        expected = deterministic_fill(fid_inception_v3(), seed=0).eval()(images).flatten(1).double()
+    torch.testing.assert_close(out, expected)
 
 
 def test_pairwise_feature_distance_in_reconstruction_metrics():

@@ -130,9 +130,10 @@ def test_lpips_backbone_file_with_wrong_layout_is_refused(empty_caches, no_netwo
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])  # torchvision's file or timm's resnet50.tv_in1k
 def test_resnet_loaded_from_explicit_path(suffix, tmp_path, no_network):
     from safetensors.torch import save_file
-    from torchvision.models import resnet50
 
-    reference = resnet50(weights=None).state_dict()
+    from flowmo.feature_nets import deterministic_fill, resnet50
+
+    reference = deterministic_fill(resnet50(), seed=0).state_dict()  # torchvision's key layout
     path = tmp_path / f"my_resnet{suffix}"
     if suffix == ".safetensors":
         save_file(reference, path)
@@ -141,6 +142,7 @@ def test_resnet_loaded_from_explicit_path(suffix, tmp_path, no_network):
     net = ResNetLogitsDistance(weights=path)
     assert not net.is_stand_in
     torch.testing.assert_close(net.net.fc.weight, reference["fc.weight"])
+    torch.testing.assert_close(net.net.layer4[2].bn3.running_var, reference["layer4.2.bn3.running_var"])
 
 
 @pytest.mark.parametrize("name", ["lpips_vgg", "resnet"])

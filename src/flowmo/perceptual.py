@@ -349,10 +349,10 @@ class ResNetLogitsDistance(FrozenNet):
     INPUT_SIZE = 224
 
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
-        from torchvision.models import resnet50
+        from flowmo.feature_nets import resnet50
 
         path = resolve_weights("resnet50", weights, what="ResNet-50 logits distance")
-        model = resnet50(weights=None)
+        model = resnet50()  # torchvision's layout, so its weight file loads strictly
         if path is not None:
             model.load_state_dict(load_state_dict_file(path))
         super().__init__(model, name="ResNet-50 logits", is_stand_in=path is None)

@@ -3,7 +3,7 @@
 Protocol (the generation literature mixes several; spec section 7): N class-balanced samples (class i % C) are
 compared with the *training shards'* center crops at the tokenizer's resolution (`flowmo shards` manifest), both
 as float images in [0, 1] through pytorch-fid's InceptionV3 (the rFID network and preprocessing of spec section 7:
-bilinear resize to 299, no uint8 quantisation).
+bilinear resize to 299, no uint8 quantisation), as rebuilt in `flowmo.feature_nets`.
 - gFID: torchmetrics FrechetInceptionDistance on pool3 features; the reference side is loaded from the cache.
 - IS: torchmetrics InceptionScore (10 splits) on the Inception classifier's logits without bias, read from the
   same weight file (the "logits_unbiased" of torch-fidelity).
@@ -45,11 +45,13 @@ class GenerationFeatures(nn.Module):
     @classmethod
     def inception(cls, weights: str | None = None) -> "GenerationFeatures":
         """The real network: pool3 features and fc weights of pt_inception-2015-12-05 (torch hub cache or a path)."""
-        from flowmo.metrics.fid import load_state_dict_file, resolve_weights
+        from flowmo.metrics.fid import resolve_weights
 
         path = resolve_weights("inception_fid", weights, what="gFID InceptionV3")
-        return cls(InceptionFeatures(path), load_state_dict_file(path)["fc.weight"], "InceptionV3 (pytorch-fid)",
-                   is_stand_in=False)
+        inception = InceptionFeatures(path)
+        # The name keys the reference-statistics cache: it names the network, whose numbers are unchanged
+        # since flowmo.feature_nets replaced the pytorch-fid package, so old caches stay valid.
+        return cls(inception, inception.net.fc.weight.detach(), "InceptionV3 (pytorch-fid)", is_stand_in=False)
 
     @classmethod
     def stand_in(cls, num_features: int = 64, num_classes: int = 10, seed: int = 0) -> "GenerationFeatures":

@@ -1,10 +1,12 @@
 """rFID (spec §7): torchmetrics' FrechetInceptionDistance between originals and reconstructions.
 
 The authors use pytorch-fid's InceptionV3 (TF-ported ``pt_inception-2015-12-05`` weights, pool3 2048-d) on
-**float** images in [0, 1], bilinearly resized to 299 without antialias. torchmetrics' built-in extractor
-would quantise to uint8 and resize TF-style, so we always hand torchmetrics a feature module
-(``feature=<nn.Module>``): ``InceptionFeatures`` for real numbers, any ``nn.Module`` mapping [B, 3, H, W]
-in [0, 1] to [B, F] features for tests, and ``RandomConvFeatures`` as the loud stand-in of the tiny demo.
+**float** images in [0, 1], bilinearly resized to 299 without antialias. ``flowmo.feature_nets`` rebuilds that
+network key for key (its weight file loads as is, its outputs match), so neither pytorch-fid nor torchvision is
+needed. torchmetrics' built-in extractor would quantise to uint8 and resize TF-style, so we always hand
+torchmetrics a feature module (``feature=<nn.Module>``): ``InceptionFeatures`` for real numbers, any
+``nn.Module`` mapping [B, 3, H, W] in [0, 1] to [B, F] features for tests, and ``RandomConvFeatures`` as the
+loud stand-in of the tiny demo.
 
 Features are handed over in float64: torchmetrics accumulates in float64 but casts the final FID to the
 dtype of the features, and we want the float64 value.
@@ -13,13 +15,13 @@ dtype of the features, and we want the float64 value.
 from __future__ import annotations
 
 import os
-from unittest import mock
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from flowmo.feature_nets import FIDInceptionV3, fid_inception_v3
 from flowmo.perceptual import FrozenNet, load_state_dict_file, resolve_weights
 
 INCEPTION_DIM = 2048
@@ -51,7 +53,7 @@ class FIDFeatures(FrozenNet):
 
 
 class InceptionFeatures(FIDFeatures):
-    """pytorch-fid InceptionV3 pool3 features (2048-d), exactly the authors' rFID network and preprocessing.
+    """FID InceptionV3 pool3 features (2048-d): the authors' rFID network (pytorch-fid's) and preprocessing.
 
     ``weights``: None = ``pt_inception-2015-12-05-6726825d.pth`` from the torch hub cache (error if
     absent), or a path to that file. There is no random stand-in for Inception: use ``RandomConvFeatures``.
@@ -61,22 +63,17 @@ class InceptionFeatures(FIDFeatures):
         if weights == "random":
             raise ValueError("InceptionFeatures has no random stand-in; use RandomConvFeatures for the tiny demo.")
         path = resolve_weights("inception_fid", weights, what="rFID InceptionV3")
-        super().__init__(_pytorch_fid_inception(load_state_dict_file(path)), INCEPTION_DIM, name="FID-InceptionV3")
+        super().__init__(_load_fid_inception(path), INCEPTION_DIM, name="FID-InceptionV3")
 
     def extract(self, images01: Tensor) -> Tensor:
-        # resize_input: bilinear to 299, align_corners=False, no antialias; normalize_input: 2x - 1.
-        (pool3,) = self.net(images01)  # [B, 2048, 1, 1]
-        return pool3
+        # The net resizes (bilinear to 299, align_corners=False, no antialias) and maps to [-1, 1] itself.
+        return self.net(images01)  # [B, 2048, 1, 1]
 
 
-def _pytorch_fid_inception(state_dict: dict[str, Tensor]) -> nn.Module:
-    from pytorch_fid import inception as fid_inception
-
-    # pytorch-fid takes no weights path: it always asks its URL loader, which we answer with the
-    # already-read file, so no download can happen.
-    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state_dict):
-        block = fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[INCEPTION_DIM]
-        return fid_inception.InceptionV3([block], resize_input=True, normalize_input=True)
+def _load_fid_inception(path: os.PathLike) -> FIDInceptionV3:
+    net = fid_inception_v3()
+    net.load_state_dict(load_state_dict_file(path), strict=True)  # the file's keys are the net's keys
+    return net
 
 
 class RandomConvFeatures(FIDFeatures):
