@@ -1,19 +1,21 @@
-"""Write tests/fixtures/feature_nets_reference.pt: outputs of the ORIGINAL ResNet-50 and FID Inception.
+"""Write tests/fixtures/feature_nets_reference.pt: outputs of the ORIGINAL ResNet-50, FID Inception and LPIPS.
 
-flowmo.feature_nets re-implements torchvision's ``resnet50`` and pytorch-fid's FID ``InceptionV3`` so the
-package runs without those packages. This script, run once in an environment that has them, records what
+flowmo.feature_nets re-implements torchvision's ``resnet50`` and pytorch-fid's FID ``InceptionV3``, and
+flowmo.perceptual the ``lpips`` package's LPIPS v0.1 (VGG and AlexNet), so the package runs without them. This script, run once in an environment that has them, records what
 the originals compute, so tests/test_feature_nets.py can check ours anywhere:
 
 1. build the reference network (torchvision ``resnet50(weights=None)``; pytorch-fid ``InceptionV3([3],
-   resize_input=True, normalize_input=True)`` with its weight download answered by an in-memory state dict),
+   resize_input=True, normalize_input=True)`` with its weight download answered by an in-memory state dict;
+   ``lpips.LPIPS(net=vgg|alex, version='0.1')`` with its learned heads and a backbone filled as in 2.),
 2. give every parameter and buffer ``deterministic_state_dict(layout, seed)`` (seeded float32 values drawn
    in sorted key order: the same values reach any implementation with the same key names and shapes),
 3. run it in float64 on a seeded input batch (2 images, 64x64: in [0, 1] for Inception, standard normal,
-   i.e. ImageNet-normalised-like, for ResNet),
+   i.e. ImageNet-normalised-like, for ResNet; LPIPS compares 2x-1 of the [0, 1] images with 2x-1 of a second
+   seeded [0, 1] batch),
 4. save the outputs (float64), the state-dict key lists and shapes, the seeds and checksums of the inputs.
 
 Only outputs are stored (a few tens of KB), no weights. The committed fixture was made with torch 2.14.1
-(+cu130, run on CPU), torchvision 0.29.1 and pytorch-fid 0.3.0:
+(+cu130, run on CPU), torchvision 0.29.1, pytorch-fid 0.3.0 and lpips 0.1.4:
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/make_feature_net_fixtures.py
 """
@@ -21,6 +23,7 @@ Only outputs are stored (a few tens of KB), no weights. The committed fixture wa
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from pathlib import Path
 from unittest import mock
 
@@ -80,6 +83,29 @@ def reference_fid_inception(seed: int) -> tuple[torch.nn.Module, dict[str, torch
     return model, state
 
 
+def lpips_second_images(seed: int = INPUT_SEED, shape: tuple[int, ...] = INPUT_SHAPE) -> torch.Tensor:
+    """The other side of each LPIPS pair, in [-1, 1], float64; tests regenerate it."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
+
+
+def reference_lpips(net: str, seed: int) -> torch.nn.Module:
+    """The lpips package's LPIPS v0.1 with its heads and a backbone filled in flowmo's ``features.{i}`` layout."""
+    import lpips
+
+    from flowmo.perceptual import LPIPSNetwork
+
+    backbone_layout = {f"features.{k}": v for k, v in LPIPSNetwork(net).features.state_dict().items()}
+    state = deterministic_state_dict(backbone_layout, seed)
+    model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    with torch.no_grad():
+        for block in model.net.children():  # lpips keeps torchvision's layer index as each child's name
+            for index, layer in block.named_children():
+                for name, param in layer.named_parameters():
+                    param.copy_(state[f"features.{index}.{name}"])
+    return model.eval()
+
+
 def layout(state: dict[str, torch.Tensor]) -> tuple[list[str], list[tuple[int, ...]]]:
     return list(state), [tuple(value.shape) for value in state.values()]
 
@@ -89,6 +115,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()
 
+    import lpips
     import pytorch_fid
     import torchvision
 
@@ -98,17 +125,20 @@ def main() -> None:
     with torch.no_grad():
         resnet_logits = resnet.double().eval()(normalised)
         (inception_pool3,) = inception.double().eval()(images01)
+        lpips_distances = {net: reference_lpips(net, FILL_SEED).double()(images01 * 2 - 1, lpips_second_images())
+                           .flatten() for net in ("vgg", "alex")}
     resnet_keys, resnet_shapes = layout(resnet_state)
     inception_keys, inception_shapes = layout(inception_state)
     fixture = {
         "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-                     "pytorch_fid": str(pytorch_fid.__version__)},
+                     "pytorch_fid": str(pytorch_fid.__version__), "lpips": importlib.metadata.version("lpips")},
         "fill_seed": FILL_SEED,
         "input_seed": INPUT_SEED,
         "input_shape": list(INPUT_SHAPE),
         "input_checksums": {"images01": float(images01.sum()), "normalised": float(normalised.sum())},
         "resnet50": {"keys": resnet_keys, "shapes": resnet_shapes, "logits": resnet_logits},
         "fid_inception": {"keys": inception_keys, "shapes": inception_shapes, "pool3": inception_pool3},
+        "lpips": lpips_distances,  # [2] per net: LPIPS(2 * images01 - 1, lpips_second_images())
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(fixture, args.output)

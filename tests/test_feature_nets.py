@@ -70,6 +70,22 @@ def test_fid_inception_matches_pytorch_fid_fixture(reference):
     assert_close_relative(pool3, expected["pool3"])
 
 
+@pytest.mark.parametrize("net", ["vgg", "alex"])
+def test_lpips_matches_lpips_package_fixture(reference, net):
+    """Our LPIPS (backbone + heads from the lpips wheel's files) gives the package's distances."""
+    from flowmo.perceptual import LPIPSDistance, StandInWeightsWarning
+
+    images01, _ = fixture_inputs(reference)
+    generator = torch.Generator().manual_seed(reference["input_seed"] + 1)
+    others = torch.rand(reference["input_shape"], generator=generator, dtype=torch.float64) * 2 - 1
+    with pytest.warns(StandInWeightsWarning):
+        lpips = LPIPSDistance(net, weights="random")
+    deterministic_fill(lpips.net.features, reference["fill_seed"], prefix="features.")
+    with torch.no_grad():
+        distances = lpips.double()(images01 * 2 - 1, others)
+    assert_close_relative(distances, reference["lpips"][net])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Against the installed originals (skipped where torchvision / pytorch-fid are absent)
 

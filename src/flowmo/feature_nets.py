@@ -1,5 +1,6 @@
-"""The two pretrained feature networks of the losses and metrics, written here so flowmo needs no torchvision.
+"""The pretrained feature networks of the losses and metrics, written here so flowmo needs no torchvision.
 
+- ``vgg16_features()`` / ``alexnet_features()``: the LPIPS backbones (flowmo.perceptual adds the LPIPS heads).
 - ``resnet50()``: ResNet-50 (v1.5: the stride sits on the 3x3 conv), the Stage-1B logits loss (spec §3).
 - ``fid_inception_v3()``: the TF-ported Inception-v3 of FID (spec §7), behaving like pytorch-fid's
   ``InceptionV3([3], resize_input=True, normalize_input=True)``: [B, 3, H, W] in [0, 1] -> [B, 2048, 1, 1].
@@ -24,6 +25,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # ----------------------------------------------------------------------------------------------------------
+# LPIPS backbones: torchvision's ``vgg16().features`` and ``alexnet().features`` (indices kept, so
+# ``features.{i}.*`` of their weight files maps onto layer i)
+
+
+def _conv_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> list:
+    return [nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding), nn.ReLU(inplace=True)]
+
+
+def vgg16_features() -> nn.Sequential:
+    """torchvision's ``vgg16().features`` (13 3x3 convs in five blocks, each block ends in a 2x2 max pool)."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for width, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        for _ in range(convs):
+            layers += _conv_relu(in_channels, width)
+            in_channels = width
+        layers.append(nn.MaxPool2d(2, 2))
+    return nn.Sequential(*layers)
+
+
+def alexnet_features() -> nn.Sequential:
+    """torchvision's ``alexnet().features``."""
+    return nn.Sequential(
+        *_conv_relu(3, 64, kernel=11, stride=4, padding=2), nn.MaxPool2d(3, 2),
+        *_conv_relu(64, 192, kernel=5, padding=2), nn.MaxPool2d(3, 2),
+        *_conv_relu(192, 384), *_conv_relu(384, 256), *_conv_relu(256, 256), nn.MaxPool2d(3, 2),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Deterministic weights for comparing two implementations
 
 
@@ -39,9 +70,15 @@ def deterministic_state_dict(layout: Mapping[str, Tensor], seed: int) -> dict[st
     return {key: filled[key] for key in layout}
 
 
-def deterministic_fill(module: nn.Module, seed: int) -> nn.Module:
-    """Load ``deterministic_state_dict`` of the module's own layout into it (strictly); returns the module."""
-    module.load_state_dict(deterministic_state_dict(module.state_dict(), seed), strict=True)
+def deterministic_fill(module: nn.Module, seed: int, prefix: str = "") -> nn.Module:
+    """Load ``deterministic_state_dict`` of the module's own layout into it (strictly); returns the module.
+
+    ``prefix`` names the keys as they sit in a bigger network (e.g. "features." for an LPIPS backbone), so
+    the values equal those the bigger layout would get.
+    """
+    layout = {prefix + key: value for key, value in module.state_dict().items()}
+    state = deterministic_state_dict(layout, seed)
+    module.load_state_dict({key[len(prefix):]: value for key, value in state.items()}, strict=True)
     return module
 
 

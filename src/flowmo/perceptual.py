@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmo.errors import UserError
+from flowmo.feature_nets import alexnet_features, vgg16_features
 
 log = logging.getLogger(__name__)
 
@@ -187,38 +188,13 @@ def check_image_pair(x: torch.Tensor, y: torch.Tensor) -> None:
 #
 # Written here rather than taken from the ``lpips`` package because that package builds its backbones with
 # torchvision, and the CPU build of torch our laptop users install has no matching torchvision. The backbones
-# below keep torchvision's ``features.{i}`` layer indices, so torchvision's weight files load unchanged; the
+# (flowmo.feature_nets) keep torchvision's ``features.{i}`` layer indices, so its weight files load unchanged; the
 # learned linear heads are read from the files the ``lpips`` wheel ships (the wheel is never imported).
 
 # LPIPS v0.1 input scaling: (x - shift) / scale, per RGB channel, on images in [-1, 1].
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 _NORMALIZE_EPS = 1e-10
-
-
-def _conv_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> list:
-    return [nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding), nn.ReLU(inplace=True)]
-
-
-def vgg16_features() -> nn.Sequential:
-    """torchvision's ``vgg16().features`` (13 3x3 convs in five blocks, each block ends in a 2x2 max pool)."""
-    layers: list[nn.Module] = []
-    in_channels = 3
-    for width, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
-        for _ in range(convs):
-            layers += _conv_relu(in_channels, width)
-            in_channels = width
-        layers.append(nn.MaxPool2d(2, 2))
-    return nn.Sequential(*layers)
-
-
-def alexnet_features() -> nn.Sequential:
-    """torchvision's ``alexnet().features``."""
-    return nn.Sequential(
-        *_conv_relu(3, 64, kernel=11, stride=4, padding=2), nn.MaxPool2d(3, 2),
-        *_conv_relu(64, 192, kernel=5, padding=2), nn.MaxPool2d(3, 2),
-        *_conv_relu(192, 384), *_conv_relu(384, 256), *_conv_relu(256, 256), nn.MaxPool2d(3, 2),
-    )
 
 
 # Per backbone: the constructor, the ``features`` indices whose output LPIPS compares (after each ReLU named by
