@@ -3,32 +3,78 @@
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from data_helpers import jpeg_bytes, make_val_shards, truncated_jpeg_bytes, write_shard
 from PIL import Image
-from torchvision import transforms as T
 
 from flowmo.data import FlowMoDataModule, resolve_shards
 from flowmo.data.stream import ShardStream, SkipCounter
-from flowmo.data.transforms import decode_rgb, to_signed_tensor, train_transform, val_transform
+from flowmo.data.transforms import (
+    decode_rgb,
+    resize_shorter_side,
+    shorter_side_size,
+    to_signed_tensor,
+    train_transform,
+    val_transform,
+)
 
 
 def photo(width=50, height=30):
     return decode_rgb(jpeg_bytes(7, size=(width, height)))
 
 
-def test_transforms_give_size_range_and_match_torchvision():
+def test_transforms_give_size_range():
     image = photo()
     crop = train_transform(image, 24, random.Random(0))
     assert crop.shape == (3, 24, 24) and crop.dtype == torch.float32
     assert crop.min() >= -1.0 and crop.max() <= 1.0 and crop.min() < -0.5 < 0.5 < crop.max()
-    reference = T.Compose([T.Resize(24, antialias=True), T.CenterCrop(24)])(image)
-    assert torch.equal(val_transform(image, 24), to_signed_tensor(reference))
     assert torch.equal(val_transform(image, 24), val_transform(image, 24))
     white = to_signed_tensor(Image.new("RGB", (4, 4), (255, 255, 255)))
     assert torch.equal(white, torch.ones(3, 4, 4))  # p / 127.5 - 1
     assert torch.equal(train_transform(image, 24, random.Random(3)), train_transform(image, 24, random.Random(3)))
+
+
+ODD_SIZES = [(50, 30), (37, 23), (23, 37), (31, 31), (1000, 3), (24, 50)]  # (width, height)
+
+
+def test_transforms_match_torchvision():
+    T = pytest.importorskip("torchvision.transforms")
+    image = photo()
+    reference = T.Compose([T.Resize(24, antialias=True), T.CenterCrop(24)])(image)
+    assert torch.equal(val_transform(image, 24), to_signed_tensor(reference))
+    for width, height in ODD_SIZES:
+        image = photo(width, height)
+        resized = T.Resize(24, interpolation=T.InterpolationMode.BILINEAR, antialias=True)(image)
+        assert np.array_equal(np.array(resize_shorter_side(image, 24)), np.array(resized)), (width, height)
+        if min(width, height) >= 24:
+            reference = T.Compose([T.Resize(24), T.CenterCrop(24)])(image)
+            assert torch.equal(val_transform(image, 24), to_signed_tensor(reference))
+
+
+def test_resize_keeps_torchvision_size_rule_and_pil_bilinear_pixels():
+    # shorter side -> size; longer side -> int(size * long / short), truncated (not rounded)
+    assert shorter_side_size(50, 30, 24) == (40, 24)
+    assert shorter_side_size(37, 23, 16) == (25, 16)  # 25.74 -> 25
+    assert shorter_side_size(23, 37, 16) == (16, 25)
+    assert shorter_side_size(500, 333, 256) == (384, 256)  # 384.38 -> 384
+    assert shorter_side_size(31, 31, 24) == (24, 24)
+    assert shorter_side_size(1000, 3, 7) == (2333, 7)
+    for width, height in ODD_SIZES:
+        image = photo(width, height)
+        expected_size = shorter_side_size(width, height, 24)
+        resized = resize_shorter_side(image, 24)
+        assert resized.size == expected_size
+        assert np.array_equal(np.array(resized), np.array(image.resize(expected_size, Image.Resampling.BILINEAR)))
+    unchanged = photo(24, 50)
+    assert resize_shorter_side(unchanged, 24) is unchanged  # already the size: not resampled
+
+
+def test_val_transform_is_a_centre_crop_of_the_resized_image():
+    image = photo(37, 23)  # resized to 25 x 16: the crop starts at round(9 / 2) = 4 (Python rounds half to even)
+    resized = image.resize((25, 16), Image.Resampling.BILINEAR)
+    assert torch.equal(val_transform(image, 16), to_signed_tensor(resized.crop((4, 0, 20, 16))))
 
 
 def test_random_flip_is_off_by_default_and_configurable():

@@ -5,7 +5,6 @@ import urllib.request
 
 import pytest
 import torch
-import torchvision.transforms.v2 as T
 from torch import nn
 
 from flowmo.perceptual import (
@@ -183,6 +182,7 @@ def test_identical_images_have_zero_distance(lpips_vgg, resnet):
 
 
 def test_resnet_preprocessing_matches_torchvision_pipeline(resnet):
+    T = pytest.importorskip("torchvision.transforms.v2")
     x = images(batch=2, size=40, seed=4)
     reference = T.Compose([T.Resize((224, 224), antialias=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     torch.testing.assert_close(resnet.preprocess(x), reference((x + 1) / 2), atol=1e-5, rtol=0)

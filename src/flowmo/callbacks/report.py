@@ -23,11 +23,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torchvision.utils import save_image
-
 from flowmo import __version__
 from flowmo.callbacks.images import side_by_side
 from flowmo.flow import rho_timesteps, sigma_to_t
+from flowmo.image_grid import save_image
 
 TABLE_HEADER = ("| tokenizer | BPP | tokens × vocab | rFID↓ | PSNR↑ | SSIM↑ | LPIPS↓ |\n"
                 "|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Data: WebDataset shard writer, the FlowMoDataModule, transforms and the embedded sample set.
 
 Exports are loaded lazily: the shard writer's worker processes import `flowmo.data.shards` without paying for
-Lightning and torchvision.
+Lightning.
 """
 
 from importlib import import_module

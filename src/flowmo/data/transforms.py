@@ -2,6 +2,7 @@
 
 Train: Resize(shorter side = size, bilinear with antialias, torchvision's PIL path) + RandomCrop(size), no flip
 unless asked. Val/test: Resize + CenterCrop. Output: float32 CHW with p / 127.5 - 1, i.e. in [-1, 1].
+The resize and crops are done with PIL directly, pixel-identical to torchvision's, so torchvision is not needed.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import random
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (documented in the README)
@@ -37,8 +36,19 @@ def decode_rgb(data: bytes) -> Image.Image:
         return image.convert("RGB")  # grayscale, CMYK and palette images exist in ImageNet
 
 
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side = size; the longer side is truncated, as torchvision computes it."""
+    short, long = min(width, height), max(width, height)
+    scaled_long = int(size * long / short)
+    return (size, scaled_long) if width <= height else (scaled_long, size)
+
+
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    return TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    """torchvision's Resize(size) on a PIL image: PIL's bilinear filter, which always antialiases."""
+    new_size = shorter_side_size(*image.size, size)
+    if new_size == image.size:
+        return image  # torchvision returns the image untouched
+    return image.resize(new_size, Image.Resampling.BILINEAR)
 
 
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:

@@ -19,6 +19,7 @@ from flowmo.errors import UserError
 from flowmo.generate import masking
 from flowmo.generate.config import RECIPES, TokenLayout, resolve
 from flowmo.generate.network import MaskGITTransformer
+from flowmo.image_grid import make_grid
 
 
 class MaskGITModule(L.LightningModule):
@@ -159,8 +160,6 @@ class MaskGITModule(L.LightningModule):
             self.tokenizer()  # refuse a mismatched tokenizer before the first step, not at the first grid
 
     def log_sample_grid(self) -> None:
-        from torchvision.utils import make_grid
-
         classes = [c for c in self.hparams.grid_classes if c < self.layout.num_classes]
         classes = torch.tensor(classes, device=self.device).repeat_interleave(self.hparams.grid_per_class)
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)

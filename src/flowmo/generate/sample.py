@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from flowmo.errors import UserError
 from flowmo.generate.module import MaskGITModule
 from flowmo.generate.tokens import check_same_tokenizer
+from flowmo.image_grid import make_grid, save_image
 
 
 def load_generator(path: str, device: str) -> MaskGITModule:
