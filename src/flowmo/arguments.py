@@ -54,3 +54,65 @@ def tool_arguments(argv: list[str] | None, command: str) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the decoding noise")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1")
     return parser.parse_args(argv)
+
+
+# ---- generation side: `flowmo pretokenize | generate | gen-eval` (their work imports torch and Lightning)
+
+
+def pretokenize_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flowmo pretokenize", allow_abbrev=False,
+                                     description="encode every image of an image-shard split once into token shards")
+    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt or flowmo_lo/hi.pth")
+    parser.add_argument("--shards", required=True, help="the image shards' manifest (flowmo shards) or a glob")
+    parser.add_argument("--out", required=True, help="output folder for {split}-NNNNNN.tar and {split}.json")
+    parser.add_argument("--split", default="train", help="split name of the token shards (default train)")
+    parser.add_argument("--crops", default="center", help="'center' or N random crops per image (default center)")
+    parser.add_argument("--size", type=int, default=None, help="crop side in px (default: the tokenizer's)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random crops")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, gpu, cpu")
+    parser.add_argument("--devices", default="auto", help="devices (ranks) to split the shards over")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def generate_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flowmo generate", allow_abbrev=False,
+                                     description="class-conditional samples from a MaskGIT generator, decoded by "
+                                                 "its tokenizer")
+    parser.add_argument("--generator", required=True, help="a MaskGITModule checkpoint (flowmo gen fit)")
+    parser.add_argument("--tokenizer", required=True, help="the tokenizer that wrote its training tokens")
+    parser.add_argument("--classes", required=True, help="comma-separated class indices, e.g. 1,2,3")
+    parser.add_argument("--per-class", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=None, help="decoding steps (default: the generator's)")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--choice-temperature", type=float, default=None)
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--sampler", choices=("paper", "fast"), default="paper", help="the tokenizer's decoder")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    return parser.parse_args(argv)
+
+
+def gen_eval_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flowmo gen-eval", allow_abbrev=False,
+                                     description="gFID / IS / precision / recall of a generator decoded by its "
+                                                 "tokenizer -> a JSON report")
+    parser.add_argument("--generator", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--reference", required=True, help="the training image shards' manifest (flowmo shards)")
+    parser.add_argument("--cache", default=None, help="reference statistics file (default: beside --out)")
+    parser.add_argument("--num-samples", type=int, default=50_000)
+    parser.add_argument("--features", default=None,
+                        help="Inception weight file or folder (default: torch hub cache); 'random' = stand-in")
+    parser.add_argument("--out", required=True, help="report .json")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cfg", type=float, default=None)
+    parser.add_argument("--sampler", choices=("paper", "fast"), default="paper", help="the tokenizer's decoder")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--devices", default="auto")
+    return parser.parse_args(argv)

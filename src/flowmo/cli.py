@@ -45,6 +45,10 @@ PROJECT_COMMANDS = {
     "gen-eval": ("flowmo.generate.gen_eval", "gFID / IS / precision / recall of a generator -> report JSON"),
 }
 
+# Commands whose parser lives in flowmo.arguments and whose module has run(args): parsed before the module loads.
+LIGHT_PARSERS = {"pretokenize": "pretokenize_arguments", "generate": "generate_arguments",
+                 "gen-eval": "gen_eval_arguments"}
+
 
 def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="flowmo export", description=PROJECT_COMMANDS["export"][1])
@@ -89,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "demo":
             args = import_module("flowmo.arguments").demo_arguments(rest)
             return int(import_module("flowmo.demo").run(args) or 0)
+        if command in LIGHT_PARSERS:
+            args = getattr(import_module("flowmo.arguments"), LIGHT_PARSERS[command])(rest)
+            return int(import_module(PROJECT_COMMANDS[command][0]).run(args) or 0)
         return int(import_module(PROJECT_COMMANDS[command][0]).main(rest) or 0)
     if not argv or argv[0] in ("-h", "--help"):
         print_overview()

@@ -11,7 +11,6 @@ computed once and cached (`--cache`, default beside the report).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -86,28 +85,18 @@ def sample_and_measure(generator, tokenizer, features: GenerationFeatures, refer
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flowmo.arguments import gen_eval_arguments
+
+    return run(gen_eval_arguments(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
     from flowmo.generate.sample import load_generator
     from flowmo.generate.tokens import check_same_tokenizer
     from flowmo.perceptual import MissingWeightsError
     from flowmo.tools import load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="flowmo gen-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--generator", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--reference", required=True, help="the training image shards' manifest (flowmo shards)")
-    parser.add_argument("--cache", default=None, help="reference statistics file (default: beside --out)")
-    parser.add_argument("--num-samples", type=int, default=50_000)
-    parser.add_argument("--features", default=None,
-                        help="Inception weight file or folder (default: torch hub cache); 'random' = stand-in")
-    parser.add_argument("--out", required=True, help="report .json")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--cfg", type=float, default=None)
-    parser.add_argument("--sampler", choices=("paper", "fast"), default="paper", help="the tokenizer's decoder")
-    parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="auto")
-    args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         generator = load_generator(args.generator, "cpu")

@@ -12,7 +12,6 @@ own GPU, and rank 0 writes the manifest once all ranks are done.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -193,19 +192,13 @@ def _manifest(split: str, run: dict, record: dict, dtype, shards: str, names: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flowmo pretokenize", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt or flowmo_lo/hi.pth")
-    parser.add_argument("--shards", required=True, help="the image shards' manifest (flowmo shards) or a glob")
-    parser.add_argument("--out", required=True, help="output folder for {split}-NNNNNN.tar and {split}.json")
-    parser.add_argument("--split", default="train", help="split name of the token shards (default train)")
-    parser.add_argument("--crops", default="center", help="'center' or N random crops per image (default center)")
-    parser.add_argument("--size", type=int, default=None, help="crop side in px (default: the tokenizer's)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the random crops")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, gpu, cpu")
-    parser.add_argument("--devices", default="auto", help="devices (ranks) to split the shards over")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    from flowmo.arguments import pretokenize_arguments
+
+    return run(pretokenize_arguments(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
     try:
         with torch.no_grad():
             devices = int(args.devices) if args.devices.isdigit() else args.devices

@@ -10,7 +10,6 @@ generator (checked by weights hash).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -64,26 +63,19 @@ def write_images(images: torch.Tensor, classes: list[int], per_class: int, out: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flowmo.arguments import generate_arguments
+
+    return run(generate_arguments(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
     from flowmo.tools import load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="flowmo generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--generator", required=True, help="a MaskGITModule checkpoint (flowmo gen fit)")
-    parser.add_argument("--tokenizer", required=True, help="the tokenizer that wrote its training tokens")
-    parser.add_argument("--classes", required=True, help="comma-separated class indices, e.g. 1,2,3")
-    parser.add_argument("--per-class", type=int, default=4)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=None, help="decoding steps (default: the generator's)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--choice-temperature", type=float, default=None)
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--sampler", choices=("paper", "fast"), default="paper", help="the tokenizer's decoder")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        generator = load_generator(args.generator, args.device)
-        tokenizer = load_tokenizer(args.tokenizer, args.device)
+        generator = load_generator(args.generator, device)
+        tokenizer = load_tokenizer(args.tokenizer, device)
         check_same_tokenizer(generator.tokenizer_sha256, tokenizer, "the generator's training tokens")
         classes = parse_classes(args.classes)
         settings = dict(steps=args.steps, temperature=args.temperature, choice_temperature=args.choice_temperature,
