@@ -1,9 +1,10 @@
 """Frozen feature networks for the perceptual losses (spec §3) and the LPIPS metrics (spec §7).
 
-- ``LPIPSVGG``: Stage 1A perceptual loss, the ``lpips`` package, net='vgg', v0.1, learned linear heads.
+- ``LPIPSVGG``: Stage 1A perceptual loss, LPIPS net='vgg', v0.1, learned linear heads: the ``lpips`` package's
+  computation, written here (equal to it, tests/test_feature_nets.py), heads read from its wheel's files.
 - ``LPIPSDistance(net='alex')``: the second LPIPS variant the evaluation reports.
-- ``ResNetLogitsDistance``: Stage 1B sample loss, MSE between the 1000-d logits of a torchvision
-  ResNet-50 (IMAGENET1K_V1) on both images (MaskBit's "ResNetPerc", logits only).
+- ``ResNetLogitsDistance``: Stage 1B sample loss, MSE between the 1000-d logits of ResNet-50 (torchvision's
+  IMAGENET1K_V1 weights, flowmo.feature_nets' network) on both images (MaskBit's "ResNetPerc", logits only).
 
 Weights (DESIGN.md "Conventions"): read from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or an
 explicit file; never downloaded here. When missing, a ``MissingWeightsError`` names the file, the folder it
