@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:1"
 DEMO_DESCRIPTION = "`flowmo demo` / `make demo`: the whole pipeline on a CPU in minutes, on photos the model never saw."
 
 
@@ -52,7 +53,7 @@ def tool_arguments(argv: list[str] | None, command: str) -> argparse.Namespace:
                         help="paper: 25 steps, rho 4, CFG 1.5 on the interval (31 NFE); fast: 8 such steps (10 NFE)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps instead of the named sampler's")
     parser.add_argument("--seed", type=int, default=0, help="seeds the decoding noise")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser.parse_args(argv)
 
 
@@ -92,7 +93,7 @@ def generate_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=("paper", "fast"), default="paper", help="the tokenizer's decoder")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser.parse_args(argv)
 
 

@@ -261,7 +261,7 @@ def lpips_heads_file(net: str) -> Path:
 
 
 def _load_lpips_heads(network: LPIPSNetwork, path: Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(path)
     with torch.no_grad():
         for k, head in enumerate(network.heads):
             key = f"lin{k}.model.1.weight"

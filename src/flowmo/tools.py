@@ -154,9 +154,15 @@ def main(argv: list[str] | None = None, command: str = "reconstruct") -> int:
     return run(tool_arguments(argv, command), command)
 
 
+def resolve_device(name: str) -> str:
+    """A --device value: "auto" becomes cuda when a GPU is visible, else cpu; anything else is kept."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def run(args: argparse.Namespace, command: str) -> int:
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     try:
         model = load_tokenizer(args.tokenizer, args.device)
         with torch.no_grad():

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
-    from flowmo.tools import load_tokenizer
+    from flowmo.tools import load_tokenizer, resolve_device
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         generator = load_generator(args.generator, device)
         tokenizer = load_tokenizer(args.tokenizer, device)
