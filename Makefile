@@ -5,49 +5,33 @@ SHELL := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 FLOWMO  := $(VENV)/bin/flowmo
-# Which torch build .venv gets. TORCH=cpu: torch's CPU wheel (~1 GB installed, no torchvision: flowmo needs
-# none); TORCH=cuda: the registry's default CUDA build (~6 GB with its nvidia wheels) plus torchvision, lpips and
-# pytorch-fid, the reference implementations some tests compare ours with. auto: cuda where nvidia-smi lists a
-# GPU, else cpu. Override the exact pins with TORCH_SPEC="torch==2.x.y ..." (e.g. for a cluster's CUDA version).
-TORCH   ?= auto
-ifeq ($(TORCH),auto)
-TORCH   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
-endif
-ARCH    := $(shell uname -m)
-ifeq ($(TORCH),cpu)
-# The CPU wheel lives on PyTorch's own index; one quick try there, so a machine that only reaches a mirror
-# holding the wheel (like our CI) does not spend a minute on retries.
-TORCH_SPEC  ?= torch==2.13.0+cpu
-TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 10
-EXTRAS      := dev
-else ifeq ($(ARCH),aarch64)
+# torch and torchvision are installed first, as a matched pair, then flowmo with its dependencies. TORCH_SPEC picks
+# the releases (the defaults lie on this project's CI disk and run on the CPU); TORCH_INDEX picks PyTorch's index
+# for your hardware, e.g. TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" on a laptop (a ~1 GB CPU
+# build) or ".../whl/cu126" for a cluster's CUDA 12.6 driver; by default pip's own index (PyPI's CUDA build).
+ARCH        := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
 TORCH_SPEC  ?= torch==2.9.1 torchvision==0.24.1
-EXTRAS      := dev,reference
 else
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS      := dev,reference
 endif
-STAMP   := $(VENV)/.installed-$(TORCH)
+TORCH_INDEX ?=
+STAMP   := $(VENV)/.installed
 
 .PHONY: help install test test-slow test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
 
-# lpips is installed without its dependencies: flowmo reads only the linear heads its wheel ships, and its
-# torchvision requirement would pull a CUDA torch into a CPU install. On TORCH=cpu a torchvision left by an
-# earlier cuda install is removed: it would not import against the CPU torch and would break torchmetrics.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) $(TORCH_SPEC)
-	$(if $(filter cpu,$(TORCH)),$(PY) -m pip uninstall -q -y torchvision pytorch-fid 2>/dev/null || true)
-	$(PY) -m pip install -q --no-deps "lpips==0.1.4"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	rm -f $(VENV)/.installed*
+	$(PY) -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv, install flowmo[dev]: TORCH=cpu (CPU wheel, 1.4 GB) | cuda (+ reference pkgs, 5.9 GB) | auto
+install: $(STAMP) ## create .venv: torch + torchvision (TORCH_SPEC, TORCH_INDEX), then flowmo[dev]
 
 test: $(STAMP) ## fast CPU test suite (tests marked slow are skipped)
 	$(PY) -m pytest -q -m "not slow" --durations=10
@@ -162,7 +146,8 @@ tensorboard: $(STAMP) ## TensorBoard over runs/ (losses, lr, grad norm, EMA dist
 
 # ---- evaluation (spec 7, configs/eval/paper.yaml): Table 1's protocol on the 50k ImageNet val center crops
 # -> results/<name>/{metrics.json, table_row.md, reconstructions.png}. CKPT= a .ckpt of ours (its architecture
-# is read from it) or OFFICIAL= the authors' flowmo_lo.pth / flowmo_hi.pth; SUBSAMPLE=N = every N-th val image
+# is read from it) or OFFICIAL= the authors' release: lo / hi (downloaded from their Hugging Face repository on first
+# use) or a local flowmo_lo.pth / flowmo_hi.pth; SUBSAMPLE=N = every N-th val image
 # (a quick look: rFID is biased upward with fewer images). Devices: GPUS x NODES; also DATA_CFG, ARGS, NAME.
 CKPT      ?=
 OFFICIAL  ?=
@@ -170,7 +155,7 @@ SUBSAMPLE ?= 1
 NAME      ?=
 STRATEGY_EVAL ?= $(if $(filter 1,$(WORLD)),auto,ddp)
 eval_name = $(or $(NAME),eval-$(1)$(if $(filter-out 1,$(SUBSAMPLE)),-sub$(SUBSAMPLE)))
-check_eval = @if [ -z "$(CKPT)$(OFFICIAL)" ] || { [ -n "$(CKPT)" ] && [ -n "$(OFFICIAL)" ]; }; then echo "usage: make eval-$(1) CKPT=runs/$(1)-1b/checkpoints/last.ckpt (ours) or OFFICIAL=flowmo_$(1).pth (the authors'), exactly one [SUBSAMPLE=10 GPUS=8 NAME=...]"; exit 2; fi
+check_eval = @if [ -z "$(CKPT)$(OFFICIAL)" ] || { [ -n "$(CKPT)" ] && [ -n "$(OFFICIAL)" ]; }; then echo "usage: make eval-$(1) CKPT=runs/$(1)-1b/checkpoints/last.ckpt (ours) or OFFICIAL=$(1) (the authors' release), exactly one [SUBSAMPLE=10 GPUS=8 NAME=...]"; exit 2; fi
 check_val_shards = @if [ "$(DATA_CFG)" = "configs/data/imagenet.yaml" ] && [ ! -f data/imagenet/val.json ]; then echo "No ImageNet val shards in data/imagenet: make them once with 'make shards IMAGENET=/path/to/ILSVRC2012' (or point DATA_CFG at your own data config)."; exit 2; fi
 eval_run = $(FLOWMO) test -c configs/base.yaml -c configs/model/$(1).yaml -c $(DATA_CFG) -c configs/eval/paper.yaml \
 	--run_name $(call eval_name,$(1)) --data.test_subsample $(SUBSAMPLE) --trainer.devices $(GPUS) \
@@ -179,24 +164,24 @@ eval_run = $(FLOWMO) test -c configs/base.yaml -c configs/model/$(1).yaml -c $(D
 
 .PHONY: eval-lo eval-hi
 
-eval-lo: $(STAMP) ## evaluate FlowMo-Lo as Table 1: make eval-lo CKPT=run.ckpt | OFFICIAL=flowmo_lo.pth [SUBSAMPLE=10]
+eval-lo: $(STAMP) ## evaluate FlowMo-Lo as Table 1: make eval-lo CKPT=run.ckpt | OFFICIAL=lo [SUBSAMPLE=10]
 	$(call check_eval,lo)
 	$(check_val_shards)
 	$(call eval_run,lo)
 
-eval-hi: $(STAMP) ## evaluate FlowMo-Hi as Table 1: make eval-hi CKPT=run.ckpt | OFFICIAL=flowmo_hi.pth [SUBSAMPLE=10]
+eval-hi: $(STAMP) ## evaluate FlowMo-Hi as Table 1: make eval-hi CKPT=run.ckpt | OFFICIAL=hi [SUBSAMPLE=10]
 	$(call check_eval,hi)
 	$(check_val_shards)
 	$(call eval_run,hi)
 
 
 # ---- generation (README, Generation): MaskGIT on FlowMo tokens
-GEN_TOKENIZER ?= flowmo_lo.pth
+GEN_TOKENIZER ?= lo
 TOKENS_OUT    ?= data/tokens-lo
 
 .PHONY: pretokenize gen-paper
 
-pretokenize: $(STAMP) ## token shards of SHARDS_OUT's train + val: make pretokenize GEN_TOKENIZER=flowmo_lo.pth [TOKENS_OUT=data/tokens-lo GPUS=8]
+pretokenize: $(STAMP) ## token shards of SHARDS_OUT's train + val: make pretokenize GEN_TOKENIZER=lo [TOKENS_OUT=data/tokens-lo GPUS=8]
 	$(FLOWMO) pretokenize --tokenizer $(GEN_TOKENIZER) --shards $(SHARDS_OUT)/train.json --out $(TOKENS_OUT) --devices $(GPUS)
 	$(FLOWMO) pretokenize --tokenizer $(GEN_TOKENIZER) --shards $(SHARDS_OUT)/val.json --out $(TOKENS_OUT) --split val --devices $(GPUS)
 

@@ -1,8 +1,9 @@
-"""Write tests/fixtures/feature_nets_reference.pt: outputs of the ORIGINAL ResNet-50, FID Inception and LPIPS.
+"""Write tests/fixtures/feature_nets_reference.pt: outputs of torchvision's ResNet-50, pytorch-fid's FID Inception and
+the lpips package's LPIPS on seeded weights.
 
-flowmo.feature_nets re-implements torchvision's ``resnet50`` and pytorch-fid's FID ``InceptionV3``, and
-flowmo.perceptual the ``lpips`` package's LPIPS v0.1 (VGG and AlexNet), so the package runs without them. This script, run once in an environment that has them, records what
-the originals compute, so tests/test_feature_nets.py can check ours anywhere:
+flowmo builds these networks through timm (ResNet-50), pytorch-fid and lpips; tests/test_feature_nets.py checks
+that they give these numbers (a regression test of the library path: the fixture was first made to check
+hand-written copies, which it showed equal to 0.0, and which the libraries have since replaced). The recipe:
 
 1. build the reference network (torchvision ``resnet50(weights=None)``; pytorch-fid ``InceptionV3([3],
    resize_input=True, normalize_input=True)`` with its weight download answered by an in-memory state dict;
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import sys
 from pathlib import Path
 from unittest import mock
 
 import torch
 
-from flowmo.feature_nets import deterministic_state_dict
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from seeded_weights import deterministic_state_dict  # noqa: E402 (tests/ is not a package)
 
 FILL_SEED = 1234
 INPUT_SEED = 0
@@ -90,14 +93,12 @@ def lpips_second_images(seed: int = INPUT_SEED, shape: tuple[int, ...] = INPUT_S
 
 
 def reference_lpips(net: str, seed: int) -> torch.nn.Module:
-    """The lpips package's LPIPS v0.1 with its heads and a backbone filled in flowmo's ``features.{i}`` layout."""
+    """The lpips package's LPIPS v0.1 with its heads and a trunk filled in torchvision's ``features.{i}`` layout."""
     import lpips
 
-    from flowmo.perceptual import LPIPSNetwork
-
-    backbone_layout = {f"features.{k}": v for k, v in LPIPSNetwork(net).features.state_dict().items()}
-    state = deterministic_state_dict(backbone_layout, seed)
     model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    backbone_layout = {"features." + k.split(".", 1)[1]: v for k, v in model.net.state_dict().items()}
+    state = deterministic_state_dict(backbone_layout, seed)
     with torch.no_grad():
         for block in model.net.children():  # lpips keeps torchvision's layer index as each child's name
             for index, layer in block.named_children():

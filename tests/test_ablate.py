@@ -22,7 +22,7 @@ from flowmo.config import resolve_config
 from flowmo.errors import UserError
 from flowmo.module import FlowMoModule
 from flowmo.nn.tokenizer import FlowMoTokenizer
-from flowmo.official import official_parameter_count
+from flowmo.nn.tokenizer import official_parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -59,7 +59,8 @@ def test_demo_reuses_its_sample_set_and_rebuilds_a_stale_one(tmp_path):
 def test_demo_pretrained_without_the_files_says_what_is_missing():
     from flowmo.demo import stage_losses
 
-    with pytest.raises(SystemExit, match="vgg16-397923af.pth, resnet50-0676ba61.pth not in the torch hub cache"):
+    with pytest.raises(SystemExit, match="vgg16-397923af.pth, timm/resnet50.tv_in1k/model.safetensors not in their caches; .flowmo "
+                                         "fetch-weights lpips resnet. fetches them"):
         stage_losses("pretrained")
     assert stage_losses("none")["sample_loss_1b"] == "pixel_mse"
 

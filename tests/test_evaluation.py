@@ -127,7 +127,9 @@ def test_missing_feature_weights_stop_the_eval_with_one_sentence(tmp_path, monke
             "--runs_dir", str(tmp_path / "runs"), *CPU, "--ckpt_path", str(checkpoint)]
     assert main(args) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "not found in" in message and "--model.feature_weights" in message
+    assert message.startswith("error: ") and "alexnet-owt-7be5be79.pth is not in" in message
+    assert "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in message  # where it comes from
+    assert "--model.feature_weights" in message and "fetch-weights" in message
 
 
 def stream_keys(spec: Path, subsample: int, **kwargs) -> list[str]:

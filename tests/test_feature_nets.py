@@ -1,14 +1,15 @@
-"""flowmo.feature_nets reproduces torchvision's ResNet-50 and pytorch-fid's FID Inception key for key and output
-for output: against a stored fixture of the originals' outputs (runs without torchvision), and against the
-originals themselves when they are installed."""
+"""The feature networks flowmo builds through the field's packages (lpips.LPIPS, timm's ResNet-50, pytorch-fid's
+InceptionV3) give the stored reference outputs: the same numbers as the hand-written copies they replaced, on
+identical seeded weights (tests/fixtures/feature_nets_reference.pt, made by scripts/make_feature_net_fixtures.py)."""
 
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
+from seeded_weights import deterministic_fill, deterministic_state_dict, reference_layout
 
-from flowmo.feature_nets import deterministic_fill, fid_inception_v3, resnet50
+from flowmo.metrics.fid import InceptionFeatures
+from flowmo.perceptual import LPIPSDistance, ResNetLogitsDistance, StandInWeightsWarning
 
 FIXTURE = Path(__file__).parent / "fixtures" / "feature_nets_reference.pt"
 RELATIVE_TOLERANCE = 1e-6  # float64 throughout: only summation order differs between implementations
@@ -16,7 +17,6 @@ RELATIVE_TOLERANCE = 1e-6  # float64 throughout: only summation order differs be
 
 @pytest.fixture(scope="module")
 def reference():
-    """Made by scripts/make_feature_net_fixtures.py with torchvision and pytorch-fid installed."""
     return torch.load(FIXTURE, map_location="cpu", weights_only=True)
 
 
@@ -32,97 +32,58 @@ def fixture_inputs(reference):
     return images01, normalised
 
 
-def assert_same_layout(model, keys, shapes):
-    state = model.state_dict()
-    assert list(state) == list(keys)  # same names in the same order
-    assert [tuple(value.shape) for value in state.values()] == [tuple(shape) for shape in shapes]
-
-
 def assert_close_relative(actual, expected):
     """Elementwise, relative to the output's overall scale (a single near-zero entry does not count)."""
     scale = expected.abs().max()
     assert (actual - expected).abs().max() <= RELATIVE_TOLERANCE * scale
 
 
-def filled_in_float64(model, seed):
-    return deterministic_fill(model, seed).double().eval()
-
-
-def test_resnet50_matches_torchvision_fixture(reference):
+def test_timm_resnet50_gives_the_reference_logits(reference, tmp_path):
+    """Loaded through the same path as the real weights: a torchvision-layout .pth file handed to timm."""
     _, normalised = fixture_inputs(reference)
     expected = reference["resnet50"]
-    model = resnet50()
-    assert_same_layout(model, expected["keys"], expected["shapes"])
+    path = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(deterministic_state_dict(reference_layout("resnet50"), reference["fill_seed"]), path)
+    distance = ResNetLogitsDistance(weights=path)
+    assert not distance.is_stand_in
+    assert sorted(distance.net.state_dict()) == sorted(expected["keys"])  # timm keeps torchvision's names
     with torch.no_grad():
-        logits = filled_in_float64(model, reference["fill_seed"])(normalised)
+        logits = distance.net.double()(normalised)
     assert logits.shape == (2, 1000) and logits.dtype == torch.float64
     assert_close_relative(logits, expected["logits"])
 
 
-def test_fid_inception_matches_pytorch_fid_fixture(reference):
+def test_pytorch_fid_inception_gives_the_reference_pool3(reference, tmp_path):
     images01, _ = fixture_inputs(reference)
     expected = reference["fid_inception"]
-    model = fid_inception_v3()
-    assert_same_layout(model, expected["keys"], expected["shapes"])
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(deterministic_state_dict(reference_layout("fid_inception"), reference["fill_seed"]), path)
+    features = InceptionFeatures(weights=path)
     with torch.no_grad():
-        pool3 = filled_in_float64(model, reference["fill_seed"])(images01)
+        (pool3,) = features.net.double()(images01)
     assert pool3.shape == (2, 2048, 1, 1) and pool3.dtype == torch.float64
     assert_close_relative(pool3, expected["pool3"])
 
 
 @pytest.mark.parametrize("net", ["vgg", "alex"])
-def test_lpips_matches_lpips_package_fixture(reference, net):
-    """Our LPIPS (backbone + heads from the lpips wheel's files) gives the package's distances."""
-    from flowmo.perceptual import LPIPSDistance, StandInWeightsWarning
-
+def test_lpips_package_gives_the_reference_distances(reference, net, tmp_path):
+    """lpips.LPIPS with its own heads and a torchvision-layout trunk file of seeded weights."""
     images01, _ = fixture_inputs(reference)
     generator = torch.Generator().manual_seed(reference["input_seed"] + 1)
     others = torch.rand(reference["input_shape"], generator=generator, dtype=torch.float64) * 2 - 1
     with pytest.warns(StandInWeightsWarning):
-        lpips = LPIPSDistance(net, weights="random")
-    deterministic_fill(lpips.net.features, reference["fill_seed"], prefix="features.")
+        trunk = LPIPSDistance(net, weights="random").net.net  # only for its layout: lpips' slice{k}.{i}.*
+    layout = {"features." + key.split(".", 1)[1]: value for key, value in trunk.state_dict().items()}
+    path = tmp_path / f"{net}.pth"
+    torch.save(deterministic_state_dict(layout, reference["fill_seed"]), path)
+    lpips = LPIPSDistance(net, weights=path)
+    assert not lpips.is_stand_in
     with torch.no_grad():
         distances = lpips.double()(images01 * 2 - 1, others)
     assert_close_relative(distances, reference["lpips"][net])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Against the installed originals (skipped where torchvision / pytorch-fid are absent)
-
-
-def test_resnet50_against_torchvision():
-    models = pytest.importorskip("torchvision.models")
-    torch.manual_seed(0)
-    original = models.resnet50(weights=None)
-    torch.manual_seed(0)
-    ours = resnet50()
-    # Same random start as torchvision's (the weights='random' stand-in), and its state dict loads strictly.
-    for (key, value), (our_key, our_value) in zip(original.state_dict().items(), ours.state_dict().items()):
-        assert key == our_key and torch.equal(value, our_value), key
-    deterministic_fill(original, seed=7)
-    ours.load_state_dict(original.state_dict(), strict=True)
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        assert_close_relative(ours.double().eval()(images), original.double().eval()(images))
-
-
-def test_fid_inception_against_pytorch_fid():
-    pytest.importorskip("torchvision")
-    fid_inception = pytest.importorskip("pytorch_fid.inception")
-    import torchvision.models
-
-    captured = {}  # pytorch-fid's own randomly initialised Inception3-with-FID-blocks state dict
-    with (
-        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(torchvision.models.Inception3, "load_state_dict",
-                          lambda model, state, *a, **k: captured.update(model.state_dict())),
-    ):
-        fid_inception.fid_inception_v3()
-    ours = fid_inception_v3()
-    ours.load_state_dict(captured, strict=True)
-    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: captured):
-        original = fid_inception.InceptionV3([3], resize_input=True, normalize_input=True)
-    images01 = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    with torch.no_grad():
-        (expected,) = original.double().eval()(images01)
-        assert_close_relative(ours.double().eval()(images01), expected)
+def test_seeded_fill_is_a_function_of_names_and_shapes():
+    a = deterministic_fill(torch.nn.Linear(3, 2), seed=5)
+    b = deterministic_fill(torch.nn.Linear(3, 2), seed=5)
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, deterministic_fill(torch.nn.Linear(3, 2), 6).weight)

@@ -51,11 +51,12 @@ def test_precision_recall_of_disjoint_and_nested_sets():
 def test_inception_generation_features_read_pool3_and_the_classifier_from_one_file(tmp_path):
     """A file with pytorch-fid's key layout (seeded values, as tests/test_metrics_fid.py): IS logits are its fc
     weights (no bias) applied to the same pool3 features gFID uses."""
-    from flowmo.feature_nets import deterministic_fill, fid_inception_v3
-    from flowmo.perceptual import WEIGHT_FILES
+    from seeded_weights import deterministic_state_dict, reference_layout
 
-    state = deterministic_fill(fid_inception_v3(), seed=0).state_dict()
-    path = tmp_path / WEIGHT_FILES["inception_fid"]
+    from flowmo.pretrained import FILES
+
+    state = deterministic_state_dict(reference_layout("fid_inception"), seed=0)
+    path = tmp_path / FILES["inception_fid"].filename
     torch.save(state, path)
     features = GenerationFeatures.inception(str(path))
     pool, logits = features(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))

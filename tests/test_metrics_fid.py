@@ -6,9 +6,11 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from flowmo.feature_nets import deterministic_fill, fid_inception_v3
+from seeded_weights import deterministic_state_dict, reference_layout
+
 from flowmo.metrics import FIDFeatures, InceptionFeatures, build_fid
-from flowmo.perceptual import WEIGHT_FILES, MissingWeightsError
+from flowmo.metrics.fid import fid_inception
+from flowmo.pretrained import FILES, MissingWeightsError
 
 
 class PooledColours(nn.Module):
@@ -53,17 +55,17 @@ def test_injected_features_are_frozen_and_hidden():
 
 def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(MissingWeightsError, match=WEIGHT_FILES["inception_fid"]):
+    with pytest.raises(MissingWeightsError, match=FILES["inception_fid"].filename):
         build_fid()
     with pytest.raises(MissingWeightsError, match="not a file"):
         build_fid(inception_path=tmp_path / "missing.pth")
 
 
 def test_inception_features_load_pytorch_fid_weights_from_file(tmp_path):
-    """A file in pytorch-fid's key layout (tests/test_feature_nets.py checks it is the same), seeded values:
-    it loads strictly and the features are the loaded network's pool3."""
-    state = deterministic_fill(fid_inception_v3(), seed=0).state_dict()
-    path = tmp_path / WEIGHT_FILES["inception_fid"]
+    """A file in pytorch-fid's key layout, seeded values: it loads strictly into pytorch-fid's network and the
+    features are that network's pool3."""
+    state = deterministic_state_dict(reference_layout("fid_inception"), seed=0)
+    path = tmp_path / FILES["inception_fid"].filename
     torch.save(state, path)
 
     features = InceptionFeatures(weights=path)
@@ -71,9 +73,9 @@ def test_inception_features_load_pytorch_fid_weights_from_file(tmp_path):
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     out = features(images)
     assert out.shape == (2, 2048) and out.dtype == torch.float64 and not out.requires_grad
-    torch.testing.assert_close(features.net.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    torch.testing.assert_close(features.net.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])
     with torch.no_grad():  # preprocessing (resize to 299, 2x - 1) is the network's own
-        expected = deterministic_fill(fid_inception_v3(), seed=0).eval()(images).flatten(1).double()
+        expected = fid_inception(state).eval()(images)[0].flatten(1).double()
     torch.testing.assert_close(out, expected)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from flowmo import FlowMoTokenizer, flow
-from flowmo.official import dropped_official_shapes, official_shapes, ours_to_official
+from flowmo.nn.tokenizer import official_shapes
+from flowmo.official import dropped_official_shapes, ours_to_official
 
 TOL = 1e-4
 

@@ -7,19 +7,19 @@ import pytest
 import torch
 from torch import nn
 
+from seeded_weights import deterministic_state_dict, reference_layout
+
 from flowmo.perceptual import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    WEIGHT_FILES,
     LPIPSDistance,
     LPIPSVGG,
     MissingWeightsError,
     ResNetLogitsDistance,
     StandInWeightsWarning,
-    alexnet_features,
     build_perceptual,
-    lpips_heads_file,
 )
+from flowmo.pretrained import FILES
 
 
 @pytest.fixture
@@ -60,22 +60,25 @@ def images(batch=2, size=32, seed=0):
 
 
 @pytest.mark.parametrize(
-    "make, filename",
+    "make, key",
     [
-        (lambda: build_perceptual("lpips_vgg"), WEIGHT_FILES["vgg16"]),
-        (lambda: LPIPSDistance("alex"), WEIGHT_FILES["alexnet"]),
-        (lambda: build_perceptual("resnet50_logits"), WEIGHT_FILES["resnet50"]),
+        (lambda: build_perceptual("lpips_vgg"), "vgg16"),
+        (lambda: LPIPSDistance("alex"), "alexnet"),
+        (lambda: build_perceptual("resnet50_logits"), "resnet50"),
     ],
 )
-def test_missing_weights_error_names_file_and_remedy(make, filename, empty_caches, no_network):
+def test_missing_weights_offline_names_file_address_and_cache(make, key, empty_caches, no_network):
+    """HF_HUB_OFFLINE=1 (tests/conftest.py): nothing is downloaded, one sentence says what, where from, where to."""
     with pytest.raises(MissingWeightsError) as error:
         make()
-    message = str(error.value)
-    assert filename in message and str(empty_caches) in message and "weights=" in message
+    message, spec = str(error.value), FILES[key]
+    assert spec.filename in message and spec.address in message and str(spec.cache_folder()) in message
+    assert str(spec.cache_folder()).startswith(str(empty_caches.parents[2]))  # the test's own empty caches
+    assert "HF_HUB_OFFLINE" in message and "flowmo fetch-weights" in message and "\n" not in message
 
 
 def test_explicit_folder_is_searched_for_the_usual_name(tmp_path):
-    with pytest.raises(MissingWeightsError, match=WEIGHT_FILES["resnet50"]):
+    with pytest.raises(MissingWeightsError, match=FILES["resnet50"].filename):
         build_perceptual("resnet50_logits", weights=tmp_path)
 
 
@@ -107,21 +110,27 @@ def test_stand_in_is_flagged_and_builds_offline(no_network):
     assert net.is_stand_in
 
 
+def alexnet_trunk_file_state(seed=0) -> dict:
+    """A torchvision-layout AlexNet file: ``features.{i}.*`` of lpips' trunk plus a classifier LPIPS never reads."""
+    with pytest.warns(StandInWeightsWarning):
+        trunk = LPIPSDistance("alex", weights="random").net.net
+    layout = {"features." + key.split(".", 1)[1]: value for key, value in trunk.state_dict().items()}
+    return {**deterministic_state_dict(layout, seed), "classifier.1.weight": torch.zeros(4096, 9216)}
+
+
 def test_lpips_backbone_loaded_from_torch_hub_cache(empty_caches, no_network):
-    # A torchvision-layout AlexNet file (``features.{i}.*`` plus a classifier LPIPS never reads).
-    reference = {f"features.{k}": v for k, v in alexnet_features().state_dict().items()}
-    reference["classifier.1.weight"] = torch.zeros(4096, 9216)
+    reference = alexnet_trunk_file_state()
     empty_caches.mkdir(parents=True)
-    torch.save(reference, empty_caches / WEIGHT_FILES["alexnet"])
+    torch.save(reference, empty_caches / FILES["alexnet"].filename)
     net = LPIPSDistance("alex")
     assert not net.is_stand_in
-    torch.testing.assert_close(net.net.features[0].weight, reference["features.0.weight"])
-    torch.testing.assert_close(net.net.features[10].weight, reference["features.10.weight"])
+    torch.testing.assert_close(net.net.net.slice1[0].weight, reference["features.0.weight"])
+    torch.testing.assert_close(getattr(net.net.net.slice5, "10").weight, reference["features.10.weight"])
 
 
 def test_lpips_backbone_file_with_wrong_layout_is_refused(empty_caches, no_network):
     empty_caches.mkdir(parents=True)
-    torch.save({"features.0.weight": torch.zeros(1)}, empty_caches / WEIGHT_FILES["alexnet"])
+    torch.save({"features.0.weight": torch.zeros(1)}, empty_caches / FILES["alexnet"].filename)
     with pytest.raises(ValueError, match="does not look like the torchvision backbone"):
         LPIPSDistance("alex")
 
@@ -130,9 +139,7 @@ def test_lpips_backbone_file_with_wrong_layout_is_refused(empty_caches, no_netwo
 def test_resnet_loaded_from_explicit_path(suffix, tmp_path, no_network):
     from safetensors.torch import save_file
 
-    from flowmo.feature_nets import deterministic_fill, resnet50
-
-    reference = deterministic_fill(resnet50(), seed=0).state_dict()  # torchvision's key layout
+    reference = deterministic_state_dict(reference_layout("resnet50"), seed=0)  # torchvision's key layout
     path = tmp_path / f"my_resnet{suffix}"
     if suffix == ".safetensors":
         save_file(reference, path)
@@ -142,6 +149,17 @@ def test_resnet_loaded_from_explicit_path(suffix, tmp_path, no_network):
     assert not net.is_stand_in
     torch.testing.assert_close(net.net.fc.weight, reference["fc.weight"])
     torch.testing.assert_close(net.net.layer4[2].bn3.running_var, reference["layer4.2.bn3.running_var"])
+
+
+def test_resnet_logits_stay_fp32_under_bf16_autocast(resnet):
+    """Stage 1B follows logit differences of ~0.01: under bf16 autocast the ResNet still runs in fp32."""
+    x, y = images(1, seed=7), images(1, seed=8)
+    with torch.no_grad():
+        plain = resnet(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, autocast = resnet.logits(x), resnet(x.bfloat16(), y.bfloat16())
+    assert logits.dtype == torch.float32 and autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=2e-2, atol=0)  # only the inputs' rounding to bf16 differs
 
 
 @pytest.mark.parametrize("name", ["lpips_vgg", "resnet"])
@@ -210,35 +228,12 @@ def test_lpips_vgg_is_the_vgg_variant(lpips_vgg):
     assert isinstance(lpips_vgg, LPIPSVGG) and lpips_vgg.name == "LPIPS-vgg"
 
 
-def test_lpips_linear_heads_come_from_the_lpips_wheel(lpips_vgg):
-    heads = torch.load(lpips_heads_file("vgg"), map_location="cpu", weights_only=True)
-    for k, head in enumerate(lpips_vgg.net.heads):
-        torch.testing.assert_close(head.weight, heads[f"lin{k}.model.1.weight"])
-
-
-def test_lpips_heads_missing_wheel_names_the_install_command(monkeypatch):
+def test_lpips_linear_heads_are_the_lpips_package_files(lpips_vgg):
+    """The stand-in randomises the trunk only: the learned heads are the package's own v0.1 weights."""
     import importlib.util
+    from pathlib import Path
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
-    with pytest.raises(MissingWeightsError, match="pip install --no-deps lpips"):
-        LPIPSDistance("vgg", weights="random")
-
-
-@pytest.mark.parametrize("net", ["vgg", "alex"])
-def test_lpips_equals_the_lpips_package(net):
-    """Same backbone weights, same heads: our LPIPS gives the package's distance (needs torchvision)."""
-    pytest.importorskip("torchvision")
-    lpips = pytest.importorskip("lpips")
-    with pytest.warns(StandInWeightsWarning):
-        ours = LPIPSDistance(net, weights="random")
-    reference = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
-    backbone = {}
-    for block in reference.net.children():  # lpips keeps torchvision's layer index as each child's name
-        for index, layer in block.named_children():
-            backbone.update({f"features.{index}.{k}": v for k, v in layer.state_dict().items()})
-    ours.net.features.load_state_dict({k[len("features."):]: v for k, v in backbone.items()})
-    ours, reference = ours.double(), reference.double()
-    x, y = images(batch=3, size=64, seed=1).double(), images(batch=3, size=64, seed=2).double()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, y), reference(x, y).flatten(), rtol=1e-12, atol=1e-14)  # 0.0 seen
+    folder = Path(next(iter(importlib.util.find_spec("lpips").submodule_search_locations)))
+    heads = torch.load(folder / "weights" / "v0.1" / "vgg.pth", map_location="cpu", weights_only=True)
+    for k, head in enumerate(lpips_vgg.net.lins):
+        torch.testing.assert_close(head.model[-1].weight, heads[f"lin{k}.model.1.weight"])

@@ -8,8 +8,9 @@ test `test_every_readme_command_has_a_rule`, so a new command cannot go untested
            would run must parse with its configs (`--print_config`: configs, options and choices checked)
   parse    a `flowmo fit|validate|test` command for GPUs / ImageNet: parses with `--print_config`
   covered  run by another test (named in the rule) or by CI itself
-  refused  needs files a fresh checkout lacks (ImageNet shards, the authors' weights): run verbatim, it must end
-           with exit status 2 and one sentence naming what is missing (no traceback, no usage text)
+  refused  needs files a fresh checkout lacks (ImageNet shards, the authors' weights) or downloads (offline here:
+           HF_HUB_OFFLINE=1): run verbatim, it must end with exit status 2 and one sentence naming what is missing
+           (no traceback, no usage text)
 The runs themselves are one slow test (several minutes: each `flowmo` start imports torch and Lightning).
 """
 
@@ -80,7 +81,10 @@ RULES = (
     Rule(r"\.venv/bin/flowmo fit .* --trainer\.max_steps \d+ .*", "run", "2 optimizer steps instead of 200",
          ((r"--trainer\.max_steps \d+", "--trainer.max_steps 2"),)),
     Rule(r"(srun )?flowmo (gen )?(fit|validate|test) (?!.*tiny-cpu).*configs/(data/imagenet|generator/paper).*", "parse"),
-    Rule(r"flowmo (pretokenize|generate|gen-eval) .*flowmo_lo\.pth.*", "refused"),
+    Rule(r"flowmo (pretokenize|generate|gen-eval) .*--tokenizer lo( .*)?", "refused"),
+    Rule(r"flowmo fetch-weights( \S+)*", "refused"),
+    Rule(r"make install TORCH_INDEX=.*", "run", "prints the install commands (make -n -B): PyTorch's index is not "
+         "reachable here", ((r"^make install", "make -n -B install"),)),
     Rule(r"flowmo sample-data --out \S+", "run"),
     Rule(r"flowmo (pretokenize|generate) .*runs/demo-1b/.*", "run", "the tiny CPU run's checkpoint as the tokenizer",
          ((r"runs/demo-1b/checkpoints/last\.ckpt", "runs/tiny-cpu/checkpoints/last.ckpt"),) * 2),
@@ -194,7 +198,7 @@ def refused(copy: Path, command: str) -> None:
     said = result.stderr.strip().splitlines()
     assert result.returncode == 2, f"`{command}` exited {result.returncode}:\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-2000:]
-    assert said and re.search(r"flowmo_lo\.pth|data/imagenet|runs/gen-paper", said[-1]), said
+    assert said and re.search(r"flowmo_lo\.pth|data/imagenet|runs/gen-paper|download\.pytorch\.org", said[-1]), said
 
 
 def setup_order(commands: list[str]) -> list[str]:

@@ -421,10 +421,12 @@ def _feature_metric_args(grid: Grid) -> list[str]:
     """feature_metrics: auto -> LPIPS (AlexNet / VGG) and rFID only where their pretrained files are cached."""
     if grid.feature_metrics != "auto":
         return []
-    from flowmo.demo import available_lpips, is_cached
+    from flowmo import pretrained
+    from flowmo.demo import available_lpips
 
     nets = list(available_lpips())
-    return ["--model.val_lpips_nets", json.dumps(nets), "--model.val_rfid", str(is_cached("inception_fid")).lower()]
+    return ["--model.val_lpips_nets", json.dumps(nets), "--model.val_rfid",
+            str(pretrained.is_available("inception_fid")).lower()]
 
 
 def plan(grid: Grid, options: Options, cells: list[Cell] | None = None) -> list[Step]:

@@ -45,7 +45,7 @@ def tool_arguments(argv: list[str] | None, command: str) -> argparse.Namespace:
             "detokenize": ".npy id files or folders -> decoded PNGs"}[command]
     parser = argparse.ArgumentParser(prog=f"flowmo {command}", description=what, allow_abbrev=False)
     parser.add_argument("inputs", nargs="+", help="files or folders")
-    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt or flowmo_lo/hi.pth")
+    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt, flowmo_lo/hi.pth, or a released name: lo, hi")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--size", type=int, help="image side in px (default: the tokenizer's training size)")
     parser.add_argument("--batch", type=int, default=8)
@@ -63,7 +63,7 @@ def tool_arguments(argv: list[str] | None, command: str) -> argparse.Namespace:
 def pretokenize_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="flowmo pretokenize", allow_abbrev=False,
                                      description="encode every image of an image-shard split once into token shards")
-    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt or flowmo_lo/hi.pth")
+    parser.add_argument("--tokenizer", required=True, help="a .ckpt, an exported .pt, flowmo_lo/hi.pth, or a released name: lo, hi")
     parser.add_argument("--shards", required=True, help="the image shards' manifest (flowmo shards) or a glob")
     parser.add_argument("--out", required=True, help="output folder for {split}-NNNNNN.tar and {split}.json")
     parser.add_argument("--split", default="train", help="split name of the token shards (default train)")
@@ -107,7 +107,7 @@ def gen_eval_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", default=None, help="reference statistics file (default: beside --out)")
     parser.add_argument("--num-samples", type=int, default=50_000)
     parser.add_argument("--features", default=None,
-                        help="Inception weight file or folder (default: torch hub cache); 'random' = stand-in")
+                        help="Inception weight file or folder (default: cached, else downloaded); 'random' = stand-in")
     parser.add_argument("--out", required=True, help="report .json")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cfg", type=float, default=None)

@@ -1,73 +1,122 @@
-"""Reading tokenizer weights from any file a user may hold, and exporting a light one.
+"""The one reader of tokenizer weights, whatever file a user holds, and the writer of a light export.
 
-Formats told apart by their keys:
+    state, config = load_state("runs/lo-1b/checkpoints/last.ckpt")   # or an exported .pt, flowmo_lo.pth, "lo"
+    load_into(tokenizer, state, "runs/...")                          # strict, one sentence listing bad keys
+
+Formats, told apart by their keys:
 - a Lightning checkpoint of FlowMoModule: `state_dict` with `tokenizer.*` (raw) and `ema.module.*` (EMA),
   and the resolved architecture under `flowmo_config`;
 - an exported tokenizer (`flowmo export` / `export_tokenizer`): {"flowmo_config", "state_dict"};
-- the authors' released files (flowmo_lo.pth / flowmo_hi.pth): `model_ema_state_dict` / `model_state_dict`.
+- the authors' released files (flowmo_lo.pth / flowmo_hi.pth): `model_ema_state_dict` / `model_state_dict`
+  under their names (flowmo.official maps them); their architecture is inferred from the shapes (or given).
+A released name instead of a path ("lo", "hi") is the authors' file from their Hugging Face repository,
+downloaded on first use into the Hugging Face cache (flowmo.pretrained).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from flowmo import official, pretrained
 from flowmo.config import FlowMoConfig
+from flowmo.errors import UserError
 
 RAW_PREFIX, EMA_PREFIX = "tokenizer.", "ema.module."
+# Released names: the authors' file (a flowmo.pretrained key) and the preset it must be.
+RELEASES = {"lo": ("official-lo", "lo"), "hi": ("official-hi", "hi")}
+WEIGHTS = ("ema", "raw")
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {str(path)!r}; pass the path of a .ckpt, exported .pt or official .pth.")
-    return torch.load(path, map_location=map_location, weights_only=False)
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """A path that is neither a file nor a released name."""
 
 
-def is_official(checkpoint: dict) -> bool:
-    return "model_ema_state_dict" in checkpoint or "model_state_dict" in checkpoint
+# ------------------------------------------------------------------------------------------- reading
+def locate(source: str | Path) -> Path:
+    """A weights file on disk: `source` itself, or for a released name (lo, hi) the authors' file, fetched."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if str(source) in RELEASES:
+        return pretrained.fetch(RELEASES[str(source)][0])
+    raise CheckpointNotFound(f"No checkpoint at {str(source)!r}; pass the path of a .ckpt, an exported .pt or an "
+                             f"official .pth, or a released tokenizer name: {', '.join(RELEASES)}.")
 
 
-def tokenizer_state(checkpoint: dict, weights: str = "ema") -> tuple[dict[str, torch.Tensor], FlowMoConfig | None]:
-    """(tokenizer state dict in our key layout, its config if recorded) from a loaded checkpoint dict."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
+def read_checkpoint(source: str | Path | Mapping, map_location="cpu") -> Mapping:
+    """The loaded dict of a checkpoint file (a dict passes through)."""
+    if isinstance(source, Mapping):
+        return source
+    return torch.load(locate(source), map_location=map_location, weights_only=False)
+
+
+def release_preset(source) -> str | None:
+    """The preset a released name must load as ("lo" -> lo), so a wrong file is refused naming it."""
+    return RELEASES[source][1] if isinstance(source, str) and source in RELEASES and not Path(source).exists() else None
+
+
+def load_state(source: str | Path | Mapping, weights: str = "ema",
+               config: FlowMoConfig | Mapping | str | None = None) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
+    """(tokenizer state dict in our key layout, its architecture) from any of the formats above.
+
+    weights: "ema" (what the paper evaluates) or "raw". config: for the authors' files, the architecture to read
+    them as (a FlowMoConfig, the fixtures' dict schema or a preset name); None infers lo / hi / small. A released
+    name is always read as its own preset, so loading it into another architecture is refused by its config.
+    """
+    if weights not in WEIGHTS:
+        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}.")
+    checkpoint = read_checkpoint(source)
+    if official.is_official(checkpoint) or "state_dict" not in checkpoint:  # a released file or a plain state dict
+        state = official.extract_state_dict(checkpoint, weights)
+        preset = release_preset(source)
+        config = official.resolve_config(preset or config, state)
+        try:
+            return official.to_ours(state, config), config
+        except UserError as error:
+            if preset is None:
+                raise
+            raise UserError(f"{locate(source)} is not the released FlowMo-{source} (the {preset} preset): "
+                            f"{error}") from None
+    state, recorded = _our_state(checkpoint, weights)
+    if recorded is None:
+        raise UserError(f"{source} records no FlowMo config; load it with FlowMoTokenizer.from_config + "
+                        "load_state_dict.")
+    return state, recorded
+
+
+def _our_state(checkpoint: Mapping, weights: str) -> tuple[dict[str, torch.Tensor], FlowMoConfig | None]:
     config = FlowMoConfig.from_dict(checkpoint["flowmo_config"]) if "flowmo_config" in checkpoint else None
-    if "state_dict" in checkpoint and "flowmo_config" in checkpoint and "epoch" not in checkpoint:
+    if "flowmo_config" in checkpoint and "epoch" not in checkpoint:
         return dict(checkpoint["state_dict"]), config  # exported tokenizer: only one set of weights
-    if "state_dict" not in checkpoint:
-        raise ValueError("this file is neither a FlowMoModule checkpoint nor an exported tokenizer; "
-                         "for the authors' .pth files use FlowMoTokenizer.from_official.")
     prefix = EMA_PREFIX if weights == "ema" else RAW_PREFIX
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"the checkpoint holds no {weights} weights (no keys starting with {prefix!r}).")
+        raise UserError(f"the checkpoint holds no {weights} weights (no keys starting with {prefix!r}).")
     return state, config
 
 
-def load_tokenizer_checkpoint(cls, path: str | Path, weights: str = "ema", map_location="cpu"):
-    checkpoint = read_checkpoint(path, map_location)
-    if is_official(checkpoint):
-        return cls.from_official(checkpoint, weights=weights)
-    state, config = tokenizer_state(checkpoint, weights)
-    if config is None:
-        raise ValueError(f"{path} records no FlowMo config; load it with FlowMoTokenizer.from_config + load_state_dict.")
-    require_finite(state, str(path))
-    model = cls.from_config(config)
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Strict load with one ValueError that lists every unknown, missing and misshaped key, and refuses
+    non-finite weights."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    official.check_keys(state, expected)
+    require_finite(state, what)
     model.load_state_dict(state, strict=True)
-    return model
 
 
-def require_finite(state: dict[str, torch.Tensor], what: str) -> None:
+def require_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
     """A tokenizer with a NaN or Inf weight decodes garbage: refuse it with the name of the first bad tensor."""
     bad = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
                 and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise ValueError(f"{what}: the weight {bad} holds NaN or Inf values (a diverged run); use an earlier "
-                         "checkpoint of the run.")
+        raise UserError(f"{what}: the weight {bad} holds NaN or Inf values (a diverged run); use an earlier "
+                        "checkpoint of the run.")
 
 
+# ------------------------------------------------------------------------------------------- writing
 def export_tokenizer(tokenizer, path: str | Path) -> Path:
     """Write {"flowmo_config", "state_dict"}: what downstream users need, without optimizer or EMA copies."""
     path = Path(path)

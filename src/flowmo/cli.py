@@ -8,9 +8,9 @@
     flowmo export --ckpt runs/lo-1b/checkpoints/last.ckpt --out flowmo_lo.pt
     flowmo reconstruct --tokenizer flowmo_lo.pt photos/ --out recon/    # also: flowmo tokenize / detokenize
     flowmo demo
-    flowmo pretokenize --tokenizer flowmo_lo.pth --shards data/imagenet/train.json --out data/tokens-lo
+    flowmo pretokenize --tokenizer lo --shards data/imagenet/train.json --out data/tokens-lo
     flowmo gen fit -c configs/generator/base.yaml -c configs/generator/paper.yaml   # MaskGIT on those tokens
-    flowmo generate --generator runs/gen/checkpoints/last.ckpt --tokenizer flowmo_lo.pth --classes 1,2 --out samples
+    flowmo generate --generator runs/gen/checkpoints/last.ckpt --tokenizer lo --classes 1,2 --out samples
 
 `run_name` names the run: TensorBoard logs under runs/<run_name>/, checkpoints in runs/<run_name>/checkpoints
 (stable across restarts, so `--ckpt_path last` finds them), the resolved config beside them.
@@ -34,6 +34,8 @@ PROJECT_COMMANDS = {
     "shards": ("flowmo.data.shards", "write WebDataset shards from ImageNet or an image folder"),
     "sample-data": ("flowmo.data.sample_set", "build the embedded sample set (demo and tests)"),
     "export": ("flowmo.cli", "export a light tokenizer file (config + EMA or raw weights) from a checkpoint"),
+    "fetch-weights": ("flowmo.pretrained", "download pretrained files (LPIPS, ResNet-50, Inception, lo, hi) into "
+                                           "their caches"),
     "demo": ("flowmo.demo", "tiny end-to-end run on the sample set: 1A, 1B, evaluation, grid, metrics.json"),
     "ablate": ("flowmo.ablate", "ablation grids (configs/ablations/*.yaml): grids, list, run (fit + test), table"),
     "reconstruct": ("flowmo.tools", "images or folders -> input | reconstruction PNGs"),
@@ -52,14 +54,20 @@ LIGHT_PARSERS = {"pretokenize": "pretokenize_arguments", "generate": "generate_a
 
 def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="flowmo export", description=PROJECT_COMMANDS["export"][1])
-    parser.add_argument("--ckpt", required=True, help="a FlowMoModule .ckpt or an official flowmo_*.pth")
+    parser.add_argument("--ckpt", required=True, help="a FlowMoModule .ckpt, an official flowmo_*.pth, or lo / hi")
     parser.add_argument("--out", required=True, help="where to write the .pt file")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     args = parser.parse_args(argv)
     from flowmo.checkpoint import export_tokenizer
     from flowmo.nn.tokenizer import FlowMoTokenizer
 
-    tokenizer = FlowMoTokenizer.from_checkpoint(args.ckpt, weights=args.weights)
+    from flowmo.errors import UserError
+
+    try:
+        tokenizer = FlowMoTokenizer.from_checkpoint(args.ckpt, weights=args.weights)
+    except UserError as error:
+        print(f"flowmo export: {error}", file=sys.stderr)
+        return 2
     path = export_tokenizer(tokenizer, args.out)
     print(f"wrote {path} ({sum(p.numel() for p in tokenizer.parameters()) / 1e6:.1f}M parameters, {args.weights} weights)")
     return 0
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print_overview()
         return 0 if argv else 2
     from flowmo.lightning_cli import FlowMoCLI
-    from flowmo.perceptual import MissingWeightsError
+    from flowmo.pretrained import MissingWeightsError
 
     try:
         FlowMoCLI(args=argv if explicit else None)

@@ -25,7 +25,7 @@ from flowmo.metrics import ReconstructionMetrics
 from flowmo.metrics.image import psnr_per_image, to_unit_range
 from flowmo.nn.tokenizer import PAPER_SAMPLER, FlowMoTokenizer
 from flowmo.arguments import demo_arguments as parse_args
-from flowmo.perceptual import WEIGHT_FILES, MissingWeightsError, resolve_weights
+from flowmo import pretrained
 
 # The repository's configs/ (editable install), else ./configs: the demo runs from any working directory.
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -40,19 +40,22 @@ def stage_losses(choice: str) -> dict:
 
     Stage 1A: LPIPS-VGG (paper) or none. Stage 1B: ResNet-50 logits (paper) or the pixel MSE of the chain
     sample (a random ResNet would give the chain a target with no meaning; pixel MSE seeks the input itself).
+    "auto" uses the pretrained nets only when their files are already cached: the demo never downloads, so its
+    recipe (and its measured figures) do not change with the network a laptop happens to have.
     """
-    missing = [WEIGHT_FILES[key] for key in ("vgg16", "resnet50") if not is_cached(key)]
+    names = {key: pretrained.FILES[key].label for key in ("vgg16", "resnet50")}
+    missing = [key for key in names if not pretrained.is_available(key)]
     if choice == "pretrained" and missing:
-        raise SystemExit(f"flowmo demo --feature-weights pretrained: {', '.join(missing)} not in the torch hub cache "
-                         "($TORCH_HOME/hub/checkpoints); put them there or use --feature-weights auto.")
-    use_vgg = choice == "pretrained" or (choice == "auto" and WEIGHT_FILES["vgg16"] not in missing)
-    use_resnet = choice == "pretrained" or (choice == "auto" and WEIGHT_FILES["resnet50"] not in missing)
+        raise SystemExit(f"flowmo demo --feature-weights pretrained: {', '.join(names[k] for k in missing)} not in "
+                         "their caches; `flowmo fetch-weights lpips resnet` fetches them, or use --feature-weights auto.")
+    use_vgg = choice == "pretrained" or (choice == "auto" and "vgg16" not in missing)
+    use_resnet = choice == "pretrained" or (choice == "auto" and "resnet50" not in missing)
     notes = []
     if not use_vgg:
-        notes.append(f"Stage 1A without its LPIPS-VGG term ({WEIGHT_FILES['vgg16']} not used)")
+        notes.append(f"Stage 1A without its LPIPS-VGG term ({names['vgg16']} not used)")
     if not use_resnet:
         notes.append(f"Stage 1B sample loss = pixel MSE of the 8-step chain sample, not ResNet-50 logits "
-                     f"({WEIGHT_FILES['resnet50']} not used)")
+                     f"({names['resnet50']} not used)")
     if notes:
         print("demo: !!! " + "; ".join(notes) + ". Recorded in metrics.json as substitutes. !!!")
     # The paper weighs ResNet logits by 0.01. The pixel MSE gets 10: from one 1A checkpoint, 300 Stage-1B steps
@@ -60,15 +63,6 @@ def stage_losses(choice: str) -> dict:
     return {"perceptual_1a": "lpips_vgg" if use_vgg else "none",
             "sample_loss_1b": "resnet50_logits" if use_resnet else "pixel_mse",
             "sample_weight_1b": 0.01 if use_resnet else 10.0, "substitutes": notes}
-
-
-def is_cached(key: str) -> bool:
-    """Whether the pretrained file of feature net `key` (a WEIGHT_FILES key) is in the torch hub cache."""
-    try:
-        resolve_weights(key, None, what=key)
-    except MissingWeightsError:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -149,9 +143,8 @@ def evaluate(tokenizer: FlowMoTokenizer, images: torch.Tensor, seed: int) -> tup
 
 
 def available_lpips() -> tuple[str, ...]:
-    """LPIPS variants whose backbone weights are cached (none are downloaded)."""
-    keys = {"alex": "alexnet", "vgg": "vgg16"}
-    return tuple(net for net, key in keys.items() if is_cached(key))
+    """LPIPS variants whose backbone weights are cached (the demo downloads none)."""
+    return tuple(net for net, key in (("alex", "alexnet"), ("vgg", "vgg16")) if pretrained.is_available(key))
 
 
 # ------------------------------------------------------------------------------------------- the demo

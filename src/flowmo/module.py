@@ -22,8 +22,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from flowmo.checkpoint import is_official, read_checkpoint, tokenizer_state
-from flowmo.config import resolve_config
+from flowmo import checkpoint
+from flowmo.config import config_differences, resolve_config
 from flowmo.errors import UserError
 from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.metrics import ReconstructionMetrics
@@ -97,7 +97,7 @@ class FlowMoModule(L.LightningModule):
             sample_loss_weight: its weight (paper 0.01 for ResNet logits).
             sample_steps: Euler steps of the 1B chain (paper 8).
             feature_weights: weights of the frozen feature nets (LPIPS, ResNet-50, Inception): None = the
-                pretrained files from the torch hub cache (an error names a missing file), a folder holding the
+                pretrained files (cached, else downloaded on first use; offline, an error names a missing file), a folder holding the
                 .pth files, or "random" = explicit random stand-ins for CPU tests (logged loudly, recorded).
             freeze_encoder_after: optimizer step after which the 1A encoder is frozen (paper 200k; null = never).
             reset_optimizer_on_freeze: restart Adam's moments at the freeze (the authors rebuild the optimizer).
@@ -119,7 +119,7 @@ class FlowMoModule(L.LightningModule):
             val_use_ema: evaluate the EMA weights (paper) rather than the raw ones.
             val_lpips_nets: LPIPS variants computed in validation/test: alex and/or vgg.
             val_rfid: compute rFID (Inception weights needed).
-            inception_path: the pt_inception-2015-12-05 file for rFID (default: the torch hub cache).
+            inception_path: the pt_inception-2015-12-05 file for rFID (default: cached, else downloaded).
             max_nonfinite_steps: an optimizer step whose loss or gradients are not finite is skipped (no weight,
                 EMA or Adam update) and counted (train/skipped_nonfinite); this many in a row stop the run.
         """
@@ -160,23 +160,16 @@ class FlowMoModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------- set-up
     def _load_initial_weights(self, path: str, which: str, parts: str = "all") -> None:
         """Weights only (no optimizer, no step): how Stage 1B starts from Stage 1A; `parts="encoder"` takes
-        the encoder alone (a pre-trained encoder under a fresh decoder)."""
-        checkpoint = read_checkpoint(path)
-        if is_official(checkpoint):
-            source = FlowMoTokenizer.from_official(checkpoint, self.config, weights=which)
-            state, config = source.state_dict(), self.config
-        else:
-            state, config = tokenizer_state(checkpoint, which)
-        if config is not None and config != self.config:
-            from flowmo.config import config_differences
-
+        the encoder alone (a pre-trained encoder under a fresh decoder). `path` may be a released name (lo, hi)."""
+        state, config = checkpoint.load_state(path, which, config=self.config)
+        if config != self.config:
             raise UserError(f"init_weights {path} has another architecture than the configured one "
                             f"({'; '.join(config_differences(config, self.config))}); use that file's model config.")
         if parts == "encoder":
             state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-            self.tokenizer.encoder.load_state_dict(state, strict=True)
+            checkpoint.load_into(self.tokenizer.encoder, state, path)
             return
-        self.tokenizer.load_state_dict(state, strict=True)
+        checkpoint.load_into(self.tokenizer, state, path)
 
     def _build_metrics(self) -> ReconstructionMetrics:
         hp = self.hparams

@@ -1,4 +1,4 @@
-"""Key map for the authors' released checkpoints (flowmo_lo.pth, flowmo_hi.pth) and fixtures.
+"""Key map for the authors' released checkpoints (flowmo_lo.pth, flowmo_hi.pth) and fixtures: names only.
 
 Their module tree and ours hold the same tensors under two differences:
 1. Each stream of a double block is grouped in ours: `img_attn.qkv` -> `img.attn.qkv`, `txt_mlp.0` ->
@@ -12,22 +12,34 @@ Their module tree and ours hold the same tensors under two differences:
    - decoder.final_layer_txt.*                       (the decoder's code head is never read)
    - encoder.double_blocks.<last>.img_{attn.proj,mlp}.*  (the encoder's last image-stream update is never read)
    - decoder.double_blocks.<last>.txt_{attn.proj,mlp}.*  (the decoder's last code-stream update is never read)
-Anything else unknown, missing or of the wrong shape is an error that lists the keys.
+Anything else unknown, missing or of the wrong shape is an error that lists the keys (`check_keys`, run by
+flowmo.checkpoint.load_into against the model the weights go into).
+
+This module knows the authors' names, not our network (`flowmo.nn.tokenizer.official_shapes` lists a config's
+official keys from a model built on the meta device).
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 
 from flowmo import presets
 from flowmo.config import FlowMoConfig
+from flowmo.errors import UserError
 
 _STREAM_KEY = re.compile(r"\.(img|txt)_(attn|mlp|mod)\.")
 _OURS_STREAM_KEY = re.compile(r"\.(img|txt)\.(attn|mlp|mod)\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+STATE_KEYS = {"ema": "model_ema_state_dict", "raw": "model_state_dict"}  # the released files' two weight sets
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def is_official(checkpoint: Mapping) -> bool:
+    """A released file holds its weights under model_ema_state_dict / model_state_dict."""
+    return any(key in checkpoint for key in STATE_KEYS.values())
 
 
 def official_to_ours(name: str) -> str:
@@ -69,36 +81,16 @@ def _linear(prefix: str, fan_in: int, fan_out: int) -> dict[str, tuple[int, ...]
     return {f"{prefix}.weight": (fan_out, fan_in), f"{prefix}.bias": (fan_out,)}
 
 
-def official_shapes(config: FlowMoConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of an official state dict for `config`, with its shape (built on the meta device)."""
-    from flowmo.nn.tokenizer import FlowMoTokenizer
-
-    model = FlowMoTokenizer.from_config(config, device="meta")
-    shapes = {ours_to_official(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    shapes.update(dropped_official_shapes(config))
-    return shapes
-
-
-def official_parameter_count(config: FlowMoConfig) -> int:
-    """Parameters of the authors' module layout (the paper's 945M / 517M), unused ones included."""
-    total = 0
-    for shape in official_shapes(config).values():
-        total += int(torch.Size(shape).numel())
-    return total
-
-
-def extract_state_dict(source: dict | str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
-    """The raw tensor dict from a released file / a training checkpoint dict / a plain state dict."""
-    if isinstance(source, (str, Path)):
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
-    wanted = "model_ema_state_dict" if weights == "ema" else "model_state_dict"
-    if wanted in source:
-        source = source[wanted]
-    elif "model_state_dict" in source or "model_ema_state_dict" in source:
-        raise ValueError(f"this checkpoint has no {wanted!r}; load it with the other weights= choice.")
-    return {_strip_wrappers(k): v for k, v in source.items()}
+def extract_state_dict(checkpoint: Mapping, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The raw tensor dict of a released file's loaded dict (EMA or raw weights), or of a plain state dict."""
+    if weights not in STATE_KEYS:
+        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}.")
+    wanted = STATE_KEYS[weights]
+    if wanted in checkpoint:
+        checkpoint = checkpoint[wanted]
+    elif is_official(checkpoint):
+        raise UserError(f"this checkpoint has no {wanted!r}; load it with the other weights= choice.")
+    return {_strip_wrappers(k): v for k, v in checkpoint.items()}
 
 
 def _strip_wrappers(name: str) -> str:
@@ -111,52 +103,55 @@ def _strip_wrappers(name: str) -> str:
     return name.replace("._orig_mod.", ".")
 
 
-def infer_config(state_dict: dict[str, torch.Tensor]) -> FlowMoConfig:
-    """lo or hi from the code width (encoder.txt_in is [width, code_dim]) and the patch size."""
-    code_dim = state_dict["encoder.txt_in.weight"].shape[1]
-    patch_dim = state_dict["encoder.img_in.weight"].shape[1]
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> FlowMoConfig:
+    """lo, hi or small from the code width (encoder.txt_in is [width, code_dim]) and the patch size; the strict
+    key check that follows confirms the rest."""
+    try:
+        code_dim = state_dict["encoder.txt_in.weight"].shape[1]
+        patch_dim = state_dict["encoder.img_in.weight"].shape[1]
+    except KeyError as missing:
+        raise UserError(f"this is not a FlowMo state dict: it has no {missing} weight.") from None
     for name in ("lo", "hi", "small"):
         candidate = presets.get(name)
         if candidate.code_dim == code_dim and 3 * candidate.patch_size**2 == patch_dim:
-            shapes = official_shapes(candidate)
-            if all(tuple(state_dict[k].shape) == s for k, s in shapes.items() if k in state_dict):
-                return candidate
-    raise ValueError(f"cannot infer the FlowMo config (code_dim {code_dim}, patch dim {patch_dim}); pass config=.")
+            return candidate
+    raise UserError(f"cannot infer the FlowMo config (code_dim {code_dim}, patch dim {patch_dim}); pass config=.")
 
 
-def _resolve_config(config, state_dict) -> FlowMoConfig:
+def resolve_config(config: FlowMoConfig | Mapping | str | None, state_dict: Mapping[str, torch.Tensor]) -> FlowMoConfig:
+    """A FlowMoConfig from what a caller passed: itself, the fixtures' dict schema, a preset name, or None (infer)."""
     if config is None:
         return infer_config(state_dict)
     if isinstance(config, str):
         return presets.get(config)
-    if isinstance(config, dict):
-        return FlowMoConfig.from_dict(config)  # the fixtures' schema uses our field names
+    if isinstance(config, Mapping):
+        return FlowMoConfig.from_dict(dict(config))  # the fixtures' schema uses our field names
     return config
 
 
-def check_keys(state_dict: dict[str, torch.Tensor], config: FlowMoConfig) -> None:
-    expected = official_shapes(config)
+def check_keys(state_dict: Mapping[str, torch.Tensor], expected: Shapes) -> None:
+    """One ValueError listing every unknown, missing and misshaped key against `expected` (key -> shape)."""
     unknown = sorted(set(state_dict) - set(expected))
     missing = sorted(set(expected) - set(state_dict))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
-    problems = []
-    if unknown:
-        problems.append(f"unknown keys {unknown}")
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if wrong:
-        problems.append("wrong shapes " + ", ".join(f"{k}: {tuple(state_dict[k].shape)} != {expected[k]}" for k in wrong))
+    wrong = sorted(f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k])}"
+                   for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k]))
+    problems = [f"{what} {_first(keys)}" for what, keys in (("unknown keys", unknown), ("missing keys", missing),
+                                                               ("wrong shapes", wrong)) if keys]
     if problems:
-        raise ValueError("this is not an official FlowMo state dict for the given config: " + "; ".join(problems)
-                         + ". Check that config matches the checkpoint (lo: code_dim 18, hi: code_dim 56).")
+        raise UserError("these weights do not fit the configured FlowMo architecture: " + "; ".join(problems)
+                        + ". Check that the config matches the checkpoint (lo: code_dim 18, hi: code_dim 56).")
 
 
-def load_official(cls, source, config=None, weights: str = "ema"):
-    state_dict = extract_state_dict(source, weights)
-    config = _resolve_config(config, state_dict)
-    check_keys(state_dict, config)
+def _first(keys: list[str], shown: int = 6) -> str:
+    """The first few of a long list, and how many more: a wrong architecture differs in hundreds of keys."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def to_ours(state_dict: Mapping[str, torch.Tensor], config: FlowMoConfig) -> dict[str, torch.Tensor]:
+    """The official tensors under our names; the documented unused ones are dropped (a wrong shape among them
+    means another architecture, and is refused)."""
     dropped = dropped_official_shapes(config)
-    ours = {official_to_ours(k): v for k, v in state_dict.items() if k not in dropped}
-    model = cls.from_config(config)
-    model.load_state_dict(ours, strict=True)
-    return model
+    present = {k: v for k, v in state_dict.items() if k in dropped}
+    check_keys(present, {k: dropped[k] for k in present})
+    return {official_to_ours(k): v for k, v in state_dict.items() if k not in dropped}

@@ -1,11 +1,11 @@
 """File-level tools: images in, images or token ids out.
 
     flowmo reconstruct --tokenizer runs/demo-1b/checkpoints/last.ckpt photo.jpg more/ --out recon/
-    flowmo tokenize    --tokenizer flowmo_lo.pth photos/ --out tokens/        # one <name>.npy of ids per image
-    flowmo detokenize  --tokenizer flowmo_lo.pth tokens/ --out decoded/ --size 256
+    flowmo tokenize    --tokenizer lo photos/ --out tokens/                   # one <name>.npy of ids per image
+    flowmo detokenize  --tokenizer lo tokens/ --out decoded/ --size 256
 
---tokenizer takes a FlowMoModule .ckpt, an exported .pt or the authors' flowmo_lo.pth / flowmo_hi.pth (EMA
-weights). Images are resized (shorter side) and center-cropped to --size (default: the tokenizer's training
+--tokenizer takes a FlowMoModule .ckpt, an exported .pt, the authors' flowmo_lo.pth / flowmo_hi.pth (EMA
+weights), or a released name: lo / hi (downloaded from the authors' Hugging Face repository on first use). Images are resized (shorter side) and center-cropped to --size (default: the tokenizer's training
 size), as in evaluation. Unreadable images are skipped and counted; the run says how many.
 """
 
@@ -27,18 +27,9 @@ from flowmo.nn.tokenizer import FlowMoTokenizer
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
 
 
-def load_tokenizer(path: str, device: str) -> FlowMoTokenizer:
-    source = Path(path)
-    if not source.is_file():
-        raise UserError(f"--tokenizer {path} does not exist; give a .ckpt, an exported .pt or flowmo_lo/hi.pth.")
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    from flowmo.checkpoint import is_official
-
-    if is_official(checkpoint):
-        model = FlowMoTokenizer.from_official(checkpoint)
-    else:
-        model = FlowMoTokenizer.from_checkpoint(source, weights="ema")
-    return model.to(device).eval()
+def load_tokenizer(source: str, device: str) -> FlowMoTokenizer:
+    """EMA weights of any tokenizer file, or of a released name (lo, hi), on `device`, in eval mode."""
+    return FlowMoTokenizer.from_checkpoint(source, weights="ema").to(device).eval()
 
 
 def list_files(inputs: list[str], suffixes: set[str]) -> list[Path]:

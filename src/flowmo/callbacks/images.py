@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from flowmo.image_grid import make_grid, save_image
+from torchvision.utils import make_grid, save_image
 
 
 def side_by_side(columns: list[torch.Tensor], max_rows: int = 8) -> torch.Tensor:

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from flowmo import __version__
 from flowmo.callbacks.images import side_by_side
 from flowmo.flow import rho_timesteps, sigma_to_t
-from flowmo.image_grid import save_image
+from torchvision.utils import save_image
 
 TABLE_HEADER = ("| tokenizer | BPP | tokens × vocab | rFID↓ | PSNR↑ | SSIM↑ | LPIPS↓ |\n"
                 "|---|---|---|---|---|---|---|")

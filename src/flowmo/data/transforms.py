@@ -1,8 +1,9 @@
 """Image transforms of spec section 6, as plain functions (no Lightning, no DataLoader needed).
 
-Train: Resize(shorter side = size, bilinear with antialias, torchvision's PIL path) + RandomCrop(size), no flip
-unless asked. Val/test: Resize + CenterCrop. Output: float32 CHW with p / 127.5 - 1, i.e. in [-1, 1].
-The resize and crops are done with PIL directly, pixel-identical to torchvision's, so torchvision is not needed.
+Train: Resize(shorter side = size, bilinear with antialias) + RandomCrop(size), no flip unless asked. Val/test:
+Resize + CenterCrop. Both through torchvision's functional transforms on PIL images (the authors' pipeline); the
+crop position is drawn from the caller's ``random.Random``, so a crop is a function of (seed, sample) and a resumed
+run replays it. Output: float32 CHW with p / 127.5 - 1, i.e. in [-1, 1].
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import io
 import random
 
-import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 
@@ -36,25 +37,14 @@ def decode_rgb(data: bytes) -> Image.Image:
         return image.convert("RGB")  # grayscale, CMYK and palette images exist in ImageNet
 
 
-def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the shorter side = size; the longer side is truncated, as torchvision computes it."""
-    short, long = min(width, height), max(width, height)
-    scaled_long = int(size * long / short)
-    return (size, scaled_long) if width <= height else (scaled_long, size)
-
-
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """torchvision's Resize(size) on a PIL image: PIL's bilinear filter, which always antialiases."""
-    new_size = shorter_side_size(*image.size, size)
-    if new_size == image.size:
-        return image  # torchvision returns the image untouched
-    return image.resize(new_size, Image.Resampling.BILINEAR)
+    """torchvision's Resize(size) on a PIL image: shorter side = size, PIL's bilinear filter (antialiased)."""
+    return TF.resize(image, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:
     """uint8 HWC PIL image -> float32 [3, H, W] in [-1, 1] (p / 127.5 - 1)."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
-    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return TF.pil_to_tensor(image).float().div_(127.5).sub_(1.0)
 
 
 def train_transform(image: Image.Image, size: int, rng: random.Random, random_flip: bool = False) -> torch.Tensor:
@@ -62,15 +52,12 @@ def train_transform(image: Image.Image, size: int, rng: random.Random, random_fl
     image = resize_shorter_side(image, size)
     width, height = image.size
     top, left = rng.randint(0, height - size), rng.randint(0, width - size)
-    image = image.crop((left, top, left + size, top + size))
+    image = TF.crop(image, top, left, size, size)
     if random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = TF.horizontal_flip(image)
     return to_signed_tensor(image)
 
 
 def val_transform(image: Image.Image, size: int) -> torch.Tensor:
     """Resize(shorter side) + CenterCrop(size) -> [3, size, size] in [-1, 1]; deterministic."""
-    image = resize_shorter_side(image, size)
-    width, height = image.size
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))  # torchvision's rounding
-    return to_signed_tensor(image.crop((left, top, left + size, top + size)))
+    return to_signed_tensor(TF.center_crop(resize_shorter_side(image, size), [size, size]))

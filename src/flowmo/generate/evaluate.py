@@ -3,7 +3,7 @@
 Protocol (the generation literature mixes several; spec section 7): N class-balanced samples (class i % C) are
 compared with the *training shards'* center crops at the tokenizer's resolution (`flowmo shards` manifest), both
 as float images in [0, 1] through pytorch-fid's InceptionV3 (the rFID network and preprocessing of spec section 7:
-bilinear resize to 299, no uint8 quantisation), as rebuilt in `flowmo.feature_nets`.
+bilinear resize to 299, no uint8 quantisation).
 - gFID: torchmetrics FrechetInceptionDistance on pool3 features; the reference side is loaded from the cache.
 - IS: torchmetrics InceptionScore (10 splits) on the Inception classifier's logits without bias, read from the
   same weight file (the "logits_unbiased" of torch-fidelity).
@@ -25,6 +25,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from flowmo.metrics.fid import INCEPTION_DIM, InceptionFeatures, RandomConvFeatures
+from flowmo.perceptual import load_state_dict_file
 
 PROTOCOL = ("class-balanced samples vs. training-shard center crops; pytorch-fid InceptionV3 pool3 on float [0,1] "
             "images (bilinear 299); IS on unbiased logits, 10 splits; precision/recall k-NN k=3")
@@ -44,14 +45,12 @@ class GenerationFeatures(nn.Module):
 
     @classmethod
     def inception(cls, weights: str | None = None) -> "GenerationFeatures":
-        """The real network: pool3 features and fc weights of pt_inception-2015-12-05 (torch hub cache or a path)."""
-        from flowmo.metrics.fid import resolve_weights
-
-        path = resolve_weights("inception_fid", weights, what="gFID InceptionV3")
-        inception = InceptionFeatures(path)
-        # The name keys the reference-statistics cache: it names the network, whose numbers are unchanged
-        # since flowmo.feature_nets replaced the pytorch-fid package, so old caches stay valid.
-        return cls(inception, inception.net.fc.weight.detach(), "InceptionV3 (pytorch-fid)", is_stand_in=False)
+        """The real network: pool3 features of pt_inception-2015-12-05 and the classifier weight of the same file
+        (pytorch-fid's network keeps no classifier; the file holds it as ``fc.weight``)."""
+        inception = InceptionFeatures(weights)
+        head = load_state_dict_file(inception.path)["fc.weight"]
+        # The name keys the reference-statistics cache: it names the network, so caches written before stay valid.
+        return cls(inception, head, "InceptionV3 (pytorch-fid)", is_stand_in=False)
 
     @classmethod
     def stand_in(cls, num_features: int = 64, num_classes: int = 10, seed: int = 0) -> "GenerationFeatures":

@@ -1,6 +1,6 @@
 """`flowmo gen-eval`: gFID / IS / precision / recall of a generator decoded by its tokenizer -> a JSON report.
 
-    flowmo gen-eval --generator runs/gen-paper/checkpoints/last.ckpt --tokenizer flowmo_lo.pth \
+    flowmo gen-eval --generator runs/gen-paper/checkpoints/last.ckpt --tokenizer lo \
         --reference data/imagenet/train.json --num-samples 50000 --devices 8 --out results/gen/report.json
 
 Sampling runs under Lightning predict: rank r generates every world-th batch of the class-balanced label list
@@ -94,7 +94,7 @@ def run(args) -> int:
     """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
     from flowmo.generate.sample import load_generator
     from flowmo.generate.tokens import check_same_tokenizer
-    from flowmo.perceptual import MissingWeightsError
+    from flowmo.pretrained import MissingWeightsError
     from flowmo.tools import load_tokenizer
 
     out = Path(args.out)

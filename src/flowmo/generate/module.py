@@ -19,7 +19,7 @@ from flowmo.errors import UserError
 from flowmo.generate import masking
 from flowmo.generate.config import RECIPES, TokenLayout, resolve
 from flowmo.generate.network import MaskGITTransformer
-from flowmo.image_grid import make_grid
+from torchvision.utils import make_grid
 
 
 class MaskGITModule(L.LightningModule):

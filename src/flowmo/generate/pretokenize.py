@@ -1,6 +1,6 @@
 """`flowmo pretokenize`: encode every image of an image-shard split once into token shards.
 
-    flowmo pretokenize --tokenizer flowmo_lo.pth --shards data/imagenet/train.json --out data/tokens-lo
+    flowmo pretokenize --tokenizer lo --shards data/imagenet/train.json --out data/tokens-lo
     flowmo pretokenize ... --crops 4          # 4 random crops per image instead of the center crop
 
 Input shard i becomes token shard `{split}-{i:06d}.tar` (format: flowmo.generate.tokens), written to a temp name

@@ -19,7 +19,7 @@ import torch
 from flowmo.errors import UserError
 from flowmo.generate.module import MaskGITModule
 from flowmo.generate.tokens import check_same_tokenizer
-from flowmo.image_grid import make_grid, save_image
+from torchvision.utils import make_grid, save_image
 
 
 def load_generator(path: str, device: str) -> MaskGITModule:

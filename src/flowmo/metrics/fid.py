@@ -1,12 +1,11 @@
-"""rFID (spec §7): torchmetrics' FrechetInceptionDistance between originals and reconstructions.
+"""rFID (spec section 7): torchmetrics' FrechetInceptionDistance between originals and reconstructions.
 
 The authors use pytorch-fid's InceptionV3 (TF-ported ``pt_inception-2015-12-05`` weights, pool3 2048-d) on
-**float** images in [0, 1], bilinearly resized to 299 without antialias. ``flowmo.feature_nets`` rebuilds that
-network key for key (its weight file loads as is, its outputs match), so neither pytorch-fid nor torchvision is
-needed. torchmetrics' built-in extractor would quantise to uint8 and resize TF-style, so we always hand
-torchmetrics a feature module (``feature=<nn.Module>``): ``InceptionFeatures`` for real numbers, any
-``nn.Module`` mapping [B, 3, H, W] in [0, 1] to [B, F] features for tests, and ``RandomConvFeatures`` as the
-loud stand-in of the tiny demo.
+**float** images in [0, 1], bilinearly resized to 299 without antialias: that is the network here
+(``pytorch_fid.inception.InceptionV3([3], resize_input=True, normalize_input=True)``). torchmetrics' built-in
+extractor would quantise to uint8 and resize TF-style, so we always hand torchmetrics a feature module
+(``feature=<nn.Module>``): ``InceptionFeatures`` for real numbers, any ``nn.Module`` mapping [B, 3, H, W] in
+[0, 1] to [B, F] features for tests, and ``RandomConvFeatures`` as the loud stand-in of the tiny demo.
 
 Features are handed over in float64: torchmetrics accumulates in float64 but casts the final FID to the
 dtype of the features, and we want the float64 value.
@@ -15,14 +14,15 @@ dtype of the features, and we want the float64 value.
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from flowmo.feature_nets import FIDInceptionV3, fid_inception_v3
-from flowmo.perceptual import FrozenNet, load_state_dict_file, resolve_weights
+from flowmo import pretrained
+from flowmo.perceptual import FrozenNet, load_state_dict_file
 
 INCEPTION_DIM = 2048
 
@@ -55,25 +55,33 @@ class FIDFeatures(FrozenNet):
 class InceptionFeatures(FIDFeatures):
     """FID InceptionV3 pool3 features (2048-d): the authors' rFID network (pytorch-fid's) and preprocessing.
 
-    ``weights``: None = ``pt_inception-2015-12-05-6726825d.pth`` from the torch hub cache (error if
-    absent), or a path to that file. There is no random stand-in for Inception: use ``RandomConvFeatures``.
+    ``weights``: None = ``pt_inception-2015-12-05-6726825d.pth`` from the torch hub cache (downloaded on first
+    use), or a path to that file or a folder holding it. There is no random stand-in: use ``RandomConvFeatures``.
+    ``path`` is the file the network was read from (its ``fc`` weight gives the Inception Score logits).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
-        if weights == "random":
+        if weights == pretrained.STAND_IN:
             raise ValueError("InceptionFeatures has no random stand-in; use RandomConvFeatures for the tiny demo.")
-        path = resolve_weights("inception_fid", weights, what="rFID InceptionV3")
-        super().__init__(_load_fid_inception(path), INCEPTION_DIM, name="FID-InceptionV3")
+        self.path = pretrained.fetch("inception_fid", weights)
+        super().__init__(fid_inception(load_state_dict_file(self.path)), INCEPTION_DIM, name="FID-InceptionV3")
 
     def extract(self, images01: Tensor) -> Tensor:
-        # The net resizes (bilinear to 299, align_corners=False, no antialias) and maps to [-1, 1] itself.
-        return self.net(images01)  # [B, 2048, 1, 1]
+        # pytorch-fid resizes (bilinear to 299, align_corners=False, no antialias) and maps to [-1, 1] itself.
+        (pool3,) = self.net(images01)  # [B, 2048, 1, 1]
+        return pool3
 
 
-def _load_fid_inception(path: os.PathLike) -> FIDInceptionV3:
-    net = fid_inception_v3()
-    net.load_state_dict(load_state_dict_file(path), strict=True)  # the file's keys are the net's keys
-    return net
+def fid_inception(state: dict[str, Tensor]) -> nn.Module:
+    """pytorch-fid's InceptionV3 (pool3 only) holding ``state`` (the layout of pytorch-fid's weight file).
+
+    pytorch-fid always asks its release address for the weights; it is handed the file flowmo.pretrained
+    fetched and checked (or the user's own), so there is one place for downloads and the offline sentence."""
+    from pytorch_fid import inception
+
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
+        return inception.InceptionV3([inception.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=True,
+                                     normalize_input=True)
 
 
 class RandomConvFeatures(FIDFeatures):
@@ -123,7 +131,7 @@ def build_fid(
 ) -> FrechetInceptionDistance:
     """FrechetInceptionDistance on [0, 1] float images (``normalize=True``), real = originals.
 
-    feature: None = the authors' InceptionV3 (``inception_path`` or the torch hub cache); an
+    feature: None = the authors' InceptionV3 (``inception_path``, else cached or downloaded); an
     ``FIDFeatures`` as is; any other ``nn.Module`` mapping [B, 3, H, W] in [0, 1] to [B, F] is wrapped
     (pass ``num_features`` or it is found with one dummy image).
     """

@@ -185,7 +185,7 @@ class PaperSSIM(_MeanOfScores):
 class LPIPSMetric(_MeanOfScores):
     """LPIPS v0.1 (``net`` = "alex" or "vgg") on [-1, 1] images, averaged per image.
 
-    ``weights``: None = pretrained from the torch hub cache, "random" = explicit stand-in, or a path;
+    ``weights``: None = pretrained (cached, else downloaded), "random" = explicit stand-in, or a path;
     or pass a ready ``distance`` (an ``LPIPSDistance``) to share one network between metrics and losses.
     """
 

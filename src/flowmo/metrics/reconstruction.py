@@ -32,7 +32,7 @@ class ReconstructionMetrics(nn.Module):
 
     pixel: compute psnr, psnr_paper, ssim, ssim_paper.
     lpips_nets: LPIPS variants to compute, any of ("alex", "vgg"); () disables LPIPS.
-    lpips_weights: None (torch hub cache), "random" (stand-in) or {net: path}.
+    lpips_weights: None (pretrained: cached, else downloaded), "random" (stand-in) or {net: path}.
     fid_feature: None = the authors' InceptionV3 (``inception_path`` or the cache), "random" = tiny
         random stand-in, an ``nn.Module`` mapping [B, 3, H, W] in [0, 1] to [B, F], or False to skip rFID.
     codebook_bits: G of the LFQ sub-tokens (9 Lo, 14 Hi) to track codebook usage from ``indices``.

@@ -1,6 +1,6 @@
 """FlowMoTokenizer: encoder -> quantizer -> rectified-flow decoder, with the public encode/decode API.
 
-    tok = FlowMoTokenizer.from_preset("lo")            # or .from_official(path) / .from_checkpoint(path)
+    tok = FlowMoTokenizer.from_pretrained("lo")        # the authors' release; or .from_checkpoint(path), .from_preset("lo")
     indices = tok.tokenize(images)                     # images [B, 3, H, W] in [-1, 1] -> int64 [B, L*F]
     images = tok.detokenize(indices)                   # 25-step rho=4 sampler, CFG 1.5 on (0.17, 1.02)
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flowmo import flow, presets
+from flowmo import checkpoint, flow, official, presets
 from flowmo.config import FlowMoConfig
 from flowmo.nn.quantizers import QuantizerOutput, build_quantizer
 from flowmo.nn.transformer import MMDiT
@@ -63,21 +63,34 @@ class FlowMoTokenizer(nn.Module):
     @classmethod
     def from_official(cls, state_dict: dict | str | Path, config: FlowMoConfig | dict | str | None = None,
                       weights: str = "ema") -> "FlowMoTokenizer":
-        """Load the authors' weights: a state dict, or a released file (flowmo_lo.pth / flowmo_hi.pth).
+        """Load the authors' weights: a state dict, a released file (flowmo_lo.pth / flowmo_hi.pth) or name (lo, hi).
 
         config: FlowMoConfig, the fixtures' dict schema, a preset name, or None to infer lo/hi from the
         tensor shapes. weights: "ema" (what the paper evaluates) or "raw" for released files holding both.
         """
-        from flowmo.official import load_official
-
-        return load_official(cls, state_dict, config, weights)
+        return cls._from_state(state_dict, weights, config)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, weights: str = "ema", map_location="cpu") -> "FlowMoTokenizer":
-        """Load a tokenizer trained by this package (a Lightning .ckpt or an exported .pt)."""
-        from flowmo.checkpoint import load_tokenizer_checkpoint
+    def from_checkpoint(cls, path: str | Path, weights: str = "ema") -> "FlowMoTokenizer":
+        """Load any tokenizer file: a Lightning .ckpt of this package, an exported .pt, the authors' .pth, or a
+        released name ("lo", "hi"). Weights load on the CPU; move the model with .to(device)."""
+        return cls._from_state(path, weights)
 
-        return load_tokenizer_checkpoint(cls, path, weights, map_location)
+    @classmethod
+    def from_pretrained(cls, name: str, weights: str = "ema") -> "FlowMoTokenizer":
+        """The authors' released FlowMo-Lo or FlowMo-Hi ("lo" / "hi"), from their Hugging Face repository
+        (ksarge/FlowMo), downloaded once into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only."""
+        if name not in checkpoint.RELEASES:
+            raise ValueError(f"unknown released tokenizer {name!r}; the authors released: "
+                             f"{', '.join(checkpoint.RELEASES)}.")
+        return cls._from_state(name, weights)
+
+    @classmethod
+    def _from_state(cls, source, weights: str, config=None) -> "FlowMoTokenizer":
+        state, config = checkpoint.load_state(source, weights, config)
+        model = cls.from_config(config)
+        checkpoint.load_into(model, state, str(source) if isinstance(source, (str, Path)) else "the state dict")
+        return model
 
     # ----------------------------------------------------------------------------------- validation
     def check_images(self, images: Tensor, check_range: bool = True) -> None:
@@ -247,3 +260,16 @@ class FlowMoTokenizer(nn.Module):
         codes = self.quantize(self.encode(images), with_losses=False).codes
         noise = torch.randn(images.shape, device=images.device, dtype=codes.dtype, generator=generator)
         return self.sample(codes, noise, **settings)
+
+
+def official_shapes(config: FlowMoConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of an official state dict for `config`, with its shape: ours under the authors' names (built on
+    the meta device, no memory) plus the unused ones they also saved."""
+    model = FlowMoTokenizer.from_config(config, device="meta")
+    shapes = {official.ours_to_official(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    return {**shapes, **official.dropped_official_shapes(config)}
+
+
+def official_parameter_count(config: FlowMoConfig) -> int:
+    """Parameters of the authors' module layout (the paper's 945M / 517M), unused ones included."""
+    return sum(int(torch.Size(shape).numel()) for shape in official_shapes(config).values())

@@ -1,0 +1,315 @@
+"""Pretrained files arrive by themselves, and only as the files their addresses promise.
+
+Nothing here leaves the machine: downloads come from an HTTP server on the loopback address that plays
+download.pytorch.org (torch hub files) or the Hugging Face Hub (HF_ENDPOINT), and the released-checkpoint tests
+read a Hugging Face cache the test fills itself, under HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowmo import pretrained
+from flowmo.checkpoint import RELEASES
+from flowmo.nn.tokenizer import FlowMoTokenizer
+from flowmo.perceptual import LPIPSDistance, StandInWeightsWarning
+from flowmo.pretrained import FILES, MissingWeightsError, WeightsHashError
+
+
+# ------------------------------------------------------------------------------------------- a loopback server
+class Loopback:
+    """Serves `files` (URL path -> bytes) on 127.0.0.1; counts requests. `announce` overrides the ETag a HEAD
+    answers with (a Hub that promises one file and sends another); `cut` paths send half and hang up."""
+
+    def __init__(self, files: dict[str, bytes], announce: dict[str, str] | None = None, cut: set[str] = frozenset()):
+        self.files, self.announce, self.cut, self.requests = files, announce or {}, set(cut), []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _head(self) -> bytes | None:
+                server.requests.append((self.command, self.path))
+                data = server.files.get(self.path.split("?")[0])
+                if data is None:
+                    self.send_error(404)
+                    return None
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{server.announce.get(self.path, hashlib.sha256(data).hexdigest())}"')
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.end_headers()
+                return data
+
+            def do_HEAD(self):
+                self._head()
+
+            def do_GET(self):
+                data = self._head()
+                if data is not None:
+                    self.wfile.write(data[: len(data) // 2] if self.path in server.cut else data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch):
+    """Empty caches, and downloads allowed (tests/conftest.py sets HF_HUB_OFFLINE=1 for every other test)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read by the library at import
+    return tmp_path
+
+
+def torch_bytes(state: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def alexnet_trunk_state(seed: int = 0) -> dict:
+    """A torchvision-layout AlexNet features file (what download.pytorch.org serves, minus the classifier)."""
+    with pytest.warns(StandInWeightsWarning):
+        trunk = LPIPSDistance("alex", weights="random").net.net
+    generator = torch.Generator().manual_seed(seed)
+    return {"features." + k.split(".", 1)[1]: torch.randn(v.shape, generator=generator)
+            for k, v in trunk.state_dict().items()}
+
+
+def serve_as_alexnet(monkeypatch, data: bytes, name_hash: str | None = None, cut: bool = False) -> Loopback:
+    """FILES["alexnet"] pointed at the loopback server, its name carrying the hash prefix torch hub checks."""
+    prefix = name_hash or hashlib.sha256(data).hexdigest()[:8]
+    filename = f"alexnet-test-{prefix}.pth"
+    server = Loopback({f"/models/{filename}": data}, cut={f"/models/{filename}"} if cut else set())
+    spec = replace(FILES["alexnet"], filename=filename, url=f"{server.url}/models/{filename}")
+    monkeypatch.setitem(FILES, "alexnet", spec)
+    return server
+
+
+# ------------------------------------------------------------------------------------------- torch hub files
+def test_the_addresses_are_the_libraries_own():
+    import pytorch_fid.inception
+    import timm
+    import torchvision.models as models
+
+    assert FILES["vgg16"].url == models.VGG16_Weights.IMAGENET1K_V1.url
+    assert FILES["alexnet"].url == models.AlexNet_Weights.IMAGENET1K_V1.url
+    assert FILES["inception_fid"].url == pytorch_fid.inception.FID_WEIGHTS_URL
+    assert timm.models.get_pretrained_cfg("resnet50.tv_in1k").hf_hub_id == FILES["resnet50"].repo_id
+    for key in ("vgg16", "alexnet", "inception_fid"):
+        assert FILES[key].url.endswith("/" + FILES[key].filename)
+
+
+def test_first_use_downloads_into_the_torch_hub_cache_then_reads_it_offline(online, monkeypatch):
+    state = alexnet_trunk_state()
+    data = torch_bytes(state)
+    server = serve_as_alexnet(monkeypatch, data)
+    try:
+        lpips = LPIPSDistance("alex")
+    finally:
+        server.close()
+    cached = online / "torch" / "hub" / "checkpoints" / FILES["alexnet"].filename
+    assert cached.read_bytes() == data and server.requests == [("GET", f"/models/{cached.name}")]
+    assert not lpips.is_stand_in
+    torch.testing.assert_close(lpips.net.net.slice1[0].weight, state["features.0.weight"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server is gone: the cache alone serves the second build
+    again = LPIPSDistance("alex")
+    torch.testing.assert_close(again.net.net.slice1[0].weight, state["features.0.weight"])
+    assert not list(cached.parent.glob("*.partial"))
+
+
+def test_a_file_whose_hash_does_not_match_is_deleted_and_refused(online, monkeypatch):
+    server = serve_as_alexnet(monkeypatch, torch_bytes(alexnet_trunk_state()), name_hash="00000000")
+    try:
+        with pytest.raises(WeightsHashError) as error:
+            LPIPSDistance("alex")
+    finally:
+        server.close()
+    message = str(error.value)
+    assert FILES["alexnet"].address in message and "deleted" in message and "\n" not in message
+    folder = online / "torch" / "hub" / "checkpoints"
+    assert not (folder / FILES["alexnet"].filename).exists() and not list(folder.glob("*.partial"))
+
+
+def test_a_transfer_cut_short_leaves_nothing_under_the_final_name(online, monkeypatch):
+    server = serve_as_alexnet(monkeypatch, torch_bytes(alexnet_trunk_state()), cut=True)
+    try:  # urllib may see a short body as a complete one: the hash check is what catches it
+        with pytest.raises((WeightsHashError, MissingWeightsError), match="cut short|download failed"):
+            LPIPSDistance("alex")
+    finally:
+        server.close()
+    folder = online / "torch" / "hub" / "checkpoints"
+    assert not (folder / FILES["alexnet"].filename).exists() and not list(folder.glob("*.partial"))
+
+
+def test_no_network_gives_one_sentence_with_file_address_and_cache(online, monkeypatch):
+    server = serve_as_alexnet(monkeypatch, b"unused")
+    server.close()  # nothing listens on that port any more: the connection is refused
+    with pytest.raises(MissingWeightsError) as error:
+        LPIPSDistance("alex")
+    spec, message = FILES["alexnet"], str(error.value)
+    assert spec.filename in message and spec.address in message and str(spec.cache_folder()) in message
+    assert "download failed" in message and "\n" not in message
+
+
+def test_offline_mode_never_connects(online, monkeypatch):
+    server = serve_as_alexnet(monkeypatch, torch_bytes(alexnet_trunk_state()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        with pytest.raises(MissingWeightsError, match="HF_HUB_OFFLINE=1 forbids downloading"):
+            LPIPSDistance("alex")
+    finally:
+        server.close()
+    assert server.requests == []
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face files
+def serve_as_hub(monkeypatch, key: str, data: bytes, announce: str | None = None) -> Loopback:
+    """The Hub's resolve address of FILES[key] on the loopback server (HF_ENDPOINT)."""
+    spec = FILES[key]
+    route = f"/{spec.repo_id}/resolve/main/{spec.filename}"
+    server = Loopback({route: data}, announce={route: announce} if announce else None)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    return server
+
+
+def test_hub_download_lands_in_the_hf_cache_with_its_hash_checked(online, monkeypatch):
+    data = b"weights of a released tokenizer" * 1000
+    server = serve_as_hub(monkeypatch, "official-lo", data)
+    try:
+        path = pretrained.fetch("official-lo")
+    finally:
+        server.close()
+    assert path.read_bytes() == data and str(path).startswith(str(online / "hf"))
+    assert path.resolve().name == hashlib.sha256(data).hexdigest()  # the HF cache's blob layout
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert pretrained.fetch("official-lo") == path  # cached: no server needed
+
+
+def test_hub_file_that_is_not_the_announced_one_is_deleted(online, monkeypatch):
+    data = b"not the file the Hub announced" * 1000
+    server = serve_as_hub(monkeypatch, "official-lo", data, announce=hashlib.sha256(b"the real one").hexdigest())
+    try:
+        with pytest.raises(WeightsHashError, match="deleted"):
+            pretrained.fetch("official-lo")
+    finally:
+        server.close()
+    assert pretrained.cached(FILES["official-lo"]) is None
+    assert not [p for p in (online / "hf").rglob("*") if p.is_file() and p.stat().st_size == len(data)]
+
+
+# ------------------------------------------------------------------------------------------- released checkpoints
+def fill_hf_cache(cache: Path, repo_id: str, filename: str, data: bytes, commit: str = "b" * 40) -> Path:
+    """What huggingface_hub leaves after a download: blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = repo / "snapshots" / commit / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return link
+
+
+@pytest.fixture
+def released_tiny(tmp_path, monkeypatch, official_fixture):
+    """An offline machine whose Hugging Face cache holds the authors' tiny fixture as `flowmo_lo.pth`."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    released = {"model_ema_state_dict": official_fixture["official_state_dict"],
+                "model_state_dict": official_fixture["official_state_dict"]}
+    fill_hf_cache(tmp_path / "hf", "ksarge/FlowMo", "flowmo_lo.pth", torch_bytes(released))
+    return official_fixture
+
+
+def test_from_pretrained_reads_the_hf_cache_offline(released_tiny, monkeypatch):
+    monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))  # the fixture's architecture is the tiny preset
+    tokenizer = FlowMoTokenizer.from_pretrained("lo")
+    with torch.no_grad():
+        code = tokenizer.encode(released_tiny["images"])
+    assert (code - released_tiny["encoder_code"]).abs().max() <= 1e-4
+
+
+def test_a_released_name_holding_another_architecture_is_refused(released_tiny):
+    with pytest.raises(ValueError, match="flowmo_lo.pth is not the released FlowMo-lo .the lo preset.") as error:
+        FlowMoTokenizer.from_pretrained("lo")  # a tiny file where FlowMo-Lo is expected
+    assert "wrong shapes" in str(error.value) and "more" in str(error.value)  # a long list, shortened
+
+
+def test_released_names_are_lo_and_hi_only():
+    with pytest.raises(ValueError, match="lo, hi"):
+        FlowMoTokenizer.from_pretrained("mid")
+
+
+def test_from_pretrained_offline_and_not_cached_says_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(MissingWeightsError) as error:
+        FlowMoTokenizer.from_pretrained("hi")
+    message = str(error.value)
+    assert "flowmo_hi.pth" in message and "https://huggingface.co/ksarge/FlowMo/resolve/main/flowmo_hi.pth" in message
+    assert str(tmp_path / "empty") in message and "flowmo fetch-weights" in message
+
+
+def test_released_names_work_where_a_pth_is_accepted(released_tiny, monkeypatch, tmp_path, capsys):
+    """The file tools and `model.init_weights` take `lo` like a path."""
+    from PIL import Image
+
+    from flowmo.cli import main
+    from flowmo.module import FlowMoModule
+
+    monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
+    module = FlowMoModule(preset="tiny", init_weights="lo", perceptual="none")
+    expected = FlowMoTokenizer.from_pretrained("lo").state_dict()
+    assert all(torch.equal(value, module.tokenizer.state_dict()[key]) for key, value in expected.items())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 36), (200, 30, 90)).save(photos / "red.png")
+    assert main(["tokenize", "--tokenizer", "lo", str(photos), "--out", str(tmp_path / "ids"), "--device", "cpu"]) == 0
+    assert (tmp_path / "ids" / "red.npy").is_file()
+
+
+def test_init_weights_of_a_released_name_into_another_architecture_is_refused(released_tiny, monkeypatch):
+    from flowmo.module import FlowMoModule
+
+    monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
+    with pytest.raises(ValueError, match="another architecture"):
+        FlowMoModule(preset="demo", init_weights="lo", perceptual="none")
+
+
+# ------------------------------------------------------------------------------------------- flowmo fetch-weights
+def test_fetch_weights_prints_where_each_file_is(tmp_path, monkeypatch, capsys):
+    from flowmo.cli import main
+
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    for key in ("vgg16", "alexnet"):
+        (folder / FILES[key].filename).write_bytes(b"cached")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert main(["fetch-weights", "lpips"]) == 0
+    out = capsys.readouterr().out
+    assert str(folder / FILES["vgg16"].filename) in out and str(folder / FILES["alexnet"].filename) in out
+    assert "lpips heads" in out
+    assert main(["fetch-weights", "inception"]) == 2  # offline, not cached: one sentence, no traceback
+    err = capsys.readouterr().err
+    assert FILES["inception_fid"].address in err and "Traceback" not in err
