@@ -74,7 +74,7 @@ shards: $(STAMP) ## ImageNet shards: make shards IMAGENET=/data/ILSVRC2012 [SHAR
 	$(FLOWMO) shards --source "$$val" --out $(SHARDS_OUT) --split val --shard-size $(VAL_SHARD_SIZE) $$labels
 
 bench-data: $(STAMP) ## data loader throughput: decode+augment images/s per worker at 256x256, workers per GPU
-	$(PY) scripts/bench_data.py
+	$(PY) -m flowmo.bench.data
 
 # ---- training (src/flowmo/module.py, recipes in configs/stage/): Stage 1A, Stage 1B, the demo
 # Global batch = per-device batch x accumulate_grad_batches x GPUS x NODES, fixed to the paper's
@@ -189,7 +189,7 @@ gen-paper: $(STAMP) ## MaskGIT on those tokens, configs/generator/paper.yaml (RE
 	$(FLOWMO) gen fit -c configs/generator/base.yaml -c configs/generator/paper.yaml \
 	  --data.train_tokens $(TOKENS_OUT)/train.json --data.val_tokens $(TOKENS_OUT)/val.json \
 	  --model.tokenizer $(GEN_TOKENIZER) --trainer.devices $(GPUS) $(if $(RESUME),--ckpt_path last) $(ARGS)
-# ---- ablations (src/flowmo/ablate.py, configs/ablations/<GRID>.yaml; `flowmo ablate grids` lists them):
+# ---- ablations (src/flowmo/ablate/, configs/ablations/<GRID>.yaml; `flowmo ablate grids` lists them):
 # GRID=paper-table4 | paper-posttrain | scaling | tiny (the demo recipe on this CPU). CELLS: comma list of cells
 # (`flowmo ablate list GRID`); DRY_RUN=1 prints the commands only; STEPS=N shortens every Stage-1A fit. Devices
 # GPUS x NODES and ARGS as for training (the grid keeps its global batch by accumulation). Rerunning resumes
@@ -207,7 +207,7 @@ ablate: $(STAMP) ## run an ablation grid (GRID=tiny runs on this CPU; CELLS=...,
 		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) $(if $(ARGS),--extra='$(ARGS)') \
 		$(if $(filter-out configs/data/imagenet.yaml,$(DATA_CFG)),--extra='-c $(DATA_CFG)')
 
-# ---- model benchmark (scripts/bench_model.py): Stage-1A/1B optimizer steps, encode, decode (31 NFE); figures
+# ---- model benchmark (src/flowmo/bench/model.py): Stage-1A/1B optimizer steps, encode, decode (31 NFE); figures
 # only, rows merged into results/bench/bench.json. PRESET=tiny|cpu-mid|small|lo|hi, PRECISION=fp32|bf16 (autocast),
 # COMPILE=1 (torch.compile), PROFILE=1 (time by operator group), SCALING=1 (1A and decode against batch 1..32 and
 # half/double image size), COUNT_ONLY=1 (FLOPs/params, no timing; of all presets unless PRESET is given),
@@ -226,8 +226,8 @@ BASE       ?=
 
 bench-compare: $(STAMP) ## time this tree's model code against BASE=rev on PRESET (alternating runs), print speed-ups
 	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<git revision> [PRESET=cpu-mid]"; exit 2; }
-	$(PY) scripts/bench_compare.py --base $(BASE) --preset $(PRESET) --batch $(BATCH)
+	$(PY) -m flowmo.bench.compare --base $(BASE) --preset $(PRESET) --batch $(BATCH)
 
 bench: $(STAMP) ## model benchmark: ms/step, img/s, peak memory, FLOP utilisation vs a matmul -> results/bench/bench.json
-	$(PY) scripts/bench_model.py $(if $(COUNT_ONLY),--count-only --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),tiny cpu-mid small lo hi),		--preset $(PRESET) --batch $(BATCH) --precision $(PRECISION) $(if $(COMPILE),--compile) $(if $(PROFILE),--profile) \
+	$(PY) -m flowmo.bench.model $(if $(COUNT_ONLY),--count-only --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),tiny cpu-mid small lo hi),		--preset $(PRESET) --batch $(BATCH) --precision $(PRECISION) $(if $(COMPILE),--compile) $(if $(PROFILE),--profile) \
 		$(if $(SCALING),--scaling)) $(BENCH_ARGS)

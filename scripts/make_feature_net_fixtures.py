@@ -116,7 +116,6 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()
 
-    import lpips
     import pytorch_fid
     import torchvision
 

@@ -13,16 +13,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 
 from flowmo import ablate
 from flowmo.checkpoint import export_tokenizer
-from flowmo.cli import FlowMoCLI
-from flowmo.config import resolve_config
+from flowmo.commands import main as flowmo_main
+from flowmo.commands.lightning import FlowMoCLI
 from flowmo.errors import UserError
 from flowmo.module import FlowMoModule
-from flowmo.nn.tokenizer import FlowMoTokenizer
-from flowmo.nn.tokenizer import official_parameter_count
+from flowmo.nn.tokenizer import FlowMoTokenizer, official_parameter_count
+from flowmo.presets import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -39,6 +38,10 @@ class ParseOnlyCLI(FlowMoCLI):
 
     def before_instantiate_classes(self) -> None:
         raise _Parsed(self.config)
+
+
+def ablate_main(argv: list[str]) -> int:
+    return flowmo_main(["ablate", *argv])
 
 
 def parse(step: ablate.Step):
@@ -90,7 +93,7 @@ axes:
     kind: eval
     values:
       - {{name: cfg1.5}}
-      - {{name: nocfg, overlay: {{model: {{val_cfg: 1.0}}}}}}
+      - {{name: nocfg, overlay: {{model: {{sampler: {{cfg: 1.0}}}}}}}}
 posttrain:
   stack: [base.yaml]
 {extra}
@@ -160,7 +163,7 @@ def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     assert parsed["test:posttrain"].model.init_weights == "runs/ablate-tiny-base-posttrain/checkpoints/last.ckpt"
     for cell, rho, cfg in (("base", 4.0, 1.5), ("rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0)):
         test = parsed[f"test:{cell}"]
-        assert (test.model.val_rho, test.model.val_cfg, test.model.val_steps) == (rho, cfg, 25)
+        assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.sampler.steps) == (rho, cfg, 25)
         assert test.model.init_weights == "runs/ablate-tiny-base/checkpoints/last.ckpt"  # eval-only: no new fit
         assert test.trainer.precision == "32-true" and test.model.val_use_ema
 
@@ -184,7 +187,7 @@ def test_paper_table4_cells_change_one_thing(tmp_path):
         ("encoder", 0, 0.1)
     for cell, rho, cfg in (("sampler_rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0), ("base", 4.0, 1.5)):
         test = parsed[f"test:{cell}"]
-        assert (test.model.val_rho, test.model.val_cfg, test.model.val_rfid) == (rho, cfg, True)
+        assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.val_rfid) == (rho, cfg, True)
         assert test.model.init_weights == "runs/ablate-paper-table4-base/checkpoints/last.ckpt"
     grid = ablate.load_grid("paper-table4", CONFIGS)
     keys = [s.key for s in ablate.plan(grid, options(tmp_path))]
@@ -243,14 +246,14 @@ def test_bad_overlays_are_refused_before_anything_runs(tmp_path, overlay, messag
 
 
 def test_bad_grids_and_requests_get_one_sentence(tmp_path, capsys):
-    assert ablate.main(["run", "no-such-grid", "--config-dir", str(CONFIGS)]) == 2
+    assert ablate_main(["run", "no-such-grid", "--config-dir", str(CONFIGS)]) == 2
     assert "no ablation grid 'no-such-grid'" in capsys.readouterr().err
     path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra=""))
-    assert ablate.main(["run", str(path), "--config-dir", str(CONFIGS), "--dry-run", "--max-cells", "4"]) == 2
+    assert ablate_main(["run", str(path), "--config-dir", str(CONFIGS), "--dry-run", "--max-cells", "4"]) == 2
     assert "has 8 cells, more than --max-cells 4; pass --yes" in capsys.readouterr().err
-    assert ablate.main(["run", str(path), "--config-dir", str(CONFIGS), "--dry-run", "--cells", "fsq,nope"]) == 2
+    assert ablate_main(["run", str(path), "--config-dir", str(CONFIGS), "--dry-run", "--cells", "fsq,nope"]) == 2
     assert "has no cell 'nope'" in capsys.readouterr().err
-    assert ablate.main(["run", "paper-table4", "--config-dir", str(CONFIGS), "--dry-run", "--gpus", "3",
+    assert ablate_main(["run", "paper-table4", "--config-dir", str(CONFIGS), "--dry-run", "--gpus", "3",
                         "--results-dir", str(tmp_path / "r")]) == 2
     assert "global batch 128 is not a multiple of 8 per device x 3 devices" in capsys.readouterr().err
     for text, message in (("stack: [base.yaml]\n", "`axes` must be a list"),
@@ -269,7 +272,7 @@ def test_bad_grids_and_requests_get_one_sentence(tmp_path, capsys):
 # ---------------------------------------------------------------------------------- SLURM
 def test_slurm_scripts_of_a_two_node_grid(tmp_path):
     results = tmp_path / "results"
-    assert ablate.main(["run", "paper-posttrain", "--config-dir", str(CONFIGS), "--results-dir", str(results),
+    assert ablate_main(["run", "paper-posttrain", "--config-dir", str(CONFIGS), "--results-dir", str(results),
                         "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
                         "--time", "48:00:00", "--dry-run"]) == 0
     folder = results / "ablations" / "paper-posttrain" / "slurm"
@@ -313,7 +316,7 @@ def test_table_csv_and_plots_from_metrics_files(tmp_path):
     timings.parent.mkdir(parents=True)
     timings.write_text(json.dumps({"fit:ablate-paper-table4-base": {"seconds": 600.0},
                                    "test:base": {"seconds": 60.0}, "test:no_cfg": {"seconds": 30.0}}))
-    assert ablate.main(["table", "paper-table4", "--config-dir", str(CONFIGS), "--results-dir", str(results)]) == 0
+    assert ablate_main(["table", "paper-table4", "--config-dir", str(CONFIGS), "--results-dir", str(results)]) == 0
     folder = results / "ablations" / "paper-table4"
     table = (folder / "table.md").read_text()
     base = next(line for line in table.splitlines() if line.startswith("| base "))
@@ -399,7 +402,7 @@ def test_a_two_by_two_grid_with_post_training_runs_end_to_end(tmp_path):
         "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n  sample_steps: 2\n"
         "  sample_loss_weight: 1.0\ntrainer:\n  max_steps: 2\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
         "  enable_model_summary: false\n")
-    (tmp_path / "eval.yaml").write_text("model:\n  val_steps: 3\n")
+    (tmp_path / "eval.yaml").write_text("model:\n  sampler:\n    steps: 3\n")
     grid = write_grid(tmp_path, f"""
 stack: {stack}
 eval_stack: [ablations/overlays/tiny-eval.yaml, {tmp_path}/eval.yaml]

@@ -1,23 +1,22 @@
-"""Smoke test of scripts/bench_model.py: it runs on CPU, writes bench.json rows of the documented schema and
-profiles each workload. No timing is asserted."""
+"""Smoke test of the model benchmark (flowmo.bench): it runs on CPU, writes bench.json rows of the documented schema and
+profiles each workload, and its training step is the module's own update. No timing is asserted."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_model.py"
+import torch
+
+import flowmo.bench.model
+from flowmo.bench import workloads
+from flowmo.flow import SAMPLERS
+
 ROW_FIELDS = ("preset", "stage", "device", "dtype", "batch", "image_size", "ms", "images_per_s", "peak_mem_mb",
               "model_flops", "utilisation")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return flowmo.bench.model
 
 
 def positive(value) -> bool:
@@ -70,7 +69,26 @@ def test_scaling_rows_cover_batch_and_image_size(tmp_path):
 
 
 def test_decode_flops_are_its_network_evaluations_times_one_call():
-    bench = load_script()
-    assert bench.sampler_nfe() == 31  # 25 steps + 6 guided ones inside the CFG interval (spec 4)
-    flops = bench.flops_per_image("tiny", 2, "off", None)
+    assert SAMPLERS["paper"].nfe == 31  # 25 steps + 6 guided ones inside the CFG interval (spec 4)
+    flops = workloads.flops_per_image("tiny", 2, "off", None)
     assert flops["decode"] == 31 * flops["decoder_call"]
+
+
+def test_the_bench_times_the_training_modules_own_update_and_recipes():
+    """Not a copy: the bench's step is flowmo.optim.TrainingUpdate + flowmo.faults.NonFiniteGuard, as FlowMoModule's,
+    and its recipes are LossRecipe.for_stage's."""
+    from flowmo.faults import NonFiniteGuard
+    from flowmo.losses import LossRecipe
+    from flowmo.module import FlowMoModule
+    from flowmo.optim import TrainingUpdate
+
+    bundle = workloads.build_bundle("tiny", "cpu", workloads.build_feature_nets("off", "cpu"), None, "off")
+    bundle.attach_update(torch.device("cpu"))
+    module = FlowMoModule(preset="tiny", perceptual="none")
+    assert type(bundle.update) is type(module.update) is TrainingUpdate
+    assert type(bundle.guard) is type(module.guard) is NonFiniteGuard
+    assert bundle.recipes["1a"] == LossRecipe.for_stage("1a", perceptual="none") == module.recipe
+    before = [p.detach().clone() for p in bundle.tokenizer.parameters()]
+    images = workloads.make_images(bundle, 2, "cpu")
+    workloads.optimizer_step(bundle, images, bundle.recipes["1a"])
+    assert bundle.update.steps == 1 and any(not torch.equal(a, b) for a, b in zip(before, bundle.tokenizer.parameters()))

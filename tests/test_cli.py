@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowmo import FlowMoTokenizer
-from flowmo.cli import main
+from flowmo.commands import COMMANDS, LIGHTNING, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 warnings.filterwarnings("ignore")
@@ -27,7 +27,7 @@ def fit_args(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
             "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "2",
             "--data.train_shards", str(shards / "train.json"), "--data.val_shards", str(shards / "val.json"),
             "--data.image_size", "32", "--data.batch_size", "2", "--data.val_batch_size", "2",
-            "--model.perceptual", "none", "--model.val_steps", "2", "--model.ema_every", "1", *extra]
+            "--model.perceptual", "none", "--model.sampler.steps", "2", "--model.ema_every", "1", *extra]
 
 
 def assert_tensorboard_has_the_promised_curves(run_dir: Path) -> None:
@@ -109,13 +109,21 @@ def test_reconstruct_tokenize_detokenize_files(tmp_path, capsys):
     assert "token ids must lie in [0, 512)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", sorted(set(__import__("flowmo.cli").cli.PROJECT_COMMANDS) - {"gen"}))
+@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"gen", *LIGHTNING}))
 def test_project_command_help_answers_without_importing_torch(command):
     """`flowmo COMMAND --help` of every project subcommand (gen is LightningCLI's) prints its options before torch
     loads: tens of milliseconds instead of seconds."""
-    probe = ("import sys\nfrom flowmo.cli import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n    pass\n"
+    probe = ("import sys\nfrom flowmo.commands import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n    pass\n"
              "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'TORCH_NOT_IMPORTED')" % command)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: flowmo" in result.stdout
     assert result.stdout.strip().endswith("TORCH_NOT_IMPORTED")
+
+
+def test_the_commands_sampler_names_are_the_registry_s():
+    """The parsers list the names without importing torch; flowmo.flow.SAMPLERS holds the settings."""
+    from flowmo.commands.options import SAMPLER_NAMES
+    from flowmo.flow import SAMPLERS
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmo.cli import FlowMoCLI
+from flowmo.commands.lightning import FlowMoCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # every tokenizer config file (grid files in configs/ablations/ are not configs: tests/test_ablate.py parses their

@@ -7,7 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from data_helpers import jpeg_bytes, make_image_folder, truncated_jpeg_bytes, write_shard
+from data_helpers import (
+    jpeg_bytes,
+    make_image_folder,
+    truncated_jpeg_bytes,
+    write_shard,
+)
 
 from flowmo.data import FlowMoDataModule, write_shards
 from flowmo.data.index import BAD_LABEL, build_index, load_index, sidecar_path

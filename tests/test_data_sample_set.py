@@ -5,8 +5,13 @@ import tarfile
 
 from PIL import Image
 
+from flowmo.commands import main as flowmo_main
 from flowmo.data import FlowMoDataModule, build_sample_set
-from flowmo.data.sample_set import TRAIN_PHOTOS, VAL_PHOTOS, main
+from flowmo.data.sample_set import TRAIN_PHOTOS, VAL_PHOTOS
+
+
+def main(argv: list[str]) -> int:
+    return flowmo_main(["sample-data", *argv])
 
 
 def test_sample_set_splits_by_photo_and_stores_jpeg_crops(tmp_path):

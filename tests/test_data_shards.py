@@ -14,8 +14,13 @@ from data_helpers import (
     tar_of,
 )
 
+from flowmo.commands import main as flowmo_main
 from flowmo.data import shards
-from flowmo.data.shards import main, write_shards
+from flowmo.data.shards import write_shards
+
+
+def main(argv: list[str]) -> int:
+    return flowmo_main(["shards", *argv])
 from flowmo.data.sources import load_val_labels
 
 

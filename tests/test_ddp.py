@@ -25,7 +25,7 @@ def fit(stage: str, shards: Path, runs: Path, *extra: str) -> Path:
             "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
             "--trainer.val_check_interval", "2", "--data.train_shards", str(shards / "train.json"),
             "--data.val_shards", str(shards / "val.json"), "--data.image_size", "32", "--data.batch_size", "2",
-            "--data.val_batch_size", "2", "--model.val_steps", "2", "--model.feature_weights", "random", *extra]
+            "--data.val_batch_size", "2", "--model.sampler.steps", "2", "--model.feature_weights", "random", *extra]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return runs / f"ddp-{stage}" / "checkpoints" / "last.ckpt"

@@ -5,7 +5,11 @@ import json
 import pytest
 from PIL import Image
 
-from flowmo.demo import main
+from flowmo.commands import main as flowmo_main
+
+
+def main(argv: list[str]) -> int:
+    return flowmo_main(["demo", *argv])
 
 PROMISED_KEYS = ("psnr_1a", "psnr_1b", "ssim_1a", "ssim_1b", "psnr_mean_colour_baseline", "psnr_pool8_baseline",
                  "bits_per_pixel", "wall_s")

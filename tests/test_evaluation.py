@@ -15,12 +15,13 @@ from data_helpers import jpeg_bytes
 from torch.utils.data import DataLoader
 
 from flowmo import FlowMoTokenizer
-from flowmo.callbacks.report import sampler_nfe, tokens_times_vocab
-from flowmo.cli import main
+from flowmo.callbacks.report import tokens_times_vocab
+from flowmo.commands import main
 from flowmo.config import FlowMoConfig
 from flowmo.data import FlowMoDataModule
 from flowmo.data.shards import write_shards
 from flowmo.data.stream import ShardStream
+from flowmo.flow import SamplerSettings
 from flowmo.module import FlowMoModule
 from flowmo.presets import get as preset
 
@@ -55,7 +56,7 @@ def checkpoint(tmp_path_factory) -> Path:
     while the architecture (here entropy_group_bits 6) must come from the checkpoint."""
     torch.manual_seed(0)
     model = FlowMoModule(preset="tiny", architecture={"entropy_group_bits": 6}, perceptual="none",
-                         feature_weights="random", val_steps=3, val_cfg=1.0, val_rfid=False, lr=1e-3)
+                         feature_weights="random", sampler=SamplerSettings(steps=3, cfg=1.0), val_rfid=False, lr=1e-3)
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -78,7 +79,7 @@ def run_eval(tmp_path: Path, monkeypatch, shards: Path, *source: str) -> dict:
     monkeypatch.chdir(tmp_path)  # EvaluationReport writes results/<run_name>/ under the working directory
     args = ["test", *configs("base.yaml", "model/tiny.yaml", "data/sample.yaml", "eval/paper.yaml"),
             "--data.val_shards", str(shards), "--data.image_size", "32", "--model.feature_weights", "random",
-            "--model.val_steps", "2", "--runs_dir", str(tmp_path / "runs"), "--run_name", "tiny-eval", *CPU, *source]
+            "--model.sampler.steps", "2", "--runs_dir", str(tmp_path / "runs"), "--run_name", "tiny-eval", *CPU, *source]
     assert main(args) == 0
     return json.loads((tmp_path / "results" / "tiny-eval" / "metrics.json").read_text(encoding="utf-8"))
 
@@ -88,7 +89,7 @@ def check_protocol(report: dict, results: Path) -> None:
                 "codebook_used_fraction", "codebook_perplexity"}
     assert expected <= set(report["metrics"]) and all(isinstance(v, float) for v in report["metrics"].values())
     assert report["sampler"] == {"steps": 2, "rho": 4.0, "cfg": 1.5, "cfg_interval": [0.17, 1.02], "seed": 0,
-                                 "nfe": sampler_nfe({"steps": 2, "rho": 4.0, "cfg": 1.5, "cfg_interval": (0.17, 1.02)})}
+                                 "nfe": SamplerSettings(steps=2, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02)).nfe}
     assert report["num_images"] == NUM_IMAGES and report["weights"] == "ema" and report["skipped_samples"] == 0
     assert report["data"]["test_batch_size"] == 5 and report["resolution"] == [32, 32]
     assert {"LPIPS-alex", "LPIPS-vgg"} <= set(report["stand_ins"]) and "STAND-IN" in report["warning"]
@@ -156,7 +157,7 @@ def test_subsample_takes_every_nth_image_of_the_split(shards):
 
 def test_table_columns_follow_the_paper():
     assert tokens_times_vocab(preset("lo")) == "256 × 2^18" and tokens_times_vocab(preset("hi")) == "1024 × 2^14"
-    assert sampler_nfe({"steps": 25, "rho": 4.0, "cfg": 1.5, "cfg_interval": (0.17, 1.02)}) == 31  # spec 4
+    assert SamplerSettings(steps=25, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02)).nfe == 31  # spec 4
 
 
 def test_stage_1b_selects_and_stops_on_val_rfid(tmp_path, shards, checkpoint):
@@ -168,7 +169,7 @@ def test_stage_1b_selects_and_stops_on_val_rfid(tmp_path, shards, checkpoint):
             "--data.batch_size", "2", "--data.val_batch_size", "5", "--model.init_weights", str(checkpoint),
             "--model.architecture", '{"entropy_group_bits": 6}', "--model.feature_weights", "random",
             "--model.sample_loss", "none",  # the ResNet chain is test_training's; here it would only cost time
-            "--model.val_steps", "2", "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
+            "--model.sampler.steps", "2", "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
             "--trainer.val_check_interval", "1",
             "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
             "--runs_dir", str(tmp_path / "runs"), "--run_name", "tiny-1b", *CPU]
@@ -201,7 +202,7 @@ def test_distributed_eval_counts_every_image_once(tmp_path, shards, checkpoint):
     import sys
 
     args = ["test", *configs("base.yaml", "data/sample.yaml", "eval/paper.yaml"), "--data.val_shards", str(shards),
-            "--data.image_size", "32", "--model.feature_weights", "random", "--model.val_steps", "2",
+            "--data.image_size", "32", "--model.feature_weights", "random", "--model.sampler.steps", "2",
             "--runs_dir", str(tmp_path / "runs"), "--run_name", "ddp", *CPU, "--trainer.devices", "2",
             "--trainer.strategy", "ddp", "--data.test_subsample", "3", "--ckpt_path", str(checkpoint)]
     done = subprocess.run([sys.executable, "-m", "flowmo", *args], cwd=tmp_path, capture_output=True, text=True,

@@ -17,7 +17,13 @@ import lightning as L
 import pytest
 import torch
 
-from flowmo.faults import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteTraining, latest_checkpoint
+from flowmo.faults import (
+    EXIT_CHECKPOINT_FAILED,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    NonFiniteTraining,
+    latest_checkpoint,
+)
 from flowmo.module import FlowMoModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -323,7 +329,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_fields(shard
 
 
 def test_user_errors_are_one_sentence_without_a_traceback(shards, tmp_path, capsys):
-    from flowmo.cli import main
+    from flowmo.commands import main
 
     assert main(fit_command(shards, tmp_path, 1, "--data.image_size", "30")[3:]) == 2
     assert "data.image_size 30 is not a multiple of the patch size 4; use 28 or 32." in capsys.readouterr().err
@@ -347,7 +353,7 @@ def test_a_truncated_test_shard_reports_the_images_lost(sample_shards, tmp_path,
     import json
     import shutil
 
-    from flowmo.cli import main
+    from flowmo.commands import main
 
     shards = tmp_path / "shards"
     shutil.copytree(sample_shards, shards)
@@ -357,7 +363,7 @@ def test_a_truncated_test_shard_reports_the_images_lost(sample_shards, tmp_path,
     monkeypatch.chdir(tmp_path)
     args = ["test", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/tiny.yaml"),
             "-c", str(CONFIGS / "data/sample.yaml"), "-c", str(CONFIGS / "eval/paper.yaml"),
-            "--data.val_shards", str(shards / "val.json"), "--data.image_size", "32", "--model.val_steps", "1",
+            "--data.val_shards", str(shards / "val.json"), "--data.image_size", "32", "--model.sampler.steps", "1",
             "--model.val_lpips_nets", "[]", "--model.val_rfid", "false", "--trainer.precision", "32-true",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
             "--run_name", "cut", "--runs_dir", str(tmp_path / "runs")]

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from seeded_weights import deterministic_fill, deterministic_state_dict, reference_layout
+from seeded_weights import (
+    deterministic_fill,
+    deterministic_state_dict,
+    reference_layout,
+)
 
 from flowmo.metrics.fid import InceptionFeatures
 from flowmo.perceptual import LPIPSDistance, ResNetLogitsDistance, StandInWeightsWarning

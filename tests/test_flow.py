@@ -87,3 +87,40 @@ def test_interpolation_target_and_x0_estimate_are_consistent():
     x, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0.25, 0.9])
     x_t = flow.interpolate(x, noise, t)
     assert torch.allclose(flow.x0_estimate(x_t, flow.velocity_target(x, noise), t), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [
+    flow.SAMPLERS["paper"], flow.SAMPLERS["fast"], flow.SamplerSettings(steps=10, cfg=1.0),
+    flow.SamplerSettings(steps=6, cfg_interval=None), flow.SamplerSettings(steps=12, rho=1.0),
+    flow.SamplerSettings(steps=3, cfg=2.0, cfg_interval=(0.0, 0.5)),
+])
+def test_sampler_nfe_is_the_count_of_a_real_sampler_run(settings):
+    """SamplerSettings.nfe (what reports and the bench quote) equals the decoder calls the tokenizer's sampler makes
+    (a paired CFG call on twice the batch counts 2)."""
+    from flowmo.nn.tokenizer import FlowMoTokenizer
+
+    calls = []
+
+    class Counting:
+        def velocity(self, z, codes, t):
+            calls.append(1)
+            return torch.zeros_like(z)
+
+        def velocity_with_null(self, z, codes, t):
+            calls.extend([1, 1])
+            return torch.zeros_like(z), torch.zeros_like(z)
+
+        def _check_sample_inputs(self, codes, noise):
+            pass
+
+    FlowMoTokenizer.sample_with(Counting(), settings, torch.zeros(1), torch.zeros(1, 3, 1, 1))
+    assert len(calls) == settings.nfe
+    assert flow.SAMPLERS["paper"].nfe == 31 and flow.SAMPLERS["fast"].nfe == 10
+
+
+def test_sampler_settings_refuse_bad_steps_and_read_yaml_lists():
+    with pytest.raises(ValueError, match="positive integer"):
+        flow.SamplerSettings(steps=0)
+    assert flow.SamplerSettings(cfg_interval=[0.17, 1.02]) == flow.SAMPLERS["paper"]
+    with pytest.raises(ValueError, match="unknown sampler 'quick'; choose one of paper, fast"):
+        flow.sampler_settings("quick")

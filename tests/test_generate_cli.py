@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from flowmo.cli import main
-from flowmo.generate.cli import GeneratorCLI
 from test_generate_tokens import pretokenize, tokenizer_file
+
+from flowmo.commands import main
+from flowmo.commands.lightning import GeneratorCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "generator"
 

@@ -4,7 +4,12 @@ recall = 1 (random stand-in features: tests never download Inception); the refer
 import pytest
 import torch
 
-from flowmo.generate.evaluate import GenerationFeatures, evaluate_generator, precision_recall, reference_statistics
+from flowmo.generate.evaluate import (
+    GenerationFeatures,
+    evaluate_generator,
+    precision_recall,
+    reference_statistics,
+)
 
 
 def reference_images(manifest, size):

@@ -8,16 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from data_helpers import jpeg_bytes, truncated_jpeg_bytes, write_shard
+
 from flowmo.checkpoint import export_tokenizer
+from flowmo.commands import main as flowmo_main
 from flowmo.data.transforms import decode_rgb, val_transform
 from flowmo.errors import UserError
 from flowmo.generate import MaskGITModule
 from flowmo.generate.data import TokenDataModule
-from flowmo.generate.pretokenize import main as pretokenize_main
 from flowmo.generate.tokens import decode_ids, read_token_manifest
 from flowmo.nn.tokenizer import FlowMoTokenizer
+
+
+def pretokenize_main(argv: list[str]) -> int:
+    return flowmo_main(["pretokenize", *argv])
 
 
 def tokenizer_file(folder: Path, seed: int) -> Path:

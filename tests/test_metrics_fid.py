@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from torch import nn
-
 from seeded_weights import deterministic_state_dict, reference_layout
+from torch import nn
 
 from flowmo.metrics import FIDFeatures, InceptionFeatures, build_fid
 from flowmo.metrics.fid import fid_inception

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from flowmo.metrics import PSNR, SSIM, LPIPSMetric, PaperPSNR, PaperSSIM, ReconstructionMetrics
+from flowmo.metrics import (
+    PSNR,
+    SSIM,
+    LPIPSMetric,
+    PaperPSNR,
+    PaperSSIM,
+    ReconstructionMetrics,
+)
 
 
 def natural_ish(batch, size=48, seed=0):

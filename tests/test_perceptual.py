@@ -5,15 +5,14 @@ import urllib.request
 
 import pytest
 import torch
-from torch import nn
-
 from seeded_weights import deterministic_state_dict, reference_layout
+from torch import nn
 
 from flowmo.perceptual import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    LPIPSDistance,
     LPIPSVGG,
+    LPIPSDistance,
     MissingWeightsError,
     ResNetLogitsDistance,
     StandInWeightsWarning,

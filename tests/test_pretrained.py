@@ -275,7 +275,7 @@ def test_released_names_work_where_a_pth_is_accepted(released_tiny, monkeypatch,
     """The file tools and `model.init_weights` take `lo` like a path."""
     from PIL import Image
 
-    from flowmo.cli import main
+    from flowmo.commands import main
     from flowmo.module import FlowMoModule
 
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
@@ -299,7 +299,7 @@ def test_init_weights_of_a_released_name_into_another_architecture_is_refused(re
 
 # ------------------------------------------------------------------------------------------- flowmo fetch-weights
 def test_fetch_weights_prints_where_each_file_is(tmp_path, monkeypatch, capsys):
-    from flowmo.cli import main
+    from flowmo.commands import main
 
     folder = tmp_path / "torch" / "hub" / "checkpoints"
     folder.mkdir(parents=True)

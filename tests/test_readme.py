@@ -1,8 +1,9 @@
-"""Every command in the README's ```bash blocks is exercised, as a new user would type it, in a fresh copy of the
-checkout (tracked and untracked-not-ignored files; the existing .venv linked in).
+"""Every command in the ```bash blocks of the README and of every docs/*.md page is exercised, as a new user would
+type it, in a fresh copy of the checkout (tracked and untracked-not-ignored files; the existing .venv linked in).
+A command written on several pages runs once.
 
-How each command is exercised is decided by RULES below; a README command that no rule covers fails the fast
-test `test_every_readme_command_has_a_rule`, so a new command cannot go untested. The kinds:
+How each command is exercised is decided by RULES below; a documented command that no rule covers fails the fast
+test `test_every_documented_command_has_a_rule`, so a new command cannot go untested. The kinds:
   run      run verbatim (or in the short form the rule states, e.g. fewer steps), exit status 0
   dry      needs GPUs, ImageNet or hours: `make -n` must expand it, and every `flowmo fit|validate|test` line it
            would run must parse with its configs (`--print_config`: configs, options and choices checked)
@@ -29,13 +30,17 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 
 
 # ------------------------------------------------------------------------------------------ the commands
-def readme_commands(text: str | None = None) -> list[str]:
-    """The commands of the README's ```bash blocks: continuation lines joined, comments and #! / #SBATCH dropped."""
-    text = README.read_text() if text is None else text
+def documented_commands() -> list[str]:
+    """The commands of every page, in page order, each once."""
+    return list(dict.fromkeys(command for page in PAGES for command in page_commands(page.read_text())))
+
+
+def page_commands(text: str) -> list[str]:
+    """The commands of a page's ```bash blocks: continuation lines joined, comments and #! / #SBATCH dropped."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = block.replace("\\\n", " ")
@@ -95,7 +100,7 @@ RULES = (
     Rule(r"flowmo ablate (grids|list \S+)", "run"),
     Rule(r"make ablate GRID=\S+ DRY_RUN=1", "run"),
     Rule(r"make ablate GRID=\S+( GPUS=\d+)?", "run", "with DRY_RUN=1: every fit/test command printed, none run "
-         "(the tiny grid's real run is 39 min, measured in the README)", ((r"$", " DRY_RUN=1"),)),
+         "(the tiny grid's real run is 39 min, measured in docs/ablations.md)", ((r"$", " DRY_RUN=1"),)),
     Rule(r"flowmo ablate run .* --launcher slurm .*", "run", "with --dry-run: sbatch files written, not submitted",
          ((r"$", " --dry-run"),)),
     Rule(r"flowmo ablate table \S+", "run"),
@@ -103,7 +108,7 @@ RULES = (
     Rule(r"make bench COUNT_ONLY=1", "run"),
     Rule(r"make bench .*(PRESET=(lo|hi|small)|COMPILE=1|PRECISION=bf16|PROFILE=1|SCALING=1).*", "dry"),
     Rule(r"make bench-compare BASE=\S+( PRESET=\S+)?", "dry"),
-    Rule(r"\.venv/bin/python scripts/sampler_steps\.py .*", "run", "--checkpoint = the tiny CPU run's, --data = "
+    Rule(r"\.venv/bin/python -m flowmo\.bench\.sampler_steps .*", "run", "--checkpoint = the tiny CPU run's, --data = "
          "the sample set; 2 step counts, 1 repeat",
          ((r"--checkpoint \S+", "--checkpoint runs/tiny-cpu/checkpoints/last.ckpt"),
           (r"--data \S+", "--data data/sample"), (r"$", " --steps 2 4 --repeats 1"))),
@@ -114,16 +119,22 @@ def rule_for(command: str) -> Rule | None:
     return next((rule for rule in RULES if re.fullmatch(rule.pattern, command)), None)
 
 
-def test_every_readme_command_has_a_rule():
-    commands = readme_commands()
+def test_every_documented_command_has_a_rule():
+    commands = documented_commands()
     assert len(commands) >= 30  # the parser found the blocks
     uncovered = [command for command in commands if rule_for(command) is None]
-    assert not uncovered, f"README commands no rule in tests/test_readme.py exercises: {uncovered}"
+    assert not uncovered, f"documented commands no rule in tests/test_readme.py exercises: {uncovered}"
+
+
+def test_every_page_has_commands_or_is_prose_only():
+    """The harness really reads docs/: the pages that hold commands are found, and the README's are among them."""
+    with_commands = {page.name for page in PAGES if page_commands(page.read_text())}
+    assert {"README.md", "training.md", "install.md", "performance.md", "ablations.md"} <= with_commands
 
 
 def test_the_parser_joins_continuations_and_drops_comments():
     text = "x\n```bash\nmake a   # note\nflowmo fit -c x.yaml \\\n    --y 1  # more\n#!/bin/bash\n```\n"
-    assert readme_commands(text) == ["make a", "flowmo fit -c x.yaml --y 1"]
+    assert page_commands(text) == ["make a", "flowmo fit -c x.yaml --y 1"]
 
 
 # ------------------------------------------------------------------------------------------ running them
@@ -209,9 +220,9 @@ def setup_order(commands: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_commands_work_verbatim_in_a_fresh_checkout(checkout):
+def test_documented_commands_work_verbatim_in_a_fresh_checkout(checkout):
     ran = []
-    for command in setup_order(readme_commands()):
+    for command in setup_order(documented_commands()):
         rule = rule_for(command)
         if rule.kind == "covered":
             if command == "make demo":

@@ -108,20 +108,20 @@ def test_the_training_module_uses_fused_adam_on_cpu_and_it_matches_the_loop():
 def test_the_fast_sampler_is_the_paper_grid_with_8_steps_and_10_network_evaluations():
     import pytest
 
-    from flowmo.nn.tokenizer import FAST_SAMPLER, PAPER_SAMPLER
+    from flowmo.flow import SAMPLERS
 
     tok = FlowMoTokenizer.from_preset("tiny").eval()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     ids = tok.tokenize(images)
     fast = tok.detokenize(ids, generator=torch.Generator().manual_seed(0), sampler="fast")
     eight = tok.detokenize(ids, generator=torch.Generator().manual_seed(0), steps=8)
-    assert torch.equal(fast, eight) and FAST_SAMPLER == {**PAPER_SAMPLER, "steps": 8}
+    assert torch.equal(fast, eight) and SAMPLERS["fast"] == SAMPLERS["paper"].replace(steps=8)
     calls = []
     counting = type("Counting", (), {
         "velocity": lambda self, z, c, t: calls.append(1) or torch.zeros_like(z),
         "velocity_with_null": lambda self, z, c, t: calls.extend([1, 1]) or (torch.zeros_like(z),) * 2,
         "_check_sample_inputs": lambda self, *a: None})()
-    FlowMoTokenizer.sample(counting, torch.zeros(1), torch.zeros(1, 3, 1, 1), **FAST_SAMPLER)
-    assert len(calls) == 10
+    FlowMoTokenizer.sample_with(counting, SAMPLERS["fast"], torch.zeros(1), torch.zeros(1, 3, 1, 1))
+    assert len(calls) == 10 == SAMPLERS["fast"].nfe
     with pytest.raises(ValueError, match="unknown sampler"):
         tok.detokenize(ids, sampler="quick")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from flowmo.flow import SamplerSettings
 from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.module import FlowMoModule
 from flowmo.optim import ModelEMA
@@ -46,7 +47,7 @@ def trainer(max_steps: int, **kwargs) -> L.Trainer:
 
 
 def module(**kwargs) -> FlowMoModule:
-    defaults = dict(preset="tiny", perceptual="none", feature_weights="random", val_steps=2, seed=0)
+    defaults = dict(preset="tiny", perceptual="none", feature_weights="random", sampler=SamplerSettings(steps=2), seed=0)
     return FlowMoModule(**{**defaults, **kwargs})
 
 
@@ -228,3 +229,16 @@ def test_resume_continues_exactly(tmp_path):
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_the_stage_decides_the_terms_and_refuses_one_it_does_not_use():
+    stage_1a = LossRecipe.for_stage("1a")
+    assert stage_1a.train_encoder and stage_1a.perceptual_weight == 0.1 and stage_1a.sample_weight == 0.0
+    stage_1b = LossRecipe.for_stage("1b", perceptual="none", sample_loss="resnet50_logits", sample_weight=0.01)
+    assert not stage_1b.train_encoder and stage_1b.perceptual_weight == 0.0 and stage_1b.sample_weight == 0.01
+    with pytest.raises(ValueError, match="Stage 1B trains no perceptual loss"):
+        LossRecipe.for_stage("1b", perceptual="lpips_vgg", sample_loss="pixel_mse")
+    with pytest.raises(ValueError, match="Stage 1A has no chain-sample loss"):
+        FlowMoModule(preset="tiny", perceptual="none", sample_loss="pixel_mse")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        LossRecipe.for_stage("2")

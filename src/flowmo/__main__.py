@@ -1,5 +1,5 @@
 import sys
 
-from flowmo.cli import main
+from flowmo.commands import main
 
 sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from flowmo import official, pretrained
-from flowmo.config import FlowMoConfig
+from flowmo.config import FlowMoConfig, config_differences
 from flowmo.errors import UserError
 
 RAW_PREFIX, EMA_PREFIX = "tokenizer.", "ema.module."
@@ -105,6 +105,20 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: s
     official.check_keys(state, expected)
     require_finite(state, what)
     model.load_state_dict(state, strict=True)
+
+
+def load_initial_weights(tokenizer: torch.nn.Module, source, weights: str = "ema", parts: str = "all") -> None:
+    """Weights only (no optimizer, no step) into `tokenizer`: how Stage 1B starts from Stage 1A. parts="encoder"
+    takes the encoder alone (a pre-trained encoder under a fresh decoder). `source` may be a released name."""
+    state, config = load_state(source, weights, config=tokenizer.config)
+    if config != tokenizer.config:
+        raise UserError(f"init_weights {source} has another architecture than the configured one "
+                        f"({'; '.join(config_differences(config, tokenizer.config))}); use that file's model config.")
+    if parts == "encoder":
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        load_into(tokenizer.encoder, state, str(source))
+    else:
+        load_into(tokenizer, state, str(source))
 
 
 def require_finite(state: Mapping[str, torch.Tensor], what: str) -> None:

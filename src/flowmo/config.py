@@ -122,6 +122,11 @@ class FlowMoConfig:
         return self.code_dim // self.entropy_group_bits if self.quantizer == "lfq" else 1
 
     @property
+    def codebook_bits(self) -> int | None:
+        """G, the bits of an LFQ sub-token whose 2^G codes the codebook statistics count (None: no LFQ)."""
+        return self.entropy_group_bits if self.quantizer == "lfq" else None
+
+    @property
     def bits_per_token(self) -> float:
         if self.quantizer == "lfq":
             return float(self.code_dim)
@@ -167,22 +172,6 @@ def fsq_levels_for_bits(bits: int) -> tuple[int, ...]:
     if remainder:
         levels.append(2**remainder)
     return tuple(levels)
-
-
-def resolve_config(preset: str, overrides: dict[str, Any] | None = None) -> FlowMoConfig:
-    """A named preset with some fields replaced; `encoder` / `decoder` overrides merge key by key.
-
-    e.g. resolve_config("small", {"patch_size": 16}) for the paper's "2x patch size" ablation.
-    """
-    from flowmo import presets
-
-    values = presets.get(preset).to_dict()
-    for key, value in (overrides or {}).items():
-        if key in ("encoder", "decoder") and isinstance(value, dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return FlowMoConfig.from_dict(values)
 
 
 def config_differences(theirs: FlowMoConfig, ours: FlowMoConfig) -> list[str]:

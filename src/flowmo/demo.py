@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flowmo import pretrained
+from flowmo.commands.lightning import FlowMoCLI
 from flowmo.data.datamodule import FlowMoDataModule
-from flowmo.data.sample_set import build_sample_set
+from flowmo.data.sample_set import ensure_sample_data
 from flowmo.figures import read_scalars, reconstruction_figure, training_curves_figure
+from flowmo.flow import SAMPLERS
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.metrics.image import psnr_per_image, to_unit_range
-from flowmo.nn.tokenizer import PAPER_SAMPLER, FlowMoTokenizer
-from flowmo.arguments import demo_arguments as parse_args
-from flowmo import pretrained
+from flowmo.nn.tokenizer import FlowMoTokenizer
 
 # The repository's configs/ (editable install), else ./configs: the demo runs from any working directory.
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -66,20 +67,6 @@ def stage_losses(choice: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- data
-def ensure_sample_data(data_dir: Path, size: int, train_crops: int, val_crops: int, tint_grey: float = -1.0) -> None:
-    """Build the demo's sample set unless data_dir already holds one made with these settings.
-    tint_grey < 0: no colour jitter; else jitter every training crop and tint grayscale ones with that probability."""
-    wanted = {"size": size, "train_crops_per_photo": train_crops, "val_crops_per_photo": val_crops,
-              "colour_jitter": tint_grey >= 0, "tint_grey": max(tint_grey, 0.0)}
-    stamp = data_dir / "demo_sample_set.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (data_dir / "val.json").is_file():
-        return
-    print(f"demo: building the sample set in {data_dir} ({size} px crops at every scale)")
-    build_sample_set(data_dir, size=size, train_crops_per_photo=train_crops, val_crops_per_photo=val_crops,
-                     shard_size=256, colour_jitter=tint_grey >= 0, tint_grey=max(tint_grey, 0.0))
-    stamp.write_text(json.dumps(wanted) + "\n")
-
-
 def validation_images(data_dir: Path, image_size: int) -> torch.Tensor:
     data = FlowMoDataModule(train_shards=None, val_shards=str(data_dir / "val.json"), image_size=image_size,
                             batch_size=16, num_workers=0, pin_memory=False, persistent_workers=False)
@@ -90,8 +77,6 @@ def validation_images(data_dir: Path, image_size: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- training
 def run_stage(stage: str, args: argparse.Namespace, extra: list[str]) -> Path:
     """One `flowmo fit` of the demo; returns its last checkpoint."""
-    from flowmo.cli import FlowMoCLI
-
     run_name = f"demo-{stage}"
     shutil.rmtree(Path(args.runs_dir) / run_name, ignore_errors=True)  # a fresh demo, not a resume
     cli_args = ["fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/demo.yaml"),
@@ -113,7 +98,7 @@ def reconstruct(tokenizer: FlowMoTokenizer, images: torch.Tensor, seed: int) -> 
     tokenizer.eval()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     quantized = tokenizer.quantize(tokenizer.encode(images), with_losses=False)
-    return tokenizer.sample(quantized.codes, noise, **PAPER_SAMPLER), quantized.indices
+    return tokenizer.sample_with(SAMPLERS["paper"], quantized.codes, noise), quantized.indices
 
 
 def mean_colour(images: torch.Tensor) -> torch.Tensor:
@@ -136,23 +121,15 @@ def row_psnr(images: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def evaluate(tokenizer: FlowMoTokenizer, images: torch.Tensor, seed: int) -> tuple[dict, torch.Tensor]:
     reconstructions, indices = reconstruct(tokenizer, images, seed)
-    metrics = ReconstructionMetrics(lpips_nets=available_lpips(), fid_feature=False,
+    metrics = ReconstructionMetrics(lpips_nets=pretrained.cached_lpips_nets(), fid_feature=False,
                                     codebook_bits=tokenizer.config.entropy_group_bits)
     metrics.update(images, reconstructions, indices)
     return metrics.compute(), reconstructions
 
 
-def available_lpips() -> tuple[str, ...]:
-    """LPIPS variants whose backbone weights are cached (the demo downloads none)."""
-    return tuple(net for net, key in (("alex", "alexnet"), ("vgg", "vgg16")) if pretrained.is_available(key))
-
-
 # ------------------------------------------------------------------------------------------- the demo
-def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(argv))
-
-
-def run(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo on parsed arguments (flowmo.commands.demo owns them)."""
     started = time.time()
     torch.manual_seed(args.seed)
     data_dir, out_dir = Path(args.data), Path(args.out)
@@ -207,7 +184,7 @@ def write_report(out_dir: Path, results: dict, images: torch.Tensor, reconstruct
         "sample_weight_1b": losses["sample_weight_1b"],
         "substitutes": losses["substitutes"],
         "stand_ins": [],  # no random-weight network runs in the demo any more; substitutes says what replaced them
-        "sampler": {**PAPER_SAMPLER, "cfg_interval": list(PAPER_SAMPLER["cfg_interval"]), "seed": args.seed},
+        "sampler": {**SAMPLERS["paper"].to_dict(), "seed": args.seed},
         "grid": str(out_dir / "grid.png"),
         "grid_columns": list(columns),
         "curves": str(out_dir / "curves.png"),
@@ -230,7 +207,3 @@ def print_table(report: dict) -> None:
         print(f"substitute: {note}")
     print(f"grid: {report['grid']}   curves: {report['curves']}   "
           f"metrics: {Path(report['grid']).with_name('metrics.json')}   wall time: {report['wall_s']} s")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,6 +9,7 @@ Everything here is a pure function of tensors: no module, no Lightning.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -91,6 +92,67 @@ def random_chain_timesteps(batch: int, steps: int = 8, *, device=None, generator
     return u, s.flip(dims=[1]).to(u.dtype)
 
 
+# ---------------------------------------------------------------------------------------------- sampler settings
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a tokenizer decodes (spec 4): `steps` Euler steps on t_k = (k/steps)^rho, classifier-free guidance of
+    scale `cfg` where the EDM noise level lies in `cfg_interval` (None: at every step; cfg 1: none)."""
+
+    steps: int = 25
+    rho: float = 4.0
+    cfg: float = 1.5
+    cfg_interval: tuple[float, float] | None = (0.17, 1.02)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise UserError(f"sampler steps must be a positive integer, got {self.steps!r}.")
+        if self.cfg_interval is not None:
+            low, high = (float(s) for s in self.cfg_interval)  # a YAML list becomes the tuple
+            object.__setattr__(self, "cfg_interval", (low, high))
+
+    def timesteps(self, device=None) -> Tensor:
+        """The descending grid [steps + 1] from t = 1 to 0."""
+        return rho_timesteps(self.steps, self.rho, device=device)
+
+    @property
+    def interval_t(self) -> tuple[float, float] | None:
+        """cfg_interval in rectified-flow time (t = sigma / (1 + sigma))."""
+        return None if self.cfg_interval is None else tuple(sigma_to_t(s) for s in self.cfg_interval)
+
+    def guided_steps(self) -> list[bool]:
+        """Per Euler step, whether it is guided (decided on the host: no device sync while sampling)."""
+        if self.cfg == 1.0:
+            return [False] * self.steps
+        times = self.timesteps()[:-1].tolist()  # the t at which each step evaluates the velocity
+        low, high = self.interval_t or (-float("inf"), float("inf"))
+        return [low <= t <= high for t in times]
+
+    @property
+    def nfe(self) -> int:
+        """Decoder evaluations per image: one per step, plus one per guided step (31 for the paper's sampler)."""
+        return self.steps + sum(self.guided_steps())
+
+    def replace(self, **changes) -> "SamplerSettings":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        interval = None if self.cfg_interval is None else list(self.cfg_interval)
+        return {"steps": self.steps, "rho": self.rho, "cfg": self.cfg, "cfg_interval": interval}
+
+
+# The paper's sampler (spec 4), and 8 of its steps: 10 network evaluations instead of 31. 8 is the chain length
+# Stage 1B post-trains the decoder for; on the demo's held-out crops its PSNR and SSIM are at or above the 25-step
+# sampler's (docs/performance.md); rFID / LPIPS of fewer steps were not measured (no feature weights here).
+SAMPLERS = {"paper": SamplerSettings(), "fast": SamplerSettings(steps=8)}
+
+
+def sampler_settings(name: str = "paper", **overrides) -> SamplerSettings:
+    """A named sampler ("paper", "fast") with single settings overridden (e.g. steps=10)."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+    return SAMPLERS[name].replace(**overrides)
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 def sample_euler(velocity_fn: VelocityFn, noise: Tensor, timesteps: Tensor, *, clip: bool = True) -> Tensor:
     """Euler integration from t = timesteps[..., 0] (1) to timesteps[..., -1] (0).
@@ -113,27 +175,37 @@ def _grid_column(timesteps: Tensor, k: int, batch: int) -> Tensor:
 
 def guided_velocity(conditional: VelocityFn, unconditional: VelocityFn, cfg: float,
                     interval_t: tuple[float, float] | None = None,
-                    paired: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> VelocityFn:
+                    paired: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+                    guided_steps: list[bool] | None = None) -> VelocityFn:
     """Classifier-free guidance v_u + cfg (v_c - v_u), applied only where t lies in `interval_t`
     (inclusive; None = everywhere). Outside the interval only the conditional model runs.
 
     `paired(z, t) -> (v_c, v_u)`, when given, computes both velocities of a guided step in one network call
-    (twice the batch, one pass over the weights) instead of two calls."""
+    (twice the batch, one pass over the weights) instead of two calls. `guided_steps` (a grid shared by the
+    batch: SamplerSettings.guided_steps) says per call, in order, whether that step is guided: decided on the
+    host, so a grid on the device needs no synchronisation. Without it (per-sample grids) each sample's t decides.
+    """
     if cfg == 1.0:
         return conditional
+    flags = iter(guided_steps) if guided_steps is not None else None
 
     def both(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return paired(z, t) if paired is not None else (conditional(z, t), unconditional(z, t))
 
-    def velocity(z: Tensor, t: Tensor) -> Tensor:
-        if interval_t is None:
-            v_cond, v_uncond = both(z, t)
-            return v_cond + (cfg - 1.0) * (v_cond - v_uncond)
-        inside = (t >= interval_t[0]) & (t <= interval_t[1])
-        if not bool(inside.any()):  # skip the unconditional pass on unguided steps: 31 NFE, not 50
-            return conditional(z, t)
+    def guided(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(guided velocity, conditional velocity)."""
         v_cond, v_uncond = both(z, t)
-        v_guided = v_cond + (cfg - 1.0) * (v_cond - v_uncond)
+        return v_cond + (cfg - 1.0) * (v_cond - v_uncond), v_cond
+
+    def velocity(z: Tensor, t: Tensor) -> Tensor:
+        if flags is not None:  # skip the unconditional pass on unguided steps: 31 NFE, not 50
+            return guided(z, t)[0] if next(flags) else conditional(z, t)
+        if interval_t is None:
+            return guided(z, t)[0]
+        inside = (t >= interval_t[0]) & (t <= interval_t[1])
+        if not bool(inside.any()):
+            return conditional(z, t)
+        v_guided, v_cond = guided(z, t)
         return torch.where(_per_sample(inside, z).bool(), v_guided, v_cond)
 
     return velocity

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flowmo import flow
+from flowmo.errors import UserError
 
 
 @dataclass
@@ -30,12 +31,18 @@ class LossOutput:
     indices: Tensor | None
 
 
+STAGES = ("1a", "1b")
+
+
 @dataclass(frozen=True)
 class LossRecipe:
-    """What one training step optimises. Defaults are Stage 1A of the paper."""
+    """What one training step optimises. Defaults are Stage 1A of the paper; `for_stage` is where a stage
+    decides which terms it uses."""
 
     flow_weight: float = 1.0
+    perceptual: str = "lpips_vgg"  # the network of the x0-estimate term (flowmo.perceptual kinds)
     perceptual_weight: float = 0.1  # on the one-step x0 estimate (needs a perceptual net)
+    sample_loss: str = "none"  # the network of the Stage-1B chain-sample term
     sample_weight: float = 0.0  # on the Stage-1B chain sample (needs a sample net)
     quantizer_weight: float = 1.0  # scales the quantizer's own weighted entropy + commitment loss
     time_schedule: str = "fat_lognormal"
@@ -43,6 +50,24 @@ class LossRecipe:
     chain_steps: int = 8
     checkpoint_chain: bool = True  # activation checkpointing per decoder call of the chain (non-reentrant)
     train_encoder: bool = True
+
+    @classmethod
+    def for_stage(cls, stage: str, *, perceptual: str = "lpips_vgg", perceptual_weight: float = 0.1,
+                  sample_loss: str = "none", sample_weight: float = 0.0, **rest) -> "LossRecipe":
+        """The recipe of Stage 1A (mode matching: flow + perceptual on the x0 estimate + quantizer, encoder trained)
+        or 1B (mode seeking: flow + a loss on the chain sample, encoder frozen: spec 3). A term the stage does not
+        use is refused, never silently zeroed: set it to none there."""
+        if stage not in STAGES:
+            raise UserError(f"stage must be one of {STAGES}, got {stage!r}.")
+        if stage == "1a" and sample_loss != "none":
+            raise UserError(f"Stage 1A has no chain-sample loss (spec 3: it is Stage 1B's term), but model.sample_loss "
+                            f"is {sample_loss!r}; set model.sample_loss none, or model.stage 1b.")
+        if stage == "1b" and perceptual != "none" and perceptual_weight:
+            raise UserError(f"Stage 1B trains no perceptual loss on the x0 estimate (spec 3: that is Stage 1A's term), "
+                            f"but model.perceptual is {perceptual!r}; set model.perceptual none, or model.stage 1a.")
+        return cls(perceptual=perceptual, perceptual_weight=perceptual_weight if perceptual != "none" else 0.0,
+                   sample_loss=sample_loss, sample_weight=sample_weight if sample_loss != "none" else 0.0,
+                   train_encoder=stage == "1a", **rest)
 
 
 def flow_matching_loss(velocity: Tensor, images: Tensor, noise: Tensor) -> Tensor:

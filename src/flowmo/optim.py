@@ -1,17 +1,25 @@
-"""State that lives beside the optimizer: the EMA of the weights and the weight-norm projection (spec 5).
+"""The training update that follows every backward pass (spec 5), shared by FlowMoModule and the benchmark:
 
-Both are nn.Modules owned by FlowMoModule, so their tensors are in every checkpoint and a resumed run
-continues exactly (the authors' code restarts the EMA from the raw weights on resume; we do not).
+    update = TrainingUpdate(tokenizer, ema_decay=0.9999, ema_every=10)
+    optimizer = update.adam(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, device=device)
+    update.step(optimizer, step_fn, found_inf)   # Adam (skipped on the device if found_inf), projection, EMA
+
+Adam uses its fused kernel, which skips the update (moments and step counts included) when `found_inf` is 1: the
+non-finite guard (flowmo.faults.NonFiniteGuard) decides that on the device, so no step waits on the host. The
+weight-norm projection and the EMA follow the same flag. EMA and projection norms are nn.Modules owned by
+FlowMoModule, so their tensors are in every checkpoint and a resumed run continues exactly (the authors' code
+restarts the EMA from the raw weights on resume; we do not).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from flowmo.training_stats import global_norm
+FUSED_ADAM_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
 
 class ModelEMA(nn.Module):
@@ -33,11 +41,21 @@ class ModelEMA(nn.Module):
         names = [k for k, v in ema_state.items() if v.is_floating_point()]
         return [ema_state[k] for k in names], [state[k].detach() for k in names]
 
+    def is_due(self, step: int) -> bool:
+        """Whether optimizer step `step` (counted from 1) moves the EMA: steps every, 2 * every, ..."""
+        return step % self.every == 0
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """ema <- d^every ema + (1 - d^every) w, for every floating-point tensor of the state dict."""
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """ema <- d^every ema + (1 - d^every) w for every floating-point tensor; `skip` (a device flag, 1 = skip)
+        leaves it exactly unchanged without a host sync."""
         ema, current = self._pairs(model)
-        torch._foreach_lerp_(ema, current, 1.0 - self.decay**self.every)
+        weight = 1.0 - self.decay**self.every
+        if skip is None:
+            torch._foreach_lerp_(ema, current, weight)
+            return
+        weight = (1 - skip.float()) * weight  # 0 on a skipped step: ema + 0 * (w - ema) is ema
+        torch._foreach_lerp_(ema, current, [weight] * len(ema))
 
     @torch.no_grad()
     def reset(self, model: nn.Module) -> None:
@@ -46,21 +64,12 @@ class ModelEMA(nn.Module):
 
     @torch.no_grad()
     def relative_distance(self, model: nn.Module) -> Tensor:
-        """||ema - w|| / ||w|| over all floating-point tensors (a logged health signal)."""
+        """||ema - w|| / ||w|| over all floating-point tensors (a logged health signal). Tensor by tensor, so no
+        model-sized temporary is allocated (3.2 GiB for FlowMo-Lo)."""
         ema, current = self._pairs(model)
-        return global_norm(torch._foreach_sub(ema, current)) / global_norm(current).clamp_min(1e-12)
-
-
-FUSED_ADAM_DEVICES = ("cuda", "cpu", "xpu", "mps")
-
-
-def adam_kernel(device: torch.device) -> dict[str, bool]:
-    """Adam's one-kernel implementation wherever torch has it. On CPU torch otherwise picks its per-tensor loop:
-    536 ms per step for cpu-mid's 26M parameters against 17 ms fused (a third of a whole 1A step), and the
-    weights after 20 steps agree to 1.5e-8 (tests/test_speed.py)."""
-    if device.type in FUSED_ADAM_DEVICES:
-        return {"fused": True}
-    return {"foreach": True}
+        squared = torch.stack([torch.linalg.vector_norm(e.float() - w.float()) ** 2 for e, w in zip(ema, current)])
+        norms = torch.stack(torch._foreach_norm(current)).float()
+        return squared.sum().sqrt() / torch.linalg.vector_norm(norms).clamp_min(1e-12)
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
@@ -82,14 +91,64 @@ class WeightNormProjection(nn.Module):
         self._weights: list[nn.Parameter] | None = None  # resolved on first use, not on every step
 
     @torch.no_grad()
-    def apply_to(self, model: nn.Module) -> None:
-        """Project the trainable weights (frozen ones have not moved, so they are skipped)."""
+    def apply_to(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """Project the trainable weights (frozen ones have not moved, so they are skipped); `skip` (a device
+        flag) keeps them exactly as they are."""
         if self._weights is None:
             self._weights = [model.get_submodule(name).weight for name in self.names]
-        trainable = [(w, self.target_norms[i]) for i, w in enumerate(self._weights) if w.requires_grad]
-        weights, targets = [w for w, _ in trainable], [t for _, t in trainable]
-        if not weights:
+        chosen = [i for i, w in enumerate(self._weights) if w.requires_grad]
+        if not chosen:
             return
-        norms = torch._foreach_norm(weights)  # master weights are fp32 (spec 8.21)
-        scales = torch._foreach_div(targets, torch._foreach_clamp_min(norms, 1e-12))
-        torch._foreach_mul_(weights, scales)
+        weights = [self._weights[i] for i in chosen]
+        norms = torch.stack(torch._foreach_norm(weights))  # master weights are fp32 (spec 8.21)
+        scales = self.target_norms[chosen] / norms.clamp_min(1e-12)
+        if skip is not None:
+            scales = torch.where(skip.bool(), torch.ones_like(scales), scales)
+        torch._foreach_mul_(weights, list(scales.unbind()))
+
+
+def adam_kernel(device: torch.device) -> dict[str, bool]:
+    """Adam's one-kernel implementation wherever torch has it: it takes the device-side skip flag (found_inf),
+    and on CPU torch otherwise picks its per-tensor loop (536 ms per step for cpu-mid's 26M parameters against
+    17 ms fused; weights after 20 steps agree to 1.5e-8, tests/test_speed.py)."""
+    if device.type in FUSED_ADAM_DEVICES:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+class TrainingUpdate:
+    """Adam, the weight-norm projection and the EMA, in that order, after each backward pass.
+
+    `step` is called once per optimizer step with the function that runs Adam's step (FlowMoModule passes
+    Lightning's, which also runs the precision plugin; the benchmark passes optimizer.step) and the device flag
+    of the non-finite guard.
+    """
+
+    def __init__(self, model: nn.Module, ema: ModelEMA, projection: WeightNormProjection | None):
+        self.model, self.ema, self.projection = model, ema, projection
+        self.steps = 0  # optimizer steps taken through this object (the module passes Lightning's own count)
+
+    @staticmethod
+    def adam(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+             device: torch.device) -> torch.optim.Adam:
+        """Adam(0.9, 0.95) without weight decay (spec 5), fused where torch has the kernel."""
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0, **adam_kernel(device))
+
+    def step(self, optimizer: torch.optim.Optimizer, run_step: Callable[[], object], found_inf: Tensor | None = None,
+             step: int | None = None) -> None:
+        """Run Adam (`run_step`), then project and move the EMA; `step` (from 1) decides the EMA cadence."""
+        self.steps = self.steps + 1 if step is None else step
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper: the flag goes on torch's own
+        fused = bool(optimizer.defaults.get("fused"))
+        if found_inf is not None and fused:
+            optimizer.found_inf = found_inf.float()  # read by the fused kernel: no update, step counts undone
+        try:
+            if found_inf is None or fused or not bool(found_inf):  # unfused Adam (no kernel here): the host decides
+                run_step()
+        finally:
+            if found_inf is not None and fused:
+                del optimizer.found_inf
+        if self.projection is not None:
+            self.projection.apply_to(self.model, found_inf)
+        if self.ema.is_due(self.steps):
+            self.ema.update(self.model, found_inf)

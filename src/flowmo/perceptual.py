@@ -115,17 +115,6 @@ def check_image_pair(x: torch.Tensor, y: torch.Tensor) -> None:
         raise UserError(f"Expected float images in [-1, 1], got dtypes {x.dtype} and {y.dtype}.")
 
 
-def check_image_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    """Both images [B, 3, H, W] floating point of one shape (values are expected in [-1, 1])."""
-    if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-        raise UserError(
-            f"Expected two image batches of one shape [B, 3, H, W] in [-1, 1], got {tuple(x.shape)} and "
-            f"{tuple(y.shape)}."
-        )
-    if not (x.is_floating_point() and y.is_floating_point()):
-        raise UserError(f"Expected float images in [-1, 1], got dtypes {x.dtype} and {y.dtype}.")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # LPIPS (the lpips package)
 

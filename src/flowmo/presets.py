@@ -19,6 +19,8 @@ authors' code (encoder multiplier 4, decoder 6).
 
 from __future__ import annotations
 
+from typing import Any
+
 from flowmo.config import FlowMoConfig, TransformerConfig
 from flowmo.errors import UserError
 
@@ -61,3 +63,17 @@ def get(name: str) -> FlowMoConfig:
     if name not in _PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of {names()}.")
     return _PRESETS[name]
+
+
+def resolve_config(preset: str, overrides: dict[str, Any] | None = None) -> FlowMoConfig:
+    """A named preset with some fields replaced; `encoder` / `decoder` overrides merge key by key.
+
+    e.g. resolve_config("small", {"patch_size": 16}) for the paper's "2x patch size" ablation.
+    """
+    values = get(preset).to_dict()
+    for key, value in (overrides or {}).items():
+        if key in ("encoder", "decoder") and isinstance(value, dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return FlowMoConfig.from_dict(values)

@@ -123,6 +123,11 @@ def is_available(key: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- fetching
+def cached_lpips_nets() -> tuple[str, ...]:
+    """LPIPS variants whose trunk file is cached ("alex", "vgg"): where the demo and the tiny grid add LPIPS."""
+    return tuple(net for net, key in (("alex", "alexnet"), ("vgg", "vgg16")) if is_available(key))
+
+
 def fetch(key: str, weights: str | os.PathLike | None = None) -> Path:
     """The local path of FILES[key]: ``weights`` (a file, or a folder holding it), else the cache, else a download."""
     spec = FILES[key]
@@ -215,28 +220,9 @@ def fetch_group(group: str) -> list[tuple[PretrainedFile, Path]]:
     return [(FILES[key], fetch(key)) for key in GROUPS[group]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`flowmo fetch-weights GROUP...`: fill the caches (on a login node with internet) and say where each file is."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="flowmo fetch-weights", allow_abbrev=False,
-                                     description="download pretrained files into their usual caches (hash checked)")
-    parser.add_argument("groups", nargs="*", default=["all"], choices=list(GROUPS), metavar="GROUP",
-                        help=f"what to fetch: {', '.join(GROUPS)} (default all)")
-    args = parser.parse_args(argv)
-    try:
-        for group in args.groups:
-            for spec, path in fetch_group(group):
-                print(f"{spec.key:<14} {path}   ({spec.what}; from {spec.address})")
-    except UserError as error:
-        print(f"flowmo fetch-weights: {error}", file=sys.stderr)
-        return 2
-    if "lpips" in args.groups or "all" in args.groups:
-        print(f"{'lpips heads':<14} shipped inside the lpips package ({_lpips_heads_folder()})")
-    return 0
-
-
-def _lpips_heads_folder() -> str:
+def lpips_heads_folder() -> str:
+    """Where the lpips package keeps its learned linear heads (they ship inside it; nothing to download)."""
     import importlib.util
 
     spec = importlib.util.find_spec("lpips")

@@ -1,4 +1,5 @@
-"""File-level tools: images in, images or token ids out.
+"""File-level tools: images in, images or token ids out (the work of `flowmo reconstruct | tokenize | detokenize`,
+whose arguments live in flowmo.commands.files).
 
     flowmo reconstruct --tokenizer runs/demo-1b/checkpoints/last.ckpt photo.jpg more/ --out recon/
     flowmo tokenize    --tokenizer lo photos/ --out tokens/                   # one <name>.npy of ids per image
@@ -19,12 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowmo.arguments import tool_arguments
-from flowmo.data.transforms import decode_rgb, val_transform
+from flowmo.data.transforms import IMAGE_EXTENSIONS, decode_rgb, val_transform
 from flowmo.errors import UserError
 from flowmo.nn.tokenizer import FlowMoTokenizer
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
 
 
 def load_tokenizer(source: str, device: str) -> FlowMoTokenizer:
@@ -32,7 +30,7 @@ def load_tokenizer(source: str, device: str) -> FlowMoTokenizer:
     return FlowMoTokenizer.from_checkpoint(source, weights="ema").to(device).eval()
 
 
-def list_files(inputs: list[str], suffixes: set[str]) -> list[Path]:
+def list_files(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -78,7 +76,7 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor) -> Image.Image:
 
 def reconstruct(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
     size = args.size or model.config.image_size
-    files, images, skipped = read_images(list_files(args.inputs, IMAGE_SUFFIXES), size)
+    files, images, skipped = read_images(list_files(args.inputs, IMAGE_EXTENSIONS), size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -93,7 +91,7 @@ def reconstruct(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
 
 def tokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
     size = args.size or model.config.image_size
-    files, images, skipped = read_images(list_files(args.inputs, IMAGE_SUFFIXES), size)
+    files, images, skipped = read_images(list_files(args.inputs, IMAGE_EXTENSIONS), size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if model.quantizer.codebook_size <= 2**16 else np.int64  # the smallest that holds the ids
@@ -111,7 +109,7 @@ def sampler_choice(args: argparse.Namespace) -> dict:
 
 
 def detokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
-    files = list_files(args.inputs, {".npy"})
+    files = list_files(args.inputs, (".npy",))
     size = args.size or model.config.image_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,10 +137,6 @@ def report(done: int, skipped: list[Path], out: Path, what: str) -> int:
 
 
 COMMANDS = {"reconstruct": reconstruct, "tokenize": tokenize, "detokenize": detokenize}
-
-
-def main(argv: list[str] | None = None, command: str = "reconstruct") -> int:
-    return run(tool_arguments(argv, command), command)
 
 
 def resolve_device(name: str) -> str:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 from torchvision.utils import make_grid, save_image
 
 

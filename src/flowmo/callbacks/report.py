@@ -23,10 +23,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torchvision.utils import save_image
+
 from flowmo import __version__
 from flowmo.callbacks.images import side_by_side
-from flowmo.flow import rho_timesteps, sigma_to_t
-from torchvision.utils import save_image
 
 TABLE_HEADER = ("| tokenizer | BPP | tokens × vocab | rFID↓ | PSNR↑ | SSIM↑ | LPIPS↓ |\n"
                 "|---|---|---|---|---|---|---|")
@@ -97,11 +97,11 @@ def build_report(trainer: L.Trainer, pl_module: L.LightningModule, num_images: i
     hp = pl_module.hparams
     config = pl_module.config
     stand_ins = list(pl_module.stand_ins)
-    settings = pl_module.sampler_settings()
+    settings = pl_module.sampler
     report: dict[str, Any] = {
         "metrics": collected_metrics(trainer, pl_module),
         "num_images": num_images,
-        "sampler": {**settings, "seed": hp.seed, "nfe": sampler_nfe(settings)},
+        "sampler": {**settings.to_dict(), "seed": hp.seed, "nfe": settings.nfe},
         "weights": evaluated_weights(trainer, hp),
         "checkpoint": trainer.ckpt_path,
         "init_weights": hp.init_weights,
@@ -139,18 +139,6 @@ def collected_metrics(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[
     if metrics:
         return {k: float(v) for k, v in metrics.items()}
     return {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-
-
-def sampler_nfe(settings: dict[str, Any]) -> int:
-    """Decoder evaluations per image: one per step, plus one per guided step (31 for the paper's sampler)."""
-    steps, cfg, interval = settings["steps"], settings["cfg"], settings["cfg_interval"]
-    if cfg == 1.0:
-        return steps
-    times = rho_timesteps(steps, settings["rho"])[:-1]  # the t at which each Euler step evaluates
-    if interval is None:
-        return 2 * steps
-    low, high = (sigma_to_t(s) for s in interval)
-    return steps + int(((times >= low) & (times <= high)).sum())
 
 
 def tokens_times_vocab(config) -> str:

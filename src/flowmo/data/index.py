@@ -26,8 +26,9 @@ from typing import Callable
 
 import numpy as np
 
+from flowmo.data.transforms import IMAGE_FIELDS
+
 INDEX_VERSION = 1
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif", "ppm")  # first one present is the image
 NO_LABEL = -1
 BAD_LABEL = -2  # a `.cls` member that is not an integer: the sample is skipped and counted when drawn
 MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key / field split

@@ -14,11 +14,10 @@ Class index = photograph, sorted by name within each split (the labels are not u
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
 import random
 import shutil
-import sys
 from pathlib import Path
 
 from PIL import Image
@@ -142,6 +141,23 @@ def build_sample_set(
     return manifests
 
 
+def ensure_sample_data(data_dir: str | Path, size: int, train_crops: int, val_crops: int,
+                       tint_grey: float = -1.0) -> None:
+    """Build the sample set in data_dir (the demo's and the tiny ablation grid's) unless it already holds one made
+    with these settings. tint_grey < 0: no colour jitter; else jitter every training crop and tint grayscale ones
+    with that probability."""
+    data_dir = Path(data_dir)
+    wanted = {"size": size, "train_crops_per_photo": train_crops, "val_crops_per_photo": val_crops,
+              "colour_jitter": tint_grey >= 0, "tint_grey": max(tint_grey, 0.0)}
+    stamp = data_dir / "demo_sample_set.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (data_dir / "val.json").is_file():
+        return
+    print(f"building the sample set in {data_dir} ({size} px crops at every scale)")
+    build_sample_set(data_dir, size=size, train_crops_per_photo=train_crops, val_crops_per_photo=val_crops,
+                     shard_size=256, colour_jitter=tint_grey >= 0, tint_grey=max(tint_grey, 0.0))
+    stamp.write_text(json.dumps(wanted) + "\n")
+
+
 def _remove_previous_build(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for pattern in (".staging", "train-*", "val-*", "train.json", "val.json", "train.index.npz", "val.index.npz",
@@ -151,25 +167,3 @@ def _remove_previous_build(out_dir: Path) -> None:
                 shutil.rmtree(old)
             else:
                 old.unlink()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="flowmo sample-data", description="Build the embedded sample shards from scikit-image's photographs."
-    )
-    parser.add_argument("--out", default="data/sample", help="output directory (default data/sample)")
-    parser.add_argument("--size", type=int, default=128, help="side of the stored square crops in px (default 128)")
-    parser.add_argument("--train-crops", type=int, default=64, help="crops per train photograph (default 64)")
-    parser.add_argument("--val-crops", type=int, default=16, help="crops per val photograph (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crop positions (default 0)")
-    args = parser.parse_args(argv)
-    manifests = build_sample_set(args.out, size=args.size, train_crops_per_photo=args.train_crops,
-                                 val_crops_per_photo=args.val_crops, seed=args.seed)
-    for split, manifest in manifests.items():
-        print(f"{split}: {manifest['num_samples']} images of {args.size}px in {manifest['num_shards']} shards "
-              f"-> {Path(args.out) / (split + '.json')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+from flowmo.data.transforms import IMAGE_EXTENSIONS
+
 UNKNOWN_CLASS = -1
 
 

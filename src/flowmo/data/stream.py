@@ -25,8 +25,12 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
-from flowmo.data.index import IMAGE_FIELDS
-from flowmo.data.transforms import decode_rgb, train_transform, val_transform
+from flowmo.data.transforms import (
+    IMAGE_FIELDS,
+    decode_rgb,
+    train_transform,
+    val_transform,
+)
 
 MAX_FAILURES_IN_A_ROW = 1000  # a few corrupt JPEGs are normal; a thousand in a row means wrong or broken shards
 

@@ -15,7 +15,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-
+# The one list of image files flowmo reads (folders, tars, the file tools) and the shard fields that hold them.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+IMAGE_FIELDS = tuple(extension[1:] for extension in IMAGE_EXTENSIONS)  # in a sample, the first one present
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (documented in the README)
 
 

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
-from flowmo.metrics.fid import INCEPTION_DIM, InceptionFeatures, RandomConvFeatures
+from flowmo.data.datamodule import resolve_shards
+from flowmo.data.stream import ShardStream, collate
+from flowmo.metrics.fid import InceptionFeatures, RandomConvFeatures
 from flowmo.perceptual import load_state_dict_file
 
 PROTOCOL = ("class-balanced samples vs. training-shard center crops; pytorch-fid InceptionV3 pool3 on float [0,1] "
@@ -75,8 +77,6 @@ def reference_statistics(manifest: str | Path, features: GenerationFeatures, ima
                          max_knn: int = 10_000) -> dict:
     """Mean/covariance sums and the first `max_knn` features of the reference images, from `cache` when it holds
     the same reference (manifest, size, network, count); otherwise computed and written there."""
-    from flowmo.data.datamodule import resolve_shards
-    from flowmo.data.stream import ShardStream, collate
 
     reference = {"manifest": str(Path(manifest).resolve()), "crop": "center", "image_size": image_size,
                  "features": features.name, "stand_in": features.is_stand_in, "max_images": max_images}

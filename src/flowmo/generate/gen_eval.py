@@ -11,16 +11,16 @@ computed once and cached (`--cache`, default beside the report).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from flowmo.errors import UserError
-from flowmo.generate.evaluate import (GenerationFeatures, metrics_from_features, reference_statistics,
-                                      write_report)
+from flowmo.generate.evaluate import (
+    GenerationFeatures,
+    metrics_from_features,
+)
 
 
 class SamplePredictor(L.LightningModule):
@@ -82,47 +82,3 @@ def sample_and_measure(generator, tokenizer, features: GenerationFeatures, refer
     parts = [torch.load(path, weights_only=True) for path in sorted(work_dir.glob("features-rank*.pt"))]
     pool, logits = torch.cat([p["pool"] for p in parts]), torch.cat([p["logits"] for p in parts])
     return metrics_from_features(reference, pool, logits, features)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flowmo.arguments import gen_eval_arguments
-
-    return run(gen_eval_arguments(argv))
-
-
-def run(args) -> int:
-    """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
-    from flowmo.generate.sample import load_generator
-    from flowmo.generate.tokens import check_same_tokenizer
-    from flowmo.pretrained import MissingWeightsError
-    from flowmo.tools import load_tokenizer
-
-    out = Path(args.out)
-    try:
-        generator = load_generator(args.generator, "cpu")
-        tokenizer = load_tokenizer(args.tokenizer, "cpu")
-        check_same_tokenizer(generator.tokenizer_sha256, tokenizer, "the generator's training tokens")
-        features = GenerationFeatures.stand_in() if args.features == "random" else GenerationFeatures.inception(
-            args.features)
-        device = "cuda" if torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda") else "cpu"
-        reference = reference_statistics(args.reference, features.to(device), tokenizer.config.image_size,
-                                         args.cache or out.with_name("reference_stats.pt"), args.batch)
-        devices = int(args.devices) if args.devices.isdigit() else args.devices
-        report = sample_and_measure(generator, tokenizer, features, reference, args.num_samples, args.batch,
-                                    dict(steps=args.steps, cfg=args.cfg), args.sampler, args.seed,
-                                    out.with_name(out.stem + "-features"), args.accelerator, devices)
-    except (UserError, ValueError, MissingWeightsError) as error:
-        print(f"flowmo gen-eval: {error}", file=sys.stderr)
-        return 2
-    if report is None:
-        return 0
-    report["settings"] = {key: value for key, value in vars(args).items() if key != "out"}
-    path = write_report(report, out)
-    stand_in = " (RANDOM STAND-IN FEATURES: these numbers mean nothing)" if features.is_stand_in else ""
-    print(f"gFID {report['gfid']:.3f}  IS {report['inception_score']:.2f}  precision {report['precision']:.3f}  "
-          f"recall {report['recall']:.3f}{stand_in} -> {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,12 +14,15 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from torchvision.utils import make_grid
 
 from flowmo.errors import UserError
 from flowmo.generate import masking
 from flowmo.generate.config import RECIPES, TokenLayout, resolve
 from flowmo.generate.network import MaskGITTransformer
-from torchvision.utils import make_grid
+from flowmo.generate.tokens import check_same_tokenizer
+from flowmo.noise import RankNoise
+from flowmo.tools import load_tokenizer
 
 
 class MaskGITModule(L.LightningModule):
@@ -69,8 +72,7 @@ class MaskGITModule(L.LightningModule):
         self.layout = TokenLayout.from_dict(token_layout)
         self.tokenizer_sha256 = token_layout.get("tokenizer_sha256")
         self.network = MaskGITTransformer(resolve(preset, architecture), self.layout)
-        self._generator: torch.Generator | None = None
-        self._pending_generator_state: Tensor | None = None  # from a checkpoint, applied on first use
+        self.noise = RankNoise(seed, key="mask_generator_states")
         # the tokenizer, loaded on first use; held in a list so that it is no submodule: never trained, moved by
         # Lightning or checkpointed with the generator
         self._tokenizer_holder: list = []
@@ -78,21 +80,14 @@ class MaskGITModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- training
     @property
     def noise_generator(self) -> torch.Generator:
-        """Masks and class dropout: seeded per rank, checkpointed, so a resumed run draws what it would have."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003
-                                                                              + self.global_rank)
-            if self._pending_generator_state is not None:
-                self._generator.set_state(self._pending_generator_state)
-                self._pending_generator_state = None
-        return self._generator
+        """Masks and class dropout: seeded per rank, checkpointed per rank, so a resumed run draws what it would have."""
+        return self.noise.generator(self.device, self.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["mask_generator_state"] = self.noise_generator.get_state()
+        self.noise.save(checkpoint, self.device, self.global_rank)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_generator_state = checkpoint.get("mask_generator_state")
-        self._generator = None
+        self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
 
     def loss(self, ids: Tensor, classes: Tensor, generator: torch.Generator | None = None,
              class_dropout: float | None = None) -> Tensor:
@@ -147,9 +142,6 @@ class MaskGITModule(L.LightningModule):
     def tokenizer(self):
         """The configured tokenizer (EMA weights), checked against the shards' tokenizer hash."""
         if not self._tokenizer_holder:
-            from flowmo.generate.tokens import check_same_tokenizer
-            from flowmo.tools import load_tokenizer
-
             tokenizer = load_tokenizer(self.hparams.tokenizer, "cpu")
             check_same_tokenizer(self.tokenizer_sha256, tokenizer, "the generator's training tokens")
             self._tokenizer_holder.append(tokenizer)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import tarfile
 from pathlib import Path
 
@@ -27,10 +26,20 @@ from webdataset.tariterators import tarfile_samples
 
 from flowmo.data.datamodule import resolve_shards
 from flowmo.data.shards import _add_member, _atomic_write_text, skip_reason
-from flowmo.data.stream import IMAGE_FIELDS
-from flowmo.data.transforms import decode_rgb, train_transform, val_transform
+from flowmo.data.transforms import (
+    IMAGE_FIELDS,
+    decode_rgb,
+    train_transform,
+    val_transform,
+)
 from flowmo.errors import UserError
-from flowmo.generate.tokens import TOKEN_MANIFEST_VERSION, encode_ids, smallest_dtype, tokenizer_record
+from flowmo.generate.tokens import (
+    TOKEN_MANIFEST_VERSION,
+    encode_ids,
+    smallest_dtype,
+    tokenizer_record,
+)
+from flowmo.tools import load_tokenizer
 
 
 def parse_crops(crops: str) -> dict:
@@ -126,8 +135,6 @@ def pretokenize(tokenizer_path: str, shards: str, out_dir: str | Path, split: st
                 size: int | None = None, seed: int = 0, batch_size: int = 32, accelerator: str = "auto",
                 devices: int | str = "auto", strategy: str = "auto", progress: bool = True) -> dict:
     """Write (or finish writing) the token shards of one split; returns the token manifest."""
-    from flowmo.tools import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_path, "cpu")
     crop_policy = {**parse_crops(crops), "seed": seed}
     size = size or tokenizer.config.image_size
@@ -189,28 +196,3 @@ def _manifest(split: str, run: dict, record: dict, dtype, shards: str, names: li
             "classes": classes, "tokens_dtype": dtype.name, "tokenizer": record, "crops": run["crops"],
             "image_size": run["image_size"], "source": run["source"], "num_skipped": len(skipped),
             "skipped": skipped}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flowmo.arguments import pretokenize_arguments
-
-    return run(pretokenize_arguments(argv))
-
-
-def run(args) -> int:
-    """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
-    try:
-        with torch.no_grad():
-            devices = int(args.devices) if args.devices.isdigit() else args.devices
-            manifest = pretokenize(args.tokenizer, args.shards, args.out, args.split, args.crops, args.size,
-                                   args.seed, args.batch, args.accelerator, devices, progress=not args.no_progress)
-    except (UserError, ValueError) as error:
-        print(f"flowmo pretokenize: {error}", file=sys.stderr)
-        return 2
-    print(f"{manifest['num_samples']} token rows ({manifest['tokens_dtype']}) in {manifest['num_shards']} shards, "
-          f"{manifest['num_skipped']} images skipped -> {Path(args.out) / (args.split + '.json')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,16 +10,14 @@ generator (checked by weights hash).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
+from torchvision.utils import make_grid, save_image
 
 from flowmo.errors import UserError
 from flowmo.generate.module import MaskGITModule
-from flowmo.generate.tokens import check_same_tokenizer
-from torchvision.utils import make_grid, save_image
 
 
 def load_generator(path: str, device: str) -> MaskGITModule:
@@ -60,37 +58,3 @@ def write_images(images: torch.Tensor, classes: list[int], per_class: int, out: 
     grid_path = out / "grid.png"
     save_image(make_grid(pixels, nrow=per_class, padding=2, pad_value=1.0), grid_path)
     return grid_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flowmo.arguments import generate_arguments
-
-    return run(generate_arguments(argv))
-
-
-def run(args) -> int:
-    """The command's work on parsed arguments (flowmo.cli parses first, so --help answers before torch loads)."""
-    from flowmo.tools import load_tokenizer, resolve_device
-
-    device = resolve_device(args.device)
-    try:
-        generator = load_generator(args.generator, device)
-        tokenizer = load_tokenizer(args.tokenizer, device)
-        check_same_tokenizer(generator.tokenizer_sha256, tokenizer, "the generator's training tokens")
-        classes = parse_classes(args.classes)
-        settings = dict(steps=args.steps, temperature=args.temperature, choice_temperature=args.choice_temperature,
-                        cfg=args.cfg)
-        images, seconds = generate_images(generator, tokenizer, classes, args.per_class, args.seed, args.batch,
-                                          args.sampler, **settings)
-    except (UserError, ValueError) as error:
-        print(f"flowmo generate: {error}", file=sys.stderr)
-        return 2
-    grid = write_images(images, classes, args.per_class, Path(args.out))
-    count = len(images)
-    print(f"{count} samples -> {grid}; per image: generator {1000 * seconds['generator'] / count:.1f} ms, "
-          f"tokenizer decode ({args.sampler}) {1000 * seconds['tokenizer_decode'] / count:.1f} ms")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,12 +14,20 @@ persistent and the frozen networks live outside the module tree (``flowmo.percep
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from torch import Tensor, nn
 
 from flowmo.metrics.codebook import CodebookUsage
 from flowmo.metrics.fid import PairwiseFeatureDistance, RandomConvFeatures, build_fid
-from flowmo.metrics.image import PSNR, SSIM, LPIPSMetric, PaperPSNR, PaperSSIM, to_unit_range
+from flowmo.metrics.image import (
+    PSNR,
+    SSIM,
+    LPIPSMetric,
+    PaperPSNR,
+    PaperSSIM,
+    to_unit_range,
+)
 
 RANGE_TOLERANCE = 1e-3
 WeightsArg = str | os.PathLike | None
@@ -59,6 +67,20 @@ class ReconstructionMetrics(nn.Module):
         self.fid = _build_optional_fid(fid_feature, inception_path)
         self.pairwise_features = PairwiseFeatureDistance() if self.fid is not None else None
         self.codebook = CodebookUsage(codebook_bits) if codebook_bits is not None else None
+
+    @classmethod
+    def for_evaluation(cls, lpips_nets: tuple[str, ...], rfid: bool, feature_weights: WeightsArg,
+                       inception_path: WeightsArg, codebook_bits: int | None) -> "ReconstructionMetrics":
+        """The validation / test metrics of a training module: `feature_weights` says where the feature nets' files
+        come from (None: the caches; a folder, which then holds the Inception file too; "random": stand-ins);
+        `inception_path` names the Inception file itself."""
+        fid_feature: str | bool | None = False
+        if rfid:
+            fid_feature = "random" if feature_weights == "random" else None
+        folder = feature_weights not in (None, "random") and Path(feature_weights).is_dir()
+        inception = inception_path if inception_path is not None or not folder else feature_weights
+        return cls(lpips_nets=lpips_nets, lpips_weights=feature_weights, fid_feature=fid_feature,
+                   inception_path=inception, codebook_bits=codebook_bits)
 
     @property
     def stand_ins(self) -> list[str]:

@@ -1,6 +1,12 @@
 """Pure-torch FlowMo network (no Lightning, no data): attention + RoPE, MMDiT, quantizers, tokenizer."""
 
-from flowmo.nn.quantizers import FSQ, LFQ, ContinuousCode, QuantizerOutput, build_quantizer
+from flowmo.nn.quantizers import (
+           FSQ,
+           LFQ,
+           ContinuousCode,
+           QuantizerOutput,
+           build_quantizer,
+)
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.nn.transformer import MMDiT, patchify, unpatchify
 

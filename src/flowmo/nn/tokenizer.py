@@ -2,7 +2,7 @@
 
     tok = FlowMoTokenizer.from_pretrained("lo")        # the authors' release; or .from_checkpoint(path), .from_preset("lo")
     indices = tok.tokenize(images)                     # images [B, 3, H, W] in [-1, 1] -> int64 [B, L*F]
-    images = tok.detokenize(indices)                   # 25-step rho=4 sampler, CFG 1.5 on (0.17, 1.02)
+    images = tok.detokenize(indices)                   # flow.SAMPLERS["paper"]: 25 steps, CFG 1.5 on (0.17, 1.02)
 """
 
 from __future__ import annotations
@@ -17,19 +17,7 @@ from flowmo.config import FlowMoConfig
 from flowmo.nn.quantizers import QuantizerOutput, build_quantizer
 from flowmo.nn.transformer import MMDiT
 
-PAPER_SAMPLER = dict(steps=25, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02))
-# 8 steps on the same rho-4 grid with the same interval CFG: 10 network evaluations instead of 31. 8 is the chain
-# length Stage 1B post-trains the decoder for. Measured on the demo's held-out crops (README, Performance): PSNR and
-# SSIM equal to or above the 25-step sampler's; rFID/LPIPS of fewer steps were not measured (no feature weights here).
-FAST_SAMPLER = dict(PAPER_SAMPLER, steps=8)
-SAMPLERS = {"paper": PAPER_SAMPLER, "fast": FAST_SAMPLER}
-
-
-def sampler_settings(name: str = "paper", **overrides) -> dict:
-    """A named sampler's settings ("paper": 25 steps, "fast": 8) with single settings overridden."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}.")
-    return {**SAMPLERS[name], **overrides}
+PAPER = flow.SAMPLERS["paper"]  # sample()'s defaults: 25 steps, rho 4, CFG 1.5 on sigma (0.17, 1.02)
 
 
 class FlowMoTokenizer(nn.Module):
@@ -189,27 +177,35 @@ class FlowMoTokenizer(nn.Module):
         both = self.velocity_from_condition(torch.cat([noisy, noisy]), condition, torch.cat([t, t]))
         return both[:batch], both[batch:]
 
-    def sample(self, codes: Tensor | None, noise: Tensor, steps: int = 25, rho: float = 4.0, cfg: float = 1.5,
-               cfg_interval: tuple[float, float] | None = (0.17, 1.02), timesteps: Tensor | None = None,
-               clip: bool = True) -> Tensor:
+    def sample(self, codes: Tensor | None, noise: Tensor, steps: int = PAPER.steps, rho: float = PAPER.rho,
+               cfg: float = PAPER.cfg, cfg_interval: tuple[float, float] | None = PAPER.cfg_interval,
+               timesteps: Tensor | None = None, clip: bool = True) -> Tensor:
         """Decode by Euler integration from `noise` (t=1) to t=0.
 
         Default grid: t_k = (k/steps)^rho. `timesteps` overrides it ([K+1] or per-sample [B, K+1]).
         cfg_interval is in EDM sigma (the paper's (0.17, 1.02)), converted by t = sigma/(1+sigma);
         None applies guidance at every step.
         """
-        self._check_sample_inputs(codes, noise, steps)
-        # the shared grid stays on the host: deciding which steps are guided then needs no device sync
-        grid = timesteps if timesteps is not None else flow.rho_timesteps(steps, rho)
-        interval_t = None if cfg_interval is None else tuple(flow.sigma_to_t(s) for s in cfg_interval)
+        return self.sample_with(flow.SamplerSettings(steps, rho, cfg, cfg_interval), codes, noise, timesteps, clip)
+
+    def sample_with(self, settings: flow.SamplerSettings, codes: Tensor | None, noise: Tensor,
+                    timesteps: Tensor | None = None, clip: bool = True) -> Tensor:
+        """`sample` with its settings as one SamplerSettings (flow.SAMPLERS["paper"], ["fast"], ...)."""
+        self._check_sample_inputs(codes, noise)
+        # The grid lives on the noise's device (no copy per step); which steps are guided is decided on the host
+        # from the settings (no device sync per step). An explicit per-sample grid decides per sample.
+        if timesteps is None:
+            grid, guided = settings.timesteps(noise.device), settings.guided_steps()
+        else:
+            grid, guided = timesteps.to(noise.device), None
         conditional = lambda z, t: self.velocity(z, codes, t)  # noqa: E731
         unconditional = lambda z, t: self.velocity(z, None, t)  # noqa: E731
         paired = lambda z, t: self.velocity_with_null(z, codes, t)  # noqa: E731
-        velocity_fn = flow.guided_velocity(conditional, unconditional, cfg, interval_t,
-                                           paired=paired if codes is not None else None)
+        velocity_fn = flow.guided_velocity(conditional, unconditional, settings.cfg, settings.interval_t,
+                                           paired=paired if codes is not None else None, guided_steps=guided)
         return flow.sample_euler(velocity_fn, noise, grid, clip=clip)
 
-    def _check_sample_inputs(self, codes: Tensor | None, noise: Tensor, steps: int) -> None:
+    def _check_sample_inputs(self, codes: Tensor | None, noise: Tensor) -> None:
         """Shapes only (no device sync: validation and evaluation call this for every batch)."""
         if not isinstance(noise, Tensor) or noise.dim() != 4 or noise.shape[1] != 3 or not noise.is_floating_point():
             raise ValueError("noise must be a float tensor [B, 3, H, W] (the image shape to decode).")
@@ -217,8 +213,6 @@ class FlowMoTokenizer(nn.Module):
         if codes is not None and (not isinstance(codes, Tensor) or tuple(codes.shape) != expected):
             shape = list(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
             raise ValueError(f"codes must have shape {list(expected)} (one code per noise image), got {shape}.")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}.")
 
     # ----------------------------------------------------------------------------------- downstream API
     @torch.no_grad()
@@ -232,10 +226,12 @@ class FlowMoTokenizer(nn.Module):
 
     @torch.no_grad()
     def detokenize(self, indices: Tensor, noise: Tensor | None = None, image_size: tuple[int, int] | None = None,
-                   generator: torch.Generator | None = None, sampler: str = "paper", **overrides) -> Tensor:
-        """int64 token indices -> images [B, 3, H, W] in [-1, 1]. sampler: "paper" (25 steps, 31 NFE) or "fast"
-        (8 steps, 10 NFE); keyword overrides (steps, rho, cfg, cfg_interval) change single settings."""
-        settings = sampler_settings(sampler, **overrides)
+                   generator: torch.Generator | None = None, sampler: str | flow.SamplerSettings = "paper",
+                   **overrides) -> Tensor:
+        """int64 token indices -> images [B, 3, H, W] in [-1, 1]. sampler: "paper" (25 steps, 31 NFE), "fast"
+        (8 steps, 10 NFE) or a SamplerSettings; keyword overrides (steps, rho, cfg, cfg_interval) change single
+        settings."""
+        settings = _settings(sampler, overrides)
         indices = self.check_indices(indices)
         codes = self.quantizer.indices_to_codes(indices).to(self.decoder.img_in.weight.dtype)
         if noise is not None:
@@ -250,16 +246,22 @@ class FlowMoTokenizer(nn.Module):
                                  f"{self.config.patch_size}.")
             noise = torch.randn(indices.shape[0], 3, height, width, device=indices.device,
                                 dtype=codes.dtype, generator=generator)
-        return self.sample(codes, noise, **settings)
+        return self.sample_with(settings, codes, noise)
 
     @torch.no_grad()
-    def reconstruct(self, images: Tensor, generator: torch.Generator | None = None, sampler: str = "paper",
-                    **overrides) -> Tensor:
+    def reconstruct(self, images: Tensor, generator: torch.Generator | None = None,
+                    sampler: str | flow.SamplerSettings = "paper", **overrides) -> Tensor:
         """encode -> quantize -> decode with the named sampler ("paper" or "fast", as detokenize)."""
-        settings = sampler_settings(sampler, **overrides)
+        settings = _settings(sampler, overrides)
         codes = self.quantize(self.encode(images), with_losses=False).codes
         noise = torch.randn(images.shape, device=images.device, dtype=codes.dtype, generator=generator)
-        return self.sample(codes, noise, **settings)
+        return self.sample_with(settings, codes, noise)
+
+
+def _settings(sampler: str | flow.SamplerSettings, overrides: dict) -> flow.SamplerSettings:
+    if isinstance(sampler, flow.SamplerSettings):
+        return sampler.replace(**overrides)
+    return flow.sampler_settings(sampler, **overrides)
 
 
 def official_shapes(config: FlowMoConfig) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flowmo.config import TransformerConfig
-from flowmo.nn.layers import DoubleStreamBlock, FinalLayer, MLPEmbedder, timestep_embedding
+from flowmo.nn.layers import (
+    DoubleStreamBlock,
+    FinalLayer,
+    MLPEmbedder,
+    timestep_embedding,
+)
 from flowmo.nn.rope import pairwise_tables, rope_angles, token_positions
 
 TIME_EMBED_DIM = 256

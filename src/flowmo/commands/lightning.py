@@ -1,0 +1,230 @@
+"""`flowmo fit | validate | test` (the tokenizer) and `flowmo gen fit | validate` (the MaskGIT generator): Lightning's
+CLI on one base with this project's run folders, checks and defaults.
+
+    flowmo fit -c configs/base.yaml -c configs/model/lo.yaml -c configs/stage/1a.yaml -c configs/data/imagenet.yaml
+    flowmo fit ... --ckpt_path last          # resume the same stage from its newest readable checkpoint
+    flowmo test -c ... --ckpt_path runs/lo-1b/checkpoints/last.ckpt
+    flowmo gen fit -c configs/generator/base.yaml -c configs/generator/tiny.yaml
+
+`run_name` names the run: TensorBoard logs under runs/<run_name>/, checkpoints in runs/<run_name>/checkpoints
+(stable across restarts, so `--ckpt_path last` finds them), the resolved config beside them. Every run saves
+checkpoints atomically, turns SIGTERM / SIGUSR1 into a saved, resumable exit and ends with last.ckpt at its final
+step (flowmo.faults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from flowmo.callbacks import StepProgressBar
+from flowmo.config import config_differences
+from flowmo.data.datamodule import FlowMoDataModule
+from flowmo.errors import UserError
+from flowmo.faults import (
+    AtomicCheckpointIO,
+    FinalCheckpoint,
+    Preemption,
+    exit_code_for,
+    latest_checkpoint,
+)
+from flowmo.generate.data import TokenDataModule
+from flowmo.generate.module import MaskGITModule
+from flowmo.module import FlowMoModule
+from flowmo.presets import resolve_config
+from flowmo.pretrained import MissingWeightsError
+
+# What a checkpoint decides when it is evaluated: the network's shape. Everything else is the evaluation's.
+ARCHITECTURE_HPARAMS = ("preset", "architecture")
+PARSER_KWARGS = {"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_error": False}
+
+
+class ProjectCLI(LightningCLI):
+    """What every run of this project shares: runs/<run_name>/, ModelCheckpoint, `--ckpt_path last`, atomic saves,
+    preemption, the final checkpoint, the step progress bar and the TensorBoard logger."""
+
+    def __init__(self, model_class, datamodule_class, *args, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # no option abbreviations (--trainer.max_step would silently mean max_steps); parse errors are raised
+        # to main(), which prints their one sentence instead of 110 lines of usage
+        kwargs.setdefault("parser_kwargs", PARSER_KWARGS)
+        super().__init__(model_class, datamodule_class, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", type=str, default="flowmo", help="runs/<run_name>/ holds logs and checkpoints")
+        parser.add_argument("--runs_dir", type=str, default="runs")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1,
+                             "checkpoint.every_n_train_steps": 5000, "checkpoint.filename": "step{step:07d}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.link_arguments(("runs_dir", "run_name"), "checkpoint.dirpath",
+                              compute_fn=lambda runs, name: f"{runs}/{name}/checkpoints")
+        parser.link_arguments(("runs_dir", "run_name"), "trainer.default_root_dir",
+                              compute_fn=lambda runs, name: f"{runs}/{name}")
+
+    def _resolve_last(self) -> None:
+        """`--ckpt_path last` = the newest readable checkpoint of this run (last.ckpt, step files, SLURM's
+        hpc_ckpt_*), said out loud; with none, a loud note that the run starts from step 0."""
+        config = self.config["fit"]
+        if config.get("ckpt_path") != "last":
+            return
+        run_dir = Path(config["runs_dir"]) / config["run_name"]
+        latest = latest_checkpoint(run_dir, report=lambda message: print(message, file=sys.stderr))
+        if latest is None:
+            print(f"flowmo: --ckpt_path last: no checkpoint in {run_dir} yet; starting from step 0.", file=sys.stderr)
+        else:
+            print(f"flowmo: resuming from {latest}", file=sys.stderr)
+        config["ckpt_path"] = str(latest) if latest else None
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        if not config.get("plugins"):
+            config["plugins"] = [AtomicCheckpointIO()]
+        _cpu_runs_fp32(config)
+        extra = [Preemption(), FinalCheckpoint()]
+        if config.get("enable_progress_bar", True) is not False and self.subcommand == "fit":
+            extra.append(StepProgressBar())  # optimizer steps, loss and images/s (Lightning's counts micro-batches)
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
+
+    def instantiate_trainer(self, **kwargs):
+        """Default logger: TensorBoard under runs/<run_name>/version_N (a config may name another logger)."""
+        if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config_init, "runs_dir"),
+                                                 name=self._get(self.config_init, "run_name"))
+        return super().instantiate_trainer(**kwargs)
+
+
+class FlowMoCLI(ProjectCLI):
+    def __init__(self, *args, **kwargs):
+        super().__init__(FlowMoModule, FlowMoDataModule, *args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit / validate / test. No `predict`: FlowMo has no forward to predict with; the file-level tools
+        are `flowmo reconstruct | tokenize | detokenize`."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict", None)
+        return commands
+
+    def _parse_ckpt_path(self) -> None:
+        """`fit --ckpt_path` resumes with the checkpoint's hyper-parameters (Lightning's rule). validate/test
+        take only the architecture from it: the evaluation protocol (sampler, metrics, feature weights) is the
+        command line's, and a Stage-1B run's init_weights (a 1A file, maybe not on this machine) is not re-read."""
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
+            self._resolve_last()
+            self._refuse_other_architecture()
+        if subcommand in (None, "fit"):
+            return super()._parse_ckpt_path()
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return None
+        hparams = _checkpoint_hparams(ckpt_path)
+        architecture = {key: hparams[key] for key in ARCHITECTURE_HPARAMS if key in hparams}
+        configured = self.config[subcommand].get("model", {}).get("preset")
+        if architecture.get("preset") not in (None, configured):
+            print(f"flowmo {subcommand}: {ckpt_path} is a {architecture['preset']!r} checkpoint, not the configured "
+                  f"{configured!r}; evaluating it as {architecture['preset']!r} (the report says so).", file=sys.stderr)
+        if architecture:
+            self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
+        return None
+
+    def before_instantiate_classes(self) -> None:
+        """Checks that need the whole config: the data's image size must be a multiple of the patch."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if not config or "model" not in config or "data" not in config:
+            return
+        patch = resolve_config(config["model"]["preset"], config["model"].get("architecture")).patch_size
+        size = config["data"].get("image_size")
+        if size and size % patch:
+            raise UserError(f"data.image_size {size} is not a multiple of the patch size {patch}; use "
+                            f"{size - size % patch or patch} or {size + patch - size % patch}.")
+
+    def _refuse_other_architecture(self) -> None:
+        """Resuming a checkpoint of another architecture would silently train that one under this run's name."""
+        config = self.config["fit"]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = _checkpoint_hparams(ckpt_path)
+        if "preset" not in hparams:
+            return
+        theirs = resolve_config(hparams["preset"], hparams.get("architecture"))
+        ours = resolve_config(config["model"]["preset"], config["model"].get("architecture"))
+        if theirs != ours:
+            raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of another architecture than the configured one "
+                            f"({'; '.join(config_differences(theirs, ours))}); give the configs it was trained with, "
+                            "or start a new run_name.")
+
+
+class GeneratorCLI(ProjectCLI):
+    """The MaskGIT generator: its token layout (tokens, sub-tokens, codebook, classes) and tokenizer hash come from
+    the data's token manifest (linked at instantiation), so a config names the architecture and the data."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(MaskGITModule, TokenDataModule, *args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate; sampling is `flowmo generate`."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.token_layout", "model.token_layout", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") == "fit":
+            self._resolve_last()
+        return LightningCLI._parse_ckpt_path(self)
+
+
+def main(argv: list[str], command: str) -> int:
+    """fit / validate / test get the whole argv (their subcommand first); `gen` gets what follows it."""
+    if command == "gen":
+        if not argv or argv[0] not in ("fit", "validate", "-h", "--help"):
+            print("usage: flowmo gen fit|validate -c configs/generator/base.yaml -c configs/generator/tiny.yaml [...]",
+                  file=sys.stderr)
+            return 2
+        return _run_cli(GeneratorCLI, argv, f"gen {argv[0]}")
+    return _run_cli(FlowMoCLI, argv, argv[0])
+
+
+def _run_cli(cli, argv: list[str], name: str) -> int:
+    try:
+        cli(args=argv)
+    except MissingWeightsError as error:  # a set-up problem, not a bug: the sentence, without a traceback
+        print(f"error: {error} On the command line: --model.feature_weights DIR (a folder holding the .pth "
+              "files) or --model.inception_path FILE.", file=sys.stderr)
+        return 2
+    except argparse.ArgumentError as error:  # a mistyped option or a bad value in a config file
+        print(f"error: {error}. `flowmo {name} --help` lists every option.", file=sys.stderr)
+        return 2
+    except BaseException as error:  # noqa: BLE001 - only the faults a user acts on are mapped, others re-raise
+        mapped = exit_code_for(error)
+        if mapped is None:
+            raise
+        code, sentence = mapped
+        if sentence:
+            print(f"error: {sentence}", file=sys.stderr)
+        return code
+    return 0
+
+
+def _checkpoint_hparams(path: str) -> dict:
+    """A Lightning checkpoint's hyper-parameters; mmap reads them without loading gigabytes of weights."""
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+
+
+def _cpu_runs_fp32(config: dict) -> None:
+    """bf16-mixed (the paper's GPU precision, base.yaml) on a machine or run without CUDA becomes fp32: CPU
+    autocast to bf16 was reported 3-4x slower per step than fp32 (issue 11). Said once; GPU runs keep bf16."""
+    on_cpu = config.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    if on_cpu and str(config.get("precision")) in ("bf16-mixed", "bf16", "16-mixed", "16"):
+        print(f"flowmo: precision {config['precision']} on a CPU runs slower than fp32; using 32-true.", file=sys.stderr)
+        config["precision"] = "32-true"

@@ -1,0 +1,96 @@
+"""The code's shape, checked: no import circle between flowmo's modules, flowmo imports inside functions only where
+they keep a command's --help fast, files a reader can hold in mind, a README a newcomer reads in five minutes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "flowmo"
+MAX_FILE_LINES = 400
+MAX_README_LINES = 200
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(SRC.rglob("*.py"))}
+
+
+def imported_modules(node: ast.AST, importer: str) -> list[str]:
+    """flowmo modules an import statement loads: `from flowmo.a import b` is flowmo.a, or flowmo.a.b if b is one."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name in MODULES]
+    if not isinstance(node, ast.ImportFrom) or node.module is None or node.level:
+        return []
+    submodules = [f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in MODULES]
+    names_only_submodules = len(submodules) == len(node.names)  # `from flowmo.generate import masking`
+    return submodules + ([node.module] if node.module in MODULES and not names_only_submodules else [])
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every import, at module level or inside a function: a circle closed by a lazy import is still a circle."""
+    graph = {}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        graph[name] = {target for node in ast.walk(tree) for target in imported_modules(node, name) if target != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_circle_and_accepts_a_tree():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle_between_flowmo_modules():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_flowmo_imports_inside_functions_only_in_commands():
+    """A command's run() imports its work lazily, so `flowmo COMMAND --help` answers before torch loads; anywhere
+    else a flowmo import inside a function hides a dependency (or a circle)."""
+    lazy = []
+    for name, path in MODULES.items():
+        if name.startswith("flowmo.commands"):
+            continue
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lazy += [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(function)
+                         if imported_modules(node, name)]
+    assert not lazy, f"flowmo imports inside functions outside flowmo/commands: {lazy}"
+
+
+def test_no_source_file_over_400_lines():
+    long = {str(path.relative_to(ROOT)): n for path in MODULES.values() if (n := len(path.read_text().splitlines()))
+            > MAX_FILE_LINES}
+    assert not long, long
+
+
+def test_the_readme_is_a_short_guide():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= MAX_README_LINES
