@@ -1,0 +1,118 @@
+"""The training step never waits on the host (issue 21): inside `training_step` and `optimizer_step` every call
+that would copy a device value to the host (item, bool, int, float, cpu, tolist, numpy) raises. On a GPU each of
+them is a stream synchronisation; on this CPU they are cheap but the same code paths, so the test catches them."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from flowmo.flow import SamplerSettings
+from flowmo.module import FlowMoModule
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+
+HOST_READS = ("item", "__bool__", "__int__", "__float__", "cpu", "tolist", "numpy")
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def host_reads_raise():
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise HostSync(f"Tensor.{name} inside the training step: a host synchronisation")
+        return method
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+class NoHostSyncModule(FlowMoModule):
+    """FlowMoModule whose step hooks run with host reads refused; counts how many steps went through them."""
+
+    steps_checked = 0
+
+    def training_step(self, batch, batch_idx):
+        with host_reads_raise():
+            return super().training_step(batch, batch_idx)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        def closure():
+            with host_reads_raise():
+                return optimizer_closure()
+
+        with host_reads_raise():
+            super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        type(self).steps_checked += 1
+
+
+def images(count: int = 8, size: int = 32, nan_at: int | None = None) -> torch.Tensor:
+    batch = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    if nan_at is not None:
+        batch[nan_at, 0, 3, 3] = float("nan")
+    return batch
+
+
+def fit(model: FlowMoModule, data: torch.Tensor, steps: int, accumulation: int = 1) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
+                        accumulate_grad_batches=accumulation)
+    trainer.fit(model, DataLoader(data, batch_size=2))
+    return trainer
+
+
+def test_the_refusal_is_real():
+    with host_reads_raise(), pytest.raises(HostSync):
+        bool(torch.ones(()))
+    assert bool(torch.ones(()))  # restored
+
+
+@pytest.mark.parametrize("stage_kwargs", [
+    dict(stage="1a", freeze_encoder_after=2),  # crosses the encoder freeze (optimizer state cleared)
+    dict(stage="1a", freeze_encoder_after=None, accumulation=2),
+], ids=["1a-freeze", "1a-accumulate"])
+def test_stage_1a_steps_make_no_host_read(stage_kwargs):
+    kwargs = dict(stage_kwargs)
+    accumulation = kwargs.pop("accumulation", 1)
+    NoHostSyncModule.steps_checked = 0
+    model = NoHostSyncModule(preset="tiny", perceptual="none", feature_weights="random", ema_every=1,
+                             sampler=SamplerSettings(steps=2), **kwargs)
+    fit(model, images(), steps=4 // accumulation, accumulation=accumulation)
+    assert NoHostSyncModule.steps_checked == 4 // accumulation
+
+
+def test_stage_1b_chain_steps_make_no_host_read(tmp_path):
+    first = FlowMoModule(preset="tiny", perceptual="none", feature_weights="random", freeze_encoder_after=None)
+    trainer = fit(first, images(), steps=1)
+    trainer.save_checkpoint(tmp_path / "1a.ckpt")
+    NoHostSyncModule.steps_checked = 0
+    model = NoHostSyncModule(preset="tiny", stage="1b", init_weights=str(tmp_path / "1a.ckpt"), perceptual="none",
+                             sample_loss="resnet50_logits", feature_weights="random", sample_steps=2,
+                             ema_every=1, sampler=SamplerSettings(steps=2))
+    fit(model, images(4, size=32), steps=2)
+    assert NoHostSyncModule.steps_checked == 2
+
+
+def test_a_nan_step_is_skipped_without_a_host_read():
+    NoHostSyncModule.steps_checked = 0
+    model = NoHostSyncModule(preset="tiny", perceptual="none", feature_weights="random", ema_every=1,
+                             freeze_encoder_after=None, sampler=SamplerSettings(steps=2))
+    fit(model, images(6, nan_at=2), steps=3)
+    assert NoHostSyncModule.steps_checked == 3 and model.skipped_nonfinite == 1
