@@ -85,9 +85,10 @@ DATA_CFG  ?= configs/data/imagenet.yaml
 RESUME    ?=
 ARGS      ?=
 WORLD     := $(shell echo $$(( $(GPUS) * $(NODES) )))
-# The encoder freezes at step 200k of Stage 1A: DDP must then tolerate parameters without gradients.
-STRATEGY_1A ?= $(if $(filter 1,$(WORLD)),auto,ddp_find_unused_parameters_true)
-STRATEGY_1B ?= $(if $(filter 1,$(WORLD)),auto,ddp)
+# More than one process: plain DDP with gradients as bucket views (configs/ddp.yaml). Stage 1A runs in two legs:
+# the first stops at the encoder freeze (step 200k), the second resumes it with the decoder alone, so no step
+# all-reduces the frozen encoder's zeros. On one device the first leg runs through the freeze and the second is skipped.
+DDP_CFG   := $(if $(filter 1,$(WORLD)),,-c configs/ddp.yaml)
 INIT_LO   ?= runs/lo-1a/checkpoints/last.ckpt
 INIT_HI   ?= runs/hi-1a/checkpoints/last.ckpt
 
@@ -97,12 +98,13 @@ check_shards = @if [ "$(DATA_CFG)" = "configs/data/imagenet.yaml" ] && [ ! -f da
 # RESUME=1 with no checkpoint of that run is a mistake (a typo'd run, another machine): stop, do not start at step 0
 check_resume = @test -z "$(RESUME)" || ls runs/$(1)/checkpoints/*.ckpt runs/$(1)/hpc_ckpt_*.ckpt >/dev/null 2>&1 || { echo "RESUME=1 but runs/$(1) has no checkpoint to resume; drop RESUME=1 to start the run."; exit 2; }
 fit_1a = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1a.yaml -c $(DATA_CFG) \
-	--run_name $(1)-1a --trainer.accumulate_grad_batches $(call accum,8,128) --trainer.devices $(GPUS) \
-	--trainer.num_nodes $(NODES) --trainer.strategy $(STRATEGY_1A) $(if $(RESUME),--ckpt_path last) $(ARGS)
+	$(DDP_CFG) --run_name $(1)-1a --trainer.accumulate_grad_batches $(call accum,8,128) --trainer.devices $(GPUS) \
+	--trainer.num_nodes $(NODES) $(2) $(ARGS)
+# leg 1 (resumed with RESUME=1), then under DDP leg 2 from the freeze (a finished run returns at once)
+train_1a = $(call fit_1a,$(1),$(if $(RESUME),--ckpt_path last) $(2))$(if $(DDP_CFG), && $(call fit_1a,$(1),--ckpt_path last $(2)))
 fit_1b = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1b.yaml -c $(DATA_CFG) \
-	--run_name $(1)-1b --model.init_weights $(2) --trainer.accumulate_grad_batches $(call accum,4,64) \
-	--trainer.devices $(GPUS) --trainer.num_nodes $(NODES) --trainer.strategy $(STRATEGY_1B) \
-	$(if $(RESUME),--ckpt_path last) $(ARGS)
+	$(DDP_CFG) --run_name $(1)-1b --model.init_weights $(2) --trainer.accumulate_grad_batches $(call accum,4,64) \
+	--trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(if $(RESUME),--ckpt_path last) $(ARGS)
 
 .PHONY: train-lo train-hi train-small posttrain-lo posttrain-hi demo tensorboard
 
@@ -110,19 +112,19 @@ train-lo: $(STAMP) ## Stage 1A FlowMo-Lo, 1.3M steps (GPUS=8 NODES=1 RESUME=1 AR
 	$(call check_resume,lo-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
-	$(call fit_1a,lo)
+	$(call train_1a,lo)
 
 train-hi: $(STAMP) ## Stage 1A FlowMo-Hi, 800k steps
 	$(call check_resume,hi-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
-	$(call fit_1a,hi) --trainer.max_steps 800000
+	$(call train_1a,hi,--trainer.max_steps 800000)
 
 train-small: $(STAMP) ## Stage 1A of the ablation base (517M, patch 8), 40 epochs = 400,365 steps
 	$(call check_resume,small-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
-	$(call fit_1a,small) --trainer.max_steps 400365
+	$(call train_1a,small,--trainer.max_steps 400365)
 
 posttrain-lo: $(STAMP) ## Stage 1B FlowMo-Lo from the 1A EMA weights (INIT_LO=runs/lo-1a/checkpoints/last.ckpt)
 	$(call check_resume,lo-1b)

@@ -38,3 +38,26 @@ def test_both_stages_run_under_plain_ddp(tmp_path):
     stage_1a = fit("1a", shards, tmp_path / "runs", "--model.perceptual", "lpips_vgg")
     stage_1b = fit("1b", shards, tmp_path / "runs", "--model.init_weights", str(stage_1a))
     assert torch.load(stage_1b, weights_only=False)["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_the_encoder_freeze_under_plain_ddp_stops_and_resumes_with_the_decoder_alone(tmp_path):
+    """Plain DDP all the way (no find_unused_parameters): the run stops at the freeze with last.ckpt, the resumed
+    run freezes the encoder before DDP wraps the model, and Adam restarts with the decoder group alone."""
+    shards = tmp_path / "sample"
+    build_sample_set(shards, size=40, train_crops_per_photo=2, val_crops_per_photo=2, shard_size=4)
+    runs = tmp_path / "runs"
+    leg = ("--model.perceptual", "none", "--model.freeze_encoder_after", "2", "--trainer.max_steps", "4")
+    at_freeze = fit("1a", shards, runs, *leg)
+    frozen = torch.load(at_freeze, weights_only=False)
+    assert frozen["global_step"] == 2
+    end = fit("1a", shards, runs, *leg, "--ckpt_path", str(at_freeze))
+    final = torch.load(end, weights_only=False)
+    assert final["global_step"] == 4
+    encoder = [k for k in final["state_dict"] if k.startswith("tokenizer.encoder.")]
+    decoder = [k for k in final["state_dict"] if k.startswith("tokenizer.decoder.")]
+    assert all(torch.equal(frozen["state_dict"][k], final["state_dict"][k]) for k in encoder)
+    assert not all(torch.equal(frozen["state_dict"][k], final["state_dict"][k]) for k in decoder)
+    groups = final["optimizer_states"][0]["param_groups"]
+    assert [group["name"] for group in groups] == ["decoder"]
+    assert all(int(s["step"]) == 2 for s in final["optimizer_states"][0]["state"].values())  # restarted at the freeze

@@ -372,3 +372,15 @@ def test_a_truncated_test_shard_reports_the_images_lost(sample_shards, tmp_path,
     expected = sum(shard["num_samples"] for shard in manifest["shards"])
     assert report["images_lost"] == expected - report["num_images"] > 0
     assert f"of the {expected} test images in the manifest were not read" in report["warning"]
+
+
+def test_checkpoint_retention_keeps_the_newest_and_every_nth(shards, tmp_path):
+    """A real fit saving every step: with the newest 2 and every 3rd kept, steps 3, 6 and 7 remain (and last)."""
+    runs = tmp_path / "runs"
+    policy = tmp_path / "retention.yaml"  # replaces base.yaml's callback list: this policy alone
+    policy.write_text("trainer:\n  callbacks:\n    - class_path: flowmo.callbacks.CheckpointRetention\n"
+                      "      init_args: {keep_last: 2, keep_every: 3}\n")
+    result = run(fit_command(shards, runs, 7, "--checkpoint.every_n_train_steps", "1", "-c", str(policy)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = sorted(path.name for path in (runs / "fault" / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step0000003.ckpt", "step0000006.ckpt", "step0000007.ckpt"], names

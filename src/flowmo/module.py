@@ -15,6 +15,7 @@ checkpoint: a resumed run continues exactly (the authors' code restarts EMA and 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from flowmo import checkpoint
 from flowmo.errors import UserError
@@ -69,6 +71,7 @@ class FlowMoModule(L.LightningModule):
         init_weights_parts: str = "all",
         compile: bool = False,
         checkpoint_chain: bool = True,
+        activation_checkpointing: str = "none",
         seed: int = 0,
         sampler: SamplerSettings = SAMPLERS["paper"],
         val_use_ema: bool = True,
@@ -111,6 +114,8 @@ class FlowMoModule(L.LightningModule):
                 fresh init (with freeze_encoder_after=0: the Table-4 "MSE-pretrained encoder, then frozen" cell).
             compile: torch.compile encoder and decoder (the EMA copy used for evaluation too).
             checkpoint_chain: activation-checkpoint the 1B chain (less memory, ~1/3 more compute).
+            activation_checkpointing: recompute transformer blocks in backward: none, blocks (every block) or
+                every_K (every K-th block); `flowmo plan` predicts the peak memory of each setting.
             seed: seeds the noise generator (t, noise, CFG dropout, chain grids) and evaluation noise.
             sampler: how validation and test decode (flow.SamplerSettings; default flow.SAMPLERS["paper"]: 25
                 steps, rho 4, CFG 1.5 on sigma (0.17, 1.02)); single fields as --model.sampler.steps 8.
@@ -128,6 +133,10 @@ class FlowMoModule(L.LightningModule):
         self.hparams["sampler"] = self.sampler.to_dict()  # plain values: checkpoints stay loadable weights-only
         self.config = resolve_config(preset, architecture)
         self.tokenizer = FlowMoTokenizer(self.config)
+        try:
+            self.tokenizer.set_activation_checkpointing(activation_checkpointing)
+        except ValueError as error:
+            raise UserError(str(error)) from None
         if init_weights:
             checkpoint.load_initial_weights(self.tokenizer, init_weights, init_weights_from, init_weights_parts)
         self.recipe = LossRecipe.for_stage(
@@ -151,18 +160,24 @@ class FlowMoModule(L.LightningModule):
         self._last_step_seen = 0
 
     # ---------------------------------------------------------------------------------------- set-up
+    compile_options: dict[str, Any] = {}  # torch.compile's keyword arguments (tests use backend="eager")
+
     def configure_model(self) -> None:
+        """Encoder and decoder compiled, in the raw model and the EMA copy that validation decodes with. Each
+        transformer has its own code object and so its own recompile budget; the guards stay stable (one code
+        dtype, a contiguous fp32 t, the frozen encoder run without grad): a 1A run through the freeze, validation
+        and Stage 1B compile at most 5 graphs per transformer (tests/test_compile.py), below dynamo's limit of 8."""
         if self.hparams.compile:
-            for model in (self.tokenizer, self.ema.module):  # the EMA copy decodes validation: compiled too
-                model.encoder.compile()
-                model.decoder.compile()
+            for model in (self.tokenizer, self.ema.module):
+                model.encoder.compile(**self.compile_options)
+                model.decoder.compile(**self.compile_options)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (spec 5). The paper's lr is constant;
         `lr_schedule="cosine"` anneals it to 0 at trainer.max_steps, an option for short runs (the CPU demo measured
         no gain from it: 20.6 dB held-out PSNR after 3000 steps either way, so it keeps the constant lr)."""
         groups = [{"params": list(self.tokenizer.decoder.parameters()), "name": "decoder"}]
-        if self.hparams.stage == "1a":
+        if self.recipe.train_encoder:  # 1A before the freeze (a run resumed past it builds the decoder group alone)
             groups.insert(0, {"params": list(self.tokenizer.encoder.parameters()), "name": "encoder"})
         optimizer = TrainingUpdate.adam(groups, self.hparams.lr, self.hparams.betas, self.hparams.adam_eps, self.device)
         if self.hparams.lr_schedule == "constant":
@@ -190,11 +205,17 @@ class FlowMoModule(L.LightningModule):
         after = self.hparams.freeze_encoder_after
         return self.recipe.train_encoder and after is not None and self.global_step >= after
 
-    def on_train_start(self) -> None:
-        if self._freeze_due():  # resumed past the freeze: the checkpointed optimizer is already post-freeze
-            self._set_encoder_trainable(False)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if self._freeze_due() and _plain_ddp(self.trainer.model):
+            # Plain DDP (no find_unused_parameters: no all-reduce of the frozen encoder's zeros on every later
+            # step) cannot drop parameters mid-run: stop at the freeze; FinalCheckpoint saves last.ckpt, and the
+            # resumed run freezes the encoder before DDP wraps the model (on_load_checkpoint).
+            self.trainer.should_stop = True
+            if self.global_rank == 0:
+                print(f"flowmo: the encoder freezes after step {self.global_step}: this run stops here; resume with "
+                      "--ckpt_path last to train the decoder alone under plain DDP (make train-* does).",
+                      file=sys.stderr)
+            return -1
         if self._freeze_due():
             self._set_encoder_trainable(False)
             if self.hparams.reset_optimizer_on_freeze:  # the authors rebuild Adam: every moment restarts
@@ -298,6 +319,14 @@ class FlowMoModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
+        after, step = self.hparams.freeze_encoder_after, int(checkpoint.get("global_step", 0))
+        if self.recipe.train_encoder and after is not None and step >= after:
+            # Resumed at or past the freeze: freeze before DDP wraps the model and before the optimizer is built, so
+            # both hold the decoder alone. Adam restarts if the freeze happens now (the authors rebuild it).
+            self._set_encoder_trainable(False)
+            restart = self.hparams.reset_optimizer_on_freeze and step == after
+            checkpoint["optimizer_states"] = [without_group(state, "encoder", clear=restart)
+                                              for state in checkpoint.get("optimizer_states", [])]
 
 
 def _check_choices(lr_schedule: str, init_weights: str | None, init_weights_parts: str, stage: str) -> None:
@@ -309,6 +338,22 @@ def _check_choices(lr_schedule: str, init_weights: str | None, init_weights_part
     if init_weights_parts not in INIT_PARTS or (init_weights_parts != "all" and not init_weights):
         raise UserError(f"init_weights_parts must be one of {INIT_PARTS} and 'encoder' needs model.init_weights; "
                         f"got {init_weights_parts!r} with init_weights={init_weights!r}.")
+
+
+def without_group(state: dict, name: str, clear: bool = False) -> dict:
+    """An optimizer state_dict without its param group `name` (parameters renumbered); `clear` drops every state."""
+    groups = [group for group in state["param_groups"] if group.get("name") != name]
+    if len(groups) == len(state["param_groups"]) and not clear:
+        return state
+    renumber = {old: new for new, old in enumerate(i for group in groups for i in group["params"])}
+    kept = {} if clear else {renumber[i]: value for i, value in state["state"].items() if i in renumber}
+    return {"state": kept, "param_groups": [{**group, "params": [renumber[i] for i in group["params"]]}
+                                             for group in groups]}
+
+
+def _plain_ddp(model: Any) -> bool:
+    """DDP that expects a gradient for every parameter it was built with."""
+    return isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
 
 
 def _images(batch: Any) -> Tensor:

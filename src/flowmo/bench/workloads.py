@@ -65,8 +65,8 @@ def build_feature_nets(feature_nets: str, device) -> tuple[nn.Module | None, nn.
 
 
 def build_bundle(preset: str, device, nets: tuple[nn.Module | None, nn.Module], image_size: int | None,
-                 feature_nets: str) -> Bundle:
-    tokenizer = FlowMoTokenizer.from_preset(preset, device=device)
+                 feature_nets: str, checkpointing: str = "none") -> Bundle:
+    tokenizer = FlowMoTokenizer.from_preset(preset, device=device).set_activation_checkpointing(checkpointing)
     return Bundle(tokenizer, *nets, image_size or tokenizer.config.image_size, recipes(feature_nets))
 
 
@@ -137,7 +137,7 @@ def count_flops(fn: Callable[[], None], by_op: dict | None = None) -> int:
 
 
 def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int | None,
-                    workloads: tuple[str, ...] | list[str] = WORKLOADS) -> dict[str, float]:
+                    workloads: tuple[str, ...] | list[str] = WORKLOADS, checkpointing: str = "none") -> dict[str, float]:
     """FLOPs per image of every workload, counted on fake tensors (shapes only: no memory, no compute).
 
     Fake CPU tensors rather than the meta device: autocast (which the quantizer switches off for its
@@ -147,7 +147,7 @@ def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int 
     nets = build_feature_nets(feature_nets, "cpu")  # built real: their loaders cannot run under fake mode
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):  # so the frozen nets' real weights are faked on use
-            counts = _count_workloads(preset, batch, nets, image_size, workloads, feature_nets)
+            counts = _count_workloads(preset, batch, nets, image_size, workloads, feature_nets, checkpointing)
     finally:
         _cached_rope.cache_clear()  # it now holds fake RoPE tables under the key "cpu"
     if "decode" in workloads:
@@ -156,8 +156,8 @@ def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int 
 
 
 def _count_workloads(preset: str, batch: int, nets, image_size: int | None, workloads,
-                     feature_nets: str) -> dict[str, int]:
-    bundle = build_bundle(preset, "cpu", nets, image_size, feature_nets)
+                     feature_nets: str, checkpointing: str = "none") -> dict[str, int]:
+    bundle = build_bundle(preset, "cpu", nets, image_size, feature_nets, checkpointing)
     images = make_images(bundle, batch, "cpu")
     counts = {name: count_flops(workload_fn(name, bundle, images, None)) for name in workloads if name != "decode"}
     if "decode" not in workloads:

@@ -1,9 +1,11 @@
-"""Lightning callbacks: throughput figures, reconstruction grids, evaluation reports, skipped-sample counts."""
+"""Lightning callbacks: throughput figures, reconstruction grids, evaluation reports, skipped-sample counts,
+checkpoint retention."""
 
 from flowmo.callbacks.images import ReconstructionGrid
 from flowmo.callbacks.progress import StepProgressBar
 from flowmo.callbacks.report import EvaluationReport
+from flowmo.callbacks.retention import CheckpointRetention
 from flowmo.callbacks.skipped import SkippedSamples
 from flowmo.callbacks.throughput import Throughput
 
-__all__ = ["EvaluationReport", "ReconstructionGrid", "SkippedSamples", "StepProgressBar", "Throughput"]
+__all__ = ["CheckpointRetention", "EvaluationReport", "ReconstructionGrid", "SkippedSamples", "StepProgressBar", "Throughput"]

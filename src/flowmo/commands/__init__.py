@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("lightning", "train (Stage 1A or 1B, chosen by the configs); --ckpt_path last resumes"),
     "validate": ("lightning", "validation loop of a checkpoint"),
     "test": ("lightning", "evaluation of a checkpoint (configs/eval/paper.yaml: the paper's protocol)"),
+    "plan": ("plan", "predicted peak training memory per preset, stage, micro-batch, precision, checkpointing"),
     "shards": ("shards", "write WebDataset shards from ImageNet or an image folder"),
     "sample-data": ("sample_data", "build the embedded sample set (demo and tests)"),
     "export": ("export", "export a light tokenizer file (config + EMA or raw weights) from a checkpoint"),

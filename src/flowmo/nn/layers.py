@@ -116,8 +116,12 @@ class Modulation(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
-    """LayerNorm without affine, then (1 + scale) * x + shift (one fused multiply-add kernel)."""
-    normed = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+    """LayerNorm without affine, then (1 + scale) * x + shift (one fused multiply-add kernel).
+
+    CUDA autocast runs layer_norm in fp32 and returns fp32; the result is cast back to x's dtype (a no-op in fp32
+    training), so the multiply-add is not promoted to fp32 and saves a bf16 tensor for backward instead of an fp32
+    one: the statistics are still computed in fp32, and the next Linear would round to bf16 anyway."""
+    normed = F.layer_norm(x, x.shape[-1:], eps=LN_EPS).to(x.dtype)
     return normed if shift is None else torch.addcmul(shift, normed, 1 + scale)
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from flowmo import checkpoint, flow, official, presets
 from flowmo.config import FlowMoConfig
 from flowmo.nn.quantizers import QuantizerOutput, build_quantizer
-from flowmo.nn.transformer import MMDiT
+from flowmo.nn.transformer import DecoderTransformer, EncoderTransformer, checkpoint_every
 
 PAPER = flow.SAMPLERS["paper"]  # sample()'s defaults: 25 steps, rho 4, CFG 1.5 on sigma (0.17, 1.02)
 
@@ -29,12 +29,19 @@ class FlowMoTokenizer(nn.Module):
         shared = dict(patch_size=config.patch_size, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
                       rope_theta=config.rope_theta, attention_scale_spec=config.attention_scale)
         # Encoder: code tokens start as zeros (identity only from RoPE); only its code head is read.
-        self.encoder = MMDiT(config.encoder, code_in_dim=config.code_dim, code_out_dim=config.code_dim,
+        self.encoder = EncoderTransformer(config.encoder, code_in_dim=config.code_dim, code_out_dim=config.code_dim,
                              image_out=False, time_conditioned=False, **shared)
         # Decoder: reads [code, 1] (the "code present" channel), outputs the velocity image only.
-        self.decoder = MMDiT(config.decoder, code_in_dim=config.code_dim + 1, code_out_dim=None,
+        self.decoder = DecoderTransformer(config.decoder, code_in_dim=config.code_dim + 1, code_out_dim=None,
                              image_out=True, time_conditioned=True, **shared)
         self.quantizer = build_quantizer(config)
+
+    def set_activation_checkpointing(self, setting: str) -> "FlowMoTokenizer":
+        """'none', 'blocks' (recompute every block in backward) or 'every_K' (every K-th block), for encoder and
+        decoder alike: less activation memory for ~one more forward pass of the recomputed blocks."""
+        for transformer in (self.encoder, self.decoder):
+            transformer.checkpoint_every = checkpoint_every(setting)
+        return self
 
     # ----------------------------------------------------------------------------------- construction
     @classmethod
@@ -144,6 +151,7 @@ class FlowMoTokenizer(nn.Module):
             self.check_images(images)
             images = self._model_dtype(images)
         zeros = images.new_zeros(images.shape[0], self.config.code_length, self.config.code_dim)
+        _batch_is_dynamic(images, zeros)
         _, code = self.encoder(images, zeros)
         return code
 
@@ -158,7 +166,13 @@ class FlowMoTokenizer(nn.Module):
         return torch.cat([codes, torch.ones_like(codes[..., :1])], dim=-1)
 
     def velocity_from_condition(self, noisy: Tensor, condition: Tensor, t: Tensor) -> Tensor:
-        """Decoder call on a prepared condition [B, L, D+1] (training uses it for CFG dropout)."""
+        """Decoder call on a prepared condition [B, L, D+1] (training uses it for CFG dropout).
+
+        The condition takes the image's dtype and t is made a contiguous fp32 vector, so every call reaches the
+        compiled decoder with the same guards (autocast's bf16 codes, an expanded scalar t or a column of a
+        Stage-1B grid would each compile the decoder again)."""
+        condition, t = condition.to(noisy.dtype), t.to(torch.float32).clone()  # clone: stride 1 even at batch 1
+        _batch_is_dynamic(noisy, condition, t)
         image_out, _ = self.decoder(noisy, condition, t)
         return image_out
 
@@ -275,3 +289,10 @@ def official_shapes(config: FlowMoConfig) -> dict[str, tuple[int, ...]]:
 def official_parameter_count(config: FlowMoConfig) -> int:
     """Parameters of the authors' module layout (the paper's 945M / 517M), unused ones included."""
     return sum(int(torch.Size(shape).numel()) for shape in official_shapes(config).values())
+
+
+def _batch_is_dynamic(*tensors: Tensor) -> None:
+    """Tell torch.compile up front that the batch size varies (B and 2B of a guided step, a last partial batch), so
+    the first graph already takes any batch instead of a recompile at the first new size. No effect in eager."""
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)

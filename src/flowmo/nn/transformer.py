@@ -7,10 +7,12 @@ Inputs are an image [B, 3, H, W] (the image stream, patchified) and code tokens 
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from flowmo.config import TransformerConfig
 from flowmo.nn.layers import (
@@ -81,6 +83,7 @@ class MMDiT(nn.Module):
         )
         self.final_layer_img = FinalLayer(arch.width, patch_dim, time_conditioned) if image_out else None
         self.final_layer_txt = FinalLayer(arch.width, code_out_dim, time_conditioned) if code_out_dim else None
+        self.checkpoint_every = 0  # activation checkpointing: 0 none, k = every k-th block (set_activation_checkpointing)
 
     def rope(self, code_length: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
         return _cached_rope(code_length, height // self.patch_size, width // self.patch_size,
@@ -93,13 +96,50 @@ class MMDiT(nn.Module):
         txt = self.txt_in(code_tokens)  # [B, L, W]
         vec = self.time_in(timestep_embedding(t, TIME_EMBED_DIM).to(img.dtype)) if self.time_in is not None else None
         rope = self.rope(code_tokens.shape[1], height, width, images.device)
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope)
+        for index, block in enumerate(self.double_blocks):
+            if self._recompute(index):  # keep only the block's inputs; its activations are recomputed in backward
+                img, txt = checkpoint(block, img, txt, vec, rope, use_reentrant=False)
+            else:
+                img, txt = block(img, txt, vec, rope)
         image_out = None
         if self.final_layer_img is not None:
             image_out = unpatchify(self.final_layer_img(img, vec), self.patch_size, height, width)
         code_out = self.final_layer_txt(txt, vec) if self.final_layer_txt is not None else None
         return image_out, code_out
+
+
+    def _recompute(self, index: int) -> bool:
+        return bool(self.checkpoint_every) and index % self.checkpoint_every == 0 and torch.is_grad_enabled()
+
+
+class EncoderTransformer(MMDiT):
+    """The encoder's MMDiT. A forward of its own gives torch.compile a recompile budget of its own: dynamo counts
+    recompiles per code object, and one shared MMDiT.forward pooled the encoder's and the decoder's graphs."""
+
+    def forward(self, images: Tensor, code_tokens: Tensor, t: Tensor | None = None):
+        return super().forward(images, code_tokens, t)
+
+
+class DecoderTransformer(MMDiT):
+    """The decoder's MMDiT (see EncoderTransformer)."""
+
+    def forward(self, images: Tensor, code_tokens: Tensor, t: Tensor | None = None):
+        return super().forward(images, code_tokens, t)
+
+
+ACTIVATION_CHECKPOINTING = ("none", "blocks", "every_k")
+
+
+def checkpoint_every(setting: str) -> int:
+    """'none' -> 0, 'blocks' -> 1 (every block), 'every_2' / 'every_3' ... -> every k-th block (k >= 2)."""
+    if setting == "none":
+        return 0
+    if setting == "blocks":
+        return 1
+    match = re.fullmatch(r"every_(\d+)", setting)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f"activation_checkpointing must be none, blocks or every_K (e.g. every_2), got {setting!r}.")
+    return int(match.group(1))
 
 
 @functools.lru_cache(maxsize=16)
