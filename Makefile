@@ -224,11 +224,18 @@ COUNT_ONLY ?=
 BENCH_ARGS ?=
 BASE       ?=
 
-.PHONY: bench bench-compare
+.PHONY: bench bench-compare plan gpu-check
 
 bench-compare: $(STAMP) ## time this tree's model code against BASE=rev on PRESET (alternating runs), print speed-ups
 	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<git revision> [PRESET=cpu-mid]"; exit 2; }
 	$(PY) -m flowmo.bench.compare --base $(BASE) --preset $(PRESET) --batch $(BATCH)
+
+gpu-check: $(STAMP) ## on one H100/H200 (~8 min): Lo memory vs `flowmo plan`, ms/step + MFU, SDPA backend, compile, host syncs, 1B, decode -> results/gpu-check/{report.md,bench.json}
+	$(PY) -m flowmo.bench.gpu_check --out results/gpu-check $(GPU_CHECK_ARGS)
+
+plan: $(STAMP) ## predicted peak training memory (flowmo plan) of lo, hi and small: micro-batch, stage, checkpointing
+	$(FLOWMO) plan --preset lo hi small --stage 1a --batch 8 --checkpointing none every_4 blocks
+	$(FLOWMO) plan --preset lo hi small --stage 1b --batch 4 --checkpointing none blocks
 
 bench: $(STAMP) ## model benchmark: ms/step, img/s, peak memory, FLOP utilisation vs a matmul -> results/bench/bench.json
 	$(PY) -m flowmo.bench.model $(if $(COUNT_ONLY),--count-only --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),tiny cpu-mid small lo hi),		--preset $(PRESET) --batch $(BATCH) --precision $(PRECISION) $(if $(COMPILE),--compile) $(if $(PROFILE),--profile) \

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 import flowmo.bench.model
@@ -92,3 +93,21 @@ def test_the_bench_times_the_training_modules_own_update_and_recipes():
     images = workloads.make_images(bundle, 2, "cpu")
     workloads.optimizer_step(bundle, images, bundle.recipes["1a"])
     assert bundle.update.steps == 1 and any(not torch.equal(a, b) for a, b in zip(before, bundle.tokenizer.parameters()))
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """`make gpu-check` is for a lent GPU; on tiny and the CPU every check but compile (inductor: minutes here)
+    and the CUDA sync mode still runs and reports."""
+    from flowmo.bench import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--preset", "tiny", "--checkpointing", "blocks", "--out",
+                           str(tmp_path), "--warmup", "0", "--iters", "1", "--skip", "compile"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for expected in ("1a micro-batch 8 (blocks): peak allocated", "planner (1 rank", "profile split",
+                     "host syncs: not measured", "1b micro-batch 4:", "decode fast sampler, batch 32:"):
+        assert expected in report, report
+    assert "failed" not in report, report
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert {row["stage"] for row in rows} == {"1a", "1b", "decode"}

@@ -108,6 +108,9 @@ RULES = (
     Rule(r"make bench COUNT_ONLY=1", "run"),
     Rule(r"make bench .*(PRESET=(lo|hi|small)|COMPILE=1|PRECISION=bf16|PROFILE=1|SCALING=1).*", "dry"),
     Rule(r"make bench-compare BASE=\S+( PRESET=\S+)?", "dry"),
+    Rule(r"make plan", "dry", "lo, hi and small on fake tensors: ~30 CPU-minutes here"),
+    Rule(r"make gpu-check", "dry", "needs a GPU; tests/test_bench.py runs the script on tiny on the CPU"),
+    Rule(r"flowmo plan --preset tiny .*", "run"),
     Rule(r"\.venv/bin/python -m flowmo\.bench\.sampler_steps .*", "run", "--checkpoint = the tiny CPU run's, --data = "
          "the sample set; 2 step counts, 1 repeat",
          ((r"--checkpoint \S+", "--checkpoint runs/tiny-cpu/checkpoints/last.ckpt"),

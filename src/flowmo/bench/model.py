@@ -137,8 +137,10 @@ def reference_matmul(args, device: torch.device) -> tuple[int, float]:
 def benchmark_preset(preset: str, args, device: torch.device, batch: int, image_size: int | None,
                      workloads: list[str], matmul: float) -> list[Row]:
     """Time the selected workloads of one preset at one (batch, image size)."""
-    flops = flops_per_image(preset, batch, args.feature_nets, image_size, workloads)
-    bundle = build_bundle(preset, device, build_feature_nets(args.feature_nets, device), image_size, args.feature_nets)
+    flops = flops_per_image(preset, batch, args.feature_nets, image_size, workloads, args.checkpointing, args.sampler)
+    bundle = build_bundle(preset, device, build_feature_nets(args.feature_nets, device), image_size, args.feature_nets,
+                          args.checkpointing)
+    bundle.sampler = args.sampler
     if args.compile:  # as module.py does: compile the two transformers, keep the loss code eager
         bundle.tokenizer.encoder.compile()
         bundle.tokenizer.decoder.compile()
@@ -218,7 +220,7 @@ def print_header(preset: str, args, device: torch.device, matmul_size: int, matm
           f"{args.precision}{' + compile' if args.compile else ''}, {describe_device(device)}, torch "
           f"{torch.__version__}, feature nets {args.feature_nets}, code {code_revision()}")
     print(f"reference matmul {matmul_size}^2 {args.precision}: {matmul / 1e9:.1f} GFLOP/s; median of {args.iters} "
-          f"after {args.warmup} warm-up; decode = {SAMPLERS['paper'].nfe} NFE")
+          f"after {args.warmup} warm-up; decode = {SAMPLERS[args.sampler].nfe} NFE")
     print(f"{'stage':<8}{'batch':>6}{'size':>6}{'ms/call':>11}{'min ms':>10}{'img/s':>10}{'peak mem':>12}"
           f"{'GFLOP/call':>12}{'util':>8}")
 
@@ -281,6 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--feature-nets", choices=("off", "random"), default="off",
                         help="off: no LPIPS, pixel MSE as 1B sample loss; random: random-weight LPIPS-VGG / ResNet-50")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--checkpointing", default="none",
+                        help="activation checkpointing of the training steps: none, blocks, every_K (lo/hi: every_4)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="paper", help="the decode workload's sampler")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed calls per workload (median reported)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the preset's training size")

@@ -46,6 +46,7 @@ class Bundle:
     update: TrainingUpdate | None = None  # built for timed training steps (not for FLOP counting)
     optimizer: torch.optim.Optimizer | None = None
     guard: NonFiniteGuard | None = None
+    sampler: str = "paper"  # what the decode workload runs (flow.SAMPLERS)
 
     def attach_update(self, device: torch.device) -> None:
         """The module's update on this tokenizer: Adam (one group), projection, EMA every 10 steps, the guard."""
@@ -105,7 +106,7 @@ def encode_call(bundle: Bundle, images: Tensor) -> None:
 
 
 def decode_call(bundle: Bundle, indices: Tensor) -> None:
-    bundle.tokenizer.detokenize(indices, image_size=(bundle.image_size, bundle.image_size))
+    bundle.tokenizer.detokenize(indices, image_size=(bundle.image_size, bundle.image_size), sampler=bundle.sampler)
 
 
 def optimizer_step(bundle: Bundle, images: Tensor, recipe: LossRecipe) -> None:
@@ -137,7 +138,8 @@ def count_flops(fn: Callable[[], None], by_op: dict | None = None) -> int:
 
 
 def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int | None,
-                    workloads: tuple[str, ...] | list[str] = WORKLOADS, checkpointing: str = "none") -> dict[str, float]:
+                    workloads: tuple[str, ...] | list[str] = WORKLOADS, checkpointing: str = "none",
+                    sampler: str = "paper") -> dict[str, float]:
     """FLOPs per image of every workload, counted on fake tensors (shapes only: no memory, no compute).
 
     Fake CPU tensors rather than the meta device: autocast (which the quantizer switches off for its
@@ -151,7 +153,7 @@ def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int 
     finally:
         _cached_rope.cache_clear()  # it now holds fake RoPE tables under the key "cpu"
     if "decode" in workloads:
-        counts["decode"] = SAMPLERS["paper"].nfe * counts["decoder_call"]
+        counts["decode"] = SAMPLERS[sampler].nfe * counts["decoder_call"]
     return {name: value / batch for name, value in counts.items()}
 
 
