@@ -100,8 +100,9 @@ check_resume = @test -z "$(RESUME)" || ls runs/$(1)/checkpoints/*.ckpt runs/$(1)
 fit_1a = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1a.yaml -c $(DATA_CFG) \
 	$(DDP_CFG) --run_name $(1)-1a --trainer.accumulate_grad_batches $(call accum,8,128) --trainer.devices $(GPUS) \
 	--trainer.num_nodes $(NODES) $(2) $(ARGS)
-# leg 1 (resumed with RESUME=1), then under DDP leg 2 from the freeze (a finished run returns at once)
-train_1a = $(call fit_1a,$(1),$(if $(RESUME),--ckpt_path last) $(2))$(if $(DDP_CFG), && $(call fit_1a,$(1),--ckpt_path last $(2)))
+# leg 1 (resumed with RESUME=1); under DDP, leg 2 resumes it from the freeze (a finished run returns at once)
+leg_1 = $(call fit_1a,$(1),$(if $(RESUME),--ckpt_path last) $(2))
+leg_2 = $(if $(DDP_CFG),$(call fit_1a,$(1),--ckpt_path last $(2)))
 fit_1b = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1b.yaml -c $(DATA_CFG) \
 	$(DDP_CFG) --run_name $(1)-1b --model.init_weights $(2) --trainer.accumulate_grad_batches $(call accum,4,64) \
 	--trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(if $(RESUME),--ckpt_path last) $(ARGS)
@@ -112,19 +113,22 @@ train-lo: $(STAMP) ## Stage 1A FlowMo-Lo, 1.3M steps (GPUS=8 NODES=1 RESUME=1 AR
 	$(call check_resume,lo-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
-	$(call train_1a,lo)
+	$(call leg_1,lo)
+	$(call leg_2,lo)
 
 train-hi: $(STAMP) ## Stage 1A FlowMo-Hi, 800k steps
 	$(call check_resume,hi-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
-	$(call train_1a,hi,--trainer.max_steps 800000)
+	$(call leg_1,hi,--trainer.max_steps 800000)
+	$(call leg_2,hi,--trainer.max_steps 800000)
 
 train-small: $(STAMP) ## Stage 1A of the ablation base (517M, patch 8), 40 epochs = 400,365 steps
 	$(call check_resume,small-1a)
 	$(check_shards)
 	$(call check_accum,$(call accum,8,128),128,8)
-	$(call train_1a,small,--trainer.max_steps 400365)
+	$(call leg_1,small,--trainer.max_steps 400365)
+	$(call leg_2,small,--trainer.max_steps 400365)
 
 posttrain-lo: $(STAMP) ## Stage 1B FlowMo-Lo from the 1A EMA weights (INIT_LO=runs/lo-1a/checkpoints/last.ckpt)
 	$(call check_resume,lo-1b)
