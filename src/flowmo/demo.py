@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flowmo import pretrained
 from flowmo.commands.lightning import FlowMoCLI
@@ -27,12 +26,12 @@ from flowmo.flow import SAMPLERS
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.metrics.image import psnr_per_image, to_unit_range
 from flowmo.nn.tokenizer import FlowMoTokenizer
+from flowmo.references import POOL_GRID, mean_colour, pool_reference
 
 # The repository's configs/ (editable install), else ./configs: the demo runs from any working directory.
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path("configs")
 STAGES = {"1a": "Stage 1A", "1b": "Stage 1B"}
-POOL_GRID = 8  # the 8x8 average-pool reference: 8*8*3 = 192 numbers per image
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -99,16 +98,6 @@ def reconstruct(tokenizer: FlowMoTokenizer, images: torch.Tensor, seed: int) -> 
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     quantized = tokenizer.quantize(tokenizer.encode(images), with_losses=False)
     return tokenizer.sample_with(SAMPLERS["paper"], quantized.codes, noise), quantized.indices
-
-
-def mean_colour(images: torch.Tensor) -> torch.Tensor:
-    """Each image replaced by its mean colour: the trivial guess the demo must beat."""
-    return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
-
-
-def pool_reference(images: torch.Tensor, grid: int = POOL_GRID) -> torch.Tensor:
-    """grid x grid average pool, nearest-neighbour upsampled: what grid*grid*3 numbers per image give."""
-    return F.interpolate(F.adaptive_avg_pool2d(images, grid), size=images.shape[-2:], mode="nearest")
 
 
 def mean_psnr(images: torch.Tensor, other: torch.Tensor) -> float:
