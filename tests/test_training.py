@@ -242,3 +242,43 @@ def test_the_stage_decides_the_terms_and_refuses_one_it_does_not_use():
         FlowMoModule(preset="tiny", perceptual="none", sample_loss="pixel_mse")
     with pytest.raises(ValueError, match="stage must be one of"):
         LossRecipe.for_stage("2")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_at_the_freeze_equals_the_run_that_froze_in_place(tmp_path, schedule):
+    """A run resumed from the checkpoint of the freeze step (as plain DDP's second leg is) freezes the encoder at
+    load and rebuilds Adam and the schedule with the decoder group alone: bit-equal to freezing mid-run."""
+    kwargs = dict(ema_every=1, lr=1e-3, freeze_encoder_after=2, lr_schedule=schedule)
+    L.seed_everything(0)
+    straight = module(**kwargs)
+    trainer(5).fit(straight, loader(4, 4))
+
+    class StopAtTheFreeze(L.Callback):  # leg 1 under plain DDP: same max_steps (the cosine's length), stops at 2
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            trainer.should_stop = trainer.global_step == 2
+
+    L.seed_everything(0)
+    first = module(**kwargs)
+    first_run = trainer(5, callbacks=[StopAtTheFreeze()])
+    first_run.fit(first, loader(4, 4))
+    assert first_run.global_step == 2
+    first_run.save_checkpoint(tmp_path / "freeze.ckpt")
+    resumed = module(**kwargs)
+    resumed_run = trainer(5)
+    resumed_run.fit(resumed, loader(4, 4), ckpt_path=str(tmp_path / "freeze.ckpt"))
+
+    assert [group["name"] for group in resumed_run.optimizers[0].param_groups] == ["decoder"]
+    expected, actual = _state_by_name(straight), _state_by_name(resumed)
+    assert expected.keys() == actual.keys() and any(".exp_avg_sq" in name for name in expected)
+    differing = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not differing, differing[:5]
+
+
+def _state_by_name(model: FlowMoModule) -> dict[str, torch.Tensor]:
+    """Weights, EMA, buffers and Adam's state keyed by parameter name (the two runs number their groups apart)."""
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    optimizer = model.trainer.optimizers[0]
+    for name, param in model.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            state[f"adam.{name}.{key}"] = torch.as_tensor(value).clone()
+    return state

@@ -325,8 +325,7 @@ class FlowMoModule(L.LightningModule):
             # both hold the decoder alone. Adam restarts if the freeze happens now (the authors rebuild it).
             self._set_encoder_trainable(False)
             restart = self.hparams.reset_optimizer_on_freeze and step == after
-            checkpoint["optimizer_states"] = [without_group(state, "encoder", clear=restart)
-                                              for state in checkpoint.get("optimizer_states", [])]
+            drop_param_group(checkpoint, "encoder", clear=restart)
 
 
 def _check_choices(lr_schedule: str, init_weights: str | None, init_weights_parts: str, stage: str) -> None:
@@ -340,15 +339,21 @@ def _check_choices(lr_schedule: str, init_weights: str | None, init_weights_part
                         f"got {init_weights_parts!r} with init_weights={init_weights!r}.")
 
 
-def without_group(state: dict, name: str, clear: bool = False) -> dict:
-    """An optimizer state_dict without its param group `name` (parameters renumbered); `clear` drops every state."""
-    groups = [group for group in state["param_groups"] if group.get("name") != name]
-    if len(groups) == len(state["param_groups"]) and not clear:
-        return state
-    renumber = {old: new for new, old in enumerate(i for group in groups for i in group["params"])}
-    kept = {} if clear else {renumber[i]: value for i, value in state["state"].items() if i in renumber}
-    return {"state": kept, "param_groups": [{**group, "params": [renumber[i] for i in group["params"]]}
-                                             for group in groups]}
+def drop_param_group(checkpoint: dict, name: str, clear: bool = False) -> None:
+    """The checkpoint's optimizer without its param group `name` (parameters renumbered) and its lr schedulers
+    without that group's entries; `clear` also drops every optimizer state (Adam restarts)."""
+    for index, state in enumerate(checkpoint.get("optimizer_states", [])):
+        positions = [i for i, group in enumerate(state["param_groups"]) if group.get("name") == name]
+        groups = [group for group in state["param_groups"] if group.get("name") != name]
+        renumber = {old: new for new, old in enumerate(i for group in groups for i in group["params"])}
+        kept = {} if clear else {renumber[i]: value for i, value in state["state"].items() if i in renumber}
+        checkpoint["optimizer_states"][index] = {
+            "state": kept, "param_groups": [{**group, "params": [renumber[i] for i in group["params"]]}
+                                            for group in groups]}
+        for scheduler in checkpoint.get("lr_schedulers", []):  # per-group lists, e.g. LambdaLR's base_lrs
+            for key, value in scheduler.items():
+                if isinstance(value, list) and len(value) == len(state["param_groups"]):
+                    scheduler[key] = [v for i, v in enumerate(value) if i not in positions]
 
 
 def _plain_ddp(model: Any) -> bool:
