@@ -198,7 +198,13 @@ def dry_run(copy: Path, command: str) -> None:
     flowmo_lines = [line for line in lines if re.match(r"\S*flowmo (fit|validate|test) ", line)]
     for line in flowmo_lines:
         parse_only(copy, line)
-    assert flowmo_lines or re.search(r"tensorboard|bench|demo", command), f"`{command}` expands to no flowmo run"
+    # other flowmo commands and modules (flowmo plan, python -m flowmo.bench.gpu_check): their arguments must parse
+    others = [line for line in lines if line not in flowmo_lines
+              and re.match(r"\S*(flowmo [a-z-]+|python -m flowmo\.[a-z_.]+)( |$)", line)]
+    for line in others:
+        check(shell(copy, line + " --help"), command)
+    assert flowmo_lines or others or re.search(r"tensorboard|bench|demo", command), \
+        f"`{command}` expands to no flowmo run"
 
 
 def short_form(command: str, rule: Rule) -> str:

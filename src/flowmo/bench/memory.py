@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import weakref
 from dataclasses import dataclass
 
