@@ -48,16 +48,12 @@ class Report:
 
 
 def bench_rows(args, label: str, *extra: str) -> list[dict]:
-    """One `make bench` run; returns its rows (also merged into OUT/bench.json)."""
+    """One `make bench` run; returns its rows (merged into OUT/bench.json, where each call's label is its own)."""
     json_path = args.out / "bench.json"
-    before = json.loads(json_path.read_text()) if json_path.exists() else []
     bench.main(["--preset", args.preset, "--precision", "bf16", "--device", args.device, "--feature-nets", "random",
                 "--warmup", str(args.warmup), "--iters", str(args.iters), "--json", str(json_path),
                 "--label", label, *extra])
-    rows = json.loads(json_path.read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
-    before = before["rows"] if isinstance(before, dict) else before
-    return [row for row in rows if row.get("label") == label] or rows[len(before):]
+    return [row for row in json.loads(json_path.read_text()) if row["label"] == label]
 
 
 def peak_tflops(device: str) -> float | None:

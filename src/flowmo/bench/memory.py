@@ -143,17 +143,17 @@ def plan(preset: str, stage: str = "1a", micro_batch: int = 8, precision: str = 
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     config = resolve_config(preset)
     size = image_size or config.image_size
-    nets = _loss_nets(stage)  # real modules (their builders read files); faked on first use below
+    recipe = recipes("random")[stage]
+    nets = _loss_nets(recipe)  # real modules (their builders read files); faked on first use below
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             tokenizer = FlowMoTokenizer(config).set_activation_checkpointing(checkpointing)
-            peak, activations = _step_peak(tokenizer, stage, nets, micro_batch, size, precision, autocast)
+            weights, peak, activations = _step_peak(tokenizer, recipe, nets, micro_batch, size, precision, autocast)
     finally:
         _cached_rope.cache_clear()  # it now holds fake RoPE tables under the key "cpu"
     total_params = sum(p.numel() for p in tokenizer.parameters())
-    trainable = sum(p.numel() for p in _trainable(tokenizer, stage))
-    loss_net_params = sum(p.numel() for net in nets if net is not None for p in net.parameters())
-    weights = 4 * (total_params + loss_net_params)
+    trained = [tokenizer.encoder, tokenizer.decoder] if recipe.train_encoder else [tokenizer.decoder]
+    trainable = sum(p.numel() for part in trained for p in part.parameters())  # the quantizer has no weights
     adam, ema = 8 * trainable, 4 * total_params
     buckets = 0 if gradient_as_bucket_view or ranks == 1 else 4 * trainable
     total = peak + adam + ema + buckets  # the tracker's peak holds the weights, gradients and activations
@@ -162,26 +162,17 @@ def plan(preset: str, stage: str = "1a", micro_batch: int = 8, precision: str = 
                       activations / GIB, total / GIB)
 
 
-def _loss_nets(stage: str):
+def _loss_nets(recipe):
     """The frozen nets the stage's losses call, random weights (same shapes and cost as the pretrained ones)."""
-    recipe = recipes("random")[stage]
     perceptual = build_perceptual(recipe.perceptual, "random") if recipe.perceptual_weight else None
     sample = build_perceptual(recipe.sample_loss, "random") if recipe.sample_weight else None
     return perceptual, sample
 
 
-def _trainable(tokenizer: FlowMoTokenizer, stage: str):
-    """1A trains encoder and decoder (the quantizer has no weights); 1B the decoder only."""
-    parts = [tokenizer.decoder] if stage == "1b" else [tokenizer.encoder, tokenizer.decoder]
-    return [p for part in parts for p in part.parameters()]
-
-
-def _step_peak(tokenizer: FlowMoTokenizer, stage: str, nets, batch: int, size: int, precision: str,
-               autocast_kind: str = "cuda") -> tuple[int, int]:
-    """(peak live bytes during forward + backward, live bytes at the end of forward: the activations)."""
-    if stage == "1b":
-        tokenizer.encoder.requires_grad_(False)
-    recipe = recipes("random")[stage]
+def _step_peak(tokenizer: FlowMoTokenizer, recipe, nets, batch: int, size: int, precision: str,
+               autocast_kind: str = "cuda") -> tuple[int, int, int]:
+    """Live bytes of (the weights of every net, the peak during forward + backward, the activations at the end of
+    forward). A frozen encoder needs nothing here: flowmo_loss runs it without grad (recipe.train_encoder)."""
     perceptual, sample = nets
     images = torch.rand(batch, 3, size, size) * 2 - 1
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
@@ -190,13 +181,12 @@ def _step_peak(tokenizer: FlowMoTokenizer, stage: str, nets, batch: int, size: i
             (_policy_in_recomputation() if policy else contextlib.nullcontext()):
         for module in (tokenizer, *[net for net in nets if net is not None]):
             live.add(*module.parameters(), *module.buffers())
+        weights = live.now
         with autocast:
             out = flowmo_loss(tokenizer, images, recipe, perceptual, sample, torch.Generator())
         after_forward = live.now
         out.total.backward()
-    weights = sum(p.numel() * p.element_size() for m in (tokenizer, *[n for n in nets if n is not None])
-                  for p in (*m.parameters(), *m.buffers()))
-    return live.peak, after_forward - weights
+    return weights, live.peak, after_forward - weights
 
 
 @contextlib.contextmanager
@@ -257,8 +247,7 @@ def measured_step_peak(preset: str, stage: str = "1a", micro_batch: int = 8, pre
     bundle = build_bundle(preset, "cpu", nets, None, "random")
     bundle.tokenizer.set_activation_checkpointing(checkpointing)
     bundle.attach_update(torch.device("cpu"))
-    if stage == "1b":
-        bundle.tokenizer.encoder.requires_grad_(False)
+    bundle.tokenizer.encoder.requires_grad_(bundle.recipes[stage].train_encoder)  # as the module freezes it in 1B
     images = make_images(bundle, micro_batch, "cpu")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     with autocast:
