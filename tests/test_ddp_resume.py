@@ -4,16 +4,15 @@ and ends bit-equal to the uninterrupted run; a NaN in one rank's batch makes bot
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from flowmo.faults import latest_checkpoint
+from run_faults import kill_past_a_checkpoint, training_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -36,48 +35,6 @@ def fit_command(shards: Path, runs: Path, *extra: str) -> list[str]:
             "--model.feature_weights", "random", *extra]
 
 
-def logged_step(runs: Path) -> int:
-    steps = [-1]
-    for path in runs.glob("csv/**/metrics.csv"):
-        header, *rows = path.read_text().splitlines() or [""]
-        if "step" not in header.split(","):
-            continue
-        column = header.split(",").index("step")
-        steps += [int(f[column]) for f in (row.split(",") for row in rows) if len(f) > column and f[column].isdigit()]
-    return max(steps) + 1
-
-
-def newest_checkpoint_step(runs: Path) -> int:
-    found = latest_checkpoint(runs / "ddp", report=lambda message: None)
-    return -1 if found is None else torch.load(found, map_location="cpu", weights_only=False)["global_step"]
-
-
-def kill_group_past_a_checkpoint(process: subprocess.Popen, runs: Path) -> tuple[int, int]:
-    """SIGKILL both ranks (the process group) once steps past the newest checkpoint are done."""
-    group = os.getpgid(process.pid)
-    while process.poll() is None:
-        if logged_step(runs) > max(newest_checkpoint_step(runs), 0):
-            os.killpg(group, signal.SIGSTOP)
-            done, saved = logged_step(runs), newest_checkpoint_step(runs)
-            if saved > 0 and done > saved:
-                os.killpg(group, signal.SIGKILL)
-                process.wait()
-                return done, saved
-            os.killpg(group, signal.SIGCONT)
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended (exit {process.returncode}) before it could be killed mid-run")
-
-
-def training_state(path: Path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = {f"model/{k}": v for k, v in checkpoint["state_dict"].items()}
-    for param, moments in checkpoint["optimizer_states"][0]["state"].items():
-        state.update({f"adam/{param}/{name}": torch.as_tensor(value) for name, value in moments.items()})
-    for rank, generator in enumerate(checkpoint["flowmo_noise_generators"]):
-        state[f"noise/rank{rank}"] = generator
-    return state
-
-
 @pytest.mark.slow
 def test_a_two_rank_run_killed_and_resumed_keeps_each_rank_s_noise_and_ends_bit_equal(sample_shards, tmp_path):
     uninterrupted = subprocess.run(fit_command(sample_shards, tmp_path / "a"), capture_output=True, text=True,
@@ -86,7 +43,7 @@ def test_a_two_rank_run_killed_and_resumed_keeps_each_rank_s_noise_and_ends_bit_
     runs = tmp_path / "b"
     process = subprocess.Popen(fit_command(sample_shards, runs), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
-    done, saved = kill_group_past_a_checkpoint(process, runs)
+    done, saved = kill_past_a_checkpoint(process, runs, runs / "ddp", whole_group=True)
     assert 0 < saved < done < STEPS
     checkpoint = torch.load(latest_checkpoint(runs / "ddp", report=lambda m: None), weights_only=False)
     rank0, rank1 = checkpoint["flowmo_noise_generators"]

@@ -25,6 +25,7 @@ from flowmo.faults import (
     latest_checkpoint,
 )
 from flowmo.module import FlowMoModule
+from run_faults import kill_past_a_checkpoint, step_of, training_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 warnings.filterwarnings("ignore")
@@ -51,10 +52,6 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
-def step_of(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_mid_run_saves_the_last_step_and_exits_non_zero(shards, tmp_path, signum):
     runs = tmp_path / "runs"
@@ -77,51 +74,6 @@ def test_a_signal_mid_run_saves_the_last_step_and_exits_non_zero(shards, tmp_pat
     assert f"resuming from {last}" in resumed.stderr and step_of(last) == saved + 2
 
 
-def _logged_step(run_dir: Path) -> int:
-    """The newest optimizer step in the CSV log; a row logged at step s follows optimizer step s + 1, whose
-    checkpoint (if it has one) is already written. -1 before the first row."""
-    steps = [-1]
-    for path in run_dir.glob("**/metrics.csv"):
-        header, *rows = path.read_text().splitlines() or [""]
-        column = header.split(",").index("step") if "step" in header.split(",") else None
-        for fields in (row.split(",") for row in rows):
-            if column is not None and len(fields) > column and fields[column].isdigit():  # not a half-written row
-                steps.append(int(fields[column]))
-    return max(steps) + 1
-
-
-def _newest_checkpoint_step(runs: Path) -> int:
-    found = latest_checkpoint(runs / "fault", report=lambda message: None)
-    return -1 if found is None else step_of(found)
-
-
-def _kill_past_a_checkpoint(process: subprocess.Popen, runs: Path) -> tuple[int, int]:
-    """SIGKILL once the run has finished optimizer steps past its newest checkpoint (checked while the process
-    is stopped, so the two numbers cannot move under the check). Returns (steps done, checkpoint step)."""
-    while process.poll() is None:
-        if _logged_step(runs) > max(_newest_checkpoint_step(runs), 0):
-            process.send_signal(signal.SIGSTOP)
-            done, saved = _logged_step(runs), _newest_checkpoint_step(runs)
-            if saved > 0 and done > saved:
-                process.kill()
-                process.wait()
-                return done, saved
-            process.send_signal(signal.SIGCONT)
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended (exit {process.returncode}) before it could be killed mid-run")
-
-
-def _training_state(path: Path) -> dict[str, torch.Tensor]:
-    """Raw and EMA weights, Adam's moments and step counts, and the loss-noise generator of a checkpoint."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = {f"model/{k}": v for k, v in checkpoint["state_dict"].items()}
-    for param, moments in checkpoint["optimizer_states"][0]["state"].items():
-        state.update({f"adam/{param}/{name}": torch.as_tensor(value) for name, value in moments.items()})
-    state["noise_generator"] = checkpoint["flowmo_noise_generator"]
-    state["global_step"] = torch.tensor(checkpoint["global_step"])
-    return state
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_a_run_killed_mid_run_and_resumed_ends_bit_equal_to_an_uninterrupted_one(shards, tmp_path, accumulation):
     """Issue 8: SIGKILL (no chance to save) after steps past the last checkpoint, resume with --ckpt_path last:
@@ -141,13 +93,13 @@ def test_a_run_killed_mid_run_and_resumed_ends_bit_equal_to_an_uninterrupted_one
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command(runs, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=env)
-    done, saved = _kill_past_a_checkpoint(process, runs)
+    done, saved = kill_past_a_checkpoint(process, runs, runs / "fault")
     assert process.returncode == -signal.SIGKILL and 0 < saved < done < steps
     resumed = run(command(runs, 2, "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"training data resumes at micro-batch {saved * accumulation} " in resumed.stderr
-    a = _training_state(tmp_path / "a" / "fault" / "checkpoints" / "last.ckpt")
-    b = _training_state(runs / "fault" / "checkpoints" / "last.ckpt")
+    a = training_state(tmp_path / "a" / "fault" / "checkpoints" / "last.ckpt")
+    b = training_state(runs / "fault" / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys() and int(a["global_step"]) == steps
     differing = [name for name in a if not torch.equal(a[name], b[name])]
     assert not differing, f"{len(differing)} of {len(a)} tensors differ after the resume, e.g. {differing[:5]}"
