@@ -1,12 +1,5 @@
-"""`flowmo ablate grids | list GRID | run GRID | table GRID`: ablation grids as data (flowmo.ablate has the format).
-
-    flowmo ablate grids                                  # the shipped grids and what each one asks
-    flowmo ablate list tiny                              # its cells and their resolved overlays
-    flowmo ablate run tiny --dry-run                     # every command, nothing runs
-    flowmo ablate run tiny                               # train + evaluate here, then write the table
-    flowmo ablate run paper-table4 --launcher slurm --nodes 2 --gpus-per-node 8 --partition gpu
-    flowmo ablate table tiny                             # results/ablations/tiny/table.{md,csv} + <metric>.png
-"""
+"""`flowmo ablate grids | list GRID | run GRID | table GRID`: ablation grids as data (flowmo.ablate has the format
+and the usage examples)."""
 
 from __future__ import annotations
 
