@@ -197,20 +197,22 @@ gen-paper: $(STAMP) ## MaskGIT on those tokens, configs/generator/paper.yaml (RE
 	  --model.tokenizer $(GEN_TOKENIZER) --trainer.devices $(GPUS) $(if $(RESUME),--ckpt_path last) $(ARGS)
 # ---- ablations (src/flowmo/ablate/, configs/ablations/<GRID>.yaml; `flowmo ablate grids` lists them):
 # GRID=paper-table4 | paper-posttrain | scaling | tiny (the demo recipe on this CPU). CELLS: comma list of cells
-# (`flowmo ablate list GRID`); DRY_RUN=1 prints the commands only; STEPS=N shortens every Stage-1A fit. Devices
+# (`flowmo ablate list GRID`); DRY_RUN=1 prints the commands only; STEPS=N shortens every Stage-1A fit; JOBS=N runs
+# N fits / tests at once here (cores split evenly; GRID=tiny on 2 cores: JOBS=2). Devices
 # GPUS x NODES and ARGS as for training (the grid keeps its global batch by accumulation). Rerunning resumes
 # unfinished fits and skips tests whose metrics are current. -> results/ablations/<GRID>/table.{md,csv}, <metric>.png
 GRID    ?= paper-table4
 CELLS   ?=
 DRY_RUN ?=
 STEPS   ?=
+JOBS    ?= 1
 
 .PHONY: ablate
 
 ablate: $(STAMP) ## run an ablation grid (GRID=tiny runs on this CPU; CELLS=..., DRY_RUN=1)
 	$(if $(DRY_RUN),,$(if $(filter tiny,$(GRID)),,$(check_shards)))
 	$(FLOWMO) ablate run $(GRID) $(if $(CELLS),--cells $(CELLS)) $(if $(filter tiny,$(GRID)),,--gpus $(GPUS) --nodes $(NODES)) \
-		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) $(if $(ARGS),--extra='$(ARGS)') \
+		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS)) --jobs $(JOBS) $(if $(ARGS),--extra='$(ARGS)') \
 		$(if $(filter-out configs/data/imagenet.yaml,$(DATA_CFG)),--extra='-c $(DATA_CFG)')
 
 # ---- model benchmark (src/flowmo/bench/model.py): Stage-1A/1B optimizer steps, encode, decode (31 NFE); figures

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flowmo.metrics.image import PSNR, SSIM, PaperPSNR, PaperSSIM
+
 POOL_GRID = 8  # the 8x8 average-pool reference: 8*8*3 = 192 numbers per image
 
 
@@ -54,3 +56,51 @@ def equal_bit_thumbnail(images: torch.Tensor, bits_per_pixel: float,
     bits = equal_bit_bits(bits_per_pixel, size, grid)
     pooled = quantise(F.adaptive_avg_pool2d(images, grid), bits)
     return F.interpolate(pooled, size=images.shape[-2:], mode="nearest"), pool_bits_per_pixel(size, grid, bits)
+
+
+class ReferenceScores:
+    """PSNR and SSIM (per image, and the paper's pooled variants) of the three references on the images a test
+    sees, batch by batch like the tokenizer's own metrics: the rows an ablation table reads a cell against.
+    Every codec is set up front, so under DDP every rank takes part in each metric's reduction."""
+
+    def __init__(self, bits_per_pixel: float, image_size: int, device: torch.device | str = "cpu") -> None:
+        self.image_size = image_size
+        self.rates = {"mean_colour": 3 * 8 / image_size**2, "pool8": pool_bits_per_pixel(image_size)}
+        self.labels = {"mean_colour": "mean colour of each image (8 bits per channel)",
+                       "pool8": f"{POOL_GRID}x{POOL_GRID} average pool (8 bits per value)"}
+        self.equal_bit = None  # bits per pooled value, where the tokenizer's rate pays at least one
+        if math.isfinite(bits_per_pixel) and bits_per_pixel * image_size**2 >= 3 * POOL_GRID**2:
+            self.equal_bit = bits_per_pixel
+            bits = equal_bit_bits(bits_per_pixel, image_size)
+            self.rates["equal_bit"] = pool_bits_per_pixel(image_size, POOL_GRID, bits)
+            self.labels["equal_bit"] = f"equal-bit thumbnail ({POOL_GRID}x{POOL_GRID} pool, {bits} bits per value)"
+        self.metrics = {name: {"psnr": PSNR(), "psnr_paper": PaperPSNR(), "ssim": SSIM(), "ssim_paper": PaperSSIM()}
+                        for name in self.labels}
+        for metrics in self.metrics.values():
+            for metric in metrics.values():
+                metric.to(device)
+
+    def _codecs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        codecs = {"mean_colour": mean_colour(images), "pool8": pool_reference(images)}
+        if self.equal_bit is not None:
+            codecs["equal_bit"] = equal_bit_thumbnail(images, self.equal_bit)[0]
+        return codecs
+
+    def update(self, images: torch.Tensor) -> None:
+        if images.shape[-1] != self.image_size:
+            raise ValueError(f"reference codecs set up for {self.image_size}px images got {images.shape[-1]}px ones")
+        for name, reconstruction in self._codecs(images.float()).items():
+            for metric in self.metrics[name].values():
+                metric.update(images, reconstruction)
+
+    def compute(self) -> dict[str, dict]:
+        """{codec: {label, bits_per_pixel, psnr, psnr_paper, ssim, ssim_paper}}; a collective under DDP (every
+        rank calls it); empty when no image of the set-up size was seen."""
+        scores = {}
+        for name, metrics in self.metrics.items():
+            if int(metrics["psnr"].score_count) == 0 and not torch.distributed.is_initialized():
+                continue  # no image of this size here: nothing to report (nan otherwise)
+            values = {key: float(metric.compute()) for key, metric in metrics.items()}
+            if not math.isnan(values["psnr"]):
+                scores[name] = {"label": self.labels[name], "bits_per_pixel": self.rates[name], **values}
+        return scores

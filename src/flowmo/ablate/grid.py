@@ -77,6 +77,7 @@ class Grid:
     feature_metrics: str = "configured"  # "auto": LPIPS / rFID only where the pretrained files are cached
     per_image_metrics: bool = False  # PSNR / SSIM per image (the demo's) rather than the paper's pooled ones
     notes: str = ""
+    seeds: tuple[int, ...] = (0,)  # replicates: every trained cell runs once per seed (init, data draw, noise)
     cells: tuple[Cell, ...] = field(default=())
 
 
@@ -104,7 +105,7 @@ def load_grid(name: str, config_dir: str | Path = "configs") -> Grid:
     where = str(path)
     unknown = set(raw) - {"title", "description", "stack", "eval_stack", "posttrain", "steps", "axes", "cells",
                           "product_axes", "paper", "sample_set", "feature_metrics", "notes", "batch",
-                          "per_image_metrics"}
+                          "per_image_metrics", "seeds"}
     if unknown:
         raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; see configs/ablations/README.md for the format.")
     axes = tuple(_axis(entry, where) for entry in _require(raw, "axes", list, where))
@@ -130,7 +131,7 @@ def load_grid(name: str, config_dir: str | Path = "configs") -> Grid:
                 batch=raw.get("batch"), posttrain_batch=posttrain.get("batch"), sample_set=raw.get("sample_set"),
                 feature_metrics=raw.get("feature_metrics", "configured"),
                 per_image_metrics=bool(raw.get("per_image_metrics", False)),
-                notes=raw.get("notes", ""))
+                notes=raw.get("notes", ""), seeds=_seeds(raw.get("seeds", [0]), where))
     grid = dataclasses.replace(grid, cells=tuple(_cells(grid)))
     unknown_paper = set(grid.paper) - {c.name for c in grid.cells}
     if unknown_paper:
@@ -146,6 +147,16 @@ def _require(raw: dict, key: str, kind: type, where: str):
     if not isinstance(raw.get(key), kind):
         raise UserError(f"{where}: `{key}` must be a {kind.__name__}; see configs/ablations/README.md.")
     return raw[key]
+
+
+def _seeds(raw: Any, where: str) -> tuple[int, ...]:
+    """`seeds: [0, 1, 2]`: distinct integers, one replicate of every trained cell each."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = [raw]
+    if (not isinstance(raw, list) or not raw or any(isinstance(s, bool) or not isinstance(s, int) for s in raw)
+            or len(set(raw)) != len(raw)):
+        raise UserError(f"{where}: `seeds` must be a list of distinct integers, e.g. seeds: [0, 1, 2]; got {raw!r}.")
+    return tuple(raw)
 
 
 def _axis(entry: dict, where: str) -> Axis:
@@ -199,6 +210,9 @@ def describe(grid: Grid) -> str:
     lines = [f"{grid.name}: {grid.title}", f"  file {grid.path}; stack: {', '.join(grid.stack)}",
              f"  cells: {grid.mode}; axes: " + "; ".join(f"{a.name} [{a.kind}] = {', '.join(v.name for v in a.values)}"
                                                           for a in grid.axes)]
+    replicates = len(grid.seeds)
+    lines.append(f"  replicates: {replicates} (seeds {', '.join(map(str, grid.seeds))}): every trained cell runs "
+                 f"{replicates} time{'s' if replicates > 1 else ''}, every cell is tested once per seed")
     for cell in grid.cells:
         paper = ", ".join(f"{k} {v}" for k, v in cell.paper.items())
         lines.append(f"- {cell.name}" + (f"   (paper: {paper})" if paper else ""))

@@ -1,64 +1,185 @@
-"""Running a plan: here, one process per step (resumable: finished fits resume, current tests are skipped), or
-as SLURM jobs chained by their dependencies."""
+"""Running a plan: here, up to --jobs processes at once (resumable: finished fits resume, current tests are
+skipped), or as SLURM jobs chained by their dependencies."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from flowmo.ablate.grid import Cell, Grid, Options
 from flowmo.ablate.plan import Step, metrics_path, test_run
 from flowmo.ablate.results import METRICS, read_metrics, timings_path
 from flowmo.data.sample_set import ensure_sample_data
+from flowmo.errors import UserError
+
+STATUS_EVERY_S = 60.0  # how often the runner prints one line per running step
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_jobs(jobs: int, gpus: int | None) -> None:
+    """--jobs: at least 1, at most the cores here, and 1 when every step already takes the node's GPUs."""
+    cores = available_cores()
+    if jobs < 1 or jobs > cores:
+        raise UserError(f"--jobs {jobs} asks for more steps at once than this machine's {cores} cores can run "
+                        f"(each needs at least one thread); use --jobs between 1 and {cores}." if jobs > 1 else
+                        f"--jobs must be at least 1, got {jobs}.")
+    if jobs > 1 and gpus is not None:
+        raise UserError(f"--jobs {jobs} with --gpus would start {jobs} steps on the same {gpus} GPUs; use --jobs 1 "
+                        "(each step already uses every GPU) or the SLURM launcher.")
 
 
 def _test_is_current(grid: Grid, step: Step, options: Options) -> bool:
     cell = next(c for c in grid.cells if c.name == step.cell)
-    metrics, ckpt = metrics_path(grid, cell, options), Path(step.checkpoint)
+    metrics, ckpt = metrics_path(grid, cell, step.seed, options), Path(step.checkpoint)
     return metrics.is_file() and ckpt.is_file() and metrics.stat().st_mtime >= ckpt.stat().st_mtime
 
 
-def execute(grid: Grid, steps: list[Step], options: Options, force: bool = False) -> None:
-    """Run every step in a fresh `python -m flowmo` process (memory freed between runs; Lightning's DDP
-    launcher re-runs the process's own command line on every rank, which must be the single fit or test)."""
-    timings_file = timings_path(grid, options)
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    for step in steps:
+def log_path(step: Step, options: Options) -> Path:
+    """Each step's full output, appended across attempts: runs/<run>/<fit|test>.log."""
+    return Path(options.runs_dir) / step.run_name / f"{step.action}.log"
+
+
+@dataclass
+class _Running:
+    step: Step
+    process: subprocess.Popen
+    log: IO[bytes]
+    started: float
+
+
+def execute(grid: Grid, steps: list[Step], options: Options, force: bool = False, jobs: int = 1) -> list[Step]:
+    """Run the steps, up to `jobs` at once, each in a fresh `python -m flowmo` process with its output in its run
+    folder (memory freed between runs; Lightning's DDP launcher re-runs the process's own command line on every
+    rank, which must be the single fit or test). With jobs > 1 the cores are split evenly between the processes.
+    A step that fails is reported and what needs it is not run; the others go on. Returns the failed steps."""
+    threads = max(1, available_cores() // jobs) if jobs > 1 else None
+    pending, running, finished, failed = list(steps), [], set(), []
+    blocked: set[str] = set()
+    last_status = time.time()
+    stop = []  # SIGTERM (a scheduler, `kill`): stop the children too, then leave
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while pending or running:
+            _start_ready(grid, pending, running, finished, blocked, failed, options, force, jobs, threads)
+            if pending and not running:  # nothing runs and nothing can start: a need outside the plan
+                raise RuntimeError(f"ablate plan: {pending[0].key} needs {pending[0].needs}, which no step provides")
+            time.sleep(0.2)
+            for job in [j for j in running if j.process.poll() is not None]:
+                running.remove(job)
+                _finish(grid, job, options, finished, failed)
+            if running and time.time() - last_status >= STATUS_EVERY_S:
+                _print_status(running, options)
+                last_status = time.time()
+            if stop:
+                raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for job in running:  # an interrupted runner leaves no orphan writing into a run folder
+            job.process.terminate()
+        for job in running:
+            job.process.wait()
+            job.log.close()
+    if failed:
+        print(f"[ablate] {len(failed)} step(s) failed: " + ", ".join(f"{s.key} (log {log_path(s, options)})"
+                                                                       for s in failed), flush=True)
+    return failed
+
+
+def _start_ready(grid, pending, running, finished, blocked, failed, options, force, jobs, threads) -> None:
+    for step in list(pending):
+        if len(running) >= jobs:
+            return
+        if any(need in blocked or need in {f.key for f in failed} for need in step.needs):
+            pending.remove(step)
+            blocked.add(step.key)
+            print(f"[ablate] {step.key}: not run, a step it needs failed", flush=True)
+            continue
+        if not all(need in finished for need in step.needs):
+            continue
+        pending.remove(step)
         if step.action == "test" and not force and _test_is_current(grid, step, options):
             print(f"[ablate] {step.key}: skipped, its metrics are newer than {step.checkpoint} (--force reruns)")
+            finished.add(step.key)
             continue
-        print(f"[ablate] {step.key}: {step.shell()}", flush=True)
-        started = time.time()
-        done = subprocess.run([sys.executable, "-m", "flowmo", *step.argv], check=False)
-        if done.returncode:
-            raise SystemExit(f"[ablate] {step.key} failed (exit {done.returncode}); fix it and run the same command "
-                             "again: finished fits resume, current tests are skipped.")
-        seconds = round(time.time() - started, 1)
-        entry = timings.get(step.key, {})
-        # a resumed fit adds to the time already spent; a fit that found itself finished adds ~nothing
-        timings[step.key] = {"seconds": round(entry.get("seconds", 0.0) + seconds, 1) if step.action == "fit"
-                             else seconds, "run": step.run_name}
-        timings_file.parent.mkdir(parents=True, exist_ok=True)
-        timings_file.write_text(json.dumps(timings, indent=1) + "\n")
-        if step.action == "test":
-            cell = next(c for c in grid.cells if c.name == step.cell)
-            log_hparams(grid, cell, options)
+        running.append(_launch(step, options, threads))
 
 
-def log_hparams(grid: Grid, cell: Cell, options: Options) -> Path | None:
-    """The cell's axis values and final metrics in TensorBoard's HParams tab (runs/<test run>/hparams)."""
-    found = read_metrics(metrics_path(grid, cell, options), grid.per_image_metrics)
+def _launch(step: Step, options: Options, threads: int | None) -> _Running:
+    path = log_path(step, options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.open("ab")
+    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {step.shell()}\n".encode())
+    log.flush()
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    process = subprocess.Popen([sys.executable, "-m", "flowmo", *step.argv], stdout=log, stderr=subprocess.STDOUT,
+                               env=env)
+    print(f"[ablate] {step.key}: started{f' ({threads} thread(s))' if threads else ''}, log {path}", flush=True)
+    return _Running(step, process, log, time.time())
+
+
+def _finish(grid: Grid, job: _Running, options: Options, finished: set[str], failed: list[Step]) -> None:
+    job.log.close()
+    step, seconds = job.step, round(time.time() - job.started, 1)
+    if job.process.returncode:
+        failed.append(step)
+        tail = _tail(log_path(step, options), 15)
+        print(f"[ablate] {step.key} failed (exit {job.process.returncode}) after {seconds:.0f} s; the end of "
+              f"{log_path(step, options)}:\n{tail}", flush=True)
+        return
+    finished.add(step.key)
+    print(f"[ablate] {step.key}: done in {seconds / 60:.1f} min", flush=True)
+    _record_time(grid, step, seconds, options)
+    if step.action == "test":
+        log_hparams(grid, next(c for c in grid.cells if c.name == step.cell), step.seed, options)
+
+
+def _record_time(grid: Grid, step: Step, seconds: float, options: Options) -> None:
+    timings_file = timings_path(grid, options)
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    entry = timings.get(step.key, {})
+    # a resumed fit adds to the time already spent; a fit that found itself finished adds ~nothing
+    timings[step.key] = {"seconds": round(entry.get("seconds", 0.0) + seconds, 1) if step.action == "fit"
+                         else seconds, "run": step.run_name}
+    timings_file.parent.mkdir(parents=True, exist_ok=True)
+    timings_file.write_text(json.dumps(timings, indent=1) + "\n")
+
+
+def _tail(path: Path, lines: int) -> str:
+    """The last non-empty lines of a log (a progress bar's carriage returns count as line ends)."""
+    text = path.read_bytes()[-20000:].decode(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def _print_status(running: list[_Running], options: Options) -> None:
+    """One line per running step: its elapsed time and the last line its log shows (the progress bar's)."""
+    stamp = time.strftime("%H:%M:%S")
+    for job in running:
+        last = _tail(log_path(job.step, options), 1)[:110]
+        print(f"[ablate {stamp}] {job.step.key} {(time.time() - job.started) / 60:5.1f} min | {last}", flush=True)
+
+
+def log_hparams(grid: Grid, cell: Cell, seed: int, options: Options) -> Path | None:
+    """One replicate's axis values, seed and final metrics in TensorBoard's HParams tab (runs/<test run>/hparams)."""
+    found = read_metrics(metrics_path(grid, cell, seed, options), grid.per_image_metrics)
     if found is None:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = Path(options.runs_dir) / test_run(grid, cell) / "hparams"
-    hparams = {"grid": grid.name, "cell": cell.name, **{v.axis: v.name for v in cell.choice}}
+    folder = Path(options.runs_dir) / test_run(grid, cell, seed) / "hparams"
+    hparams = {"grid": grid.name, "cell": cell.name, "seed": seed, **{v.axis: v.name for v in cell.choice}}
     metrics = {f"hparam/{m}": found[m] for m in METRICS if found.get(m) is not None}
     with SummaryWriter(str(folder)) as writer:
         writer.add_hparams(hparams, metrics, run_name=".")

@@ -1,17 +1,19 @@
-"""A grid's results: each test's metrics.json read back into a table (Markdown, CSV) and bar charts."""
+"""A grid's results: each replicate's metrics.json read back into rows with means, 95% intervals over seeds and
+paired differences from the base (flowmo.ablate.stats), plus the reference codecs' rows. The table and the
+charts are written by flowmo.ablate.table."""
 
 from __future__ import annotations
 
-import csv
 import json
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from flowmo.ablate.grid import Cell, Grid, Options, axis_of
-from flowmo.ablate.plan import Step, fit_run, metrics_path, plan
+from flowmo.ablate.plan import Step, fit_run, metrics_path, plan, test_key
+from flowmo.ablate.stats import Estimate, mean_interval, paired_difference
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "codebook")  # columns of the table; paper numbers where known
 METRIC_KEYS = {"psnr": ("psnr_paper", "psnr"), "ssim": ("ssim_paper", "ssim"),
@@ -50,31 +52,81 @@ def read_metrics(path: Path, per_image: bool = False) -> dict | None:
         key = next((k for k in keys if _lookup(pools, k) is not None), None)
         if key is not None:
             found[metric], found[f"{metric}_key"] = _lookup(pools, key), key
+    # the reference codecs on the same images, read with the same PSNR / SSIM definitions as the cell
+    found["references"] = {name: {"label": scores.get("label", name), "bits_per_pixel": scores.get("bits_per_pixel"),
+                                  **{m: _lookup([scores], found[f"{m}_key"]) for m in METRICS
+                                     if found.get(f"{m}_key")}}
+                           for name, scores in (report.get("references") or {}).items()}
     return found
 
 
-def collect(grid: Grid, options: Options) -> list[dict]:
-    """One row per cell: our numbers (None where missing), the paper's, steps, wall time and notes."""
+@dataclass(frozen=True)
+class Row:
+    """One cell over its replicates: per metric the values by seed, their mean ± 95% interval, and the
+    difference from the base paired by seed (None on the base row and on reference rows' own line)."""
+
+    cell: str
+    changes: str
+    seeds: tuple[int, ...]
+    values: dict[str, dict[int, float | None]]  # metric -> seed -> value (None: that replicate is missing)
+    estimates: dict[str, Estimate]
+    deltas: dict[str, Estimate | None]
+    paper: dict[str, float | None]
+    keys: dict[str, str | None]  # which metrics.json key each metric was read from
+    bits_per_pixel: float | None
+    steps: str | None = None
+    wall_min: float | None = None  # every step the cell's replicates needed, summed over seeds
+    notes: str = ""
+    reference: bool = False
+
+
+def collect(grid: Grid, options: Options) -> list[Row]:
+    """One row per cell (numbers None where a replicate is missing), then the reference codecs' rows."""
     timings_file = timings_path(grid, options)
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     steps = {s.key: s for s in plan(grid, options)}
+    found = {(cell.name, seed): read_metrics(metrics_path(grid, cell, seed, options), grid.per_image_metrics)
+             for cell in grid.cells for seed in grid.seeds}
+    base_values = _values(grid, grid.cells[0], found)
     rows = []
     for cell in grid.cells:
-        found = read_metrics(metrics_path(grid, cell, options), grid.per_image_metrics)
-        row: dict[str, Any] = {"cell": cell.name, "changes": ", ".join(f"{v.axis}: {v.label}" for v in
-                                                                        cell.changes(grid)) or "base"}
-        for metric in METRICS:
-            row[metric] = (found or {}).get(metric)
-            row[f"{metric}_paper"] = cell.paper.get(metric)
-            row[f"{metric}_key"] = (found or {}).get(f"{metric}_key")
-        row["bits_per_pixel"] = (found or {}).get("bits_per_pixel")
-        chain = _chain(steps, f"test:{cell.name}")
-        fits = [s for s in chain if s.action == "fit"]
-        row["steps"] = "+".join(str(_max_steps(s)) for s in fits) or None
-        spent = [timings.get(s.key, {}).get("seconds") for s in chain]
-        row["wall_min"] = round(sum(spent) / 60, 1) if spent and None not in spent else None
-        row["notes"] = "; ".join(_notes(grid, cell, found))
-        rows.append(row)
+        values = _values(grid, cell, found)
+        reports = [found[cell.name, seed] for seed in grid.seeds if found[cell.name, seed] is not None]
+        first = reports[0] if reports else {}
+        chains = [_chain(steps, test_key(cell, seed)) for seed in grid.seeds]
+        spent = [timings.get(s.key, {}).get("seconds") for chain in chains for s in chain]
+        rows.append(Row(
+            cell=cell.name, changes=", ".join(f"{v.axis}: {v.label}" for v in cell.changes(grid)) or "base",
+            seeds=grid.seeds, values=values, estimates={m: mean_interval(values[m].values()) for m in METRICS},
+            deltas={m: None if cell is grid.cells[0] else paired_difference(values[m], base_values[m])
+                    for m in METRICS},
+            paper={m: cell.paper.get(m) for m in METRICS}, keys={m: first.get(f"{m}_key") for m in METRICS},
+            bits_per_pixel=first.get("bits_per_pixel"),
+            steps="+".join(str(_max_steps(s)) for s in chains[0] if s.action == "fit") or None,
+            wall_min=round(sum(spent) / 60, 1) if spent and None not in spent else None,
+            notes="; ".join(_notes(grid, cell, reports))))
+    return rows + reference_rows(grid, found, base_values)
+
+
+def _values(grid: Grid, cell: Cell, found: dict) -> dict[str, dict[int, float | None]]:
+    return {m: {seed: (found[cell.name, seed] or {}).get(m) for seed in grid.seeds} for m in METRICS}
+
+
+def reference_rows(grid: Grid, found: dict, base_values: dict[str, dict[int, float | None]]) -> list[Row]:
+    """The codecs that cost nothing to train (flowmo.references), scored by the tests on the same held-out
+    images; read from the base cell's first report that has them. Their Δ pairs with the base's seeds."""
+    reports = [found[grid.cells[0].name, seed] for seed in grid.seeds]
+    references = next((r["references"] for r in reports if r and r.get("references")), {})
+    rows = []
+    for name, scores in references.items():
+        values = {m: {seed: scores.get(m) for seed in grid.seeds} for m in METRICS}
+        rows.append(Row(cell=name, changes=scores.get("label", name), seeds=grid.seeds, values=values,
+                        estimates={m: mean_interval([scores.get(m)]) for m in METRICS},
+                        deltas={m: None if scores.get(m) is None else paired_difference(values[m], base_values[m])
+                                for m in METRICS},
+                        paper={m: None for m in METRICS}, keys={m: None for m in METRICS},
+                        bits_per_pixel=scores.get("bits_per_pixel"), notes="reference: nothing trained",
+                        reference=True))
     return rows
 
 
@@ -100,119 +152,23 @@ def _max_steps(step: Step) -> str:
     return steps
 
 
-def _notes(grid: Grid, cell: Cell, found: dict | None) -> list[str]:
+def _notes(grid: Grid, cell: Cell, reports: list[dict]) -> list[str]:
     notes = []
     evaluated = [v for v in cell.of_kind(grid, "eval") if v is not axis_of(grid, v).base]
     if evaluated:
-        notes.append("evaluation only: tests the checkpoint of " + fit_run(grid, cell).removeprefix("ablate-"))
-    if found is None:
+        notes.append("evaluation only: tests the checkpoints of "
+                     + fit_run(grid, cell, grid.seeds[0]).removeprefix("ablate-").removesuffix(f"-s{grid.seeds[0]}"))
+    if not reports:
         return notes + ["not run yet"]
-    if found["stand_ins"]:
-        notes.append(f"STAND-IN NETS ({', '.join(found['stand_ins'])}): numbers mean nothing")
-    if found.get("psnr_key") == "psnr" and not grid.per_image_metrics:
+    if len(reports) < len(grid.seeds):
+        notes.append(f"{len(grid.seeds) - len(reports)} of {len(grid.seeds)} replicates missing")
+    stand_ins = sorted({name for r in reports for name in r["stand_ins"]})
+    if stand_ins:
+        notes.append(f"STAND-IN NETS ({', '.join(stand_ins)}): numbers mean nothing")
+    if reports[0].get("psnr_key") == "psnr" and not grid.per_image_metrics:
         notes.append("per-image PSNR")
-    if found.get("lpips_key") not in (None, "lpips_alex"):
-        notes.append(f"LPIPS = {found['lpips_key']}")
+    if reports[0].get("lpips_key") not in (None, "lpips_alex"):
+        notes.append(f"LPIPS = {reports[0]['lpips_key']}")
     return notes
 
 
-def _fmt(value, metric: str) -> str:
-    return "–" if value is None else f"{value:.{DIGITS[metric]}f}"
-
-
-def shown_metrics(rows: list[dict]) -> list[str]:
-    """Metrics with at least one number (ours or the paper's)."""
-    return [m for m in METRICS if any(r[m] is not None or r[f"{m}_paper"] is not None for r in rows)]
-
-
-def markdown_table(rows: list[dict]) -> str:
-    metrics = shown_metrics(rows)
-    head = ["cell", "changes"]
-    for metric in metrics:
-        head += [TITLES[metric]] + (["paper"] if any(r[f"{metric}_paper"] is not None for r in rows) else [])
-    head += ["bits/px", "steps", "wall (min)", "notes"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["cell"], row["changes"]]
-        for metric in metrics:
-            cells.append(_fmt(row[metric], metric))
-            if any(r[f"{metric}_paper"] is not None for r in rows):
-                cells.append(_fmt(row[f"{metric}_paper"], metric))
-        bpp = row["bits_per_pixel"]
-        bpp = "–" if bpp is None else "continuous" if math.isinf(bpp) else f"{bpp:.3f}"
-        wall = "–" if row["wall_min"] is None else f"{row['wall_min']:.1f}"
-        cells += [bpp, row["steps"] or "–", wall, row["notes"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    columns = ["cell", "changes"] + [f"{m}{s}" for m in METRICS for s in ("", "_paper", "_key")]
-    columns += ["bits_per_pixel", "steps", "wall_min", "notes"]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_plots(rows: list[dict], folder: Path) -> list[Path]:
-    """One bar chart per metric: ours per cell (the paper's beside it where known), the base as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    names = [r["cell"] for r in rows]
-    for metric in shown_metrics(rows):
-        ours = [r[metric] if r[metric] is not None else math.nan for r in rows]  # a missing run draws no bar
-        paper = [r[f"{metric}_paper"] if r[f"{metric}_paper"] is not None else math.nan for r in rows]
-        has_paper = any(not math.isnan(p) for p in paper)
-        figure, axis = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 3.6), constrained_layout=True)
-        xs = list(range(len(names)))
-        width = 0.4 if has_paper else 0.7
-        axis.bar([x + (0.2 if has_paper else 0) for x in xs], ours, width, label="ours", color="tab:blue")
-        if has_paper:
-            axis.bar([x - 0.2 for x in xs], paper, width, label="paper", color="tab:gray")
-            axis.legend()
-        if not math.isnan(ours[0]):
-            axis.axhline(ours[0], color="tab:blue", linestyle=":", linewidth=1)
-        finite = [v for v in ours + paper if not math.isnan(v)]
-        if finite and metric in ("psnr", "rfid"):  # zoom: differences of a few tenths must show
-            low, high = min(finite), max(finite)
-            axis.set_ylim(max(0.0, low - 0.15 * (high - low + 1)), high + 0.15 * (high - low + 1))
-        for x, value in zip(xs, ours):
-            if not math.isnan(value):
-                axis.annotate(f"{value:.{DIGITS[metric]}f}", (x + (0.2 if has_paper else 0), value),
-                              ha="center", va="bottom", fontsize=7)
-        axis.set_xticks(xs, names, rotation=35, ha="right", fontsize=8)
-        axis.set_title(TITLES[metric])
-        path = folder / f"{metric}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        paths.append(path)
-    return paths
-
-
-def report_markdown(grid: Grid, rows: list[dict], plots: list[Path]) -> str:
-    parts = [f"# Ablation grid `{grid.name}`: {grid.title}\n", grid.description.strip() + "\n" if grid.description else "",
-             f"Cells: {grid.mode} over {', '.join(f'{a.name} ({a.kind})' for a in grid.axes)}. "
-             + ("PSNR and SSIM are per image (averaged over images). " if grid.per_image_metrics else "")
-             + "wall (min) = every step the cell needed (shared fits counted in each cell that uses them).\n",
-             markdown_table(rows)]
-    if grid.notes:
-        parts.append(grid.notes.strip() + "\n")
-    parts += [f"![{p.stem}]({p.name})" for p in plots]
-    return "\n".join(parts) + "\n"
-
-
-def write_results(grid: Grid, options: Options) -> dict[str, Path]:
-    """results/ablations/<grid>/table.md, table.csv and one <metric>.png per metric."""
-    out = Path(options.results_dir) / "ablations" / grid.name
-    out.mkdir(parents=True, exist_ok=True)
-    rows = collect(grid, options)
-    plots = write_plots(rows, out)
-    paths = {"md": out / "table.md", "csv": out / "table.csv", **{p.stem: p for p in plots}}
-    write_csv(rows, paths["csv"])
-    paths["md"].write_text(report_markdown(grid, rows, plots))
-    return paths

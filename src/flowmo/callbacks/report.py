@@ -27,6 +27,7 @@ from torchvision.utils import save_image
 
 from flowmo import __version__
 from flowmo.callbacks.images import side_by_side
+from flowmo.references import ReferenceScores
 
 TABLE_HEADER = ("| tokenizer | BPP | tokens × vocab | rFID↓ | PSNR↑ | SSIM↑ | LPIPS↓ |\n"
                 "|---|---|---|---|---|---|---|")
@@ -44,9 +45,12 @@ class EvaluationReport(L.Callback):
 
     def _reset(self) -> None:
         self._start, self._images, self._grid, self._resolution = time.perf_counter(), 0, None, None
+        self._references: ReferenceScores | None = None
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._reset()
+        config = pl_module.config
+        self._references = ReferenceScores(config.bits_per_pixel, config.image_size, pl_module.device)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not isinstance(outputs, dict) or "images" not in outputs:
@@ -54,6 +58,8 @@ class EvaluationReport(L.Callback):
         images = outputs["images"]
         self._images += images.shape[0]
         self._resolution = tuple(images.shape[-2:])
+        if self._references is not None and images.shape[-1] == self._references.image_size:
+            self._references.update(images)
         if self._grid is None and trainer.is_global_zero:  # first batch of rank 0: the same images every run
             self._grid = side_by_side([images.float().cpu(), outputs["reconstructions"].float().cpu()],
                                       self.grid_rows)
@@ -63,11 +69,13 @@ class EvaluationReport(L.Callback):
         skipped = getattr(trainer.datamodule, "skipped_samples", 0)
         counts = torch.tensor([self._images, skipped], dtype=torch.int64, device=pl_module.device)
         num_images, skipped = (int(n) for n in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+        references = self._references.compute() if self._references is not None else {}
         if not trainer.is_global_zero:
             return
         report = build_report(trainer, pl_module, num_images=num_images, resolution=self._resolution,
                               wall_time_s=time.perf_counter() - self._start)
         report["skipped_samples"] = skipped
+        report["references"] = references  # trivial codecs on the same images (flowmo.references)
         expected = getattr(trainer.datamodule, "expected_images", lambda split: None)("test")
         if expected is not None and num_images < expected:  # read errors count shards; this counts images
             report["images_lost"] = expected - num_images

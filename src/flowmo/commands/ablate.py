@@ -32,6 +32,8 @@ def parser(command: str = "ablate") -> argparse.ArgumentParser:
     run.add_argument("--extra", action="append", default=[], help="arguments appended to every command, "
                      "e.g. --extra='--data.num_workers 4' (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun tests whose metrics.json is current")
+    run.add_argument("--jobs", type=int, default=1, help="fits / tests run at once here, the cores split evenly "
+                     "between them (default 1; at most the cores)")
     run.add_argument("--max-cells", type=int, default=16, help="refuse larger grids unless --yes (default 16)")
     run.add_argument("--yes", action="store_true", help="run a grid larger than --max-cells")
     run.add_argument("--launcher", choices=("local", "slurm"), default="local")
@@ -85,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         write_slurm,
     )
     from flowmo.ablate.grid import describe, select_cells
-    from flowmo.ablate.launch import build_sample_set
+    from flowmo.ablate.launch import build_sample_set, check_jobs
 
     if args.action == "grids":
         for name in available_grids(args.config_dir):
@@ -102,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
         paths = write_results(grid, options)
         print(f"ablation table {grid.name}: " + ", ".join(str(p) for p in paths.values()))
         return 0
+    if args.launcher == "local":
+        check_jobs(args.jobs, options.gpus)
     cells = select_cells(grid, args.cells)
     if len(cells) > args.max_cells and not args.yes:
         raise UserError(f"grid {grid.name} has {len(cells)} cells, more than --max-cells {args.max_cells}; "
@@ -123,8 +127,17 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     build_sample_set(grid)
     started = time.time()
-    execute(grid, steps, options, force=args.force)
+    try:
+        failed = execute(grid, steps, options, force=args.force, jobs=args.jobs)
+    except KeyboardInterrupt:
+        print("flowmo ablate: interrupted; run the same command again to resume (finished fits resume from their "
+              "last checkpoint, current tests are skipped).", file=sys.stderr)
+        return 130
     paths = write_results(grid, options)
-    print(f"ablation grid {grid.name}: {len(steps)} steps in {(time.time() - started) / 60:.1f} min; "
-          + ", ".join(str(p) for p in paths.values()))
+    print(f"ablation grid {grid.name}: {len(steps)} steps, --jobs {args.jobs}, in {(time.time() - started) / 60:.1f} "
+          "min; " + ", ".join(str(p) for p in paths.values()))
+    if failed:
+        print(f"flowmo ablate: {len(failed)} step(s) failed and their cells' replicates are missing from the table; "
+              "read their logs, fix the cause and run the same command again.", file=sys.stderr)
+        return 1
     return 0
