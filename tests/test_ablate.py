@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -108,8 +111,9 @@ def test_the_shipped_grids():
                                      "sampler_rho1", "no_cfg"]
     assert cells["paper-posttrain"] == ["base", "1b", "hi", "hi+1b"]  # product: Lo/Hi x 1A only / + 1B
     assert cells["scaling"] == ["base", "w2", "w3", "w5"]
-    assert cells["tiny"] == ["base", "fat_lognormal", "lognormal", "uniform", "fsq", "continuous", "posttrain", "rho1",
-                             "no_cfg"]
+    assert cells["tiny"] == ["base", "fat_lognormal", "lognormal", "fsq", "posttrain", "rho1", "no_cfg"]
+    assert ablate.load_grid("tiny", CONFIGS).seeds == (0, 1, 2)
+    assert ablate.load_grid("paper-table4", CONFIGS).seeds == (0,)  # no `seeds:`: one replicate, seed 0
 
 
 def test_one_at_a_time_and_product_cells(tmp_path):
@@ -131,82 +135,119 @@ def test_eval_axes_reuse_the_checkpoint_and_posttrain_starts_from_the_1a_run(tmp
     grid = ablate.load_grid(str(path))
     steps = ablate.plan(grid, options(tmp_path))
     fits = [s.run_name for s in steps if s.action == "fit"]
-    assert fits == ["ablate-g-base", "ablate-g-base-on", "ablate-g-fsq", "ablate-g-fsq-on"]  # 8 cells, 4 fits
+    assert fits == ["ablate-g-base-s0", "ablate-g-base-on-s0", "ablate-g-fsq-s0", "ablate-g-fsq-on-s0"]  # 8 cells
     tests = {s.cell: s for s in steps if s.action == "test"}
     assert len(tests) == 8
-    assert tests["nocfg"].checkpoint == tests["base"].checkpoint == "runs/ablate-g-base/checkpoints/last.ckpt"
-    assert tests["fsq+on+nocfg"].checkpoint == "runs/ablate-g-fsq-on/checkpoints/last.ckpt"
-    hand_off = next(s for s in steps if s.run_name == "ablate-g-fsq-on")
+    assert tests["nocfg"].checkpoint == tests["base"].checkpoint == "runs/ablate-g-base-s0/checkpoints/last.ckpt"
+    assert tests["fsq+on+nocfg"].checkpoint == "runs/ablate-g-fsq-on-s0/checkpoints/last.ckpt"
+    hand_off = next(s for s in steps if s.run_name == "ablate-g-fsq-on-s0")
     argv = list(hand_off.argv)
-    assert argv[argv.index("--model.init_weights") + 1] == "runs/ablate-g-fsq/checkpoints/last.ckpt"
-    assert argv[argv.index("--model.init_weights_from") + 1] == "ema" and hand_off.needs == ("fit:ablate-g-fsq",)
+    assert argv[argv.index("--model.init_weights") + 1] == "runs/ablate-g-fsq-s0/checkpoints/last.ckpt"
+    assert argv[argv.index("--model.init_weights_from") + 1] == "ema" and hand_off.needs == ("fit:ablate-g-fsq-s0",)
+
+
+def test_replicates_are_cells_times_seeds_with_eval_reuse_and_1b_per_seed(tmp_path):
+    path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra="seeds: [0, 1, 7]"))
+    grid = ablate.load_grid(str(path))
+    steps = ablate.plan(grid, options(tmp_path))
+    fits = [s for s in steps if s.action == "fit"]
+    tests = [s for s in steps if s.action == "test"]
+    assert len(fits) == 4 * 3 and len(tests) == 8 * 3  # 4 distinct trained cells, 8 cells, 3 seeds
+    for step in fits:  # the seed reaches initialisation, the data draw and the training noise
+        argv = list(step.argv)
+        assert step.run_name.endswith(f"-s{step.seed}")
+        for flag in ("--seed_everything", "--model.seed", "--data.seed"):
+            assert argv[argv.index(flag) + 1] == str(step.seed)
+    by_key = {s.key: s for s in steps}
+    for seed in (0, 1, 7):
+        base, nocfg = by_key[f"test:base:s{seed}"], by_key[f"test:nocfg:s{seed}"]
+        assert nocfg.checkpoint == base.checkpoint == f"runs/ablate-g-base-s{seed}/checkpoints/last.ckpt"
+        assert nocfg.needs == (f"fit:ablate-g-base-s{seed}",)  # evaluation only: the seed's fit, no new one
+        hand_off = by_key[f"fit:ablate-g-fsq-on-s{seed}"]
+        argv = list(hand_off.argv)
+        assert argv[argv.index("--model.init_weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
+        assert hand_off.needs == (f"fit:ablate-g-fsq-s{seed}",)  # Stage 1B from the same seed's Stage 1A
+        assert by_key[f"test:fsq+on:s{seed}"].checkpoint == hand_off.checkpoint
+    for step in tests:  # every replicate is evaluated with the eval stack's noise: differences pair by seed
+        assert "--model.seed" not in step.argv and "--seed_everything" not in step.argv
+    assert "replicates: 3 (seeds 0, 1, 7)" in ablate.grid.describe(grid)
+
+
+@pytest.mark.parametrize("seeds", ["[0, 0, 1]", "[0, x]", "[true, 1]", "[]", "[0.5]"])
+def test_seeds_that_are_not_distinct_integers_are_refused(tmp_path, seeds):
+    path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra=f"seeds: {seeds}"))
+    with pytest.raises(UserError, match=r"`seeds` must be a list of distinct integers, e.g. seeds: \[0, 1, 2\]"):
+        ablate.load_grid(str(path))
 
 
 def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     parsed = parsed_plan("tiny", tmp_path)
-    base = parsed["fit:ablate-tiny-base"]
+    base = parsed["fit:ablate-tiny-base-s0"]
     assert architecture(base).bits_per_token == 72 and base.model.time_schedule == "noise_weighted"
     assert (base.trainer.max_steps, base.model.lr, base.data.batch_size, base.model.perceptual) == (3000, 1e-3, 16, "none")
     assert base.data.train_shards == "data/demo/train.json"
     grid = ablate.load_grid("tiny", CONFIGS)
     fits = [s for s in ablate.plan(grid, options(tmp_path)) if s.action == "fit"]
     assert all(s.argv[-2:] == ("--ckpt_path", "last") for s in fits)  # a rerun resumes (parsed: no run yet -> None)
-    assert parsed["fit:ablate-tiny-uniform"].model.time_schedule == "uniform"
-    assert parsed["fit:ablate-tiny-fat_lognormal"].model.time_schedule == "fat_lognormal"
-    fsq = architecture(parsed["fit:ablate-tiny-fsq"])
+    assert parsed["fit:ablate-tiny-lognormal-s1"].model.time_schedule == "lognormal"
+    assert parsed["fit:ablate-tiny-fat_lognormal-s2"].model.time_schedule == "fat_lognormal"
+    assert (parsed["fit:ablate-tiny-fat_lognormal-s2"].seed_everything, parsed["fit:ablate-tiny-fat_lognormal-s2"]
+            .model.seed, parsed["fit:ablate-tiny-fat_lognormal-s2"].data.seed) == (2, 2, 2)
+    fsq = architecture(parsed["fit:ablate-tiny-fsq-s0"])
     assert fsq.quantizer == "fsq" and fsq.bits_per_token == 72  # the same bits as LFQ
-    assert architecture(parsed["fit:ablate-tiny-continuous"]).quantizer == "none"
-    post = parsed["fit:ablate-tiny-base-posttrain"]
+    post = parsed["fit:ablate-tiny-base-posttrain-s1"]
     assert (post.model.stage, post.model.sample_loss, post.model.sample_loss_weight, post.trainer.max_steps) == \
         ("1b", "pixel_mse", 10.0, 800)
-    assert post.model.init_weights == "runs/ablate-tiny-base/checkpoints/last.ckpt"
-    assert parsed["test:posttrain"].model.init_weights == "runs/ablate-tiny-base-posttrain/checkpoints/last.ckpt"
-    for cell, rho, cfg in (("base", 4.0, 1.5), ("rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0)):
-        test = parsed[f"test:{cell}"]
-        assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.sampler.steps) == (rho, cfg, 25)
-        assert test.model.init_weights == "runs/ablate-tiny-base/checkpoints/last.ckpt"  # eval-only: no new fit
-        assert test.trainer.precision == "32-true" and test.model.val_use_ema
+    assert post.model.init_weights == "runs/ablate-tiny-base-s1/checkpoints/last.ckpt" and post.model.seed == 1
+    assert parsed["test:posttrain:s1"].model.init_weights == "runs/ablate-tiny-base-posttrain-s1/checkpoints/last.ckpt"
+    for seed in (0, 1, 2):
+        for cell, rho, cfg in (("base", 4.0, 1.5), ("rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0)):
+            test = parsed[f"test:{cell}:s{seed}"]
+            assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.sampler.steps) == (rho, cfg, 25)
+            # eval-only: the seed's checkpoint, no new fit; the same evaluation noise for every replicate
+            assert test.model.init_weights == f"runs/ablate-tiny-base-s{seed}/checkpoints/last.ckpt"
+            assert test.trainer.precision == "32-true" and test.model.val_use_ema and test.model.seed == 0
 
 
 def test_paper_table4_cells_change_one_thing(tmp_path):
     parsed = parsed_plan("paper-table4", tmp_path, gpus=4)
-    base = parsed["fit:ablate-paper-table4-base"]
+    base = parsed["fit:ablate-paper-table4-base-s0"]
     config = architecture(base)
     assert (config.patch_size, config.decoder.width, config.quantizer, config.code_dim) == (8, 768, "lfq", 18)
     assert base.trainer.max_steps == 400_365 and base.trainer.accumulate_grad_batches == 4  # 8 x 4 x 4 = 128
     assert (base.model.time_schedule, base.model.perceptual_weight, base.model.freeze_encoder_after) == \
         ("fat_lognormal", 0.1, 200_000)
-    assert architecture(parsed["fit:ablate-paper-table4-patch16"]).patch_size == 16
-    assert parsed["fit:ablate-paper-table4-no_perceptual"].model.perceptual_weight == 0.0
-    fsq = architecture(parsed["fit:ablate-paper-table4-fsq"])
+    assert architecture(parsed["fit:ablate-paper-table4-patch16-s0"]).patch_size == 16
+    assert parsed["fit:ablate-paper-table4-no_perceptual-s0"].model.perceptual_weight == 0.0
+    fsq = architecture(parsed["fit:ablate-paper-table4-fsq-s0"])
     assert fsq.quantizer == "fsq" and fsq.bits_per_token == 18 and fsq.fsq_levels == (8,) * 6
-    assert parsed["fit:ablate-paper-table4-logitnormal"].model.time_schedule == "lognormal"
-    mse = parsed["fit:ablate-paper-table4-mse_frozen_encoder"]
-    assert mse.model.init_weights == "runs/ablate-paper-table4-no_perceptual/checkpoints/last.ckpt"
+    assert parsed["fit:ablate-paper-table4-logitnormal-s0"].model.time_schedule == "lognormal"
+    mse = parsed["fit:ablate-paper-table4-mse_frozen_encoder-s0"]
+    assert mse.model.init_weights == "runs/ablate-paper-table4-no_perceptual-s0/checkpoints/last.ckpt"
     assert (mse.model.init_weights_parts, mse.model.freeze_encoder_after, mse.model.perceptual_weight) == \
         ("encoder", 0, 0.1)
     for cell, rho, cfg in (("sampler_rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0), ("base", 4.0, 1.5)):
-        test = parsed[f"test:{cell}"]
+        test = parsed[f"test:{cell}:s0"]
         assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.val_rfid) == (rho, cfg, True)
-        assert test.model.init_weights == "runs/ablate-paper-table4-base/checkpoints/last.ckpt"
+        assert test.model.init_weights == "runs/ablate-paper-table4-base-s0/checkpoints/last.ckpt"
     grid = ablate.load_grid("paper-table4", CONFIGS)
     keys = [s.key for s in ablate.plan(grid, options(tmp_path))]
-    assert keys.index("fit:ablate-paper-table4-no_perceptual") < keys.index("fit:ablate-paper-table4-mse_frozen_encoder")
+    assert keys.index("fit:ablate-paper-table4-no_perceptual-s0") < keys.index("fit:ablate-paper-table4-mse_frozen_encoder-s0")
     assert {c.name: c.paper["psnr"] for c in grid.cells}["logitnormal"] == 16.45
 
 
 def test_paper_posttrain_keeps_each_stage_length(tmp_path):
     parsed = parsed_plan("paper-posttrain", tmp_path)
-    assert parsed["fit:ablate-paper-posttrain-base"].trainer.max_steps == 1_300_000
-    assert parsed["fit:ablate-paper-posttrain-hi"].trainer.max_steps == 800_000
-    hi_1b = parsed["fit:ablate-paper-posttrain-hi-1b"]
+    assert parsed["fit:ablate-paper-posttrain-base-s0"].trainer.max_steps == 1_300_000
+    assert parsed["fit:ablate-paper-posttrain-hi-s0"].trainer.max_steps == 800_000
+    hi_1b = parsed["fit:ablate-paper-posttrain-hi-1b-s0"]
     assert (hi_1b.model.stage, hi_1b.model.preset, hi_1b.trainer.max_steps) == ("1b", "hi", 25_000)
-    assert hi_1b.model.init_weights == "runs/ablate-paper-posttrain-hi/checkpoints/last.ckpt"
+    assert hi_1b.model.init_weights == "runs/ablate-paper-posttrain-hi-s0/checkpoints/last.ckpt"
 
 
 @pytest.mark.parametrize("width", [2, 3, 5])
 def test_scaling_cells_scale_the_decoder_only(tmp_path, width):
-    fit = parsed_plan("scaling", tmp_path)[f"fit:ablate-scaling-w{width}"]
+    fit = parsed_plan("scaling", tmp_path)[f"fit:ablate-scaling-w{width}-s0"]
     config = architecture(fit)
     assert config.decoder.width == 192 * width and config.decoder.depth == 16
     assert sum(config.decoder.rope_axes) == config.decoder.head_dim and config.encoder.width == 768
@@ -304,52 +345,158 @@ def _write_metrics(results: Path, run: str, report: dict) -> None:
     (results / run / "metrics.json").write_text(json.dumps(report))
 
 
-def test_table_csv_and_plots_from_metrics_files(tmp_path):
+def test_one_seed_table_says_no_interval_and_keeps_the_paper_columns(tmp_path):
     results = tmp_path / "results"
-    _write_metrics(results, "ablate-paper-table4-base", {
+    _write_metrics(results, "ablate-paper-table4-base-s0", {
         "metrics": {"rfid": 2.9, "psnr_paper": 20.6, "psnr": 20.9, "ssim": 0.61, "lpips_alex": 0.151,
                     "lpips_vgg": 0.2, "codebook_used_fraction": 0.97}, "num_images": 50_000, "stand_ins": [],
         "bits_per_pixel": 0.0703})
-    _write_metrics(results, "ablate-paper-table4-fsq", {"test/rfid": 3.5, "psnr": 21.0, "lpips_vgg": 0.19,
-                                                        "num_images": 5000, "stand_ins": ["LPIPS-vgg"]})
+    _write_metrics(results, "ablate-paper-table4-fsq-s0", {"test/rfid": 3.5, "psnr": 21.0, "lpips_vgg": 0.19,
+                                                           "num_images": 5000, "stand_ins": ["LPIPS-vgg"]})
     timings = results / "ablations" / "paper-table4" / "timings.json"
     timings.parent.mkdir(parents=True)
-    timings.write_text(json.dumps({"fit:ablate-paper-table4-base": {"seconds": 600.0},
-                                   "test:base": {"seconds": 60.0}, "test:no_cfg": {"seconds": 30.0}}))
+    timings.write_text(json.dumps({"fit:ablate-paper-table4-base-s0": {"seconds": 600.0},
+                                   "test:base:s0": {"seconds": 60.0}, "test:no_cfg:s0": {"seconds": 30.0}}))
     assert ablate_main(["table", "paper-table4", "--config-dir", str(CONFIGS), "--results-dir", str(results)]) == 0
     folder = results / "ablations" / "paper-table4"
     table = (folder / "table.md").read_text()
+    assert "One seed per cell (seed 0): no interval can be given" in table
     base = next(line for line in table.splitlines() if line.startswith("| base "))
-    assert "| 20.60 | 20.71 | 0.610 | 0.151 | 0.150 | 2.90 | 2.87 | 0.97 | 0.070 | 400365 | 11.0 |" in base
+    assert "| 20.60 | – | 20.71 | 0.610 | – | 0.151 | – | 0.150 | 2.90 | – | 2.87 | 0.97 | – | 0.070 | 400365 | 11.0 |" \
+        in base
     fsq = next(line for line in table.splitlines() if line.startswith("| fsq "))
+    assert "| 21.00 | +0.40 |" in fsq  # one draw: a difference, no interval, no mark
     assert "STAND-IN" in fsq and "per-image PSNR" in fsq and "lpips_vgg" in fsq
     no_cfg = next(line for line in table.splitlines() if line.startswith("| no_cfg "))
-    assert "not run yet" in no_cfg and "evaluation only: tests the checkpoint of paper-table4-base" in no_cfg
+    assert "not run yet" in no_cfg and "evaluation only: tests the checkpoints of paper-table4-base" in no_cfg
     assert "| 10.5 |" in no_cfg  # its test and the base fit it needed
     with (folder / "table.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["cell"] for r in rows] == [c.name for c in ablate.load_grid("paper-table4", CONFIGS).cells]
-    assert rows[0]["psnr"] == "20.6" and rows[0]["psnr_paper"] == "20.71" and rows[0]["psnr_key"] == "psnr_paper"
+    assert rows[0]["psnr"] == "20.6" and rows[0]["seed"] == "0" and rows[0]["psnr_key"] == "psnr_paper"
     for metric in ("psnr", "ssim", "lpips", "rfid", "codebook"):
         assert (folder / f"{metric}.png").stat().st_size > 5000
 
 
+def test_replicate_table_means_intervals_paired_deltas_missing_and_references(tmp_path):
+    path = write_grid(tmp_path, GRID_2X2.format(mode="one-at-a-time", extra="seeds: [0, 1, 2]"))
+    grid = ablate.load_grid(str(path))
+    results = tmp_path / "results"
+    base, fsq, on = [20.0, 21.0, 22.0], [21.0, 22.1, 22.9], [20.4, 21.6, None]  # fsq - base: 1.0, 1.1, 0.9
+    references = {"pool8": {"label": "8x8 pool", "bits_per_pixel": 1.5, "psnr": 27.0, "ssim": 0.7}}
+    for seed in range(3):
+        _write_metrics(results, f"ablate-g-base-s{seed}", {"psnr": base[seed], "bits_per_pixel": 1.125,
+                                                           **({"references": references} if seed == 1 else {})})
+        _write_metrics(results, f"ablate-g-fsq-s{seed}", {"psnr": fsq[seed], "bits_per_pixel": 1.125})
+        if on[seed] is not None:  # seed 2 of `on` failed: missing, not averaged
+            _write_metrics(results, f"ablate-g-on-s{seed}", {"psnr": on[seed], "bits_per_pixel": 1.125})
+    opts = ablate.Options(config_dir=str(CONFIGS), results_dir=str(results))
+    ablate.write_results(grid, opts)
+    folder = results / "ablations" / "g"
+    table = (folder / "table.md").read_text()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines() if line.startswith("| ")}
+    t2 = 4.302653  # t(0.975, 2 degrees of freedom); t(0.975, 1) = 12.706205
+    assert f"| {21.0:.2f} ± {t2 / math.sqrt(3):.2f} | – |" in rows["base"]  # sd 1
+    assert f"| {22.0:.2f} ± {t2 * math.sqrt(0.91) / math.sqrt(3):.2f} | +1.00 ± {t2 * 0.1 / math.sqrt(3):.2f} ✱ |" in rows["fsq"]
+    # two replicates: the interval over 2 seeds, the pair with seed 2 dropped from the difference
+    assert f"| 21.00 ± {12.706205 * math.sqrt(0.72) / math.sqrt(2):.2f} (2 of 3) | +0.50 ± " \
+           f"{12.706205 * math.sqrt(0.02) / math.sqrt(2):.2f} (2 of 3) |" in rows["on"]
+    assert "1 of 3 replicates missing" in rows["on"] and "✱" not in rows["on"]
+    assert "| missing | missing |" in rows["nocfg"] and "not run yet" in rows["nocfg"]
+    assert "| 27.00 | +6.00 ± 2.48 ✱ |" in rows["pool8"] and "| 1.500 |" in rows["pool8"]
+    assert "mean over 3 seeds (0, 1, 2" in table and "✱ marks a Δ whose interval excludes 0" in table
+    with (folder / "table.csv").open() as handle:
+        raw = list(csv.DictReader(handle))
+    assert [(r["cell"], r["seed"], r["psnr"]) for r in raw if r["cell"] in ("on", "pool8")] == [
+        ("on", "0", "20.4"), ("on", "1", "21.6"), ("on", "2", ""), ("pool8", "", "27.0")]
+    assert len(raw) == 4 * 3 + 1
+    with (folder / "summary.csv").open() as handle:
+        summary = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert float(summary["fsq"]["psnr_delta"]) == pytest.approx(1.0)
+    assert summary["fsq"]["psnr_delta_excludes_0"] == "True" and summary["on"]["psnr_missing"] == "1"
+    assert (folder / "psnr.png").stat().st_size > 5000
+
+
+def _recording_python(tmp_path: Path, monkeypatch, fail: str | None = None) -> Path:
+    """A stand-in interpreter for the runner's `python -m flowmo ...`: records each command line (and exits 1
+    for a run name containing `fail`), so the scheduling is tested with real processes and no training."""
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "python"
+    failing = f'case "$*" in *{fail}*) exit 1;; esac' if fail else ""
+    script.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n{failing}\nexit 0\n')
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(script))
+    return calls
+
+
 def test_tests_with_current_metrics_are_skipped(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(subprocess, "run", lambda argv, check: calls.append(argv) or subprocess.CompletedProcess(argv, 0))
+    calls = _recording_python(tmp_path, monkeypatch)
     grid = ablate.load_grid(str(write_grid(tmp_path, GRID_2X2.format(mode="one-at-a-time", extra=""))))
     opts = ablate.Options(runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
     steps = ablate.plan(grid, opts, [grid.cells[0]])
     ckpt = Path(steps[0].checkpoint)
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"")
-    _write_metrics(tmp_path / "results", "ablate-g-base", {"psnr": 1.0})
+    _write_metrics(tmp_path / "results", "ablate-g-base-s0", {"psnr": 1.0})
     ablate.execute(grid, steps, opts)
-    assert [argv[3] for argv in calls] == ["fit"]
+    assert [line.split()[2] for line in calls.read_text().splitlines()] == ["fit"]
     ablate.execute(grid, steps, opts, force=True)
-    assert [argv[3] for argv in calls] == ["fit", "fit", "test"]
+    assert [line.split()[2] for line in calls.read_text().splitlines()] == ["fit", "fit", "test"]
     timings = json.loads((tmp_path / "results" / "ablations" / "g" / "timings.json").read_text())
-    assert set(timings) == {"fit:ablate-g-base", "test:base"}
+    assert set(timings) == {"fit:ablate-g-base-s0", "test:base:s0"}
+    assert "==== " in (tmp_path / "runs" / "ablate-g-base-s0" / "fit.log").read_text()  # each attempt's header
+
+
+def test_a_failed_replicate_stops_only_what_needs_it(tmp_path, monkeypatch):
+    calls = _recording_python(tmp_path, monkeypatch, fail="ablate-g-fsq-s1")
+    grid = ablate.load_grid(str(write_grid(tmp_path, GRID_2X2.format(mode="one-at-a-time", extra="seeds: [0, 1]"))))
+    opts = ablate.Options(runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
+    steps = ablate.plan(grid, opts)
+    failed = ablate.execute(grid, steps, opts, jobs=2)
+    assert [s.key for s in failed] == ["fit:ablate-g-fsq-s1"]
+    ran = calls.read_text()
+    assert "ablate-g-fsq-s0" in ran and "--run_name ablate-g-fsq-s1" in ran  # tried, failed
+    assert "--run_name ablate-g-fsq-s1 " in ran and ran.count("ablate-g-fsq-s1") == 1  # its test never started
+    assert len(ran.splitlines()) == len(steps) - 1
+
+
+def test_jobs_beyond_the_cores_and_jobs_with_gpus_are_refused(tmp_path, capsys):
+    from flowmo.ablate.launch import available_cores
+
+    common = ["--config-dir", str(CONFIGS), "--results-dir", str(tmp_path / "r"), "--dry-run"]
+    assert ablate_main(["run", "tiny", "--jobs", str(available_cores() + 1), *common]) == 2
+    assert f"than this machine's {available_cores()} cores can run" in capsys.readouterr().err
+    assert ablate_main(["run", "tiny", "--jobs", "0", *common]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+    if available_cores() > 1:
+        assert ablate_main(["run", "paper-table4", "--jobs", "2", "--gpus", "8", *common]) == 2
+        assert "would start 2 steps on the same 8 GPUs" in capsys.readouterr().err
+
+
+def test_slurm_scripts_of_a_seeded_grid(tmp_path):
+    path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra="seeds: [0, 1]\nproduct_axes: [quant, post]"))
+    results = tmp_path / "results"
+    assert ablate_main(["run", str(path), "--config-dir", str(CONFIGS), "--results-dir", str(results),
+                        "--launcher", "slurm", "--gpus-per-node", "8", "--dry-run"]) == 0
+    folder = results / "ablations" / "g" / "slurm"
+    scripts = {p.name.split("-", 2)[2].removesuffix(".sbatch"): p for p in folder.glob("*.sbatch")}
+    # 4 cells x 2 seeds: fits base, on (1B), fsq, fsq-on per seed; a test per cell and seed
+    assert sorted(n for n in scripts if scripts[n].name.split("-")[1] == "fit") == sorted(
+        f"ablate-g-{run}-s{seed}" for run in ("base", "base-on", "fsq", "fsq-on") for seed in (0, 1))
+    assert len(scripts) == 16
+    submit = (folder / "submit.sh").read_text()
+    job = {line.split("=")[0]: line for line in submit.splitlines() if line.startswith("job_")}
+    variable = {name: next(v for v, line in job.items() if path.name in line) for name, path in scripts.items()
+                if path.name.split("-")[1] == "fit"}
+    for seed in (0, 1):
+        one_b = scripts[f"ablate-g-fsq-on-s{seed}"]
+        line = next(l for l in job.values() if one_b.name in l)
+        assert f"--dependency=afterok:${variable[f'ablate-g-fsq-s{seed}']} " in line  # 1B after the seed's 1A
+        srun = shlex.split(next(l for l in one_b.read_text().splitlines() if l.startswith("srun ")))
+        assert srun[srun.index("--model.seed") + 1] == str(seed)
+        assert srun[srun.index("--model.init_weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
+    tests = [l for l in job.values() if "-test-ablate-g-fsq+on-s1" in l]
+    assert len(tests) == 1 and f"afterok:${variable['ablate-g-fsq-on-s1']} " in tests[0]
 
 
 # ---------------------------------------------------------------------------------- the module side
@@ -426,26 +573,107 @@ axes:
     folder = tmp_path / "results" / "ablations" / "two"
     with (folder / "table.csv").open() as handle:
         rows = {r["cell"]: r for r in csv.DictReader(handle)}
-    assert list(rows) == ["base", "1b", "fsq", "fsq+1b"]
-    for row in rows.values():
-        assert 0 < float(row["psnr"]) < 60 and float(row["wall_min"]) > 0 and row["notes"] == ""
+    assert list(rows) == ["base", "1b", "fsq", "fsq+1b", "mean_colour", "pool8", "equal_bit"]
+    for name in ("base", "1b", "fsq", "fsq+1b"):
+        row = rows[name]
+        assert 0 < float(row["psnr"]) < 60 and float(row["wall_min"]) > 0 and row["notes"] == "" and row["seed"] == "0"
     assert rows["fsq+1b"]["steps"] == "2+2"
-    one_b = json.loads((tmp_path / "results" / "ablate-two-fsq+1b" / "metrics.json").read_text())
-    assert one_b["init_weights"] == "runs/ablate-two-fsq-1b/checkpoints/last.ckpt"
-    hand_off = torch.load(tmp_path / "runs" / "ablate-two-fsq-1b" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert hand_off["hyper_parameters"]["init_weights"] == "runs/ablate-two-fsq/checkpoints/last.ckpt"
+    # the references were scored by the tests on the same held-out crops: 18 bits/token x 16 tokens / 32^2 px
+    assert rows["equal_bit"]["bits_per_pixel"] == "0.1875" and float(rows["pool8"]["bits_per_pixel"]) == 1.5
+    assert float(rows["mean_colour"]["psnr"]) < float(rows["pool8"]["psnr"])
+    one_b = json.loads((tmp_path / "results" / "ablate-two-fsq+1b-s0" / "metrics.json").read_text())
+    assert one_b["init_weights"] == "runs/ablate-two-fsq-1b-s0/checkpoints/last.ckpt"
+    assert set(one_b["references"]) == {"mean_colour", "pool8", "equal_bit"}
+    hand_off = torch.load(tmp_path / "runs" / "ablate-two-fsq-1b-s0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert hand_off["hyper_parameters"]["init_weights"] == "runs/ablate-two-fsq-s0/checkpoints/last.ckpt"
     assert hand_off["hyper_parameters"]["stage"] == "1b"
     assert (folder / "psnr.png").stat().st_size > 5000
+    assert "evaluation report:" in (tmp_path / "runs" / "ablate-two-fsq+1b-s0" / "test.log").read_text()  # its log
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    events = EventAccumulator(str(tmp_path / "runs" / "ablate-two-fsq+1b" / "hparams"))
+    events = EventAccumulator(str(tmp_path / "runs" / "ablate-two-fsq+1b-s0" / "hparams"))
     events.Reload()
     content = events.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    hparams = {k: v.string_value for k, v in session.session_start_info.hparams.items()}
-    assert hparams == {"grid": "two", "cell": "fsq+1b", "quantizer": "fsq", "posttrain": "1b"}
+    hparams = {k: v.string_value or v.number_value for k, v in session.session_start_info.hparams.items()}
+    assert hparams == {"grid": "two", "cell": "fsq+1b", "seed": 0, "quantizer": "fsq", "posttrain": "1b"}
     assert events.Scalars("hparam/psnr")[0].value == pytest.approx(float(rows["fsq+1b"]["psnr"]), abs=1e-4)
+
+
+def _wait_for(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_two_cells_run_in_parallel_and_resume_after_the_runner_is_killed(tmp_path):
+    """--jobs 2: both fits run at once (one thread each); SIGKILL to the runner's whole process group mid-fit
+    (as when a node dies), then the same command resumes the fits from their checkpoints and finishes the table."""
+    from flowmo.ablate.launch import available_cores
+    from flowmo.data.sample_set import build_sample_set
+
+    if available_cores() < 2:
+        pytest.skip("--jobs 2 needs 2 cores")
+    build_sample_set(tmp_path / "sample", size=32, train_crops_per_photo=2, val_crops_per_photo=1, shard_size=8)
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    (tmp_path / "fast.yaml").write_text(
+        f"data:\n  train_shards: {tmp_path}/sample/train.json\n  val_shards: {tmp_path}/sample/val.json\n"
+        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n"
+        "trainer:\n  max_steps: 400\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
+        "  enable_model_summary: false\ncheckpoint:\n  every_n_train_steps: 20\n")
+    (tmp_path / "eval.yaml").write_text("model:\n  sampler:\n    steps: 3\n")
+    grid = write_grid(tmp_path, f"""
+stack: [base.yaml, model/tiny.yaml, stage/1a.yaml, data/sample.yaml, demo.yaml, {tmp_path}/fast.yaml]
+eval_stack: [ablations/overlays/tiny-eval.yaml, {tmp_path}/eval.yaml]
+per_image_metrics: true
+axes:
+  - name: schedule
+    values:
+      - {{name: noise_weighted}}
+      - {{name: uniform, overlay: {{model: {{time_schedule: uniform}}}}}}
+""", name="par")
+    command = [sys.executable, "-m", "flowmo", "ablate", "run", str(grid), "--config-dir", "configs", "--jobs", "2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = tmp_path / "runner.txt"
+    with out.open("w") as handle:
+        runner = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    checkpoints = [tmp_path / "runs" / f"ablate-par-{run}-s0" / "checkpoints" / "last.ckpt"
+                   for run in ("base", "uniform")]
+    _wait_for(lambda: all(c.is_file() for c in checkpoints) or runner.poll() is not None, "both fits' checkpoints")
+    os.killpg(runner.pid, signal.SIGKILL)  # the runner and both fits, at once
+    runner.wait()
+    first = out.read_text()
+    assert first.count("started (1 thread(s))") == 2 and "done" not in first  # both fits ran side by side
+    _wait_for(lambda: not _group_alive(runner.pid), "the killed process group to be gone", 30)
+    assert not (tmp_path / "results" / "ablations" / "par" / "table.md").exists()
+    killed_at = {c.parent.parent.name: torch.load(c, weights_only=False)["global_step"] for c in checkpoints}
+    assert all(0 < step < 400 for step in killed_at.values()), killed_at
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for run, step in killed_at.items():
+        log = (tmp_path / "runs" / run / "fit.log").read_text()
+        assert log.count("==== ") == 2 and "Restoring states from the checkpoint" in log  # resumed, not restarted
+        assert torch.load(tmp_path / "runs" / run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] \
+            == 400
+    with (tmp_path / "results" / "ablations" / "par" / "table.csv").open() as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert 0 < float(rows["base"]["psnr"]) < 60 and 0 < float(rows["uniform"]["psnr"]) < 60
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (zombies awaiting a reaper do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def test_fsq_at_72_bits_trains_without_token_ids():

@@ -1,5 +1,4 @@
-"""Replicate statistics and the zero-cost reference codecs (building blocks of issue 22), against hand-computed
-values."""
+"""Replicate statistics and the zero-cost reference codecs of the ablation table, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -65,3 +64,25 @@ def test_quantise_and_mean_colour():
     assert torch.equal(quantise(torch.tensor([-1.0, -0.1, 0.1, 1.0]), 1), torch.tensor([-0.5, -0.5, 0.5, 0.5]))
     images = torch.rand(2, 3, 8, 8)
     assert torch.allclose(mean_colour(images)[:, :, 3, 5], images.mean(dim=(2, 3)))
+
+
+def test_reference_scores_accumulate_batches_like_the_metrics_and_skip_what_a_rate_cannot_pay():
+    from flowmo.metrics.image import psnr_per_image, to_unit_range
+    from flowmo.references import ReferenceScores
+
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    scores = ReferenceScores(bits_per_pixel=1.125, image_size=32)
+    scores.update(images[:4])
+    scores.update(images[4:])
+    result = scores.compute()
+    assert set(result) == {"mean_colour", "pool8", "equal_bit"}
+    expected = psnr_per_image(to_unit_range(images), to_unit_range(mean_colour(images))).mean()
+    assert result["mean_colour"]["psnr"] == pytest.approx(float(expected), rel=1e-6)
+    assert (result["mean_colour"]["bits_per_pixel"], result["pool8"]["bits_per_pixel"],
+            result["equal_bit"]["bits_per_pixel"]) == (24 / 1024, 1.5, 1.125)
+    assert "6 bits per value" in result["equal_bit"]["label"]
+    assert result["pool8"]["psnr"] >= result["equal_bit"]["psnr"] > result["mean_colour"]["psnr"]
+    continuous = ReferenceScores(bits_per_pixel=float("inf"), image_size=32)
+    continuous.update(images)
+    assert set(continuous.compute()) == {"mean_colour", "pool8"}  # no rate to match
+    assert ReferenceScores(1.125, 32).compute() == {}  # nothing seen, nothing reported

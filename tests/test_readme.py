@@ -99,8 +99,8 @@ RULES = (
     Rule(r"make eval-\S+ .*", "dry"),
     Rule(r"flowmo ablate (grids|list \S+)", "run"),
     Rule(r"make ablate GRID=\S+ DRY_RUN=1", "run"),
-    Rule(r"make ablate GRID=\S+( GPUS=\d+)?", "run", "with DRY_RUN=1: every fit/test command printed, none run "
-         "(the tiny grid's real run is 39 min, measured in docs/ablations.md)", ((r"$", " DRY_RUN=1"),)),
+    Rule(r"make ablate GRID=\S+( GPUS=\d+| JOBS=\d+)*", "run", "with DRY_RUN=1: every fit/test command printed, none "
+         "run (the tiny grid's real run with JOBS=2 is measured in docs/ablations.md)", ((r"$", " DRY_RUN=1"),)),
     Rule(r"flowmo ablate run .* --launcher slurm .*", "run", "with --dry-run: sbatch files written, not submitted",
          ((r"$", " --dry-run"),)),
     Rule(r"flowmo ablate table \S+", "run"),

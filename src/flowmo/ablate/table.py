@@ -32,7 +32,7 @@ def _delta(estimate: Estimate | None, metric: str) -> str:
     text = f"{estimate.mean:+.{DIGITS[metric]}f}"
     if estimate.half_width is not None:
         text += f" ± {estimate.half_width:.{DIGITS[metric]}f}" + (f" {SUPPORTED}" if estimate.excludes_zero else "")
-    return text
+    return text + (f" ({estimate.n} of {estimate.n + estimate.missing})" if estimate.missing else "")
 
 
 def _bits(bpp: float | None) -> str:
