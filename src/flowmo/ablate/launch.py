@@ -63,87 +63,108 @@ def execute(grid: Grid, steps: list[Step], options: Options, force: bool = False
     folder (memory freed between runs; Lightning's DDP launcher re-runs the process's own command line on every
     rank, which must be the single fit or test). With jobs > 1 the cores are split evenly between the processes.
     A step that fails is reported and what needs it is not run; the others go on. Returns the failed steps."""
-    threads = max(1, available_cores() // jobs) if jobs > 1 else None
-    pending, running, finished, failed = list(steps), [], set(), []
-    blocked: set[str] = set()
-    last_status = time.time()
-    stop = []  # SIGTERM (a scheduler, `kill`): stop the children too, then leave
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    try:
-        while pending or running:
-            _start_ready(grid, pending, running, finished, blocked, failed, options, force, jobs, threads)
-            if pending and not running:  # nothing runs and nothing can start: a need outside the plan
-                raise RuntimeError(f"ablate plan: {pending[0].key} needs {pending[0].needs}, which no step provides")
-            time.sleep(0.2)
-            for job in [j for j in running if j.process.poll() is not None]:
-                running.remove(job)
-                _finish(grid, job, options, finished, failed)
-            if running and time.time() - last_status >= STATUS_EVERY_S:
-                _print_status(running, options)
-                last_status = time.time()
-            if stop:
-                raise KeyboardInterrupt
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for job in running:  # an interrupted runner leaves no orphan writing into a run folder
+    return LocalRunner(grid, options, force, jobs).run(steps)
+
+
+class LocalRunner:
+    """The local scheduler: starts each step once what it needs has finished, at most `jobs` at a time."""
+
+    def __init__(self, grid: Grid, options: Options, force: bool, jobs: int) -> None:
+        self.grid, self.options, self.force, self.jobs = grid, options, force, jobs
+        self.threads = max(1, available_cores() // jobs) if jobs > 1 else None
+        self.running: list[_Running] = []
+        self.finished: set[str] = set()
+        self.failed: list[Step] = []
+        self.blocked: set[str] = set()  # not run: a step they need failed
+
+    def run(self, steps: list[Step]) -> list[Step]:
+        pending, last_status = list(steps), time.time()
+        stop = []  # SIGTERM (a scheduler, `kill`): stop the children too, then leave
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        try:
+            while pending or self.running:
+                self._start_ready(pending)
+                if pending and not self.running:  # nothing runs and nothing can start: a need outside the plan
+                    raise RuntimeError(f"ablate plan: {pending[0].key} needs {pending[0].needs}, which no step gives")
+                time.sleep(0.2)
+                for job in [j for j in self.running if j.process.poll() is not None]:
+                    self.running.remove(job)
+                    self._finish(job)
+                if self.running and time.time() - last_status >= STATUS_EVERY_S:
+                    self._print_status()
+                    last_status = time.time()
+                if stop:
+                    raise KeyboardInterrupt
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self._stop_children()
+        if self.failed:
+            print(f"[ablate] {len(self.failed)} step(s) failed: " + ", ".join(
+                f"{s.key} (log {log_path(s, self.options)})" for s in self.failed), flush=True)
+        return self.failed
+
+    def _stop_children(self) -> None:
+        """An interrupted runner leaves no orphan writing into a run folder."""
+        for job in self.running:
             job.process.terminate()
-        for job in running:
+        for job in self.running:
             job.process.wait()
             job.log.close()
-    if failed:
-        print(f"[ablate] {len(failed)} step(s) failed: " + ", ".join(f"{s.key} (log {log_path(s, options)})"
-                                                                       for s in failed), flush=True)
-    return failed
 
+    def _start_ready(self, pending: list[Step]) -> None:
+        failed = {f.key for f in self.failed}
+        for step in list(pending):
+            if len(self.running) >= self.jobs:
+                return
+            if any(need in self.blocked or need in failed for need in step.needs):
+                pending.remove(step)
+                self.blocked.add(step.key)
+                print(f"[ablate] {step.key}: not run, a step it needs failed", flush=True)
+            elif all(need in self.finished for need in step.needs):
+                pending.remove(step)
+                if step.action == "test" and not self.force and _test_is_current(self.grid, step, self.options):
+                    print(f"[ablate] {step.key}: skipped, its metrics are newer than {step.checkpoint} "
+                          "(--force reruns)", flush=True)
+                    self.finished.add(step.key)
+                else:
+                    self.running.append(self._launch(step))
 
-def _start_ready(grid, pending, running, finished, blocked, failed, options, force, jobs, threads) -> None:
-    for step in list(pending):
-        if len(running) >= jobs:
+    def _launch(self, step: Step) -> _Running:
+        path = log_path(step, self.options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = path.open("ab")
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {step.shell()}\n".encode())
+        log.flush()
+        env = dict(os.environ)
+        if self.threads is not None:
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        process = subprocess.Popen([sys.executable, "-m", "flowmo", *step.argv], stdout=log,
+                                   stderr=subprocess.STDOUT, env=env)
+        threads = f" ({self.threads} thread(s))" if self.threads else ""
+        print(f"[ablate] {step.key}: started{threads}, log {path}", flush=True)
+        return _Running(step, process, log, time.time())
+
+    def _finish(self, job: _Running) -> None:
+        job.log.close()
+        step, seconds = job.step, round(time.time() - job.started, 1)
+        if job.process.returncode:
+            self.failed.append(step)
+            path = log_path(step, self.options)
+            print(f"[ablate] {step.key} failed (exit {job.process.returncode}) after {seconds:.0f} s; the end of "
+                  f"{path}:\n{_tail(path, 15)}", flush=True)
             return
-        if any(need in blocked or need in {f.key for f in failed} for need in step.needs):
-            pending.remove(step)
-            blocked.add(step.key)
-            print(f"[ablate] {step.key}: not run, a step it needs failed", flush=True)
-            continue
-        if not all(need in finished for need in step.needs):
-            continue
-        pending.remove(step)
-        if step.action == "test" and not force and _test_is_current(grid, step, options):
-            print(f"[ablate] {step.key}: skipped, its metrics are newer than {step.checkpoint} (--force reruns)")
-            finished.add(step.key)
-            continue
-        running.append(_launch(step, options, threads))
+        self.finished.add(step.key)
+        print(f"[ablate] {step.key}: done in {seconds / 60:.1f} min", flush=True)
+        _record_time(self.grid, step, seconds, self.options)
+        if step.action == "test":
+            log_hparams(self.grid, next(c for c in self.grid.cells if c.name == step.cell), step.seed, self.options)
 
-
-def _launch(step: Step, options: Options, threads: int | None) -> _Running:
-    path = log_path(step, options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = path.open("ab")
-    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {step.shell()}\n".encode())
-    log.flush()
-    env = dict(os.environ)
-    if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    process = subprocess.Popen([sys.executable, "-m", "flowmo", *step.argv], stdout=log, stderr=subprocess.STDOUT,
-                               env=env)
-    print(f"[ablate] {step.key}: started{f' ({threads} thread(s))' if threads else ''}, log {path}", flush=True)
-    return _Running(step, process, log, time.time())
-
-
-def _finish(grid: Grid, job: _Running, options: Options, finished: set[str], failed: list[Step]) -> None:
-    job.log.close()
-    step, seconds = job.step, round(time.time() - job.started, 1)
-    if job.process.returncode:
-        failed.append(step)
-        tail = _tail(log_path(step, options), 15)
-        print(f"[ablate] {step.key} failed (exit {job.process.returncode}) after {seconds:.0f} s; the end of "
-              f"{log_path(step, options)}:\n{tail}", flush=True)
-        return
-    finished.add(step.key)
-    print(f"[ablate] {step.key}: done in {seconds / 60:.1f} min", flush=True)
-    _record_time(grid, step, seconds, options)
-    if step.action == "test":
-        log_hparams(grid, next(c for c in grid.cells if c.name == step.cell), step.seed, options)
+    def _print_status(self) -> None:
+        """One line per running step: its elapsed time and the last line its log shows (the progress bar's)."""
+        stamp = time.strftime("%H:%M:%S")
+        for job in self.running:
+            last = _tail(log_path(job.step, self.options), 1)[:110]
+            print(f"[ablate {stamp}] {job.step.key} {(time.time() - job.started) / 60:5.1f} min | {last}", flush=True)
 
 
 def _record_time(grid: Grid, step: Step, seconds: float, options: Options) -> None:
@@ -161,14 +182,6 @@ def _tail(path: Path, lines: int) -> str:
     """The last non-empty lines of a log (a progress bar's carriage returns count as line ends)."""
     text = path.read_bytes()[-20000:].decode(errors="replace").replace("\r", "\n")
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
-
-
-def _print_status(running: list[_Running], options: Options) -> None:
-    """One line per running step: its elapsed time and the last line its log shows (the progress bar's)."""
-    stamp = time.strftime("%H:%M:%S")
-    for job in running:
-        last = _tail(log_path(job.step, options), 1)[:110]
-        print(f"[ablate {stamp}] {job.step.key} {(time.time() - job.started) / 60:5.1f} min | {last}", flush=True)
 
 
 def log_hparams(grid: Grid, cell: Cell, seed: int, options: Options) -> Path | None:
