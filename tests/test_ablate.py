@@ -479,24 +479,24 @@ def test_slurm_scripts_of_a_seeded_grid(tmp_path):
     assert ablate_main(["run", str(path), "--config-dir", str(CONFIGS), "--results-dir", str(results),
                         "--launcher", "slurm", "--gpus-per-node", "8", "--dry-run"]) == 0
     folder = results / "ablations" / "g" / "slurm"
-    scripts = {p.name.split("-", 2)[2].removesuffix(".sbatch"): p for p in folder.glob("*.sbatch")}
-    # 4 cells x 2 seeds: fits base, on (1B), fsq, fsq-on per seed; a test per cell and seed
-    assert sorted(n for n in scripts if scripts[n].name.split("-")[1] == "fit") == sorted(
+    # <index>-<fit|test>-<run>.sbatch; a cell's test can share its fit's run name (base, fsq)
+    scripts = {tuple(p.name.removesuffix(".sbatch").split("-", 2)[1:]): p for p in folder.glob("*.sbatch")}
+    # 4 cells x 2 seeds: fits base, base-on (1B), fsq, fsq-on per seed; a test per cell and seed
+    assert sorted(run for action, run in scripts if action == "fit") == sorted(
         f"ablate-g-{run}-s{seed}" for run in ("base", "base-on", "fsq", "fsq-on") for seed in (0, 1))
     assert len(scripts) == 16
     submit = (folder / "submit.sh").read_text()
     job = {line.split("=")[0]: line for line in submit.splitlines() if line.startswith("job_")}
-    variable = {name: next(v for v, line in job.items() if path.name in line) for name, path in scripts.items()
-                if path.name.split("-")[1] == "fit"}
+    variable = {key: next(v for v, line in job.items() if f" {path.name})" in line) for key, path in scripts.items()}
     for seed in (0, 1):
-        one_b = scripts[f"ablate-g-fsq-on-s{seed}"]
-        line = next(l for l in job.values() if one_b.name in l)
-        assert f"--dependency=afterok:${variable[f'ablate-g-fsq-s{seed}']} " in line  # 1B after the seed's 1A
+        one_b = scripts["fit", f"ablate-g-fsq-on-s{seed}"]
+        line = job[variable["fit", f"ablate-g-fsq-on-s{seed}"]]
+        assert f"--dependency=afterok:${variable['fit', f'ablate-g-fsq-s{seed}']} " in line  # 1B after the seed's 1A
         srun = shlex.split(next(l for l in one_b.read_text().splitlines() if l.startswith("srun ")))
         assert srun[srun.index("--model.seed") + 1] == str(seed)
         assert srun[srun.index("--model.init_weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
-    tests = [l for l in job.values() if "-test-ablate-g-fsq+on-s1" in l]
-    assert len(tests) == 1 and f"afterok:${variable['ablate-g-fsq-on-s1']} " in tests[0]
+    test = job[variable["test", "ablate-g-fsq+on-s1"]]
+    assert f"afterok:${variable['fit', 'ablate-g-fsq-on-s1']} " in test  # the seed's own 1B checkpoint
 
 
 # ---------------------------------------------------------------------------------- the module side
@@ -536,22 +536,26 @@ def test_the_fsq_cell_trains():
     assert model.config.bits_per_token == 18
 
 
-def test_a_two_by_two_grid_with_post_training_runs_end_to_end(tmp_path):
-    """fit, 1B hand-off, test, table, PNG and HParams, for real: 2 quantizers x {1A only, + 1B}, 2 steps each."""
+def _fast_grid_folder(tmp_path: Path, max_steps: int, model: str = "", extra: str = "") -> None:
+    """A folder to run grids in: configs/ (linked), a small sample set, fast.yaml (tiny fits on it; `model`: more
+    model lines, `extra`: more top-level sections) and eval.yaml (a 3-step sampler)."""
     from flowmo.data.sample_set import build_sample_set
 
     build_sample_set(tmp_path / "sample", size=32, train_crops_per_photo=2, val_crops_per_photo=1, shard_size=8)
     (tmp_path / "configs").symlink_to(CONFIGS)
-    stack = ("[base.yaml, model/tiny.yaml, stage/1a.yaml, data/sample.yaml, demo.yaml, "
-             f"{tmp_path}/fast.yaml]")
     (tmp_path / "fast.yaml").write_text(
         f"data:\n  train_shards: {tmp_path}/sample/train.json\n  val_shards: {tmp_path}/sample/val.json\n"
-        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n  sample_steps: 2\n"
-        "  sample_loss_weight: 1.0\ntrainer:\n  max_steps: 2\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
-        "  enable_model_summary: false\n")
+        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n" + model +
+        f"trainer:\n  max_steps: {max_steps}\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n" + extra)
     (tmp_path / "eval.yaml").write_text("model:\n  sampler:\n    steps: 3\n")
+
+
+def test_a_two_by_two_grid_with_post_training_runs_end_to_end(tmp_path):
+    """fit, 1B hand-off, test, table, PNG and HParams, for real: 2 quantizers x {1A only, + 1B}, 2 steps each."""
+    _fast_grid_folder(tmp_path, max_steps=2, model="  sample_steps: 2\n  sample_loss_weight: 1.0\n")
     grid = write_grid(tmp_path, f"""
-stack: {stack}
+stack: [base.yaml, model/tiny.yaml, stage/1a.yaml, data/sample.yaml, demo.yaml, {tmp_path}/fast.yaml]
 eval_stack: [ablations/overlays/tiny-eval.yaml, {tmp_path}/eval.yaml]
 posttrain:
   stack: [base.yaml, model/tiny.yaml, stage/1b.yaml, data/sample.yaml, demo.yaml, {tmp_path}/fast.yaml]
@@ -612,18 +616,10 @@ def test_two_cells_run_in_parallel_and_resume_after_the_runner_is_killed(tmp_pat
     """--jobs 2: both fits run at once (one thread each); SIGKILL to the runner's whole process group mid-fit
     (as when a node dies), then the same command resumes the fits from their checkpoints and finishes the table."""
     from flowmo.ablate.launch import available_cores
-    from flowmo.data.sample_set import build_sample_set
 
     if available_cores() < 2:
         pytest.skip("--jobs 2 needs 2 cores")
-    build_sample_set(tmp_path / "sample", size=32, train_crops_per_photo=2, val_crops_per_photo=1, shard_size=8)
-    (tmp_path / "configs").symlink_to(CONFIGS)
-    (tmp_path / "fast.yaml").write_text(
-        f"data:\n  train_shards: {tmp_path}/sample/train.json\n  val_shards: {tmp_path}/sample/val.json\n"
-        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n"
-        "trainer:\n  max_steps: 400\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
-        "  enable_model_summary: false\ncheckpoint:\n  every_n_train_steps: 20\n")
-    (tmp_path / "eval.yaml").write_text("model:\n  sampler:\n    steps: 3\n")
+    _fast_grid_folder(tmp_path, max_steps=400, extra="checkpoint:\n  every_n_train_steps: 20\n")
     grid = write_grid(tmp_path, f"""
 stack: [base.yaml, model/tiny.yaml, stage/1a.yaml, data/sample.yaml, demo.yaml, {tmp_path}/fast.yaml]
 eval_stack: [ablations/overlays/tiny-eval.yaml, {tmp_path}/eval.yaml]

@@ -98,7 +98,7 @@ def collect(grid: Grid, options: Options) -> list[Row]:
         rows.append(Row(
             cell=cell.name, changes=", ".join(f"{v.axis}: {v.label}" for v in cell.changes(grid)) or "base",
             seeds=grid.seeds, values=values, estimates={m: mean_interval(values[m].values()) for m in METRICS},
-            deltas={m: None if cell is grid.cells[0] else paired_difference(values[m], base_values[m])
+            deltas={m: None if cell is grid.cells[0] or not values[m] else paired_difference(values[m], base_values[m])
                     for m in METRICS},
             paper={m: cell.paper.get(m) for m in METRICS}, keys={m: first.get(f"{m}_key") for m in METRICS},
             bits_per_pixel=first.get("bits_per_pixel"),
@@ -109,7 +109,15 @@ def collect(grid: Grid, options: Options) -> list[Row]:
 
 
 def _values(grid: Grid, cell: Cell, found: dict) -> dict[str, dict[int, float | None]]:
-    return {m: {seed: (found[cell.name, seed] or {}).get(m) for seed in grid.seeds} for m in METRICS}
+    """metric -> seed -> value: None where the replicate's report is missing (a failed or unfinished run); a
+    metric its reports do not have (codebook use of an FSQ code without token ids) is left out, not missing."""
+    values: dict[str, dict[int, float | None]] = {m: {} for m in METRICS}
+    for seed in grid.seeds:
+        report = found[cell.name, seed]
+        for metric in METRICS:
+            if report is None or report.get(metric) is not None:
+                values[metric][seed] = None if report is None else report[metric]
+    return values
 
 
 def reference_rows(grid: Grid, found: dict, base_values: dict[str, dict[int, float | None]]) -> list[Row]:
@@ -119,10 +127,10 @@ def reference_rows(grid: Grid, found: dict, base_values: dict[str, dict[int, flo
     references = next((r["references"] for r in reports if r and r.get("references")), {})
     rows = []
     for name, scores in references.items():
-        values = {m: {seed: scores.get(m) for seed in grid.seeds} for m in METRICS}
+        values = {m: {seed: scores[m] for seed in grid.seeds} if scores.get(m) is not None else {} for m in METRICS}
         rows.append(Row(cell=name, changes=scores.get("label", name), seeds=grid.seeds, values=values,
-                        estimates={m: mean_interval([scores.get(m)]) for m in METRICS},
-                        deltas={m: None if scores.get(m) is None else paired_difference(values[m], base_values[m])
+                        estimates={m: mean_interval([scores[m]] if values[m] else []) for m in METRICS},
+                        deltas={m: paired_difference(values[m], base_values[m]) if values[m] else None
                                 for m in METRICS},
                         paper={m: None for m in METRICS}, keys={m: None for m in METRICS},
                         bits_per_pixel=scores.get("bits_per_pixel"), notes="reference: nothing trained",

@@ -13,6 +13,7 @@ from flowmo.ablate.results import DIGITS, METRICS, TITLES, Row, collect
 from flowmo.ablate.stats import Estimate
 
 SUPPORTED = "✱"  # marks a Δ whose paired 95% interval excludes 0
+REFERENCE_COLOURS = ("dimgray", "tab:green", "tab:orange", "tab:purple")
 
 
 def shown_metrics(rows: list[Row]) -> list[str]:
@@ -52,7 +53,8 @@ def markdown_table(rows: list[Row]) -> str:
         cells = [row.cell, row.changes]
         for metric in metrics:
             estimate = row.estimates[metric]
-            shown = "–" if row.reference and estimate.mean is None else estimate.format(DIGITS[metric])
+            not_measured = estimate.n + estimate.missing == 0  # e.g. codebook use of a code without token ids
+            shown = "–" if not_measured else estimate.format(DIGITS[metric])
             cells += [shown, _delta(row.deltas[metric], metric)]
             cells += [_fmt(row.paper[metric], metric)] if metric in with_paper else []
         wall = "–" if row.wall_min is None else f"{row.wall_min:.1f}"
@@ -85,7 +87,7 @@ def write_csv(grid: Grid, rows: list[Row], path: Path) -> None:
         for row in rows:
             for seed in row.seeds[:1] if row.reference else row.seeds:
                 writer.writerow({"cell": row.cell, "changes": row.changes, "seed": "" if row.reference else seed,
-                                 **{m: row.values[m][seed] for m in METRICS},
+                                 **{m: row.values[m].get(seed) for m in METRICS},
                                  **{f"{m}_key": row.keys[m] for m in METRICS}, "bits_per_pixel": row.bits_per_pixel,
                                  "steps": row.steps, "wall_min": row.wall_min, "notes": row.notes})
 
@@ -145,8 +147,8 @@ def write_plots(rows: list[Row], folder: Path) -> list[Path]:
         for index, row in enumerate(references):
             value = row.estimates[metric].mean
             if value is not None:
-                axis.axhline(value, color=f"C{index + 3}", linestyle="--", linewidth=1,
-                             label=f"{row.cell} ({_bits(row.bits_per_pixel)} bits/px)")
+                axis.axhline(value, color=REFERENCE_COLOURS[index % len(REFERENCE_COLOURS)], linestyle="--",
+                             linewidth=1.2, label=f"{row.cell} ({_bits(row.bits_per_pixel)} bits/px)")
         finite = [v for v in ours + paper + [r.estimates[metric].mean or math.nan for r in references]
                   if not math.isnan(v)]
         if finite and metric in ("psnr", "rfid"):  # zoom: differences of a few tenths must show
