@@ -210,6 +210,9 @@ def test_distributed_eval_counts_every_image_once(tmp_path, shards, checkpoint):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results" / "ddp" / "metrics.json").read_text())
     assert report["world_size"] == 2 and report["num_images"] == 4  # indices 0, 3, 6, 9
+    # the reference codecs are reduced over both ranks too (a collective every rank joins)
+    assert set(report["references"]) == {"mean_colour", "pool8", "equal_bit"}
+    assert 0 < report["references"]["mean_colour"]["psnr"] < report["references"]["pool8"]["psnr"] < 60
 
 
 @pytest.mark.skipif(__import__("shutil").which("make") is None, reason="needs GNU make")
