@@ -65,15 +65,19 @@ class ReferenceScores:
 
     def __init__(self, bits_per_pixel: float, image_size: int, device: torch.device | str = "cpu") -> None:
         self.image_size = image_size
-        self.rates = {"mean_colour": 3 * 8 / image_size**2, "pool8": pool_bits_per_pixel(image_size)}
+        self.rates = {"mean_colour": pool_bits_per_pixel(image_size, grid=1), "pool8": pool_bits_per_pixel(image_size)}
         self.labels = {"mean_colour": "mean colour of each image (8 bits per channel)",
                        "pool8": f"{POOL_GRID}x{POOL_GRID} average pool (8 bits per value)"}
-        self.equal_bit = None  # bits per pooled value, where the tokenizer's rate pays at least one
-        if math.isfinite(bits_per_pixel) and bits_per_pixel * image_size**2 >= 3 * POOL_GRID**2:
-            self.equal_bit = bits_per_pixel
-            bits = equal_bit_bits(bits_per_pixel, image_size)
-            self.rates["equal_bit"] = pool_bits_per_pixel(image_size, POOL_GRID, bits)
-            self.labels["equal_bit"] = f"equal-bit thumbnail ({POOL_GRID}x{POOL_GRID} pool, {bits} bits per value)"
+        self.equal_bit = None  # the tokenizer's rate, where it pays at least one bit per pooled value
+        if math.isfinite(bits_per_pixel):  # a continuous code has no rate to match
+            try:
+                bits = equal_bit_bits(bits_per_pixel, image_size)
+            except ValueError:
+                bits = None  # too few bits per pixel for the pool: no equal-bit row
+            if bits is not None:
+                self.equal_bit = bits_per_pixel
+                self.rates["equal_bit"] = pool_bits_per_pixel(image_size, POOL_GRID, bits)
+                self.labels["equal_bit"] = f"equal-bit thumbnail ({POOL_GRID}x{POOL_GRID} pool, {bits} bits per value)"
         self.metrics = {name: {"psnr": PSNR(), "psnr_paper": PaperPSNR(), "ssim": SSIM(), "ssim_paper": PaperSSIM()}
                         for name in self.labels}
         for metrics in self.metrics.values():

@@ -80,6 +80,9 @@ class Grid:
     seeds: tuple[int, ...] = (0,)  # replicates: every trained cell runs once per seed (init, data draw, noise)
     cells: tuple[Cell, ...] = field(default=())
 
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
+
 
 def grid_dir(config_dir: str | Path) -> Path:
     return Path(config_dir) / "ablations"

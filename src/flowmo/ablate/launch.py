@@ -30,18 +30,18 @@ def available_cores() -> int:
 def check_jobs(jobs: int, gpus: int | None) -> None:
     """--jobs: at least 1, at most the cores here, and 1 when every step already takes the node's GPUs."""
     cores = available_cores()
-    if jobs < 1 or jobs > cores:
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}.")
+    if jobs > cores:
         raise UserError(f"--jobs {jobs} asks for more steps at once than this machine's {cores} cores can run "
-                        f"(each needs at least one thread); use --jobs between 1 and {cores}." if jobs > 1 else
-                        f"--jobs must be at least 1, got {jobs}.")
+                        f"(each needs at least one thread); use --jobs between 1 and {cores}.")
     if jobs > 1 and gpus is not None:
         raise UserError(f"--jobs {jobs} with --gpus would start {jobs} steps on the same {gpus} GPUs; use --jobs 1 "
                         "(each step already uses every GPU) or the SLURM launcher.")
 
 
 def _test_is_current(grid: Grid, step: Step, options: Options) -> bool:
-    cell = next(c for c in grid.cells if c.name == step.cell)
-    metrics, ckpt = metrics_path(grid, cell, step.seed, options), Path(step.checkpoint)
+    metrics, ckpt = metrics_path(grid, grid.cell(step.cell), step.seed, options), Path(step.checkpoint)
     return metrics.is_file() and ckpt.is_file() and metrics.stat().st_mtime >= ckpt.stat().st_mtime
 
 
@@ -157,7 +157,7 @@ class LocalRunner:
         print(f"[ablate] {step.key}: done in {seconds / 60:.1f} min", flush=True)
         _record_time(self.grid, step, seconds, self.options)
         if step.action == "test":
-            log_hparams(self.grid, next(c for c in self.grid.cells if c.name == step.cell), step.seed, self.options)
+            log_hparams(self.grid, self.grid.cell(step.cell), step.seed, self.options)
 
     def _print_status(self) -> None:
         """One line per running step: its elapsed time and the last line its log shows (the progress bar's)."""

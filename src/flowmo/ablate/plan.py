@@ -28,16 +28,21 @@ class Step:
         return shlex.join(("flowmo", *self.argv))
 
 
-def fit_run(grid: Grid, cell: Cell, seed: int) -> str:
+def trained_name(grid: Grid, cell: Cell) -> str:
+    """ablate-<grid>-<train values>: what every replicate of the cell's Stage-1A fit is named after."""
     names = [v.name for v in cell.of_kind(grid, "train") if v is not axis_of(grid, v).base]
-    return f"ablate-{grid.name}-{'+'.join(names) or 'base'}-s{seed}"
+    return f"ablate-{grid.name}-{'+'.join(names) or 'base'}"
+
+
+def fit_run(grid: Grid, cell: Cell, seed: int) -> str:
+    return f"{trained_name(grid, cell)}-s{seed}"
 
 
 def posttrain_run(grid: Grid, cell: Cell, seed: int) -> str | None:
     values = cell.of_kind(grid, "posttrain")
     if not values or values[0] is axis_of(grid, values[0]).base:
         return None
-    return f"{fit_run(grid, cell, seed).removesuffix(f'-s{seed}')}-{values[0].name}-s{seed}"
+    return f"{trained_name(grid, cell)}-{values[0].name}-s{seed}"
 
 
 def test_run(grid: Grid, cell: Cell, seed: int) -> str:
@@ -101,12 +106,11 @@ def _feature_metric_args(grid: Grid) -> list[str]:
 def plan(grid: Grid, options: Options, cells: list[Cell] | None = None) -> list[Step]:
     """Steps in dependency order, seed by seed; a fit several cells share appears once per seed."""
     steps: dict[str, Step] = {}
-    by_name = {c.name: c for c in grid.cells}
     for seed in grid.seeds:
         for cell in cells or list(grid.cells):
             for value in cell.of_kind(grid, "train"):
                 if value.init_from:  # e.g. Table 4's MSE-pretrained encoder: that cell's fit (same seed) first
-                    _add_fit(grid, by_name[value.init_from], seed, options, steps)
+                    _add_fit(grid, grid.cell(value.init_from), seed, options, steps)
             fit = _add_fit(grid, cell, seed, options, steps)
             if posttrain_run(grid, cell, seed):
                 fit = _add_posttrain(grid, cell, fit, options, steps)
@@ -125,7 +129,7 @@ def _add_fit(grid: Grid, cell: Cell, seed: int, options: Options, steps: dict[st
     needs = []
     for value in cell.of_kind(grid, "train"):
         if value.init_from:
-            source = fit_run(grid, next(c for c in grid.cells if c.name == value.init_from), seed)
+            source = fit_run(grid, grid.cell(value.init_from), seed)
             argv += ["--model.init_weights", checkpoint_of(source, options)]
             needs.append(f"fit:{source}")
     if options.steps or grid.steps:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from flowmo.ablate.grid import Cell, Grid, Options, axis_of
-from flowmo.ablate.plan import Step, fit_run, metrics_path, plan, test_key
+from flowmo.ablate.plan import Step, metrics_path, plan, test_key, trained_name
 from flowmo.ablate.stats import Estimate, mean_interval, paired_difference
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "codebook")  # columns of the table; paper numbers where known
@@ -62,8 +62,8 @@ def read_metrics(path: Path, per_image: bool = False) -> dict | None:
 
 @dataclass(frozen=True)
 class Row:
-    """One cell over its replicates: per metric the values by seed, their mean ± 95% interval, and the
-    difference from the base paired by seed (None on the base row and on reference rows' own line)."""
+    """One cell (or reference codec) over its replicates: per metric the values by seed, their mean ± 95%
+    interval, and the difference from the base paired by seed (None on the base row and for a metric not measured)."""
 
     cell: str
     changes: str
@@ -164,8 +164,7 @@ def _notes(grid: Grid, cell: Cell, reports: list[dict]) -> list[str]:
     notes = []
     evaluated = [v for v in cell.of_kind(grid, "eval") if v is not axis_of(grid, v).base]
     if evaluated:
-        notes.append("evaluation only: tests the checkpoints of "
-                     + fit_run(grid, cell, grid.seeds[0]).removeprefix("ablate-").removesuffix(f"-s{grid.seeds[0]}"))
+        notes.append("evaluation only: tests the checkpoints of " + trained_name(grid, cell).removeprefix("ablate-"))
     if not reports:
         return notes + ["not run yet"]
     if len(reports) < len(grid.seeds):

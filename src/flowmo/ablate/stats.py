@@ -32,10 +32,14 @@ class Estimate:
         interval = self.interval
         return interval is not None and (interval[0] > 0 or interval[1] < 0)
 
-    def format(self, digits: int = 2) -> str:
+    def format(self, digits: int = 2, signed: bool = False, mark: str = "") -> str:
+        """"mean ± half-width", "(n of m)" when replicates are missing; signed: a difference, with `mark`
+        after it where its interval excludes 0."""
         if self.mean is None:
             return "missing"
-        text = f"{self.mean:.{digits}f}" + ("" if self.half_width is None else f" ± {self.half_width:.{digits}f}")
+        text = f"{self.mean:{'+' if signed else ''}.{digits}f}"
+        if self.half_width is not None:
+            text += f" ± {self.half_width:.{digits}f}" + (f" {mark}" if mark and self.excludes_zero else "")
         return text + (f" ({self.n} of {self.n + self.missing})" if self.missing else "")
 
 

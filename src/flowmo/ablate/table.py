@@ -26,14 +26,7 @@ def _fmt(value: float | None, metric: str) -> str:
 
 
 def _delta(estimate: Estimate | None, metric: str) -> str:
-    if estimate is None:
-        return "–"
-    if estimate.mean is None:
-        return "missing"
-    text = f"{estimate.mean:+.{DIGITS[metric]}f}"
-    if estimate.half_width is not None:
-        text += f" ± {estimate.half_width:.{DIGITS[metric]}f}" + (f" {SUPPORTED}" if estimate.excludes_zero else "")
-    return text + (f" ({estimate.n} of {estimate.n + estimate.missing})" if estimate.missing else "")
+    return "–" if estimate is None else estimate.format(DIGITS[metric], signed=True, mark=SUPPORTED)
 
 
 def _bits(bpp: float | None) -> str:
