@@ -201,9 +201,11 @@ class FlowMoModule(L.LightningModule):
         self.tokenizer.encoder.requires_grad_(trainable)
         self.recipe = replace(self.recipe, train_encoder=trainable)
 
-    def _freeze_due(self) -> bool:
+    def _freeze_due(self, step: int | None = None) -> bool:
+        """Whether the encoder should be frozen at `step` (default: the current step) and is still training."""
         after = self.hparams.freeze_encoder_after
-        return self.recipe.train_encoder and after is not None and self.global_step >= after
+        step = self.global_step if step is None else step
+        return self.recipe.train_encoder and after is not None and step >= after
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self._freeze_due() and _plain_ddp(self.trainer.model):
@@ -319,12 +321,12 @@ class FlowMoModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
-        after, step = self.hparams.freeze_encoder_after, int(checkpoint.get("global_step", 0))
-        if self.recipe.train_encoder and after is not None and step >= after:
+        step = int(checkpoint.get("global_step", 0))
+        if self._freeze_due(step):
             # Resumed at or past the freeze: freeze before DDP wraps the model and before the optimizer is built, so
             # both hold the decoder alone. Adam restarts if the freeze happens now (the authors rebuild it).
             self._set_encoder_trainable(False)
-            restart = self.hparams.reset_optimizer_on_freeze and step == after
+            restart = self.hparams.reset_optimizer_on_freeze and step == self.hparams.freeze_encoder_after
             drop_param_group(checkpoint, "encoder", clear=restart)
 
 

@@ -39,8 +39,7 @@ class FlowMoTokenizer(nn.Module):
     def set_activation_checkpointing(self, setting: str) -> "FlowMoTokenizer":
         """'none', 'blocks' (recompute every block in backward) or 'every_K' (every K-th block), for encoder and
         decoder alike: less activation memory for ~one more forward pass of the recomputed blocks."""
-        for transformer in (self.encoder, self.decoder):
-            transformer.checkpoint_every = checkpoint_every(setting)
+        self.encoder.checkpoint_every = self.decoder.checkpoint_every = checkpoint_every(setting)
         return self
 
     # ----------------------------------------------------------------------------------- construction

@@ -107,7 +107,6 @@ class MMDiT(nn.Module):
         code_out = self.final_layer_txt(txt, vec) if self.final_layer_txt is not None else None
         return image_out, code_out
 
-
     def _recompute(self, index: int) -> bool:
         return bool(self.checkpoint_every) and index % self.checkpoint_every == 0 and torch.is_grad_enabled()
 
@@ -125,9 +124,6 @@ class DecoderTransformer(MMDiT):
 
     def forward(self, images: Tensor, code_tokens: Tensor, t: Tensor | None = None):
         return super().forward(images, code_tokens, t)
-
-
-ACTIVATION_CHECKPOINTING = ("none", "blocks", "every_k")
 
 
 def checkpoint_every(setting: str) -> int:
