@@ -15,6 +15,7 @@ downloaded on first use into the Hugging Face cache (flowmo.pretrained).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,7 +51,24 @@ def read_checkpoint(source: str | Path | Mapping, map_location="cpu") -> Mapping
     """The loaded dict of a checkpoint file (a dict passes through)."""
     if isinstance(source, Mapping):
         return source
-    return torch.load(locate(source), map_location=map_location, weights_only=False)
+    return load_weights_file(locate(source), map_location)
+
+
+def load_weights_file(path: str | Path, map_location="cpu") -> Mapping:
+    """torch.load restricted to tensors and plain values: a pickle that would run code is refused, unread."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeWeightsError(path) from None
+
+
+class UnsafeWeightsError(UserError):
+    """A weights file holding pickled objects beyond tensors and plain values (it could run code when read)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(f"{path} holds pickled Python objects that could run code when loaded, so flowmo refused to "
+                         "read it; ask its author for a save_pretrained folder (model.safetensors + config.json), "
+                         "or, only if you trust its source, re-save its tensors alone with torch.save.")
 
 
 def release_preset(source) -> str | None:

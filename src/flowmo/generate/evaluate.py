@@ -81,7 +81,7 @@ def reference_statistics(manifest: str | Path, features: GenerationFeatures, ima
     reference = {"manifest": str(Path(manifest).resolve()), "crop": "center", "image_size": image_size,
                  "features": features.name, "stand_in": features.is_stand_in, "max_images": max_images}
     if cache is not None and Path(cache).is_file():
-        cached = torch.load(cache, map_location="cpu", weights_only=False)
+        cached = torch.load(cache, map_location="cpu", weights_only=True)
         if {key: value for key, value in cached["reference"].items() if key != "num_images"} == reference:
             return cached
     stream = ShardStream(resolve_shards(str(manifest)), image_size, train=False, max_samples=max_images)

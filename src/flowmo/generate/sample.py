@@ -10,12 +10,14 @@ generator (checked by weights hash).
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
+from flowmo.checkpoint import UnsafeWeightsError
 from flowmo.errors import UserError
 from flowmo.generate.module import MaskGITModule
 
@@ -23,7 +25,10 @@ from flowmo.generate.module import MaskGITModule
 def load_generator(path: str, device: str) -> MaskGITModule:
     if not Path(path).is_file():
         raise UserError(f"--generator {path} does not exist; give a checkpoint written by `flowmo gen fit`.")
-    return MaskGITModule.load_from_checkpoint(path, map_location="cpu").to(device).eval()
+    try:
+        return MaskGITModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).to(device).eval()
+    except pickle.UnpicklingError:
+        raise UnsafeWeightsError(path) from None
 
 
 def parse_classes(text: str) -> list[int]:
