@@ -1,6 +1,8 @@
-"""The training step never waits on the host (issue 21): inside `training_step` and `optimizer_step` every call
-that would copy a device value to the host (item, bool, int, float, cpu, tolist, numpy) raises. On a GPU each of
-them is a stream synchronisation; on this CPU they are cheap but the same code paths, so the test catches them."""
+"""The training step never waits on the host (issues 21, 28): inside `training_step` and `optimizer_step` every call
+that would copy a device value to the host (item, bool, int, float, cpu, tolist, numpy) raises, and so does every
+tensor made from Python data (torch.tensor, as_tensor, from_numpy, indexing with a list: aten.lift_fresh) or copied
+from a CPU tensor to another device: on a GPU both are copies from pageable host memory, which wait for the device.
+On this CPU they are cheap but the same code paths, so the test catches them."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from flowmo.flow import SamplerSettings
@@ -25,8 +28,30 @@ class HostSync(AssertionError):
     pass
 
 
+class HostDataRefused(TorchDispatchMode):
+    """Refuses tensors made from Python data and copies from a CPU tensor to another device."""
+
+    COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.lift_fresh.default:
+            raise HostSync("a tensor made from Python data inside the training step: a host-to-device copy")
+        if func in self.COPIES and self._host_to_device(func, args, kwargs):
+            raise HostSync("a CPU tensor copied to the device inside the training step")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _host_to_device(func, args, kwargs) -> bool:
+        if func is torch.ops.aten.copy_.default:
+            target, source = args[0], args[1]
+            return source.device.type == "cpu" and target.device.type != "cpu"
+        device = kwargs.get("device")
+        return args[0].device.type == "cpu" and device is not None and torch.device(device).type != "cpu"
+
+
 @contextlib.contextmanager
-def host_reads_raise():
+def host_reads_raise(refuse_host_data: bool = True):
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 
     def refuse(name):
@@ -37,27 +62,32 @@ def host_reads_raise():
     try:
         for name in HOST_READS:
             setattr(torch.Tensor, name, refuse(name))
-        yield
+        with HostDataRefused() if refuse_host_data else contextlib.nullcontext():
+            yield
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
 
 
 class NoHostSyncModule(FlowMoModule):
-    """FlowMoModule whose step hooks run with host reads refused; counts how many steps went through them."""
+    """FlowMoModule whose step hooks run with host reads refused; counts how many steps went through them. The first
+    step may make tensors from host data once: Lightning makes each logged key's accumulator from a Python float."""
 
     steps_checked = 0
 
+    def _refusals(self):
+        return host_reads_raise(refuse_host_data=self.global_step > 0)
+
     def training_step(self, batch, batch_idx):
-        with host_reads_raise():
+        with self._refusals():
             return super().training_step(batch, batch_idx)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         def closure():
-            with host_reads_raise():
+            with self._refusals():
                 return optimizer_closure()
 
-        with host_reads_raise():
+        with self._refusals():
             super().optimizer_step(epoch, batch_idx, optimizer, closure)
         type(self).steps_checked += 1
 
@@ -82,6 +112,13 @@ def test_the_refusal_is_real():
     with host_reads_raise(), pytest.raises(HostSync):
         bool(torch.ones(()))
     assert bool(torch.ones(()))  # restored
+    weights = torch.arange(4.0)
+    for made_from_host_data in (lambda: torch.tensor([1.0]), lambda: weights[[0, 2]]):
+        with host_reads_raise(), pytest.raises(HostSync, match="Python data"):
+            made_from_host_data()
+    with host_reads_raise():
+        doubled = weights[1:3] * 2.0  # a slice and a Python scalar stay on the device: allowed
+    assert torch.equal(doubled, torch.tensor([2.0, 4.0]))
 
 
 @pytest.mark.parametrize("stage_kwargs", [

@@ -89,19 +89,30 @@ class WeightNormProjection(nn.Module):
             norms = [model.get_submodule(n).weight.detach().float().norm() for n in self.names]
         self.register_buffer("target_norms", torch.stack(norms) if norms else torch.zeros(0))
         self._weights: list[nn.Parameter] | None = None  # resolved on first use, not on every step
+        self._chosen: tuple[tuple[int, ...], Tensor] | None = None  # the trainable weights' indices, on the device
+
+    def _trainable(self, model: nn.Module) -> tuple[list[nn.Parameter], Tensor]:
+        """The trainable weights and their targets. Indexing a device tensor with a Python list would copy the list
+        from pageable host memory each step, which waits for the device; so the index is built on the device from a
+        range, once per set of trainable weights (it changes only at the encoder freeze)."""
+        if self._weights is None:
+            self._weights = [model.get_submodule(name).weight for name in self.names]
+        chosen = tuple(i for i, w in enumerate(self._weights) if w.requires_grad)
+        device = self.target_norms.device
+        if self._chosen is None or self._chosen[0] != chosen or self._chosen[1].device != device:
+            positions = torch.arange(len(self.names), device=device)
+            self._chosen = (chosen, torch.stack([positions[i] for i in chosen]) if chosen else positions[:0])
+        return [self._weights[i] for i in chosen], self.target_norms.index_select(0, self._chosen[1])
 
     @torch.no_grad()
     def apply_to(self, model: nn.Module, skip: Tensor | None = None) -> None:
         """Project the trainable weights (frozen ones have not moved, so they are skipped); `skip` (a device
         flag) keeps them exactly as they are."""
-        if self._weights is None:
-            self._weights = [model.get_submodule(name).weight for name in self.names]
-        chosen = [i for i, w in enumerate(self._weights) if w.requires_grad]
-        if not chosen:
+        weights, targets = self._trainable(model)
+        if not weights:
             return
-        weights = [self._weights[i] for i in chosen]
         norms = torch.stack(torch._foreach_norm(weights))  # master weights are fp32 (spec 8.21)
-        scales = self.target_norms[chosen] / norms.clamp_min(1e-12)
+        scales = targets / norms.clamp_min(1e-12)
         if skip is not None:
             scales = torch.where(skip.bool(), torch.ones_like(scales), scales)
         torch._foreach_mul_(weights, list(scales.unbind()))
