@@ -111,3 +111,30 @@ def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert {row["stage"] for row in rows} == {"1a", "1b", "decode"}
+
+
+def test_the_cuda_profile_split_counts_each_kernel_once():
+    """On a GPU the profiler holds each kernel twice: as a kernel row and in the self device time of the operator that
+    launched it. A recorded-shape event list: a matmul (2 ms), SDPA flash (3 ms), a Triton kernel of a compiled graph
+    that no aten operator launched (1 ms), a user annotation; the total is 6 ms, not 11."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from flowmo.bench.measure import UNATTRIBUTED, split_profile
+
+    def row(key, device_type, device_us, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us, is_user_annotation=annotation)
+
+    events = [row("aten::mm", DeviceType.CPU, 2000, 50), row("aten::_scaled_dot_product_flash_attention",
+              DeviceType.CPU, 3000, 40), row("aten::view", DeviceType.CPU, 0, 5),
+              row("sm90_xmma_gemm_bf16bf16_bf16f32", DeviceType.CUDA, 2000),
+              row("flash_fwd_kernel", DeviceType.CUDA, 3000), row("triton_per_fused_native_layer_norm_0",
+              DeviceType.CUDA, 1000), row("forward", DeviceType.CUDA, 6000, annotation=True)]
+    split = split_profile(events, on_device=True)
+    assert split["total_ms"] == pytest.approx(6.0)
+    assert split["groups_ms"] == pytest.approx({"attention": 3.0, "matmuls": 2.0, UNATTRIBUTED: 1.0})
+    assert list(split["top_ops_ms"])[0] == "aten::_scaled_dot_product_flash_attention"
+    on_cpu = split_profile(events[:3], on_device=False)
+    assert on_cpu["total_ms"] == pytest.approx(0.095) and on_cpu["clock"] == "cpu"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 
 def synchronize(device: torch.device) -> None:
@@ -111,18 +112,36 @@ def profile_call(fn: Callable[[], None], device: torch.device, top: int = 12) ->
     with torch.profiler.profile(activities=activities) as profiler:
         fn()
         synchronize(device)
-    on_device = device.type == "cuda"
-    ops = {}
-    for event in profiler.key_averages():
-        self_us = event.self_device_time_total if on_device else event.self_cpu_time_total
-        if self_us > 0:
-            ops[event.key] = self_us / 1e3
-    total = sum(ops.values()) or 1.0
+    return split_profile(profiler.key_averages(), on_device=device.type == "cuda", top=top)
+
+
+UNATTRIBUTED = "kernels no operator launched (compiled graphs, NCCL)"
+
+
+def split_profile(events, on_device: bool, top: int = 12) -> dict:
+    """Group shares of one profiled call; `events` are the profiler's rows (key, device_type, self times).
+
+    On a GPU the rows hold each kernel twice: once as a kernel row and once in the self device time of the operator
+    that launched it. The total is the kernel rows' sum (torch's own table counts the same), the groups come from the
+    operator rows, and what no operator launched is a group of its own, so nothing is counted twice.
+    """
+    if on_device:
+        kernels = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+        ops = {e.key: e.self_device_time_total / 1e3 for e in events
+               if e.device_type == DeviceType.CPU and e.self_device_time_total > 0}
+        total = sum(e.self_device_time_total for e in kernels) / 1e3
+        unattributed = total - sum(ops.values())
+        if unattributed > 1e-3 * total:
+            ops[UNATTRIBUTED] = unattributed
+    else:
+        ops = {e.key: e.self_cpu_time_total / 1e3 for e in events if e.self_cpu_time_total > 0}
+        total = sum(ops.values())
     groups: dict[str, float] = {}
     for name, ms in ops.items():
-        groups[profile_group(name)] = groups.get(profile_group(name), 0.0) + ms
+        group = UNATTRIBUTED if name == UNATTRIBUTED else profile_group(name)
+        groups[group] = groups.get(group, 0.0) + ms
     top_ops = sorted(ops.items(), key=lambda item: -item[1])[:top]
-    return {"total_ms": total, "groups_ms": dict(sorted(groups.items(), key=lambda item: -item[1])),
+    return {"total_ms": total or 1.0, "groups_ms": dict(sorted(groups.items(), key=lambda item: -item[1])),
             "top_ops_ms": dict(top_ops), "clock": "device" if on_device else "cpu"}
 
 
