@@ -7,9 +7,15 @@ read a Hugging Face cache the test fills itself, under HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
+import os
+import socketserver
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,9 +32,11 @@ from flowmo.pretrained import FILES, MissingWeightsError, WeightsHashError
 # ------------------------------------------------------------------------------------------- a loopback server
 class Loopback:
     """Serves `files` (URL path -> bytes) on 127.0.0.1; counts requests. `announce` overrides the ETag a HEAD
-    answers with (a Hub that promises one file and sends another); `cut` paths send half and hang up."""
+    answers with (a Hub that promises one file and sends another); `cut` paths send half and hang up; `status`
+    answers every request with that error code (403, 404)."""
 
-    def __init__(self, files: dict[str, bytes], announce: dict[str, str] | None = None, cut: set[str] = frozenset()):
+    def __init__(self, files: dict[str, bytes], announce: dict[str, str] | None = None, cut: set[str] = frozenset(),
+                 status: int | None = None):
         self.files, self.announce, self.cut, self.requests = files, announce or {}, set(cut), []
         server = self
 
@@ -39,8 +47,8 @@ class Loopback:
             def _head(self) -> bytes | None:
                 server.requests.append((self.command, self.path))
                 data = server.files.get(self.path.split("?")[0])
-                if data is None:
-                    self.send_error(404)
+                if data is None or status is not None:
+                    self.send_error(status or 404)
                     return None
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
@@ -153,7 +161,7 @@ def test_a_file_whose_hash_does_not_match_is_deleted_and_refused(online, monkeyp
 def test_a_transfer_cut_short_leaves_nothing_under_the_final_name(online, monkeypatch):
     server = serve_as_alexnet(monkeypatch, torch_bytes(alexnet_trunk_state()), cut=True)
     try:  # urllib may see a short body as a complete one: the hash check is what catches it
-        with pytest.raises((WeightsHashError, MissingWeightsError), match="cut short|download failed"):
+        with pytest.raises((WeightsHashError, MissingWeightsError), match="cut short"):
             LPIPSDistance("alex")
     finally:
         server.close()
@@ -168,7 +176,7 @@ def test_no_network_gives_one_sentence_with_file_address_and_cache(online, monke
         LPIPSDistance("alex")
     spec, message = FILES["alexnet"], str(error.value)
     assert spec.filename in message and spec.address in message and str(spec.cache_folder()) in message
-    assert "download failed" in message and "\n" not in message
+    assert "the connection was refused" in message and "left nothing in" in message and "\n" not in message
 
 
 def test_offline_mode_never_connects(online, monkeypatch):
@@ -186,7 +194,7 @@ def test_offline_mode_never_connects(online, monkeypatch):
 def serve_as_hub(monkeypatch, key: str, data: bytes, announce: str | None = None) -> Loopback:
     """The Hub's resolve address of FILES[key] on the loopback server (HF_ENDPOINT)."""
     spec = FILES[key]
-    route = f"/{spec.repo_id}/resolve/main/{spec.filename}"
+    route = f"/{spec.repo_id}/resolve/{spec.revision or 'main'}/{spec.filename}"
     server = Loopback({route: data}, announce={route: announce} if announce else None)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     return server
@@ -313,3 +321,127 @@ def test_fetch_weights_prints_where_each_file_is(tmp_path, monkeypatch, capsys):
     assert main(["fetch-weights", "inception"]) == 2  # offline, not cached: one sentence, no traceback
     err = capsys.readouterr().err
     assert FILES["inception_fid"].address in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------- download failures
+class Misbehaving:
+    """A TCP server on 127.0.0.1 that drops every connection ("drop") or reads the request and never answers
+    ("stall"); its handlers stop when it closes, and after `hold` seconds at most."""
+
+    def __init__(self, mode: str, hold: float = 10.0):
+        stop = self.stop = threading.Event()
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                if mode == "stall":
+                    self.request.recv(65536)
+                    stop.wait(hold)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def failing_server(kind: str, files: dict[str, bytes]):
+    """The base address of a server that fails the way `kind` says: refused, dropped, stalled, 403, 404."""
+    if kind == "refused":
+        server = Loopback({})
+        server.close()  # nothing listens on that port any more
+        yield server.url
+        return
+    server = Misbehaving("stall" if kind == "stalled" else "drop") if kind in ("dropped", "stalled") \
+        else Loopback(files, status=int(kind))
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+FAILURES = ["refused", "dropped", "stalled", "403", "404"]
+
+
+def assert_one_sentence(message: str, spec, cache: Path) -> None:
+    assert spec.label in message and spec.address in message and str(cache) in message, message
+    assert f"flowmo fetch-weights {spec.group}" in message and "\n" not in message and message.count(". ") == 0
+
+
+@pytest.mark.parametrize("kind", FAILURES)
+def test_a_failed_hub_download_is_one_sentence_within_the_timeout(online, monkeypatch, kind):
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    spec = FILES["official-lo"]
+    with failing_server(kind, {f"/{spec.repo_id}/resolve/main/{spec.filename}": b"x" * 1000}) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        start = time.monotonic()
+        with pytest.raises(MissingWeightsError) as error:
+            pretrained.fetch("official-lo")
+        assert time.monotonic() - start < 5
+        assert url in spec.address  # the mirror's address, not the Hub's, is the one named
+    assert_one_sentence(str(error.value), spec, online / "hf")
+    assert not [p for p in (online / "hf").rglob("*") if p.is_file() and "blobs" in p.parts]
+
+
+@pytest.mark.parametrize("kind", FAILURES)
+def test_a_failed_torch_hub_download_is_one_sentence_within_the_timeout(online, monkeypatch, kind):
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    name = "alexnet-test-00000000.pth"
+    with failing_server(kind, {f"/models/{name}": b"x" * 1000}) as url:
+        spec = replace(FILES["alexnet"], filename=name, url=f"{url}/models/{name}")
+        monkeypatch.setitem(FILES, "alexnet", spec)
+        start = time.monotonic()
+        with pytest.raises(MissingWeightsError) as error:
+            pretrained.fetch("alexnet")
+        assert time.monotonic() - start < 5
+    folder = online / "torch" / "hub" / "checkpoints"
+    assert_one_sentence(str(error.value), spec, folder)
+    assert not [p for p in folder.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_the_mirror_variable_points_torch_hub_files_elsewhere(online, monkeypatch, tmp_path):
+    data = torch_bytes(alexnet_trunk_state())
+    name = f"alexnet-test-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    monkeypatch.setitem(FILES, "alexnet", replace(FILES["alexnet"], filename=name, url=f"http://127.0.0.1:9/{name}"))
+    mirror = tmp_path / "mirror"  # a shared folder as file://; an http:// mirror is read the same way
+    mirror.mkdir()
+    (mirror / name).write_bytes(data)
+    monkeypatch.setenv("FLOWMO_WEIGHTS_MIRROR", mirror.as_uri())
+    assert FILES["alexnet"].address == f"{mirror.as_uri()}/{name}"
+    assert pretrained.fetch("alexnet").read_bytes() == data
+
+
+def test_fetch_weights_goes_on_past_a_failure_and_ends_with_a_table(online, monkeypatch, capsys):
+    from flowmo.commands import main
+
+    hi = FILES["official-hi"]
+    server = Loopback({f"/{hi.repo_id}/resolve/main/{hi.filename}": b"hi weights" * 100})  # no flowmo_lo.pth: 404
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    try:
+        assert main(["fetch-weights", "official-lo", "official-hi"]) == 2
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:3]}
+    assert rows == {"official-lo": "failed", "official-hi": "fetched"}, out
+    assert "1 of 2 files failed (official-lo)" in out and "HTTP 404" in err and "Traceback" not in err
+
+
+def test_fetch_weights_from_a_mirror_that_drops_every_connection_ends_in_seconds(tmp_path):
+    """The command line as a user runs it: non-zero exit, one sentence, no traceback, no minute of retries."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    server = Misbehaving("drop")
+    env.update(HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_DOWNLOAD_TIMEOUT="2")
+    start = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-m", "flowmo", "fetch-weights", "official-lo"], env=env,
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        server.close()
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    sentences = [line for line in result.stderr.splitlines() if line.startswith("flowmo fetch-weights:")]
+    assert len(sentences) == 1 and server.url in sentences[0] and "Traceback" not in result.stderr, result.stderr

@@ -2,17 +2,20 @@
 
     path = fetch("vgg16")                  # the cache, else a download (hash checked), else one sentence
     path = fetch("vgg16", "/data/weights") # an explicit file, or a folder holding it under its usual name
-    fetch_group("all")                     # what `flowmo fetch-weights all` fills on a login node
 
 Two kinds of source, each with the cache its library already uses, so files fetched by torchvision, pytorch-fid or
 timm elsewhere are found here and the other way round:
 - torch hub files (torchvision's VGG16 / AlexNet, pytorch-fid's Inception): an address whose file name carries the
   first hex digits of the file's SHA-256; cached in ``torch.hub.get_dir()/checkpoints`` ($TORCH_HOME);
-- Hugging Face files (timm's ResNet-50, the authors' released FlowMo checkpoints): a repository and a file name;
-  cached by huggingface_hub ($HF_HUB_CACHE / $HF_HOME); after a download the file's SHA-256 is compared with the
-  one the Hub announced for it (huggingface_hub checks only the size).
-Offline (``HF_HUB_OFFLINE=1``, the field's switch for compute nodes) nothing is downloaded: a file that is not in
-its cache is refused with one sentence naming the file, its address and its cache.
+  ``FLOWMO_WEIGHTS_MIRROR`` (a URL or file:// folder holding them under their file names) replaces the address;
+- Hugging Face files (timm's ResNet-50, the authors' released FlowMo checkpoints): a repository, a revision and a
+  file name, downloaded by huggingface_hub into its cache ($HF_HUB_CACHE / $HF_HOME) from ``HF_ENDPOINT``
+  (a mirror) when set; the file's SHA-256 is compared with the pinned one, else with the one the Hub announced
+  (huggingface_hub checks only the size).
+Every wait for a server is bounded by ``HF_HUB_DOWNLOAD_TIMEOUT`` (whole seconds, default 10, huggingface_hub's
+own variable). Every failure is one sentence naming the file, the address used, the cache and what to do, and leaves
+nothing half-written in the cache. Offline (``HF_HUB_OFFLINE=1``, the field's switch for compute nodes) nothing is
+downloaded: a file that is not in its cache is refused with such a sentence.
 """
 
 from __future__ import annotations
@@ -21,23 +24,28 @@ import hashlib
 import http.client
 import os
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowmo.errors import UserError
+
+MIRROR_VARIABLE = "FLOWMO_WEIGHTS_MIRROR"
+TIMEOUT_VARIABLE = "HF_HUB_DOWNLOAD_TIMEOUT"
+HUB = "https://huggingface.co"
 
 
 class MissingWeightsError(UserError, FileNotFoundError):
     """A pretrained file is neither given, nor cached, nor downloadable now; the message says what to do."""
 
 
-class WeightsHashError(UserError):
-    """A downloaded file is not the file its address promises; it was deleted."""
+class WeightsHashError(MissingWeightsError):
+    """A downloaded file is not the file its address promises; it was deleted (so it is missing too)."""
 
 
 @dataclass(frozen=True)
 class PretrainedFile:
-    """One pretrained file. ``url`` for a torch hub file, ``repo_id`` for a Hugging Face one."""
+    """One pretrained file. ``url`` for a torch hub file, ``repo_id`` (+ ``revision``) for a Hugging Face one."""
 
     key: str
     what: str  # the network it holds, for messages
@@ -45,6 +53,8 @@ class PretrainedFile:
     url: str | None = None
     repo_id: str | None = None
     aliases: tuple[str, ...] = ()  # other names the same weights go by in a user's folder
+    revision: str | None = None  # a Hugging Face commit hash; None: the repository's main branch (not pinned)
+    sha256: str | None = None  # the whole file's SHA-256; None: the name's digits (torch hub) or the Hub's word
 
     @property
     def label(self) -> str:
@@ -53,12 +63,28 @@ class PretrainedFile:
 
     @property
     def address(self) -> str:
-        return self.url or f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+        """Where a download asks now: the mirror (FLOWMO_WEIGHTS_MIRROR, HF_ENDPOINT) when one is set."""
+        if self.url:
+            mirror = os.environ.get(MIRROR_VARIABLE)
+            return f"{mirror.rstrip('/')}/{self.filename}" if mirror else self.url
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(self.repo_id, self.filename, revision=self.revision or "main", endpoint=hf_endpoint())
 
     @property
     def hash_prefix(self) -> str:
         """torchvision's convention: the file name ends in the first digits of its SHA-256 (``-397923af.pth``)."""
         return Path(self.filename).stem.rsplit("-", 1)[-1]
+
+    @property
+    def expected_sha256(self) -> str | None:
+        """The SHA-256 (or its first digits) the file must have; None where only the Hub's word is known."""
+        return self.sha256 or (self.hash_prefix if self.url else None)
+
+    @property
+    def group(self) -> str:
+        """The `flowmo fetch-weights` group that fetches this file."""
+        return next(group for group, keys in GROUPS.items() if self.key in keys)
 
     def cache_folder(self) -> Path:
         return hub_checkpoint_dir() if self.url else hf_cache_dir()
@@ -106,6 +132,20 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def hf_endpoint() -> str:
+    """The Hub or its mirror (HF_ENDPOINT), read now: huggingface_hub reads it once, at import."""
+    return (os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
+
+
+def download_timeout() -> int:
+    """Seconds to wait for any answer of a server, read now (huggingface_hub reads its variable at import)."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "10")
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{TIMEOUT_VARIABLE}={value!r} is not a whole number of seconds; set it to e.g. 30.") from None
+
+
 def cached(spec: PretrainedFile) -> Path | None:
     """The file in its cache, looked up without any network call; None if it is not there."""
     if spec.url:
@@ -113,7 +153,8 @@ def cached(spec: PretrainedFile) -> Path | None:
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(spec.repo_id, spec.filename, cache_dir=hf_cache_dir())
+    found = try_to_load_from_cache(spec.repo_id, spec.filename, cache_dir=hf_cache_dir(),
+                                   revision=spec.revision or "main")
     return Path(found) if isinstance(found, str) else None
 
 
@@ -137,11 +178,15 @@ def fetch(key: str, weights: str | os.PathLike | None = None) -> Path:
     if found is not None:
         return found
     if offline():
-        raise _missing(spec, "HF_HUB_OFFLINE=1 forbids downloading it")
+        raise MissingWeightsError(f"{spec.what}: {spec.label} is not in {spec.cache_folder()} and HF_HUB_OFFLINE=1 "
+                                  f"forbids downloading it from {spec.address}; {_advice(spec)}.")
     try:
-        return _download_hub_file(spec) if spec.url else _download_hf_file(spec)
-    except (OSError, http.client.HTTPException) as error:  # no network, a proxy, a cut transfer: the user's to fix
-        raise _missing(spec, f"the download failed ({error.__class__.__name__}: {error})") from None
+        return _download_url_file(spec) if spec.url else _download_hf_file(spec)
+    except UserError:
+        raise
+    # urllib, httpx and huggingface_hub raise from unrelated hierarchies: any failure of a transfer is one sentence
+    except Exception as error:
+        raise _failed(spec, _reason(error)) from None
 
 
 def _explicit(spec: PretrainedFile, path: Path) -> Path:
@@ -156,15 +201,46 @@ def _explicit(spec: PretrainedFile, path: Path) -> Path:
     return path
 
 
-def _missing(spec: PretrainedFile, why: str) -> MissingWeightsError:
-    return MissingWeightsError(
-        f"{spec.what}: {spec.label} is not in {spec.cache_folder()} and {why}; fetch it from {spec.address} "
-        f"(`flowmo fetch-weights` on a machine with internet fills the cache), or pass the file's path.")
+def _advice(spec: PretrainedFile) -> str:
+    return f"on a machine with internet run `flowmo fetch-weights {spec.group}` and copy that folder here, or pass " \
+           "the file's path"
 
 
-def _download_hub_file(spec: PretrainedFile) -> Path:
-    """torch.hub's download: written to a temporary name beside the target and renamed only after the hash check."""
-    import torch.hub
+def _failed(spec: PretrainedFile, reason: str, error=MissingWeightsError) -> MissingWeightsError:
+    return error(f"{spec.what}: downloading {spec.label} from {spec.address} failed ({reason}) and left nothing in "
+                 f"{spec.cache_folder()}; retry, or {_advice(spec)}.")
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in a few words: a status code, a timeout, a refusal, else the error's first line."""
+    if isinstance(error, http.client.IncompleteRead):
+        return f"the transfer was cut short, {error.expected} more bytes were expected"
+    status = getattr(getattr(error, "response", None), "status_code", None) or getattr(error, "code", None)
+    if isinstance(status, int):
+        return f"the server answered HTTP {status}"
+    first = (str(error).strip().splitlines() or [""])[0]
+    text = f"{error.__class__.__name__}: {first}".rstrip(": ")
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return f"no answer within {download_timeout()} s, the limit {TIMEOUT_VARIABLE} sets"
+    if "refused" in text.lower():
+        return "the connection was refused"
+    if "without response" in text.lower() or "without sending a response" in text.lower():
+        return "the server closed the connection without answering"
+    return text[:200].rstrip(".")
+
+
+def _check_sha256(spec: PretrainedFile, digest: str, expected: str, *paths: Path) -> None:
+    """A file whose SHA-256 is not the expected one (or does not start with the expected digits) is deleted."""
+    if not digest.startswith(expected):
+        for path in paths:
+            path.unlink(missing_ok=True)
+        wanted = expected if len(expected) == 64 else f"one starting {expected}"
+        raise _failed(spec, f"it arrived with SHA-256 {digest}, not {wanted}: cut short or altered, so it was "
+                            "deleted", WeightsHashError)
+
+
+def _download_url_file(spec: PretrainedFile) -> Path:
+    """A torch hub file, written to a temporary name beside the target and renamed only after the hash check."""
     from filelock import FileLock
 
     target = hub_checkpoint_dir() / spec.filename
@@ -172,37 +248,50 @@ def _download_hub_file(spec: PretrainedFile) -> Path:
     with FileLock(f"{target}.lock"):  # several ranks starting at once: one downloads, the others then find the file
         if not target.is_file():
             print(f"flowmo: downloading {spec.what} from {spec.address} to {target}", file=sys.stderr)
+            partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
             try:
-                torch.hub.download_url_to_file(spec.url, str(target), hash_prefix=spec.hash_prefix, progress=True)
-            except RuntimeError as error:  # torch.hub's hash mismatch; it has removed the partial file
-                raise WeightsHashError(f"{spec.what}: the file downloaded from {spec.address} is not "
-                                       f"{spec.filename}, it arrived cut short or altered ({error}); it was deleted. "
-                                       "Retry, or check the address or a proxy in between.") from None
+                _check_sha256(spec, _stream(spec.address, partial), spec.expected_sha256, partial)
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
     return target
 
 
+def _stream(url: str, path: Path, chunk: int = 1 << 20) -> str:
+    """Copy `url` to `path` and return its SHA-256. Our own because torch.hub.download_url_to_file takes no timeout:
+    a stalled server would hang it forever; urllib also reads the file:// folders a mirror may be."""
+    digest, received = hashlib.sha256(), 0
+    with urllib.request.urlopen(url, timeout=download_timeout()) as response, open(path, "wb") as out:
+        size = response.headers.get("Content-Length")
+        while block := response.read(chunk):
+            digest.update(block)
+            out.write(block)
+            received += len(block)
+    if size is not None and received != int(size):
+        raise http.client.IncompleteRead(b"", int(size) - received)  # a short body urllib took for a whole one
+    return digest.hexdigest()
+
+
 def _download_hf_file(spec: PretrainedFile) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download
 
     print(f"flowmo: downloading {spec.what} from {spec.address}", file=sys.stderr)
-    # HF_ENDPOINT (a mirror) read now, like the cache: the library reads both once, at import
-    path = Path(hf_hub_download(spec.repo_id, spec.filename, cache_dir=hf_cache_dir(),
-                                endpoint=os.environ.get("HF_ENDPOINT") or None))
+    # hf_hub_download retries a failed first request for a minute: ask once, within our timeout, so a dead mirror
+    # fails in seconds
+    get_hf_file_metadata(spec.address, timeout=download_timeout())
+    path = Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision or "main",
+                                cache_dir=hf_cache_dir(), endpoint=hf_endpoint(), etag_timeout=download_timeout()))
     _check_hf_blob(spec, path)
     return path
 
 
 def _check_hf_blob(spec: PretrainedFile, path: Path) -> None:
-    """The Hub names an LFS file's blob by its SHA-256: a blob whose content differs is deleted and refused."""
+    """The pinned SHA-256, else the Hub's: it names an LFS file's blob by its SHA-256 (a small file kept in git is
+    named by its git hash, which says nothing of SHA-256, and is left alone)."""
     blob = path.resolve()
-    if len(blob.name) != 64:  # a small file kept in git: named by its git hash, which says nothing of SHA-256
-        return
-    digest = sha256_of(blob)
-    if digest != blob.name:
-        blob.unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-        raise WeightsHashError(f"{spec.what}: the file downloaded from {spec.address} has SHA-256 {digest}, not the "
-                               f"{blob.name} the Hub announced; it was deleted. Retry the download.")
+    expected = spec.expected_sha256 or (blob.name if len(blob.name) == 64 else None)
+    if expected is not None:
+        _check_sha256(spec, sha256_of(blob), expected, blob, path)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
@@ -211,14 +300,6 @@ def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fetch_group(group: str) -> list[tuple[PretrainedFile, Path]]:
-    """(file, local path) for every file of a `flowmo fetch-weights` group, fetching what is missing."""
-    if group not in GROUPS:
-        raise UserError(f"unknown weights group {group!r}; choose one of {', '.join(GROUPS)}.")
-    return [(FILES[key], fetch(key)) for key in GROUPS[group]]
-
 
 
 def lpips_heads_folder() -> str:
