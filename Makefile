@@ -3,8 +3,12 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV    ?= .venv
-PY      := $(VENV)/bin/python
-FLOWMO  := $(VENV)/bin/flowmo
+# PYTHON=<interpreter> uses one that already has torch (a cluster module, a GPU image) as it is: no .venv, no
+# download; what it lacks of flowmo's dependencies comes from WHEELS=<dir> (`make wheels` where PyPI is reachable)
+# into .deps/ with pip --no-index, and flowmo itself is found on PYTHONPATH (src/) without a build step.
+PYTHON  ?=
+WHEELS  ?=
+DEPS    := .deps
 # torch and torchvision are installed first, as a matched pair, then flowmo with its dependencies. TORCH_SPEC picks
 # the releases (the defaults lie on this project's CI disk and run on the CPU); TORCH_INDEX picks PyTorch's index
 # for your hardware, e.g. TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" on a laptop (a ~1 GB CPU
@@ -16,13 +20,29 @@ else
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 endif
 TORCH_INDEX ?=
-STAMP   := $(VENV)/.installed
+
+ifeq ($(PYTHON),)
+PY        := $(VENV)/bin/python
+FLOWMO    := $(VENV)/bin/flowmo
+STAMP     := $(VENV)/.installed
+DEV_STAMP := $(STAMP)
+else
+PY        := $(PYTHON)
+FLOWMO    := $(PY) -m flowmo
+STAMP     := deps
+DEV_STAMP := deps-dev
+export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/$(DEPS)$(if $(PYTHONPATH),:$(PYTHONPATH))
+endif
+deps_install = $(PY) scripts/deps.py install --target $(DEPS) $(if $(WHEELS),--wheels $(WHEELS)) $(1)
+
+.PHONY: deps deps-dev wheels
 
 .PHONY: help install test test-slow test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
 
+ifeq ($(PYTHON),)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -30,16 +50,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+else
+deps: # what PYTHON lacks, from WHEELS into .deps (a second when nothing is missing)
+	@$(call deps_install)
 
-install: $(STAMP) ## create .venv: torch + torchvision (TORCH_SPEC, TORCH_INDEX), then flowmo[dev]
+deps-dev: deps # and the test tools (pytest, hypothesis)
+	@$(call deps_install,--extra dev)
+endif
 
-test: $(STAMP) ## fast CPU test suite (tests marked slow are skipped)
+install: $(DEV_STAMP) ## create .venv: torch + torchvision (TORCH_SPEC, TORCH_INDEX), then flowmo[dev] (or PYTHON= WHEELS=)
+
+wheels: $(STAMP) ## pure-Python wheels of every dependency beyond torch -> WHEELS_OUT=wheels (for PYTHON= WHEELS= offline)
+	$(PY) scripts/deps.py wheels --out $(or $(WHEELS_OUT),wheels)
+
+test: $(DEV_STAMP) ## fast CPU test suite (tests marked slow are skipped)
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
-test-slow: $(STAMP) ## only the tests marked slow (CI runs them after `make test`)
+test-slow: $(DEV_STAMP) ## only the tests marked slow (CI runs them after `make test`)
 	$(PY) -m pytest -q -m slow --durations=5
 
-test-all: $(STAMP) ## the whole test suite, slow tests included
+test-all: $(DEV_STAMP) ## the whole test suite, slow tests included
 	$(PY) -m pytest -q --durations=15
 
 clean: ## remove caches and run outputs (keeps .venv)
@@ -236,8 +266,10 @@ bench-compare: $(STAMP) ## time this tree's model code against BASE=rev on PRESE
 	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<git revision> [PRESET=cpu-mid]"; exit 2; }
 	$(PY) -m flowmo.bench.compare --base $(BASE) --preset $(PRESET) --batch $(BATCH)
 
-gpu-check: $(STAMP) ## on one H100/H200 (~8 min): Lo memory vs `flowmo plan`, ms/step + MFU, SDPA backend, compile, host syncs, 1B, decode -> results/gpu-check/{report.md,bench.json}
-	$(PY) -m flowmo.bench.gpu_check --out results/gpu-check $(GPU_CHECK_ARGS)
+OUT ?= results/gpu-check
+
+gpu-check: $(STAMP) ## on one H100/H200 (< 9 min, hard cap): Lo memory vs `flowmo plan`, ms/step + MFU, SDPA backend, host syncs, 1B, decode, compile -> OUT/{report.md,bench.json}
+	$(PY) -m flowmo.bench.gpu_check --out $(OUT) $(GPU_CHECK_ARGS)
 
 plan: $(STAMP) ## predicted peak training memory (flowmo plan) of lo, hi and small: micro-batch, stage, checkpointing
 	$(FLOWMO) plan --preset lo hi small --stage 1a --batch 8 --checkpointing none every_4 blocks

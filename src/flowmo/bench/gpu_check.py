@@ -1,45 +1,57 @@
-"""`make gpu-check`: what a FlowMo-Lo run on a cluster depends on, measured on one GPU in about eight minutes.
+"""`make gpu-check`: what a FlowMo-Lo run on a cluster depends on, measured on one GPU in under nine minutes.
 
-    python -m flowmo.bench.gpu_check [--out results/gpu-check] [--preset lo]
+    python -m flowmo.bench.gpu_check [--out results/gpu-check] [--preset lo] [--budget-s 480]
 
-Its checks, in priority order (each is written as soon as it is measured, so a run cut short keeps what it had):
-  1. peak allocated / reserved memory of a Stage-1A step at micro-batch 8 and 4 (the config's activation
-     checkpointing), against `flowmo plan`'s prediction for the same setting;
-  2. ms per step and MFU: FlowMo's FLOPs per image (counted) x images/s over the card's dense bf16 peak, and over a
-     bf16 matmul timed in the same run;
-  3. which SDPA backend runs, and attention's share of the step (from the profile);
-  4. the profile split by operator group;
-  5. torch.compile: compile time, graphs per transformer, speed-up and memory against eager;
-  6. host synchronisations inside a training step (torch.cuda.set_sync_debug_mode);
-  7. Stage 1B at micro-batch 4: memory and ms;
-  8. decode ms per image at batch 1 and 32, paper and fast samplers.
+A preflight first (seconds): the device, bf16 on it, and every package the checks import; anything missing stops the
+command with one sentence naming it and how to bring it (`make wheels` where PyPI is reachable). Then the checks, each
+in a process of its own with a deadline at which it is stopped, so a hung kernel or a slow compile costs only its own
+minutes; compile, the longest and least proven, runs last:
+  1. memory: peak allocated / reserved memory of a Stage-1A step at micro-batch 8 and 4 (the config's activation
+     checkpointing) against `flowmo plan`'s prediction; ms per step and MFU (FlowMo's counted FLOPs per image x
+     images/s over the card's dense bf16 peak, and over a bf16 matmul timed in the same run); the SDPA backend and
+     the profile split by operator group;
+  2. syncs: host synchronisations inside a training step (torch.cuda.set_sync_debug_mode);
+  3. 1b-decode: Stage 1B at micro-batch 4 (memory and ms); decode ms per image at batch 1 and 32, both samplers;
+  4. compile: torch.compile time, graphs per transformer, speed-up and memory against eager.
 
-Output: OUT/bench.json (the rows of `make bench`, label "gpu-check ...") and OUT/report.md (one line per check).
-On a CPU (`--device cpu --preset tiny`) the same script runs end to end as a smoke test; the sync check needs CUDA.
+Output: OUT/report.md (one line per finding, written as each is measured, so a check stopped at its deadline keeps
+what it had) and OUT/bench.json (the rows of `make bench`, label "gpu-check ..."). Exit status 0 when every check ran
+and passed, 1 when one failed or was stopped, 2 when the preflight failed. On a CPU (`--device cpu --preset tiny`)
+the same script runs as a smoke test; the sync check needs CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import os
+import signal
+import subprocess
+import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from flowmo.bench import model as bench
-from flowmo.bench.memory import plan
-from flowmo.bench.workloads import build_bundle, build_feature_nets, make_images, optimizer_step
-from flowmo.nn.transformer import DecoderTransformer, EncoderTransformer
-
-DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # the vendors' dense bf16 peaks
+# What the checks import beyond torch: import name -> the distribution that brings it.
+NEEDED = {"lightning": "lightning", "torchmetrics": "torchmetrics", "torchvision": "torchvision", "timm": "timm",
+          "lpips": "lpips", "pytorch_fid": "pytorch-fid", "einops": "einops", "safetensors": "safetensors",
+          "huggingface_hub": "huggingface_hub", "webdataset": "webdataset", "jsonargparse": "jsonargparse",
+          "omegaconf": "omegaconf", "scipy": "scipy", "PIL": "pillow"}
+HOW_TO_BRING = ("on a machine with PyPI run `make wheels`, copy wheels/ beside this checkout and rerun with "
+                "WHEELS=wheels (docs/install.md, air-gapped clusters)")
+# The longest each check may take, in run order; a check also stops when the whole budget is spent.
+DEADLINES_S = {"memory": 240, "syncs": 90, "1b-decode": 150, "compile": 240}
+MIN_START_S = 20  # a check with less than this left is reported as not run rather than started to be cut
 
 
 class Report:
-    def __init__(self, out: Path):
-        self.path = out / "report.md"
-        self.path.write_text("# gpu-check\n\n")
+    """OUT/report.md; the runner starts it, each check appends its own lines (flowmo.bench.gpu_checks)."""
+
+    def __init__(self, path: Path, fresh: bool = True):
+        self.path = path
+        if fresh:
+            path.write_text("# gpu-check\n\n")
 
     def line(self, text: str) -> None:
         print(text, flush=True)
@@ -47,106 +59,98 @@ class Report:
             file.write(f"- {text}\n")
 
 
-def bench_rows(args, label: str, *extra: str) -> list[dict]:
-    """One `make bench` run; returns its rows (merged into OUT/bench.json, where each call's label is its own)."""
-    json_path = args.out / "bench.json"
-    bench.main(["--preset", args.preset, "--precision", "bf16", "--device", args.device, "--feature-nets", "random",
-                "--warmup", str(args.warmup), "--iters", str(args.iters), "--json", str(json_path),
-                "--label", label, *extra])
-    return [row for row in json.loads(json_path.read_text()) if row["label"] == label]
+# ------------------------------------------------------------------------------------------- preflight
+def missing_packages() -> list[str]:
+    """Import names of NEEDED that this interpreter cannot import (each tried, so all are named at once)."""
+    missing = []
+    for name in NEEDED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
-def peak_tflops(device: str) -> float | None:
-    if not torch.cuda.is_available() or device == "cpu":
+def device_problem(device: str) -> str | None:
+    """Why the device cannot run the checks (None when it can): present, and a bf16 matmul runs on it."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda}); run on a GPU node"
+    try:
+        a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+        (a @ a).sum().tolist()
+    except RuntimeError as error:
+        return f"a bf16 matmul fails on {device}: {str(error).splitlines()[0]}"
+    return None
+
+
+def describe(device: str) -> str:
+    if device.startswith("cuda"):
+        properties = torch.cuda.get_device_properties(device)
+        return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def preflight(args, report: Report) -> bool:
+    missing = missing_packages()
+    if missing:
+        wanted = ", ".join(name if NEEDED[name] == name else f"{name} (from {NEEDED[name]})" for name in missing)
+        report.line(f"preflight: failed: {sys.executable} cannot import {wanted}; {HOW_TO_BRING}.")
+        return False
+    problem = device_problem(args.device)
+    if problem:
+        report.line(f"preflight: failed: {problem}.")
+        return False
+    report.line(f"preflight: {describe(args.device)}, torch {torch.__version__}, "
+                f"{sys.executable}, preset {args.preset}, bf16 ok, every package importable")
+    return True
+
+
+# ------------------------------------------------------------------------------------------- the runner
+def child_argv(args, name: str) -> list[str]:
+    return [sys.executable, "-m", "flowmo.bench.gpu_checks", name, "--out", str(args.out), "--preset",
+            args.preset, "--device", args.device, "--checkpointing", args.checkpointing, "--warmup", str(args.warmup),
+            "--iters", str(args.iters)]
+
+
+def run_with_deadline(argv: list[str], seconds: float) -> int | None:
+    """The exit status of `argv`, or None when it was stopped at the deadline (its whole process group, so compile
+    workers go too)."""
+    process = subprocess.Popen(argv, start_new_session=True)
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         return None
-    name = torch.cuda.get_device_name()
-    return next((value for key, value in DENSE_BF16_TFLOPS.items() if key in name), None)
+    except BaseException:  # Ctrl-C or a SIGTERM of the parent: no orphan keeps the card
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
 
 
-def check_memory_and_speed(args, report: Report) -> None:
-    """Checks 1-4: memory against the plan, ms and MFU, the SDPA backend and the profile split."""
-    for batch in (8, 4):
-        rows = bench_rows(args, f"gpu-check 1a b{batch}", "--workloads", "1a", "--batch", str(batch),
-                          "--checkpointing", args.checkpointing, *(["--profile"] if batch == 8 else []))
-        row = rows[0]
-        predicted = plan(args.preset, "1a", batch, "bf16-mixed", args.checkpointing, ranks=1).total_gib
-        reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
-        report.line(f"1a micro-batch {batch} ({args.checkpointing}): peak allocated {row['peak_mem_mb'] / 1024:.1f} "
-                    f"GiB" if row.get("peak_mem_mb") else f"1a micro-batch {batch}: peak n/a")
-        report.line(f"  planner (1 rank, no DDP buckets) {predicted:.1f} GiB; reserved "
-                    f"{'n/a' if reserved is None else f'{reserved:.1f} GiB'}")
-        peak = peak_tflops(args.device)
-        flops = row["model_flops"] / row["batch"]
-        mfu = "n/a" if peak is None else f"{100 * row['images_per_s'] * flops / (peak * 1e12):.1f}%"
-        report.line(f"  {row['ms']:.0f} ms per step, {row['images_per_s']:.1f} img/s, {flops / 1e12:.2f} TFLOP per "
-                    f"image, MFU {mfu} (of the card's dense bf16 peak), {100 * row['utilisation']:.0f}% of the "
-                    "same-run bf16 matmul")
-        profile = row.get("profile")
-        if profile:
-            total = profile["total_ms"]
-            split = ", ".join(f"{group} {100 * ms / total:.0f}%" for group, ms in profile["groups_ms"].items())
-            report.line(f"  profile split ({profile['clock']} self time): {split}")
-            ops = " ".join(profile["top_ops_ms"])
-            backend = next((name for key, name in (("cudnn_attention", "cuDNN"), ("flash", "flash"),
-                                                   ("efficient", "memory-efficient"), ("math", "math"))
-                            if key in ops), "unknown")
-            report.line(f"  SDPA backend: {backend}")
+def run_checks(args, report: Report) -> list[str]:
+    """Each check not skipped, in order, within its deadline and the budget; returns the ones that did not pass."""
+    budget_end = time.monotonic() + args.budget_s
+    not_passed = []
+    for name, deadline in DEADLINES_S.items():
+        if name in args.skip:
+            continue
+        left = budget_end - time.monotonic()
+        seconds = min(deadline, left)
+        if left < MIN_START_S:
+            report.line(f"{name}: not run ({args.budget_s:.0f} s budget spent)")
+            not_passed.append(name)
+            continue
+        status = run_with_deadline(child_argv(args, name), seconds)
+        if status is None:
+            report.line(f"{name}: stopped at its {seconds:.0f} s deadline (the lines above are what it measured)")
+        elif status != 0:
+            report.line(f"{name}: exited with status {status}")
+        if status != 0:
+            not_passed.append(name)
+    return not_passed
 
 
-def check_compile(args, report: Report) -> None:
-    """Check 5: compile time, graphs per transformer, speed and memory against eager (rows of check 1)."""
-    started = time.perf_counter()
-    rows = bench_rows(args, "gpu-check 1a b8 compiled", "--workloads", "1a", "--batch", "8", "--checkpointing",
-                      args.checkpointing, "--compile")
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    graphs = {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
-              for cls in (EncoderTransformer, DecoderTransformer)}
-    report.line(f"compile: {time.perf_counter() - started:.0f} s for the run with compilation, graphs {graphs}, "
-                f"{rows[0]['ms']:.0f} ms per step, peak {rows[0]['peak_mem_mb'] / 1024:.1f} GiB (eager: the b8 row)"
-                if rows[0].get("peak_mem_mb") else f"compile: {rows[0]['ms']:.0f} ms per step, graphs {graphs}")
-
-
-def check_host_syncs(args, report: Report) -> None:
-    """Check 6: every synchronising call inside a training step (forward, backward, guard, Adam, projection, EMA)."""
-    if args.device == "cpu" or not torch.cuda.is_available():
-        report.line("host syncs: not measured (needs CUDA)")
-        return
-    device = torch.device(args.device)
-    bundle = build_bundle(args.preset, device, build_feature_nets("random", device), None, "random", args.checkpointing)
-    bundle.attach_update(device)
-    images = make_images(bundle, 2, device)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        optimizer_step(bundle, images, bundle.recipes["1a"])  # warm-up: lazy state, cuDNN / flash choices
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                optimizer_step(bundle, images, bundle.recipes["1a"])
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    report.line(f"host syncs in one 1a step: {len(syncs)}" + (f" ({syncs[:3]})" if syncs else ""))
-
-
-def check_stage_1b_and_decode(args, report: Report) -> None:
-    """Checks 7 and 8."""
-    row = bench_rows(args, "gpu-check 1b b4", "--workloads", "1b", "--batch", "4")[0]
-    memory = f"{row['peak_mem_mb'] / 1024:.1f} GiB" if row.get("peak_mem_mb") else "n/a"
-    report.line(f"1b micro-batch 4: {row['ms']:.0f} ms per step, peak {memory}")
-    for sampler in ("paper", "fast"):
-        for batch in (1, 32):
-            row = bench_rows(args, f"gpu-check decode {sampler} b{batch}", "--workloads", "decode", "--batch",
-                             str(batch), "--sampler", sampler)[0]
-            report.line(f"decode {sampler} sampler, batch {batch}: {row['ms'] / batch:.1f} ms per image")
-
-
-CHECKS = {"memory": check_memory_and_speed, "compile": check_compile, "syncs": check_host_syncs,
-          "1b-decode": check_stage_1b_and_decode}
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/gpu-check"))
     parser.add_argument("--preset", default="lo")
@@ -154,27 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", default="every_4", help="as configs/model/lo.yaml")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--skip", nargs="*", default=[], choices=tuple(CHECKS), help="checks not to run")
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="no check starts after this many seconds (a lent GPU's minutes are few; the later "
-                             "checks are the less important ones)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--skip", nargs="*", default=[], choices=tuple(DEADLINES_S), help="checks not to run")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="the checks together stop after this many seconds (each also has its own deadline: "
+                             + ", ".join(f"{name} {s} s" for name, s in DEADLINES_S.items()) + ")")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = Report(args.out)
-    report.line(f"{bench.describe_device(torch.device(args.device))}, torch {torch.__version__}, preset {args.preset}")
-    started = time.perf_counter()
-    for name, check in CHECKS.items():
-        if name in args.skip:
-            continue
-        if time.perf_counter() - started > args.budget_s:
-            report.line(f"{name}: not run (past the {args.budget_s:.0f} s budget)")
-            continue
-        try:
-            check(args, report)
-        except Exception as error:  # one failed check must not cost the others their minutes on the card
-            report.line(f"{name}: failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    report = Report(args.out / "report.md")
+    started = time.monotonic()
+    if not preflight(args, report):
+        return 2
+    not_passed = run_checks(args, report)
+    verdict = "every check passed" if not not_passed else f"did not pass: {', '.join(not_passed)}"
+    report.line(f"done in {time.monotonic() - started:.0f} s; {verdict}")
     print(f"wrote {args.out / 'report.md'} and {args.out / 'bench.json'}")
-    return 0
+    return 1 if not_passed else 0
 
 
 if __name__ == "__main__":

@@ -129,7 +129,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def reference_matmul(args, device: torch.device) -> tuple[int, float]:
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    """(N, FLOP/s) of the same-run matmul. bf16 only on a GPU: a CPU's bf16 matmul is emulated (2048^2 took 20 s
+    a call on this project's 2-core CI machine), so it measures the emulation, not what the CPU can do."""
+    dtype = torch.bfloat16 if args.precision == "bf16" and device.type != "cpu" else torch.float32
     size = args.matmul_size or (4096 if device.type == "cuda" else 2048)
     return size, matmul_flops_per_s(device, dtype, size, iters=20 if device.type == "cuda" else 5)
 
@@ -219,7 +221,8 @@ def print_header(preset: str, args, device: torch.device, matmul_size: int, matm
     print(f"\nFlowMo {preset} ({config.image_size}x{config.image_size}, {params:.2f}M params), "
           f"{args.precision}{' + compile' if args.compile else ''}, {describe_device(device)}, torch "
           f"{torch.__version__}, feature nets {args.feature_nets}, code {code_revision()}")
-    print(f"reference matmul {matmul_size}^2 {args.precision}: {matmul / 1e9:.1f} GFLOP/s; median of {args.iters} "
+    matmul_dtype = args.precision if device.type != "cpu" else "fp32"
+    print(f"reference matmul {matmul_size}^2 {matmul_dtype}: {matmul / 1e9:.1f} GFLOP/s; median of {args.iters} "
           f"after {args.warmup} warm-up; decode = {SAMPLERS[args.sampler].nfe} NFE")
     print(f"{'stage':<8}{'batch':>6}{'size':>6}{'ms/call':>11}{'min ms':>10}{'img/s':>10}{'peak mem':>12}"
           f"{'GFLOP/call':>12}{'util':>8}")
