@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.server
 import os
-import socketserver
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,68 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from loopback import Loopback, Misbehaving, online  # noqa: F401 (online: a fixture)
+
 from flowmo import pretrained
 from flowmo.checkpoint import RELEASES
+from flowmo.commands import main
+from flowmo.module import FlowMoModule  # imported here, not in a test: lightning's log handler binds to stderr now
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.perceptual import LPIPSDistance, StandInWeightsWarning
 from flowmo.pretrained import FILES, MissingWeightsError, WeightsHashError
-
-
-# ------------------------------------------------------------------------------------------- a loopback server
-class Loopback:
-    """Serves `files` (URL path -> bytes) on 127.0.0.1; counts requests. `announce` overrides the ETag a HEAD
-    answers with (a Hub that promises one file and sends another); `cut` paths send half and hang up; `status`
-    answers every request with that error code (403, 404)."""
-
-    def __init__(self, files: dict[str, bytes], announce: dict[str, str] | None = None, cut: set[str] = frozenset(),
-                 status: int | None = None):
-        self.files, self.announce, self.cut, self.requests = files, announce or {}, set(cut), []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _head(self) -> bytes | None:
-                server.requests.append((self.command, self.path))
-                data = server.files.get(self.path.split("?")[0])
-                if data is None or status is not None:
-                    self.send_error(status or 404)
-                    return None
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("ETag", f'"{server.announce.get(self.path, hashlib.sha256(data).hexdigest())}"')
-                self.send_header("X-Repo-Commit", "a" * 40)
-                self.end_headers()
-                return data
-
-            def do_HEAD(self):
-                self._head()
-
-            def do_GET(self):
-                data = self._head()
-                if data is not None:
-                    self.wfile.write(data[: len(data) // 2] if self.path in server.cut else data)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def online(tmp_path, monkeypatch):
-    """Empty caches, and downloads allowed (tests/conftest.py sets HF_HUB_OFFLINE=1 for every other test)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read by the library at import
-    return tmp_path
 
 
 def torch_bytes(state: dict) -> bytes:
@@ -283,8 +227,6 @@ def test_released_names_work_where_a_pth_is_accepted(released_tiny, monkeypatch,
     """The file tools and `model.init_weights` take `lo` like a path."""
     from PIL import Image
 
-    from flowmo.commands import main
-    from flowmo.module import FlowMoModule
 
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
     module = FlowMoModule(preset="tiny", init_weights="lo", perceptual="none")
@@ -298,7 +240,6 @@ def test_released_names_work_where_a_pth_is_accepted(released_tiny, monkeypatch,
 
 
 def test_init_weights_of_a_released_name_into_another_architecture_is_refused(released_tiny, monkeypatch):
-    from flowmo.module import FlowMoModule
 
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
     with pytest.raises(ValueError, match="another architecture"):
@@ -307,7 +248,6 @@ def test_init_weights_of_a_released_name_into_another_architecture_is_refused(re
 
 # ------------------------------------------------------------------------------------------- flowmo fetch-weights
 def test_fetch_weights_prints_where_each_file_is(tmp_path, monkeypatch, capsys):
-    from flowmo.commands import main
 
     folder = tmp_path / "torch" / "hub" / "checkpoints"
     folder.mkdir(parents=True)
@@ -324,30 +264,6 @@ def test_fetch_weights_prints_where_each_file_is(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------------- download failures
-class Misbehaving:
-    """A TCP server on 127.0.0.1 that drops every connection ("drop") or reads the request and never answers
-    ("stall"); its handlers stop when it closes, and after `hold` seconds at most."""
-
-    def __init__(self, mode: str, hold: float = 10.0):
-        stop = self.stop = threading.Event()
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                if mode == "stall":
-                    self.request.recv(65536)
-                    stop.wait(hold)
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @contextlib.contextmanager
 def failing_server(kind: str, files: dict[str, bytes]):
     """The base address of a server that fails the way `kind` says: refused, dropped, stalled, 403, 404."""
@@ -416,7 +332,6 @@ def test_the_mirror_variable_points_torch_hub_files_elsewhere(online, monkeypatc
 
 
 def test_fetch_weights_goes_on_past_a_failure_and_ends_with_a_table(online, monkeypatch, capsys):
-    from flowmo.commands import main
 
     hi = FILES["official-hi"]
     server = Loopback({f"/{hi.repo_id}/resolve/main/{hi.filename}": b"hi weights" * 100})  # no flowmo_lo.pth: 404

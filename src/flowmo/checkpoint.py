@@ -3,7 +3,9 @@
     state, config = load_state("runs/lo-1b/checkpoints/last.ckpt")   # or an exported .pt, flowmo_lo.pth, "lo"
     load_into(tokenizer, state, "runs/...")                          # strict, one sentence listing bad keys
 
-Formats, told apart by their keys:
+Formats, told apart by their keys (a folder: by its files):
+- a save_pretrained folder (FlowMoTokenizer.save_pretrained, `flowmo export --out DIR`): model.safetensors +
+  config.json, as huggingface_hub shares models;
 - a Lightning checkpoint of FlowMoModule: `state_dict` with `tokenizer.*` (raw) and `ema.module.*` (EMA),
   and the resolved architecture under `flowmo_config`;
 - an exported tokenizer (`flowmo export` / `export_tokenizer`): {"flowmo_config", "state_dict"};
@@ -15,6 +17,7 @@ downloaded on first use into the Hugging Face cache (flowmo.pretrained).
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +32,7 @@ RAW_PREFIX, EMA_PREFIX = "tokenizer.", "ema.module."
 # Released names: the authors' file (a flowmo.pretrained key) and the preset it must be.
 RELEASES = {"lo": ("official-lo", "lo"), "hi": ("official-hi", "hi")}
 WEIGHTS = ("ema", "raw")
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"  # huggingface_hub's names for a shared model
 
 
 class CheckpointNotFound(UserError, FileNotFoundError):
@@ -37,14 +41,16 @@ class CheckpointNotFound(UserError, FileNotFoundError):
 
 # ------------------------------------------------------------------------------------------- reading
 def locate(source: str | Path) -> Path:
-    """A weights file on disk: `source` itself, or for a released name (lo, hi) the authors' file, fetched."""
+    """A weights file or save_pretrained folder on disk: `source` itself, or for a released name (lo, hi) the
+    authors' file, fetched."""
     path = Path(source).expanduser()
-    if path.is_file():
+    if path.is_file() or path.is_dir():
         return path
     if str(source) in RELEASES:
         return pretrained.fetch(RELEASES[str(source)][0])
-    raise CheckpointNotFound(f"No checkpoint at {str(source)!r}; pass the path of a .ckpt, an exported .pt or an "
-                             f"official .pth, or a released tokenizer name: {', '.join(RELEASES)}.")
+    raise CheckpointNotFound(f"No checkpoint at {str(source)!r}; pass the path of a .ckpt, an exported .pt, an "
+                             "official .pth or a save_pretrained folder, or a released tokenizer name: "
+                             f"{', '.join(RELEASES)}.")
 
 
 def read_checkpoint(source: str | Path | Mapping, map_location="cpu") -> Mapping:
@@ -86,6 +92,8 @@ def load_state(source: str | Path | Mapping, weights: str = "ema",
     """
     if weights not in WEIGHTS:
         raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}.")
+    if not isinstance(source, Mapping) and locate(source).is_dir():
+        return read_folder(locate(source))
     checkpoint = read_checkpoint(source)
     if official.is_official(checkpoint) or "state_dict" not in checkpoint:  # a released file or a plain state dict
         state = official.extract_state_dict(checkpoint, weights)
@@ -103,6 +111,23 @@ def load_state(source: str | Path | Mapping, weights: str = "ema",
         raise UserError(f"{source} records no FlowMo config; load it with FlowMoTokenizer.from_config + "
                         "load_state_dict.")
     return state, recorded
+
+
+def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
+    """(state dict, architecture) of a save_pretrained folder: safetensors and JSON, so reading it runs no code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder} holds no {' or '.join(missing)}; give a folder written by save_pretrained or "
+                        "`flowmo export --out DIR`.")
+    try:
+        config = FlowMoConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        return load_file(folder / WEIGHTS_NAME), config
+    except (json.JSONDecodeError, TypeError, SafetensorError) as error:
+        raise UserError(f"{folder} is not a readable save_pretrained folder ({error}); write it again with "
+                        "save_pretrained.") from None
 
 
 def _our_state(checkpoint: Mapping, weights: str) -> tuple[dict[str, torch.Tensor], FlowMoConfig | None]:

@@ -55,6 +55,7 @@ class PretrainedFile:
     aliases: tuple[str, ...] = ()  # other names the same weights go by in a user's folder
     revision: str | None = None  # a Hugging Face commit hash; None: the repository's main branch (not pinned)
     sha256: str | None = None  # the whole file's SHA-256; None: the name's digits (torch hub) or the Hub's word
+    cache_dir: str | None = None  # a Hugging Face cache other than $HF_HUB_CACHE (from_pretrained(cache_dir=...))
 
     @property
     def label(self) -> str:
@@ -82,12 +83,14 @@ class PretrainedFile:
         return self.sha256 or (self.hash_prefix if self.url else None)
 
     @property
-    def group(self) -> str:
-        """The `flowmo fetch-weights` group that fetches this file."""
-        return next(group for group, keys in GROUPS.items() if self.key in keys)
+    def group(self) -> str | None:
+        """The `flowmo fetch-weights` group that fetches this file (None for a tokenizer's Hub repository)."""
+        return next((group for group, keys in GROUPS.items() if self.key in keys), None)
 
     def cache_folder(self) -> Path:
-        return hub_checkpoint_dir() if self.url else hf_cache_dir()
+        if self.url:
+            return hub_checkpoint_dir()
+        return Path(self.cache_dir).expanduser() if self.cache_dir else hf_cache_dir()
 
 
 # The addresses are the libraries' own (torchvision's VGG16_Weights / AlexNet_Weights.IMAGENET1K_V1, pytorch-fid's
@@ -153,7 +156,7 @@ def cached(spec: PretrainedFile) -> Path | None:
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(spec.repo_id, spec.filename, cache_dir=hf_cache_dir(),
+    found = try_to_load_from_cache(spec.repo_id, spec.filename, cache_dir=spec.cache_folder(),
                                    revision=spec.revision or "main")
     return Path(found) if isinstance(found, str) else None
 
@@ -171,7 +174,11 @@ def cached_lpips_nets() -> tuple[str, ...]:
 
 def fetch(key: str, weights: str | os.PathLike | None = None) -> Path:
     """The local path of FILES[key]: ``weights`` (a file, or a folder holding it), else the cache, else a download."""
-    spec = FILES[key]
+    return fetch_file(FILES[key], weights)
+
+
+def fetch_file(spec: PretrainedFile, weights: str | os.PathLike | None = None) -> Path:
+    """fetch() for any file, FILES' or another (a file of a tokenizer's Hub repository)."""
     if weights is not None:
         return _explicit(spec, Path(weights).expanduser())
     found = cached(spec)
@@ -202,8 +209,9 @@ def _explicit(spec: PretrainedFile, path: Path) -> Path:
 
 
 def _advice(spec: PretrainedFile) -> str:
-    return f"on a machine with internet run `flowmo fetch-weights {spec.group}` and copy that folder here, or pass " \
-           "the file's path"
+    command = f"flowmo fetch-weights {spec.group}" if spec.group else \
+        f"hf download {spec.repo_id}" + (f" --revision {spec.revision}" if spec.revision else "")
+    return f"on a machine with internet run `{command}` and copy that folder here, or pass the file's path"
 
 
 def _failed(spec: PretrainedFile, reason: str, error=MissingWeightsError) -> MissingWeightsError:
@@ -280,7 +288,7 @@ def _download_hf_file(spec: PretrainedFile) -> Path:
     # fails in seconds
     get_hf_file_metadata(spec.address, timeout=download_timeout())
     path = Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision or "main",
-                                cache_dir=hf_cache_dir(), endpoint=hf_endpoint(), etag_timeout=download_timeout()))
+                                cache_dir=spec.cache_folder(), endpoint=hf_endpoint(), etag_timeout=download_timeout()))
     _check_hf_blob(spec, path)
     return path
 

@@ -1,4 +1,6 @@
-"""`flowmo export --ckpt X --out tok.pt`: a light tokenizer file (config + one set of weights) for downstream users."""
+"""`flowmo export --ckpt X --out DIR`: the tokenizer as huggingface_hub shares models (model.safetensors +
+config.json + README.md model card), one set of weights, for downstream users and `push_to_hub`.
+`--out tok.pt` writes the older light .pt file (config + weights), which every loader still reads."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import sys
 
 def parser(command: str = "export") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmo export", allow_abbrev=False,
-                                     description="export a light tokenizer file (config + EMA or raw weights)")
+                                     description="export a tokenizer: a save_pretrained folder (or a light .pt file)")
     parser.add_argument("--ckpt", required=True, help="a FlowMoModule .ckpt, an official flowmo_*.pth, or lo / hi")
-    parser.add_argument("--out", required=True, help="where to write the .pt file")
+    parser.add_argument("--out", required=True,
+                        help="a folder (model.safetensors + config.json + README.md), or a file ending in .pt")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--metrics", help="the run's results/<run>/metrics.json, whose figures the model card quotes")
     return parser
 
 
@@ -23,9 +27,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tokenizer = FlowMoTokenizer.from_checkpoint(args.ckpt, weights=args.weights)
+        if args.out.endswith(".pt"):
+            path = export_tokenizer(tokenizer, args.out)
+        else:
+            path = tokenizer.save_pretrained(args.out, metrics=args.metrics)
     except UserError as error:
         print(f"flowmo export: {error}", file=sys.stderr)
         return 2
-    path = export_tokenizer(tokenizer, args.out)
     print(f"wrote {path} ({sum(p.numel() for p in tokenizer.parameters()) / 1e6:.1f}M parameters, {args.weights} weights)")
     return 0

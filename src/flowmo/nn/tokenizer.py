@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flowmo import checkpoint, flow, official, presets
+from flowmo import checkpoint, flow, hub, official, presets
 from flowmo.config import FlowMoConfig
 from flowmo.nn.quantizers import QuantizerOutput, build_quantizer
 from flowmo.nn.transformer import DecoderTransformer, EncoderTransformer, checkpoint_every
@@ -71,19 +71,32 @@ class FlowMoTokenizer(nn.Module):
         return cls._from_state(path, weights)
 
     @classmethod
-    def from_pretrained(cls, name: str, weights: str = "ema") -> "FlowMoTokenizer":
-        """The authors' released FlowMo-Lo or FlowMo-Hi ("lo" / "hi"), from their Hugging Face repository
-        (ksarge/FlowMo), downloaded once into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only."""
-        if name not in checkpoint.RELEASES:
-            raise ValueError(f"unknown released tokenizer {name!r}; the authors released: "
-                             f"{', '.join(checkpoint.RELEASES)}.")
-        return cls._from_state(name, weights)
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
+                        cache_dir: str | Path | None = None, weights: str = "ema") -> "FlowMoTokenizer":
+        """A released name ("lo" / "hi": the authors' files at a pinned commit of ksarge/FlowMo), a folder written
+        by save_pretrained, or a Hub repository id ("owner/name") at `revision`. Downloads land in the Hugging Face
+        cache (or `cache_dir`); HF_HUB_OFFLINE=1 uses the cache only, HF_ENDPOINT a mirror (flowmo.hub)."""
+        state, config = hub.load(name_or_path, weights, revision, cache_dir)
+        return cls._build(state, config, str(name_or_path))
+
+    def save_pretrained(self, folder: str | Path, metrics=None) -> Path:
+        """model.safetensors + config.json + a README.md model card in `folder` (huggingface_hub's layout);
+        `metrics`: the run's metrics.json (path or dict), quoted in the card."""
+        return hub.save_folder(self, folder, metrics)
+
+    def push_to_hub(self, repo_id: str, metrics=None, private: bool | None = None, token: str | None = None) -> str:
+        """save_pretrained's folder uploaded to the Hub repository `repo_id` (created if needed)."""
+        return hub.push(self, repo_id, metrics, private, token)
 
     @classmethod
     def _from_state(cls, source, weights: str, config=None) -> "FlowMoTokenizer":
         state, config = checkpoint.load_state(source, weights, config)
+        return cls._build(state, config, str(source) if isinstance(source, (str, Path)) else "the state dict")
+
+    @classmethod
+    def _build(cls, state, config, what: str) -> "FlowMoTokenizer":
         model = cls.from_config(config)
-        checkpoint.load_into(model, state, str(source) if isinstance(source, (str, Path)) else "the state dict")
+        checkpoint.load_into(model, state, what)
         return model
 
     # ----------------------------------------------------------------------------------- validation
