@@ -360,3 +360,57 @@ def test_fetch_weights_from_a_mirror_that_drops_every_connection_ends_in_seconds
     assert result.returncode != 0 and time.monotonic() - start < 60
     sentences = [line for line in result.stderr.splitlines() if line.startswith("flowmo fetch-weights:")]
     assert len(sentences) == 1 and server.url in sentences[0] and "Traceback" not in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------------------- pins
+def test_the_pin_table_holds_commits_and_sha256_or_says_unpinned():
+    for spec in FILES.values():
+        assert spec.revision is None or (len(spec.revision) == 40 and int(spec.revision, 16) >= 0)
+        assert spec.sha256 is None or (len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0)
+
+
+def pin(monkeypatch, sha256: str) -> pretrained.PretrainedFile:
+    spec = replace(FILES["official-lo"], revision="c" * 40, sha256=sha256)
+    monkeypatch.setitem(FILES, "official-lo", spec)
+    return spec
+
+
+def test_a_pinned_release_is_fetched_at_its_commit_and_checked_against_its_sha256(online, monkeypatch):
+    data = b"the released file" * 1000
+    spec = pin(monkeypatch, hashlib.sha256(data).hexdigest())
+    server = serve_as_hub(monkeypatch, "official-lo", data)
+    try:
+        path = pretrained.fetch("official-lo")
+    finally:
+        server.close()
+    assert path.read_bytes() == data and f"/resolve/{'c' * 40}/" in spec.address
+    assert server.requests[0] == ("HEAD", f"/ksarge/FlowMo/resolve/{'c' * 40}/flowmo_lo.pth")
+
+
+def test_a_file_that_is_not_the_pinned_one_is_deleted_and_refused(online, monkeypatch):
+    data = b"a file the Hub vouches for, but not the pinned one" * 1000
+    pin(monkeypatch, hashlib.sha256(b"the released file").hexdigest())
+    server = serve_as_hub(monkeypatch, "official-lo", data)  # announces the served file's own SHA-256
+    try:
+        with pytest.raises(WeightsHashError, match="deleted") as error:
+            pretrained.fetch("official-lo")
+    finally:
+        server.close()
+    assert hashlib.sha256(b"the released file").hexdigest() in str(error.value)
+    assert pretrained.cached(FILES["official-lo"]) is None
+    assert not [p for p in (online / "hf").rglob("*") if p.is_file() and p.stat().st_size == len(data)]
+
+
+def test_the_authors_layout_is_read_with_weights_only(online, monkeypatch, official_fixture):
+    """Their files hold two state dicts and an int: a loopback Hub serves a tiny one, read with weights_only=True."""
+    state = official_fixture["official_state_dict"]
+    data = torch_bytes({"model_ema_state_dict": state, "model_state_dict": state, "total_steps": 5})
+    monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
+    server = serve_as_hub(monkeypatch, "official-lo", data)
+    try:
+        tokenizer = FlowMoTokenizer.from_pretrained("lo")
+    finally:
+        server.close()
+    with torch.no_grad():
+        code = tokenizer.encode(official_fixture["images"])
+    assert (code - official_fixture["encoder_code"]).abs().max() <= 1e-4

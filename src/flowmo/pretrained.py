@@ -95,6 +95,11 @@ class PretrainedFile:
 
 # The addresses are the libraries' own (torchvision's VGG16_Weights / AlexNet_Weights.IMAGENET1K_V1, pytorch-fid's
 # FID_WEIGHTS_URL, timm's resnet50.tv_in1k); tests/test_pretrained.py checks they still agree.
+# Pins, one table: a Hugging Face file is fetched at `revision` (a commit) and must have `sha256`; a mismatch is
+# deleted and refused. The commits and SHA-256 of the Hugging Face files below were not recorded when this table was
+# written (no network): UNPINNED ones are fetched from main and checked against the SHA-256 the Hub announces.
+# Fill them from https://huggingface.co/<repo>/tree/main (the commit) and the file's page (its SHA-256).
+UNPINNED = None
 FILES = {f.key: f for f in (
     PretrainedFile("vgg16", "VGG16 (the LPIPS-VGG backbone)", "vgg16-397923af.pth",
                    url="https://download.pytorch.org/models/vgg16-397923af.pth"),
@@ -105,9 +110,12 @@ FILES = {f.key: f for f in (
                        "pt_inception-2015-12-05-6726825d.pth"),
     # timm's copy of torchvision's IMAGENET1K_V1 weights: the same tensors under the same names
     PretrainedFile("resnet50", "ResNet-50 IMAGENET1K_V1 (the Stage-1B loss)", "model.safetensors",
-                   repo_id="timm/resnet50.tv_in1k", aliases=("resnet50.tv_in1k.safetensors", "resnet50-0676ba61.pth")),
-    PretrainedFile("official-lo", "FlowMo-Lo as released by the authors", "flowmo_lo.pth", repo_id="ksarge/FlowMo"),
-    PretrainedFile("official-hi", "FlowMo-Hi as released by the authors", "flowmo_hi.pth", repo_id="ksarge/FlowMo"),
+                   repo_id="timm/resnet50.tv_in1k", aliases=("resnet50.tv_in1k.safetensors", "resnet50-0676ba61.pth"),
+                   revision=UNPINNED, sha256=UNPINNED),
+    PretrainedFile("official-lo", "FlowMo-Lo as released by the authors", "flowmo_lo.pth", repo_id="ksarge/FlowMo",
+                   revision=UNPINNED, sha256=UNPINNED),
+    PretrainedFile("official-hi", "FlowMo-Hi as released by the authors", "flowmo_hi.pth", repo_id="ksarge/FlowMo",
+                   revision=UNPINNED, sha256=UNPINNED),
 )}
 GROUPS = {"lpips": ("vgg16", "alexnet"), "resnet": ("resnet50",), "inception": ("inception_fid",),
           "official-lo": ("official-lo",), "official-hi": ("official-hi",)}
