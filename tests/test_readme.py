@@ -88,6 +88,7 @@ RULES = (
     Rule(r"(srun )?flowmo (gen )?(fit|validate|test) (?!.*tiny-cpu).*configs/(data/imagenet|generator/paper).*", "parse"),
     Rule(r"flowmo (pretokenize|generate|gen-eval) .*--tokenizer lo( .*)?", "refused"),
     Rule(r"flowmo fetch-weights( \S+)*", "refused"),
+    Rule(r"flowmo export --ckpt runs/tiny-cpu/checkpoints/last\.ckpt --out \S+", "run", "after the tiny CPU run"),
     Rule(r"make install TORCH_INDEX=.*", "run", "prints the install commands (make -n -B): PyTorch's index is not "
          "reachable here", ((r"^make install", "make -n -B install"),)),
     Rule(r"flowmo sample-data --out \S+", "run"),
@@ -218,7 +219,8 @@ def refused(copy: Path, command: str) -> None:
     said = result.stderr.strip().splitlines()
     assert result.returncode == 2, f"`{command}` exited {result.returncode}:\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-2000:]
-    assert said and re.search(r"flowmo_lo\.pth|data/imagenet|runs/gen-paper|download\.pytorch\.org", said[-1]), said
+    assert said and re.search(r"flowmo_lo\.pth|data/imagenet|runs/gen-paper|download\.pytorch\.org|pt_inception",
+                              said[-1]), said
 
 
 def setup_order(commands: list[str]) -> list[str]:
