@@ -7,7 +7,7 @@ import argparse
 
 SAMPLER_NAMES = ("paper", "fast")  # flowmo.flow.SAMPLERS holds their settings
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:1"
-TOKENIZER_HELP = "a .ckpt, an exported .pt, flowmo_lo/hi.pth, or a released name: lo, hi"
+TOKENIZER_HELP = "a .ckpt, an exported .pt or save_pretrained folder, flowmo_lo/hi.pth, or a released name: lo, hi"
 
 
 def add_sampler(parser: argparse.ArgumentParser, steps: bool = True) -> None:
