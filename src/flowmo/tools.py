@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from torchvision.utils import save_image
 
 from flowmo.data.transforms import IMAGE_EXTENSIONS, decode_rgb, val_transform
 from flowmo.errors import UserError
@@ -65,13 +65,9 @@ def progress(done: int, total: int, what: str) -> None:
     print(f"\r{what}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(pixels)
-
-
-def side_by_side(left: torch.Tensor, right: torch.Tensor) -> Image.Image:
-    return to_pil(torch.cat([left, right], dim=-1))
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """A [3, H, W] image in [-1, 1] as a PNG, through torchvision's save_image (which takes [0, 1])."""
+    save_image((image.float().clamp(-1, 1) + 1) / 2, path)
 
 
 def reconstruct(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
@@ -84,7 +80,7 @@ def reconstruct(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
         batch = torch.stack(chunk).to(args.device)
         recon = model.reconstruct(batch, generator=generator, **sampler_choice(args))
         for offset, (source, target) in enumerate(zip(batch, recon)):
-            side_by_side(source, target).save(out / f"{files[start + offset].stem}.png")
+            save_png(torch.cat([source, target], dim=-1), out / f"{files[start + offset].stem}.png")
         progress(start + len(chunk), len(images), "reconstruct")
     return report(len(images), skipped, out, "input | reconstruction PNGs")
 
@@ -125,7 +121,7 @@ def detokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
             raise UserError(f"the .npy files hold id arrays of different lengths ({error}).") from None
         images = model.detokenize(stacked, image_size=(size, size), generator=generator, **sampler_choice(args))
         for offset, image in enumerate(images):
-            to_pil(image).save(out / f"{files[start + offset].stem}.png")
+            save_png(image, out / f"{files[start + offset].stem}.png")
         progress(start + len(chunk), len(rows), "detokenize")
     return report(len(rows), [], out, "decoded PNGs")
 
