@@ -110,7 +110,10 @@ RULES = (
     Rule(r"make bench .*(PRESET=(lo|hi|small)|COMPILE=1|PRECISION=bf16|PROFILE=1|SCALING=1).*", "dry"),
     Rule(r"make bench-compare BASE=\S+( PRESET=\S+)?", "dry"),
     Rule(r"make plan", "dry", "lo, hi and small on fake tensors: ~30 CPU-minutes here"),
-    Rule(r"make gpu-check", "dry", "needs a GPU; tests/test_bench.py runs the script on tiny on the CPU"),
+    Rule(r"make gpu-check( \S+=\S+)*", "covered", "needs a GPU: tests/test_offline_install.py runs this target "
+         "offline from a fresh copy (PYTHON=, OUT=, the CPU smoke; and a missing package), tests/test_bench.py every "
+         "check on the CPU"),
+    Rule(r"make wheels", "dry", "needs PyPI: make -n expands it and scripts/deps.py's arguments parse"),
     Rule(r"flowmo plan --preset tiny .*", "run"),
     Rule(r"\.venv/bin/python -m flowmo\.bench\.sampler_steps .*", "run", "--checkpoint = the tiny CPU run's, --data = "
          "the sample set; 2 step counts, 1 repeat",
@@ -195,13 +198,14 @@ def parse_only(copy: Path, command: str) -> None:
 def dry_run(copy: Path, command: str) -> None:
     expanded = shell(copy, command.replace("make ", "make -n ", 1))
     check(expanded, command)
-    lines = [line.strip() for line in expanded.stdout.splitlines()]
+    # PYTHON=<interpreter> runs `<interpreter> -m flowmo ...` where .venv would run `.venv/bin/flowmo ...`
+    lines = [re.sub(r"^\S*python\S* -m flowmo ", "flowmo ", line.strip()) for line in expanded.stdout.splitlines()]
     flowmo_lines = [line for line in lines if re.match(r"\S*flowmo (fit|validate|test) ", line)]
     for line in flowmo_lines:
         parse_only(copy, line)
     # other flowmo commands and modules (flowmo plan, python -m flowmo.bench.gpu_check): their arguments must parse
     others = [line for line in lines if line not in flowmo_lines
-              and re.match(r"\S*(flowmo [a-z-]+|python -m flowmo\.[a-z_.]+)( |$)", line)]
+              and re.match(r"\S*(flowmo [a-z-]+|python -m flowmo\.[a-z_.]+|python\S* scripts/deps\.py)( |$)", line)]
     for line in others:
         check(shell(copy, line + " --help"), command)
     assert flowmo_lines or others or re.search(r"tensorboard|bench|demo", command), \
