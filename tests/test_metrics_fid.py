@@ -92,3 +92,14 @@ def test_pairwise_feature_distance_in_reconstruction_metrics():
     pair_distances = (net((original + 1) / 2) - net((reconstruction + 1) / 2)).double().pow(2).sum(dim=1)
     assert results["pairwise_features"] == pytest.approx(float(pair_distances.mean()), rel=1e-9)
     assert set(results) == {"rfid", "pairwise_features"}
+
+
+def test_a_pytorch_fid_that_stops_asking_its_loader_is_an_error_not_a_silent_download(monkeypatch):
+    import torchvision
+    from pytorch_fid import inception
+
+    # a release that builds its network without asking the loader flowmo hands the weights through
+    monkeypatch.setattr(inception, "fid_inception_v3", lambda: torchvision.models.inception_v3(
+        weights=None, aux_logits=False, init_weights=False))
+    with pytest.raises(RuntimeError, match="no longer works with this pytorch-fid"):
+        fid_inception({})

@@ -79,9 +79,21 @@ def fid_inception(state: dict[str, Tensor]) -> nn.Module:
     fetched and checked (or the user's own), so there is one place for downloads and the offline sentence."""
     from pytorch_fid import inception
 
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
-        return inception.InceptionV3([inception.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=True,
-                                     normalize_input=True)
+    asked = []
+
+    def hand_over(url, *args, **kwargs):
+        asked.append(url)
+        return state
+
+    # InceptionV3 takes no weights argument, so its loader is replaced for the call; a release that stops asking it
+    # is an error here (patch.object also refuses a renamed loader), never a silent download of other weights
+    with mock.patch.object(inception, "load_state_dict_from_url", hand_over):
+        net = inception.InceptionV3([inception.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=True,
+                                    normalize_input=True)
+    if asked != [inception.FID_WEIGHTS_URL]:
+        raise RuntimeError(f"pytorch-fid's InceptionV3 asked its loader {asked} instead of once for "
+                           "FID_WEIGHTS_URL: flowmo's hand-off of the weights no longer works with this pytorch-fid.")
+    return net
 
 
 class RandomConvFeatures(FIDFeatures):
