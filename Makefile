@@ -180,7 +180,7 @@ demo: $(STAMP) ## FlowMo end to end on held-out photos (CPU, ~11 min on 2 cores)
 tensorboard: $(STAMP) ## TensorBoard over runs/ (losses, lr, grad norm, EMA distance, codebook, grids)
 	$(PY) -m tensorboard.main --logdir runs --bind_all
 
-# ---- evaluation (spec 7, configs/eval/paper.yaml): Table 1's protocol on the 50k ImageNet val center crops
+# ---- evaluation (method §7, configs/eval/paper.yaml): Table 1's protocol on the 50k ImageNet val center crops
 # -> results/<name>/{metrics.json, table_row.md, reconstructions.png}. CKPT= a .ckpt of ours (its architecture
 # is read from it) or OFFICIAL= the authors' release: lo / hi (downloaded from their Hugging Face repository on first
 # use) or a local flowmo_lo.pth / flowmo_hi.pth; SUBSAMPLE=N = every N-th val image

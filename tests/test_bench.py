@@ -73,7 +73,7 @@ def test_scaling_rows_cover_batch_and_image_size(tmp_path):
 
 
 def test_decode_flops_are_its_network_evaluations_times_one_call():
-    assert SAMPLERS["paper"].nfe == 31  # 25 steps + 6 guided ones inside the CFG interval (spec 4)
+    assert SAMPLERS["paper"].nfe == 31  # 25 steps + 6 guided ones inside the CFG interval (method §4)
     flops = workloads.flops_per_image("tiny", 2, "off", None)
     assert flops["decode"] == 31 * flops["decoder_call"]
 

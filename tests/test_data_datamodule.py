@@ -229,7 +229,7 @@ def test_train_streams_differ_across_ranks_and_resumed_steps(tmp_path):
         return [next(stream)["key"] for _ in range(12)]
 
     assert first_keys(rank=0) == first_keys(rank=0)  # seeded: reproducible
-    assert first_keys(rank=0) != first_keys(rank=1)  # spec section 6: ranks seeded differently
+    assert first_keys(rank=0) != first_keys(rank=1)  # method §6: ranks seeded differently
     assert first_keys(rank=0) != first_keys(rank=0, start_step=5000)  # a resumed run does not replay its start
 
 

@@ -94,7 +94,7 @@ def test_micro_batches_do_not_depend_on_the_start_point_or_the_worker_count(samp
     assert same_batches(take(batches(), 6, workers=1), reference)
     assert same_batches(take(batches(), 6, workers=2), reference)  # round-robin over workers, in order
     assert same_batches(take(batches(start=3), 3, workers=2), reference[3:])
-    assert not same_batches(take(batches(rank=1), 1), reference[:1])  # spec section 6: ranks seeded differently
+    assert not same_batches(take(batches(rank=1), 1), reference[:1])  # method §6: ranks seeded differently
     assert not same_batches(take(batches(seed=1), 1), reference[:1])
     # the DataModule starts at the trainer's step x accumulation: step 2 of 2 micro-batches = micro-batch 4
     data.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=2, accumulate_grad_batches=2)

@@ -157,7 +157,7 @@ def test_subsample_takes_every_nth_image_of_the_split(shards):
 
 def test_table_columns_follow_the_paper():
     assert tokens_times_vocab(preset("lo")) == "256 × 2^18" and tokens_times_vocab(preset("hi")) == "1024 × 2^14"
-    assert SamplerSettings(steps=25, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02)).nfe == 31  # spec 4
+    assert SamplerSettings(steps=25, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02)).nfe == 31  # method §4
 
 
 def test_stage_1b_selects_and_stops_on_val_rfid(tmp_path, shards, checkpoint):

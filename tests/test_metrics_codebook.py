@@ -20,7 +20,7 @@ def test_half_the_codes_used_uniformly():
     assert usage["used_fraction"] == 0.5
     assert usage["entropy_bits"] == pytest.approx(2.0)
     assert usage["perplexity"] == pytest.approx(4.0)
-    # bit 0 is set in 1 and 3, bit 1 in 2 and 3, bit 2 never (little-endian, spec §2)
+    # bit 0 is set in 1 and 3, bit 1 in 2 and 3, bit 2 never (little-endian, method §2)
     assert usage["bit_balance"] == pytest.approx([0.5, 0.5, 0.0])
 
 

@@ -53,7 +53,7 @@ def test_rms_norm_kernel_matches_the_written_out_formula():
     new, old = with_grad(norm, x, upstream), with_grad(written_out, x, upstream)
     assert torch.allclose(new[0], old[0], atol=1e-6) and torch.allclose(new[1], old[1], atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert norm(x.bfloat16()).dtype == torch.float32  # q and k stay fp32 through RoPE (spec 8.21)
+        assert norm(x.bfloat16()).dtype == torch.float32  # q and k stay fp32 through RoPE (method §8.21)
 
 
 def test_fused_modulation_and_gate_match_the_unfused_ones():

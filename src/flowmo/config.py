@@ -1,7 +1,7 @@
-"""Typed configuration of a FlowMo tokenizer (spec section 1.1).
+"""Typed configuration of a FlowMo tokenizer (method §1.1).
 
-The field names follow the schema of the reference fixtures (`../shared/fixtures/README.md`), so an
-official configuration dict converts with `FlowMoConfig.from_dict`. Constructors check every invariant
+The field names follow the schema of the configuration dicts of the reference fixtures (tests/fixtures/), so
+such a dict converts with `FlowMoConfig.from_dict`. Constructors check every invariant
 the network relies on and raise `ValueError` with the offending numbers.
 """
 

@@ -1,6 +1,6 @@
 """Rectified flow in pixel space (spec sections 3-4): time sampling, interpolation, Euler samplers.
 
-Convention (spec 8.7): x_t = (1 - t) x + t eps, t in [0, 1] (t = 1 is pure noise); the network predicts
+Convention (method §8.7): x_t = (1 - t) x + t eps, t in [0, 1] (t = 1 is pure noise); the network predicts
 the velocity v = eps - x; the one-step clean estimate is x_t - t v; samplers walk t from 1 down to 0
 with z <- z - (t_k - t_{k+1}) v(z, t_k).
 
@@ -24,7 +24,7 @@ TIME_SCHEDULES = ("fat_lognormal", "lognormal", "uniform", "noise_weighted")
 # ---------------------------------------------------------------------------------------------- training
 def sample_time(batch: int, schedule: str = "fat_lognormal", *, device=None, generator=None,
                 uniform_fraction: float = 0.1) -> Tensor:
-    """Per-sample training times t [batch] (spec 4).
+    """Per-sample training times t [batch] (method §4).
 
     fat_lognormal: with probability 0.9 sigmoid(N(0,1)), else U(0,1) ("thick-tailed logit-normal"):
     plain logit-normal leaves almost no mass near t=1 and the decoder then shifts colours.
@@ -68,7 +68,7 @@ def x0_estimate(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- grids
 def rho_timesteps(steps: int, rho: float = 4.0, device=None) -> Tensor:
-    """Descending grid t_k = (k/n)^rho for k = n..0, [n + 1] (spec 4, 8.13). rho=1 is uniform."""
+    """Descending grid t_k = (k/n)^rho for k = n..0, [n + 1] (method §4, §8.13). rho=1 is uniform."""
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}.")
     k = torch.arange(steps, -1, -1, dtype=torch.float64, device=device)
@@ -82,7 +82,7 @@ def sigma_to_t(sigma: float) -> float:
 
 def random_chain_timesteps(batch: int, steps: int = 8, *, device=None, generator=None,
                            u: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Stage-1B random grid (spec 4): u ~ U(0,1) [B, K+1]; s = cumsum(u) - cumsum(u)[0], divided by its
+    """Stage-1B random grid (method §4): u ~ U(0,1) [B, K+1]; s = cumsum(u) - cumsum(u)[0], divided by its
     last entry (0 = s_0 < ... < s_K = 1); t = s reversed, from 1 down to 0. Returns (u, t), both [B, K+1]."""
     if u is None:
         u = torch.rand(batch, steps + 1, device=device, generator=generator)
@@ -95,7 +95,7 @@ def random_chain_timesteps(batch: int, steps: int = 8, *, device=None, generator
 # ---------------------------------------------------------------------------------------------- sampler settings
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How a tokenizer decodes (spec 4): `steps` Euler steps on t_k = (k/steps)^rho, classifier-free guidance of
+    """How a tokenizer decodes (method §4): `steps` Euler steps on t_k = (k/steps)^rho, classifier-free guidance of
     scale `cfg` where the EDM noise level lies in `cfg_interval` (None: at every step; cfg 1: none)."""
 
     steps: int = 25
@@ -140,7 +140,7 @@ class SamplerSettings:
         return {"steps": self.steps, "rho": self.rho, "cfg": self.cfg, "cfg_interval": interval}
 
 
-# The paper's sampler (spec 4), and 8 of its steps: 10 network evaluations instead of 31. 8 is the chain length
+# The paper's sampler (method §4), and 8 of its steps: 10 network evaluations instead of 31. 8 is the chain length
 # Stage 1B post-trains the decoder for; on the demo's held-out crops its PSNR and SSIM are at or above the 25-step
 # sampler's (docs/performance.md); rFID / LPIPS of fewer steps were not measured (no feature weights here).
 SAMPLERS = {"paper": SamplerSettings(), "fast": SamplerSettings(steps=8)}

@@ -1,4 +1,4 @@
-"""Training losses of both stages (spec section 3), kept outside the network.
+"""Training losses of both stages (method §3), kept outside the network.
 
     out = flowmo_loss(tokenizer, images, recipe, perceptual_net, sample_net, generator)
     out.total.backward(); log(out.parts)   # parts: flow, perceptual, sample, entropy, commitment, ...
@@ -55,15 +55,15 @@ class LossRecipe:
     def for_stage(cls, stage: str, *, perceptual: str = "lpips_vgg", perceptual_weight: float = 0.1,
                   sample_loss: str = "none", sample_weight: float = 0.0, **rest) -> "LossRecipe":
         """The recipe of Stage 1A (mode matching: flow + perceptual on the x0 estimate + quantizer, encoder trained)
-        or 1B (mode seeking: flow + a loss on the chain sample, encoder frozen: spec 3). A term the stage does not
+        or 1B (mode seeking: flow + a loss on the chain sample, encoder frozen: method §3). A term the stage does not
         use is refused, never silently zeroed: set it to none there."""
         if stage not in STAGES:
             raise UserError(f"stage must be one of {STAGES}, got {stage!r}.")
         if stage == "1a" and sample_loss != "none":
-            raise UserError(f"Stage 1A has no chain-sample loss (spec 3: it is Stage 1B's term), but model.sample_loss "
+            raise UserError(f"Stage 1A has no chain-sample loss (method §3: it is Stage 1B's term), but model.sample_loss "
                             f"is {sample_loss!r}; set model.sample_loss none, or model.stage 1b.")
         if stage == "1b" and perceptual != "none" and perceptual_weight:
-            raise UserError(f"Stage 1B trains no perceptual loss on the x0 estimate (spec 3: that is Stage 1A's term), "
+            raise UserError(f"Stage 1B trains no perceptual loss on the x0 estimate (method §3: that is Stage 1A's term), "
                             f"but model.perceptual is {perceptual!r}; set model.perceptual none, or model.stage 1a.")
         return cls(perceptual=perceptual, perceptual_weight=perceptual_weight if perceptual != "none" else 0.0,
                    sample_loss=sample_loss, sample_weight=sample_weight if sample_loss != "none" else 0.0,
@@ -71,7 +71,7 @@ class LossRecipe:
 
 
 def flow_matching_loss(velocity: Tensor, images: Tensor, noise: Tensor) -> Tensor:
-    """mean over batch of mean over C,H,W of (noise - v - x)^2; no time weighting (spec 3)."""
+    """mean over batch of mean over C,H,W of (noise - v - x)^2; no time weighting (method §3)."""
     return (flow.velocity_target(images, noise) - velocity).float().pow(2).mean()
 
 
@@ -88,7 +88,7 @@ def chain_sample(tokenizer: nn.Module, codes: Tensor, noise: Tensor, steps: int,
     """Stage-1B sample: `steps` Euler steps from noise on a per-sample random grid, no CFG, no clipping.
 
     Every decoder call is checkpointed non-reentrantly (reentrant checkpointing silently breaks under
-    torch.compile, spec 8.17), so memory holds one decoder pass at a time instead of eight.
+    torch.compile, method §8.17), so memory holds one decoder pass at a time instead of eight.
     """
     condition = tokenizer.decoder_condition(codes)
     _, grid = flow.random_chain_timesteps(codes.shape[0], steps, device=codes.device, generator=generator)

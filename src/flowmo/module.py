@@ -1,4 +1,4 @@
-"""FlowMoModule: the two training stages of FlowMo as one LightningModule (spec sections 3 and 5).
+"""FlowMoModule: the two training stages of FlowMo as one LightningModule (method §3 and §5).
 
 stage "1a" (mode matching): encoder + decoder, flow + LPIPS on the x0 estimate + quantizer losses; the
 encoder is frozen after `freeze_encoder_after` optimizer steps (200k in the paper) and Adam restarts.
@@ -173,7 +173,7 @@ class FlowMoModule(L.LightningModule):
                 model.decoder.compile(**self.compile_options)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
-        """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (spec 5). The paper's lr is constant;
+        """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (method §5). The paper's lr is constant;
         `lr_schedule="cosine"` anneals it to 0 at trainer.max_steps, an option for short runs (the CPU demo measured
         no gain from it: 20.6 dB held-out PSNR after 3000 steps either way, so it keeps the constant lr)."""
         groups = [{"params": list(self.tokenizer.decoder.parameters()), "name": "decoder"}]

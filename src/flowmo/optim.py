@@ -1,4 +1,4 @@
-"""The training update that follows every backward pass (spec 5), shared by FlowMoModule and the benchmark:
+"""The training update that follows every backward pass (method §5), shared by FlowMoModule and the benchmark:
 
     update = TrainingUpdate(tokenizer, ema_decay=0.9999, ema_every=10)
     optimizer = update.adam(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, device=device)
@@ -25,7 +25,7 @@ FUSED_ADAM_DEVICES = ("cuda", "cpu", "xpu", "mps")
 class ModelEMA(nn.Module):
     """EMA of a model's full state dict, updated every `every` optimizer steps with decay**every.
 
-    decay 0.9999 every 10 steps gives 0.9999**10 ~ 0.9990 per update (spec 5): the same horizon as a
+    decay 0.9999 every 10 steps gives 0.9999**10 ~ 0.9990 per update (method §5): the same horizon as a
     per-step EMA at a tenth of the cost.
     """
 
@@ -73,14 +73,14 @@ class ModelEMA(nn.Module):
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Every nn.Linear inside a double block (qkv, proj, both MLP layers, modulation), spec 5."""
+    """Every nn.Linear inside a double block (qkv, proj, both MLP layers, modulation), method §5."""
     return [name for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and ".double_blocks." in f".{name}"]
 
 
 class WeightNormProjection(nn.Module):
     """After each optimizer step, rescale each block Linear weight back to its initial Frobenius norm
-    (EDM2-style "fix_initial_norms", per matrix, spec 8.15). The target norms are a checkpointed buffer."""
+    (EDM2-style "fix_initial_norms", per matrix, method §8.15). The target norms are a checkpointed buffer."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -111,7 +111,7 @@ class WeightNormProjection(nn.Module):
         weights, targets = self._trainable(model)
         if not weights:
             return
-        norms = torch.stack(torch._foreach_norm(weights))  # master weights are fp32 (spec 8.21)
+        norms = torch.stack(torch._foreach_norm(weights))  # master weights are fp32 (method §8.21)
         scales = targets / norms.clamp_min(1e-12)
         if skip is not None:
             scales = torch.where(skip.bool(), torch.ones_like(scales), scales)
@@ -142,7 +142,7 @@ class TrainingUpdate:
     @staticmethod
     def adam(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
              device: torch.device) -> torch.optim.Adam:
-        """Adam(0.9, 0.95) without weight decay (spec 5), fused where torch has the kernel."""
+        """Adam(0.9, 0.95) without weight decay (method §5), fused where torch has the kernel."""
         return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0, **adam_kernel(device))
 
     def step(self, optimizer: torch.optim.Optimizer, run_step: Callable[[], object], found_inf: Tensor | None = None,

@@ -1,4 +1,4 @@
-"""Named FlowMo configurations (spec section 1.1).
+"""Named FlowMo configurations (method §1.1).
 
 - `lo`:    FlowMo-Lo, 18 bits/token in 2 groups of 9 -> 0.070 bits per pixel, 945.4M parameters.
 - `hi`:    FlowMo-Hi, 56 bits/token in 4 groups of 14 -> 0.219 bits per pixel, 945.5M parameters.

@@ -7,7 +7,7 @@ Both training samplers are timed: `indexed` (random reads through the shard inde
 default for local shards) and `stream` (sequential shard reads + shuffle buffer; remote shards). One
 DataLoader worker runs exactly the loop measured in this process (read, JPEG decode, Resize + RandomCrop, to
 float tensor), so that figure is the per-worker throughput. It also times building the shard index by walking
-the tar headers, and prints how many workers one GPU needs for FlowMo-Lo pre-training (spec section 9:
+the tar headers, and prints how many workers one GPU needs for FlowMo-Lo pre-training (method §9:
 ~0.6-0.7 s per step of 128 on 8 GPUs).
 """
 

@@ -60,10 +60,10 @@ from flowmo.bench.workloads import (
 )
 from flowmo.flow import SAMPLERS
 
-# Spec section 9 estimates, FLOPs per 256x256 image for FlowMo-Lo/Hi (the spec's "[est]" numbers).
-SPEC_9 = {"encoder forward": 1.2e12, "decoder forward (1 NFE)": 4.7e12, "stage1a step": 16.5e12,
-          "stage1b step": 165e12, "decode (31 NFE)": 31 * 4.7e12}
-SPEC_9_NOTE = "stage1a: spec gives 15-18 TFLOP (fwd+bwd), midpoint shown"
+# docs/method.md §9's estimates, FLOPs per 256x256 image for FlowMo-Lo/Hi.
+METHOD_9 = {"encoder forward": 1.2e12, "decoder forward (1 NFE)": 4.7e12, "stage1a step": 16.5e12,
+            "stage1b step": 165e12, "decode (31 NFE)": 31 * 4.7e12}
+METHOD_9_NOTE = "stage1a: method §9 gives 15-18 TFLOP (fwd+bwd), midpoint shown"
 
 
 @dataclass
@@ -264,11 +264,11 @@ def print_counts(reports: list[dict]) -> None:
         print(f"{r['preset']:<8}{r['image_size']:>5}{p['encoder'] / 1e6:>8.1f}{p['decoder'] / 1e6:>8.1f}"
               f"{p['total'] / 1e6:>9.1f}" + "".join(f"{f[k] / 1e12:>11.4g}" for k in COUNT_COLUMNS)
               + f"{r['decoder_forward_attention_flops_per_image'] / 1e12:>11.4g}")
-    print(f"{'spec §9':<8}{256:>5}{'':>25}" + "".join(f"{SPEC_9[k] / 1e12:>11.4g}" for k in COUNT_COLUMNS)
+    print(f"{'method §9':<8}{256:>5}{'':>25}" + "".join(f"{METHOD_9[k] / 1e12:>11.4g}" for k in COUNT_COLUMNS)
           + f"{1.4:>11.4g}")
     print(f"dec fwd = one decoder call (1 NFE), dec attn = its attention part; decode = {reports[0]['decode_nfe']} "
-          f"NFE; training steps are forward + backward (1B: 8-step chain, checkpointed).\n({SPEC_9_NOTE}; "
-          "spec §9 is for lo/hi at 256x256)")
+          f"NFE; training steps are forward + backward (1B: 8-step chain, checkpointed).\n({METHOD_9_NOTE}; "
+          "method §9 is for lo/hi at 256x256)")
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -3,12 +3,12 @@
     results/<name>/metrics.json     every metric, the sampler settings, bits per pixel, images evaluated and
                                     skipped, weights (EMA/raw), checkpoint, config, stand-in nets, wall time,
                                     versions
-    results/<name>/table_row.md     a row in the column order of the paper's Table 1 (spec 7.1)
+    results/<name>/table_row.md     a row in the column order of the paper's Table 1 (method §7.1)
     results/<name>/reconstructions.png   the first test batch, input | reconstruction
 
-Table 1 compatibility (spec 7): the PSNR/SSIM columns take `psnr_paper` / `ssim_paper` (the authors' uint8
+Table 1 compatibility (method §7): the PSNR/SSIM columns take `psnr_paper` / `ssim_paper` (the authors' uint8
 truncation, PSNR pooled over batches of 5); the correct per-image `psnr` / `ssim` are given beside them. The
-LPIPS column takes AlexNet (the paper's magnitudes suggest it, spec 10); VGG is given beside it. Numbers
+LPIPS column takes AlexNet (the paper's magnitudes suggest it, method §10); VGG is given beside it. Numbers
 computed with random stand-in feature nets say so in the JSON and in the row: they mean nothing.
 """
 

@@ -80,7 +80,7 @@ def _manifest_shards(manifest_path: Path) -> list[str]:
 
 
 class FlowMoDataModule(L.LightningDataModule):
-    """WebDataset shards for FlowMo (spec section 6).
+    """WebDataset shards for FlowMo (method §6).
 
     Args:
         train_shards: shard spec of the train split (see module docstring); None disables training data.
@@ -258,7 +258,7 @@ class FlowMoDataModule(L.LightningDataModule):
                                  skip_counter=self._shared_skip_counter())
         return DataLoader(
             batches,
-            batch_size=None,  # the dataset yields collated batches: every batch is full (drop_last, spec section 6)
+            batch_size=None,  # the dataset yields collated batches: every batch is full (drop_last, method §6)
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
@@ -281,5 +281,5 @@ class FlowMoDataModule(L.LightningDataModule):
             collate_fn=collate,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            drop_last=train,  # spec section 6: drop_last=True in training; eval keeps every sample
+            drop_last=train,  # method §6: drop_last=True in training; eval keeps every sample
         )

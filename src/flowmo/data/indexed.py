@@ -1,6 +1,6 @@
 """Training micro-batches drawn by number from indexed local shards: what makes a resumed run bit-exact.
 
-Micro-batch m of rank r holds B samples drawn with replacement (spec section 6: a per-rank sampler with
+Micro-batch m of rank r holds B samples drawn with replacement (method §6: a per-rank sampler with
 replacement, ranks seeded differently) from an RNG seeded by (seed, r, m) alone; the same RNG then draws each
 sample's crop (and flip). So the pixels of every batch depend only on (seed, r, m), never on what was read
 before: a run resumed at optimizer step k starts at micro-batch k x accumulate_grad_batches and sees exactly

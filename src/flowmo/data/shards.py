@@ -68,7 +68,7 @@ def write_shards(
 
     `shuffle` (default: on for splits named train*) permutes the items once with `seed` before cutting shards,
     so a shard mixes classes and a small shuffle buffer suffices; other splits keep sorted-key order (the val
-    index is sorted by basename, spec section 6).
+    index is sorted by basename, method §6).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")

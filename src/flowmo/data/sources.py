@@ -3,7 +3,7 @@
 Every source is turned into a sorted list of `SourceItem`s (key, class, where the bytes are). The shard writer
 only ever reads bytes through `read_item_bytes`, so a directory of files and a 140 GB tar of per-class tars look
 the same to it. Tars are indexed by reading tar headers only (seeking past the data), which is what makes the
-ILSVRC2012 train tar usable without unpacking it (spec section 6: the inner JPEG bytes are contiguous inside the
+ILSVRC2012 train tar usable without unpacking it (method §6: the inner JPEG bytes are contiguous inside the
 outer tar, so an absolute offset + size is enough to read one image).
 """
 

@@ -2,7 +2,7 @@
 
 Train (the `stream` sampler: remote and `pipe:` shards, which cannot be read by index; local shards use
 flowmo.data.indexed): every (rank, worker) draws shards at random with replacement, forever, from its own
-seeded RNG (spec section 6: a per-rank sampler with replacement, ranks seeded differently), shuffles samples in
+seeded RNG (method §6: a per-rank sampler with replacement, ranks seeded differently), shuffles samples in
 a buffer, and decodes + augments them. Where it stands depends on everything read before, so a resumed run is
 reseeded by its start step: a correct continuation, not a replay of the uninterrupted run.
 Eval: shards are split by rank, then by worker, and read in order, so across all ranks and workers each sample

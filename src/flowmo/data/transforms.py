@@ -1,4 +1,4 @@
-"""Image transforms of spec section 6, as plain functions (no Lightning, no DataLoader needed).
+"""Image transforms of method §6, as plain functions (no Lightning, no DataLoader needed).
 
 Train: Resize(shorter side = size, bilinear with antialias) + RandomCrop(size), no flip unless asked. Val/test:
 Resize + CenterCrop. Both through torchvision's functional transforms on PIL images (the authors' pipeline); the

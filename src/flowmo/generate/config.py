@@ -1,13 +1,13 @@
 """MaskGIT generator configuration: the token layout it models and the transformer's size, with named presets.
 
-Token layout (spec section 2): an image is L tokens, each split into F sub-tokens of G bits, stored as ids
+Token layout (method §2): an image is L tokens, each split into F sub-tokens of G bits, stored as ids
 [B, L*F] where token tau owns positions tau*F .. tau*F+F-1 (FlowMo-Lo: L=256, F=2, 2^9 ids per sub-token).
 
 Presets (the architecture only; the layout comes from the token shards):
 - `tiny`: CPU tests and the sample set: width 64, 2 layers, 2 heads, no dropout.
 - `paper`: MaskGIT's transformer (Chang et al. 2022, section 4.1): 24 layers, 8 heads, width 768, MLP 3072,
   dropout 0.1, label smoothing 0.1, learned positional embeddings, truncated-normal(0.02) initialisation.
-  The FlowMo paper (spec 7.1, Table 2) says only "MaskGiT, about 300 epochs"; it does not state the generator's
+  The FlowMo paper (method §7.1, Table 2) says only "MaskGiT, about 300 epochs"; it does not state the generator's
   size, so MaskGIT's own configuration is used. Class dropout 0.1 for classifier-free guidance is not in MaskGIT
   (it has no CFG); 0.1 is the usual choice of later class-conditional MaskGIT-style models and is our default.
 """
@@ -67,7 +67,7 @@ _PRESETS = {
 
 # Training recipe per preset (MaskGITModule defaults). paper: Adam betas 0.9 / 0.96 and label smoothing 0.1 from
 # MaskGIT section 4.1; lr 1e-4, weight decay 0.045 (and the yaml's batch 256, warm-up 5000) as we recall MaskGIT's
-# released class-conditional config: not re-checked against it here. The 300 epochs are FlowMo's (spec 7.1).
+# released class-conditional config: not re-checked against it here. The 300 epochs are FlowMo's (method §7.1).
 RECIPES = {
     "tiny": dict(lr=1e-3, betas=(0.9, 0.96), weight_decay=0.0, label_smoothing=0.0, class_dropout=0.1),
     "paper": dict(lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045, label_smoothing=0.1, class_dropout=0.1),

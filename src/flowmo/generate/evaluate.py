@@ -1,8 +1,8 @@
 """gFID / IS / precision / recall of a generator, against reference statistics cached once from image shards.
 
-Protocol (the generation literature mixes several; spec section 7): N class-balanced samples (class i % C) are
+Protocol (the generation literature mixes several; method §7): N class-balanced samples (class i % C) are
 compared with the *training shards'* center crops at the tokenizer's resolution (`flowmo shards` manifest), both
-as float images in [0, 1] through pytorch-fid's InceptionV3 (the rFID network and preprocessing of spec section 7:
+as float images in [0, 1] through pytorch-fid's InceptionV3 (the rFID network and preprocessing of method §7:
 bilinear resize to 299, no uint8 quantisation).
 - gFID: torchmetrics FrechetInceptionDistance on pool3 features; the reference side is loaded from the cache.
 - IS: torchmetrics InceptionScore (10 splits) on the Inception classifier's logits without bias, read from the
@@ -10,7 +10,7 @@ bilinear resize to 299, no uint8 quantisation).
 - Precision / recall: the k-NN manifold estimate (Kynkaenniemi et al. 2019, k = 3) on the same pool3 features,
   with at most `max_knn` reference features (the first ones in shard order).
 This is not ADM's evaluator and reference batch, so numbers are comparable to papers that used training-set
-statistics of the same network, not to every row of the paper's Table 2 (whose protocol the spec does not state).
+statistics of the same network, not to every row of the paper's Table 2 (whose protocol the method page does not state).
 """
 
 from __future__ import annotations

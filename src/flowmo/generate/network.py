@@ -2,7 +2,7 @@
 
 Each sequence position is one whole FlowMo token. Its F sub-token ids each have their own embedding table (the
 embeddings are summed) and their own output head, so a 2^18-id Lo token costs 2 x 2^9 rows instead of 2^18
-(spec section 2: sub-token p = tau*F + k of token tau). A masked token is replaced as a whole by one learned
+(method §2: sub-token p = tau*F + k of token tau). A masked token is replaced as a whole by one learned
 mask embedding. The class sits in front of the sequence as one extra position; class id `num_classes` is the
 learned null class of classifier-free guidance.
 """

@@ -1,4 +1,4 @@
-"""Evaluation metrics (spec §7) as torchmetrics: DDP-correct (summed states), never in model checkpoints."""
+"""Evaluation metrics (method §7) as torchmetrics: DDP-correct (summed states), never in model checkpoints."""
 
 from flowmo.metrics.codebook import CodebookUsage, bits_per_pixel, index_bits
 from flowmo.metrics.fid import (

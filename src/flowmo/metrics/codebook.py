@@ -1,7 +1,7 @@
-"""Codebook usage of the LFQ sub-tokens (spec §2) as a DDP-correct torchmetrics Metric.
+"""Codebook usage of the LFQ sub-tokens (method §2) as a DDP-correct torchmetrics Metric.
 
 Each image has ``code_length * code_dim / G`` sub-tokens, each an index in [0, 2^G) whose bit j is the sign
-of channel j (little-endian, spec §2). Over the evaluated set we report:
+of channel j (little-endian, method §2). Over the evaluated set we report:
 
 - ``used_fraction``: fraction of the 2^G sub-codes that occur at least once;
 - ``entropy_bits``: entropy (bits) of the empirical index histogram, at most G;
@@ -17,12 +17,12 @@ from torchmetrics import Metric
 
 
 def bits_per_pixel(code_length: int, code_dim: int, height: int, width: int) -> float:
-    """Bits of the binary code per image pixel: Lo = 256*18 / 256^2 = 0.0703 (spec §7.1 "BPP")."""
+    """Bits of the binary code per image pixel: Lo = 256*18 / 256^2 = 0.0703 (method §7.1 "BPP")."""
     return code_length * code_dim / (height * width)
 
 
 def index_bits(indices: Tensor, bits: int) -> Tensor:
-    """[...] int indices -> [..., bits] of 0/1, bit j = (index >> j) & 1 (little-endian, spec §2)."""
+    """[...] int indices -> [..., bits] of 0/1, bit j = (index >> j) & 1 (little-endian, method §2)."""
     shifts = torch.arange(bits, device=indices.device)
     return (indices.unsqueeze(-1) >> shifts) & 1
 

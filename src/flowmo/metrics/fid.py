@@ -1,4 +1,4 @@
-"""rFID (spec section 7): torchmetrics' FrechetInceptionDistance between originals and reconstructions.
+"""rFID (method §7): torchmetrics' FrechetInceptionDistance between originals and reconstructions.
 
 The authors use pytorch-fid's InceptionV3 (TF-ported ``pt_inception-2015-12-05`` weights, pool3 2048-d) on
 **float** images in [0, 1], bilinearly resized to 299 without antialias: that is the network here
@@ -115,7 +115,7 @@ class RandomConvFeatures(FIDFeatures):
 
 class PairwiseFeatureDistance(Metric):
     """Squared Euclidean distance between the features of each (original, reconstruction) pair, averaged
-    over pairs: the authors' "pairwise inception" (spec §7)."""
+    over pairs: the authors' "pairwise inception" (method §7)."""
 
     full_state_update = False
     is_differentiable = False

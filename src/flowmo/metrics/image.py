@@ -1,4 +1,4 @@
-"""Per-image reconstruction metrics as torchmetrics (spec §7): PSNR, SSIM, LPIPS, each in two flavours.
+"""Per-image reconstruction metrics as torchmetrics (method §7): PSNR, SSIM, LPIPS, each in two flavours.
 
 Inputs of every ``update(original, reconstruction)``: float images [B, 3, H, W] in [-1, 1]. They are
 clamped to [-1, 1] first (a reconstruction may overshoot; saved images are clamped too) and mapped to
@@ -6,7 +6,7 @@ clamped to [-1, 1] first (a reconstruction may overshoot; saved images are clamp
 
 - ``PSNR`` / ``SSIM``: the correct ones on float images, per image, then the mean over images. SSIM is
   the standard one of Wang et al. (Gaussian window, sigma 1.5, population covariance, valid region).
-- ``PaperPSNR`` / ``PaperSSIM``: match the authors' evaluation (spec §7) to reproduce the reported numbers:
+- ``PaperPSNR`` / ``PaperSSIM``: match the authors' evaluation (method §7) to reproduce the reported numbers:
   images truncated to uint8 (x255 then cast, no rounding) and back to [0, 1]; SSIM as scikit-image's
   ``structural_similarity(a, b, data_range=1, channel_axis=-1)`` (7x7 uniform window, sample covariance);
   PSNR from the MSE pooled over each ``update`` batch (the paper's batches hold 5 images), averaged over
@@ -61,7 +61,7 @@ def psnr_per_image(a01: Tensor, b01: Tensor) -> Tensor:
 
 
 def psnr_pooled(a01: Tensor, b01: Tensor) -> Tensor:
-    """One PSNR from the MSE over the whole batch (the paper's quirk, spec §7)."""
+    """One PSNR from the MSE over the whole batch (the paper's quirk, method §7)."""
     mse = (a01.double() - b01.double()).pow(2).mean()
     return -10 * torch.log10(mse)
 
@@ -155,7 +155,7 @@ class PSNR(_MeanOfScores):
 class PaperPSNR(_MeanOfScores):
     """The authors' PSNR: uint8-truncated images, MSE pooled over each update batch, mean over batches.
 
-    Feed batches of 5 images to reproduce the paper's numbers (spec §7).
+    Feed batches of 5 images to reproduce the paper's numbers (method §7).
     """
 
     higher_is_better = True

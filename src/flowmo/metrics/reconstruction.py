@@ -1,4 +1,4 @@
-"""All reconstruction metrics of the evaluation protocol (spec §7) behind one update/compute call.
+"""All reconstruction metrics of the evaluation protocol (method §7) behind one update/compute call.
 
     metrics = ReconstructionMetrics(lpips_weights="random", fid_feature="random")  # tiny demo stand-ins
     for original, reconstruction in batches:  # [B, 3, H, W] in [-1, 1]; B = 5 reproduces psnr_paper

@@ -1,4 +1,4 @@
-"""Building blocks of the FlowMo MMDiT (spec 1.2): time embedding, QK-RMSNorm, modulation,
+"""Building blocks of the FlowMo MMDiT (method §1.2): time embedding, QK-RMSNorm, modulation,
 the double-stream block and the final layer.
 
 Each stream's layers are grouped (`img.attn.qkv`, `img.mlp.0`, ...); the authors' checkpoints name the
@@ -20,7 +20,7 @@ LN_EPS = 1e-6
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding of 1000*t, [cos, sin] order (spec 8.8). t: [B] -> [B, dim]."""
+    """Sinusoidal embedding of 1000*t, [cos, sin] order (method §8.8). t: [B] -> [B, dim]."""
     half = dim // 2
     frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = (time_factor * t.float())[:, None] * frequencies[None, :]
@@ -40,7 +40,7 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the head dim with a learnable scale, computed and returned in fp32 (spec 8.21).
+    """RMSNorm over the head dim with a learnable scale, computed and returned in fp32 (method §8.21).
 
     q and k stay in fp32 from here through RoPE and are cast to the attention dtype once, after RoPE:
     under bf16 autocast that saves three casts per tensor against rounding between the two steps."""
@@ -99,7 +99,7 @@ def merge_heads(x: Tensor) -> Tensor:
 class Modulation(nn.Module):
     """adaLN: SiLU(vec) -> Linear -> (shift, scale, gate) for attention and for the MLP.
 
-    The gate rows start at zero (spec 1.2), so every block starts as the identity of its stream.
+    The gate rows start at zero (method §1.2), so every block starts as the identity of its stream.
     """
 
     def __init__(self, width: int):
@@ -195,7 +195,7 @@ def _residual(h: Tensor, stream: StreamBlockHalf, attn_heads: Tensor, mod) -> Te
 
 
 class FinalLayer(nn.Module):
-    """Output head of one stream. Time-conditioned: adaLN, then LayerNorm again, then Linear (spec 8.5)."""
+    """Output head of one stream. Time-conditioned: adaLN, then LayerNorm again, then Linear (method §8.5)."""
 
     def __init__(self, width: int, out_dim: int, time_conditioned: bool):
         super().__init__()

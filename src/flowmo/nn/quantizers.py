@@ -1,4 +1,4 @@
-"""Quantizers that turn the encoder's continuous code into the tokens (spec section 2).
+"""Quantizers that turn the encoder's continuous code into the tokens (method §2).
 
 - `LFQ`: sign bits with a straight-through estimator, MAGVIT-2 entropy loss over G-bit sub-tokens,
   commitment loss. FlowMo's quantizer.
@@ -34,12 +34,12 @@ class QuantizerOutput:
 
 
 def _entropy(probs: Tensor, eps: float = 1e-5) -> Tensor:
-    """H(p) = -sum p log(p + eps) over the last dim (the authors' codebook entropy, spec 2)."""
+    """H(p) = -sum p log(p + eps) over the last dim (the authors' codebook entropy, method §2)."""
     return -(probs * torch.log(probs + eps)).sum(dim=-1)
 
 
 class LFQ(nn.Module):
-    """Lookup-free quantization: q(c) = +1 if c > 0 else -1, per channel (no tanh, spec 8.10).
+    """Lookup-free quantization: q(c) = +1 if c > 0 else -1, per channel (no tanh, method §8.10).
 
     Entropy grouping: with F = D/G, channel f of token l belongs to sub-token l*F + (f mod F) as bit
     f div F, so a Lo token (D=18, G=9) splits into its even and odd channels. Sub-token index =

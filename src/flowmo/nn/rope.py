@@ -1,4 +1,4 @@
-"""3-axis rotary position embedding (spec 1.2 and 8.1-8.3).
+"""3-axis rotary position embedding (method §1.2 and 8.1-8.3).
 
 FlowMo has no absolute position embedding: every token's identity comes from RoPE on q and k.
 Image token at grid cell (r, c) has ids (0, r, c); latent token i has ids (i, i, i). Each axis a owns

@@ -1,4 +1,4 @@
-"""The shared FlowMo transformer (the authors' "Flux" class, spec 1.2), used as encoder and decoder.
+"""The shared FlowMo transformer (the authors' "Flux" class, method §1.2), used as encoder and decoder.
 
 Inputs are an image [B, 3, H, W] (the image stream, patchified) and code tokens [B, L, C_in] (the
 "txt" stream), plus an optional time t [B]. Both streams meet only in joint attention.
@@ -27,7 +27,7 @@ TIME_EMBED_DIM = 256
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], patch vector ordered (ph, pw, c): channel fastest (spec 8.22)."""
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], patch vector ordered (ph, pw, c): channel fastest (method §8.22)."""
     return rearrange(images, "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=patch_size, pw=patch_size)
 
 
@@ -39,7 +39,7 @@ def unpatchify(tokens: Tensor, patch_size: int, height: int, width: int) -> Tens
 
 
 def attention_scale(spec: str, head_dim: int) -> float:
-    """8/head_dim is the muP-style scale of the released code (spec 8.4); 1/sqrt(d) for experiments."""
+    """8/head_dim is the muP-style scale of the released code (method §8.4); 1/sqrt(d) for experiments."""
     return 8.0 / head_dim if spec == "8/head_dim" else head_dim**-0.5
 
 
