@@ -9,8 +9,6 @@ from seeded_weights import deterministic_state_dict, reference_layout
 from torch import nn
 
 from flowmo.perceptual import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     LPIPSVGG,
     LPIPSDistance,
     MissingWeightsError,
@@ -200,12 +198,15 @@ def test_identical_images_have_zero_distance(lpips_vgg, resnet):
 
 def test_resnet_preprocessing_matches_torchvision_pipeline(resnet):
     T = pytest.importorskip("torchvision.transforms.v2")
+    from torchvision.models import ResNet50_Weights
+
+    imagenet = ResNet50_Weights.IMAGENET1K_V1.transforms()  # torchvision's constants for the same weights
     x = images(batch=2, size=40, seed=4)
-    reference = T.Compose([T.Resize((224, 224), antialias=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    reference = T.Compose([T.Resize((224, 224), antialias=True), T.Normalize(imagenet.mean, imagenet.std)])
     torch.testing.assert_close(resnet.preprocess(x), reference((x + 1) / 2), atol=1e-5, rtol=0)
 
     constant = torch.full((1, 3, 64, 64), 0.5)  # 0.75 in [0, 1]
-    expected = (0.75 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    expected = (0.75 - torch.tensor(imagenet.mean)) / torch.tensor(imagenet.std)
     out = resnet.preprocess(constant)
     assert out.shape == (1, 3, 224, 224)
     torch.testing.assert_close(out, expected.view(1, 3, 1, 1).expand_as(out), atol=1e-5, rtol=0)

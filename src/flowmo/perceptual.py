@@ -36,8 +36,6 @@ from flowmo.pretrained import STAND_IN, MissingWeightsError  # noqa: F401 (Missi
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WeightsArg = str | os.PathLike | None
 
 
@@ -195,20 +193,21 @@ class ResNetLogitsDistance(FrozenNet):
     steps at logits of a few units.
     """
 
-    INPUT_SIZE = 224
-
     def __init__(self, weights: WeightsArg = None) -> None:
+        import timm
+
         path = None if weights == STAND_IN else pretrained.fetch("resnet50", weights)
         super().__init__(resnet50_network(path), name="ResNet-50 logits", is_stand_in=path is None)
-        # Non-persistent buffers: moved with the module, never saved.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        data = timm.data.resolve_model_data_config(self.net)  # the network's own input size, mean and std
+        self.input_size = tuple(data["input_size"][-2:])
+        # Non-persistent buffers: moved with the module, never saved, never rebuilt from Python data in a step.
+        self.register_buffer("mean", torch.tensor(data["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data["std"]).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> [B, 3, 224, 224] ImageNet-normalised."""
         x = (x + 1) / 2
-        size = (self.INPUT_SIZE, self.INPUT_SIZE)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
