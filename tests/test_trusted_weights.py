@@ -58,3 +58,14 @@ def test_the_cli_refuses_a_payload_in_one_sentence(tmp_path):
     assert result.returncode != 0 and not marker.exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused" in lines[0] and str(path) in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("network", ["lpips", "resnet"])
+def test_a_payload_as_feature_network_weights_is_refused(tmp_path, network):
+    from flowmo.perceptual import LPIPSDistance, ResNetLogitsDistance
+
+    marker = tmp_path / "ran"
+    path = payload_file(tmp_path, marker).rename(tmp_path / "resnet50-0676ba61.pth")
+    with pytest.raises(UnsafeWeightsError, match="refused"):
+        LPIPSDistance("alex", weights=path) if network == "lpips" else ResNetLogitsDistance(weights=path)
+    assert not marker.exists()

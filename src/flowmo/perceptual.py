@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import warnings
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmo import pretrained
+from flowmo.checkpoint import UnsafeWeightsError, load_weights_file
 from flowmo.errors import UserError
 from flowmo.pretrained import STAND_IN, MissingWeightsError  # noqa: F401 (MissingWeightsError: part of this API)
 
@@ -59,7 +61,7 @@ def load_state_dict_file(path: os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights_file(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,7 +136,10 @@ def lpips_network(net: str, backbone: os.PathLike | None) -> nn.Module:
 
 
 def _lpips_trunk_state(trunk: nn.Module, state: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
-    """torchvision's ``features.{i}.*`` -> lpips' ``slice{k}.{i}.*`` (lpips keeps torchvision's layer index i)."""
+    """torchvision's ``features.{i}.*`` -> lpips' ``slice{k}.{i}.*`` (lpips keeps torchvision's layer index i).
+
+    Ours, not lpips' own loading: lpips has torchvision read the trunk with torch.hub.load_state_dict_from_url,
+    which unpickles with weights_only=False and cannot read an explicit file or folder."""
     mapped = {}
     for key, value in trunk.state_dict().items():
         source = "features." + key.split(".", 1)[1]
@@ -181,7 +186,12 @@ def resnet50_network(weights: os.PathLike | None) -> nn.Module:
 
     if weights is None:
         return timm.create_model("resnet50", pretrained=False)
-    return timm.create_model("resnet50.tv_in1k", pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    try:  # timm reads a .pth with weights_only=True: a pickle that needs more is refused in our sentence
+        return timm.create_model("resnet50.tv_in1k", pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    except (pickle.UnpicklingError, RuntimeError) as error:  # timm wraps torch's UnpicklingError in a RuntimeError
+        if isinstance(error, pickle.UnpicklingError) or isinstance(error.__cause__, pickle.UnpicklingError):
+            raise UnsafeWeightsError(weights) from None
+        raise
 
 
 class ResNetLogitsDistance(FrozenNet):
