@@ -23,6 +23,7 @@ from flowmo.data.shards import write_shards
 from flowmo.data.stream import ShardStream
 from flowmo.flow import SamplerSettings
 from flowmo.module import FlowMoModule
+from flowmo.nn.quantizers import build_quantizer
 from flowmo.presets import get as preset
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -156,7 +157,10 @@ def test_subsample_takes_every_nth_image_of_the_split(shards):
 
 
 def test_table_columns_follow_the_paper():
-    assert tokens_times_vocab(preset("lo")) == "256 × 2^18" and tokens_times_vocab(preset("hi")) == "1024 × 2^14"
+    def vocabulary(name):
+        return tokens_times_vocab(build_quantizer(preset(name)), preset(name).code_length)
+
+    assert vocabulary("lo") == "256 × 2^18" and vocabulary("hi") == "1024 × 2^14"
     assert SamplerSettings(steps=25, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02)).nfe == 31  # method §4
 
 

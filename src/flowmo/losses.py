@@ -118,11 +118,9 @@ def flowmo_loss(tokenizer: nn.Module, images: Tensor, recipe: LossRecipe, percep
 
     parts: dict[str, Tensor] = {"flow": flow_matching_loss(velocity, images, noise)}
     total = recipe.flow_weight * parts["flow"]
-    if quantized.loss is not None and recipe.quantizer_weight:
-        total = total + recipe.quantizer_weight * quantized.loss
-        terms = dict(quantizer=quantized.loss, entropy=quantized.entropy_loss, commitment=quantized.commitment_loss,
-                     per_sample_entropy=quantized.per_sample_entropy, codebook_entropy=quantized.codebook_entropy)
-        parts.update({name: value for name, value in terms.items() if value is not None})  # FSQ has no entropy terms
+    if quantized.losses is not None and recipe.quantizer_weight:
+        total = total + recipe.quantizer_weight * quantized.losses.total
+        parts.update(quantizer=quantized.losses.total, **quantized.losses.terms)
     if perceptual_net is not None and recipe.perceptual_weight:
         estimate = flow.x0_estimate(noisy, velocity, t)
         parts["perceptual"] = perceptual_net(images, estimate).float().mean()

@@ -155,7 +155,7 @@ class FlowMoModule(L.LightningModule):
             self._set_encoder_trainable(False)
         self.val_metrics = ReconstructionMetrics.for_evaluation(
             lpips_nets=tuple(val_lpips_nets), rfid=val_rfid, feature_weights=feature_weights,
-            inception_path=inception_path, codebook_bits=self.config.codebook_bits)
+            inception_path=inception_path, codebook_bits=self.tokenizer.quantizer.id_bits)
         self.noise = RankNoise(seed, key="flowmo_noise_generators")
         self._last_step_seen = 0
 

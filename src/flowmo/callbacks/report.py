@@ -114,7 +114,7 @@ def build_report(trainer: L.Trainer, pl_module: L.LightningModule, num_images: i
         "checkpoint": trainer.ckpt_path,
         "init_weights": hp.init_weights,
         "bits_per_pixel": config.bits_per_pixel,
-        "tokens_x_vocab": tokens_times_vocab(config),
+        "tokens_x_vocab": tokens_times_vocab(pl_module.tokenizer.quantizer, config.code_length),
         "resolution": list(resolution) if resolution else None,
         "stand_ins": stand_ins,
         "warning": stand_in_warning(stand_ins),
@@ -149,13 +149,15 @@ def collected_metrics(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[
     return {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
 
-def tokens_times_vocab(config) -> str:
+def tokens_times_vocab(quantizer, code_length: int) -> str:
     """Table 1's "tokens × vocab": Lo is 256 × 2^18; Hi is quoted in its 14-bit sub-tokens, 1024 × 2^14
-    (as LlamaGen-32, its row partner), since a 2^56 vocabulary compares with nothing."""
-    if config.quantizer != "lfq":
-        return f"{config.code_length} × {config.bits_per_token:g} bits"
-    bits = config.code_dim if config.code_dim <= 18 else config.entropy_group_bits
-    return f"{config.code_length * config.code_dim // bits} × 2^{bits}"
+    (as LlamaGen-32, its row partner), since a 2^56 vocabulary compares with nothing. A code whose ids are not
+    bit words (FSQ, continuous) is quoted in bits per token."""
+    if quantizer.id_bits is None:
+        return f"{code_length} × {quantizer.bits_per_token:g} bits"
+    per_token = int(quantizer.bits_per_token)
+    bits = per_token if per_token <= 18 else quantizer.id_bits
+    return f"{code_length * per_token // bits} × 2^{bits}"
 
 
 def stand_in_warning(stand_ins: list[str]) -> str | None:

@@ -34,7 +34,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def tokenizer_record(tokenizer, source: str) -> dict:
     """What a token manifest says about the tokenizer that wrote it."""
     return {"source": source, "sha256": tokenizer_fingerprint(tokenizer), "config": tokenizer.config.to_dict(),
-            "tokens": tokenizer.config.code_length, "groups": getattr(tokenizer.quantizer, "groups_per_token", 1),
+            "tokens": tokenizer.config.code_length, "groups": tokenizer.quantizer.ids_per_token,
             "codebook_size": int(tokenizer.quantizer.codebook_size), "ids_per_image": tokenizer.ids_per_image}
 
 

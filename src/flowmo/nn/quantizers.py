@@ -5,32 +5,106 @@
 - `FSQ`: finite scalar quantization with per-channel levels (the paper's Table 4 ablation).
 - `ContinuousCode`: no quantization (continuous-latent comparison).
 
-All take and return codes shaped [B, L, D] (L latent tokens, D channels per token).
+All take and return codes shaped [B, L, D] (L latent tokens, D channels per token). Everything a caller needs to
+know about a quantizer (its ids, its vocabulary, its bits) is an attribute of the `Quantizer` contract, so no
+caller compares quantizer names. A new quantizer is one `Quantizer` subclass and one line in `QUANTIZERS`:
+
+    class Binary(Quantizer):            # e.g. sign bits without entropy loss, one id per 8 channels
+        ...                             # set code_dim, ids_per_token, codebook_size, bits_per_token, id_bits
+    QUANTIZERS["binary"] = lambda config: Binary(config.code_dim)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 
-@dataclass
+@dataclass(frozen=True)
+class QuantizerLosses:
+    """A quantizer's losses of one micro-batch: `total` (weighted, what training adds) and the named terms it is
+    made of, logged one by one (LFQ: entropy, commitment, per_sample_entropy, codebook_entropy)."""
+
+    total: Tensor
+    terms: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "terms", MappingProxyType(dict(self.terms)))
+
+
+@dataclass(frozen=True)
 class QuantizerOutput:
     """codes: [B, L, D] quantized (straight-through gradient to the continuous code).
-    indices: [B, L*F] int64 sub-token ids (LFQ), [B, L] (FSQ), None (continuous).
-    Loss terms are scalars, None when `with_losses=False` (inference)."""
+    indices: [B, L*ids_per_token] int64 token ids, None without ids (continuous, or an FSQ too wide for int64).
+    losses: None when `with_losses=False` (inference)."""
 
     codes: Tensor
     indices: Tensor | None
-    loss: Tensor | None = None
-    entropy_loss: Tensor | None = None
-    commitment_loss: Tensor | None = None
-    per_sample_entropy: Tensor | None = None
-    codebook_entropy: Tensor | None = None
+    losses: QuantizerLosses | None = None
+
+    # The public API's names for the loss terms (None where the quantizer has no such term).
+    @property
+    def loss(self) -> Tensor | None:
+        return None if self.losses is None else self.losses.total
+
+    @property
+    def entropy_loss(self) -> Tensor | None:
+        return self._term("entropy")
+
+    @property
+    def commitment_loss(self) -> Tensor | None:
+        return self._term("commitment")
+
+    @property
+    def per_sample_entropy(self) -> Tensor | None:
+        return self._term("per_sample_entropy")
+
+    @property
+    def codebook_entropy(self) -> Tensor | None:
+        return self._term("codebook_entropy")
+
+    def _term(self, name: str) -> Tensor | None:
+        return None if self.losses is None else self.losses.terms.get(name)
+
+
+class Quantizer(nn.Module):
+    """The contract every quantizer keeps. Attributes (set by each subclass's constructor):
+
+    code_dim        D, the channels of a code token it reads
+    ids_per_token   token ids per code token (LFQ: F = D / G sub-tokens; FSQ: 1; continuous: 0)
+    codebook_size   how many values one id takes (LFQ: 2^G); None when there are no ids
+    bits_per_token  the information of one code token in bits (inf for a continuous code)
+    id_bits         G when an id is a word of G independent bits (LFQ), whose use can be counted bit by bit
+    """
+
+    code_dim: int
+    ids_per_token: int = 0
+    codebook_size: int | None = None
+    bits_per_token: float = math.inf
+    id_bits: int | None = None
+
+    @property
+    def has_ids(self) -> bool:
+        return self.codebook_size is not None
+
+    def forward(self, code: Tensor, with_losses: bool = True) -> QuantizerOutput:
+        raise NotImplementedError
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """int64 ids [B, L * ids_per_token] -> codes [B, L, D] as the decoder reads them."""
+        raise ValueError("this tokenizer's code has no token ids (a continuous code, or an FSQ whose levels do not fit "
+                         "one int64 id); use encode / quantize codes.")
+
+    def zero_losses(self, code: Tensor) -> QuantizerLosses:
+        """Losses of a quantizer with no loss of its own: zeros, logged under the same names as LFQ's main terms."""
+        zero = code.new_zeros((), dtype=torch.float32)
+        return QuantizerLosses(zero, {"entropy": zero, "commitment": zero})
 
 
 def _entropy(probs: Tensor, eps: float = 1e-5) -> Tensor:
@@ -38,7 +112,7 @@ def _entropy(probs: Tensor, eps: float = 1e-5) -> Tensor:
     return -(probs * torch.log(probs + eps)).sum(dim=-1)
 
 
-class LFQ(nn.Module):
+class LFQ(Quantizer):
     """Lookup-free quantization: q(c) = +1 if c > 0 else -1, per channel (no tanh, method §8.10).
 
     Entropy grouping: with F = D/G, channel f of token l belongs to sub-token l*F + (f mod F) as bit
@@ -52,22 +126,19 @@ class LFQ(nn.Module):
         if code_dim % group_bits:
             raise ValueError(f"code_dim {code_dim} is not divisible by the entropy group size {group_bits}.")
         self.code_dim, self.group_bits = code_dim, group_bits
-        self.groups_per_token = code_dim // group_bits
+        self.ids_per_token = code_dim // group_bits
+        self.codebook_size, self.id_bits, self.bits_per_token = 2**group_bits, group_bits, float(code_dim)
         self.temperature = temperature
         self.entropy_weight, self.commit_weight = entropy_weight, commit_weight
         self.register_buffer("bit_values", 2 ** torch.arange(group_bits), persistent=False)
 
-    @property
-    def codebook_size(self) -> int:
-        return 2**self.group_bits
-
     def to_subtokens(self, code: Tensor) -> Tensor:
         """[B, L, D] -> [B, L*F, G]; channel f = j*F + r goes to sub-token l*F + r as bit j."""
-        return rearrange(code, "b l (j r) -> b (l r) j", r=self.groups_per_token)
+        return rearrange(code, "b l (j r) -> b (l r) j", r=self.ids_per_token)
 
     def from_subtokens(self, subtokens: Tensor) -> Tensor:
         """[B, L*F, G] -> [B, L, D]; inverse of `to_subtokens`."""
-        return rearrange(subtokens, "b (l r) j -> b l (j r)", r=self.groups_per_token)
+        return rearrange(subtokens, "b (l r) j -> b l (j r)", r=self.ids_per_token)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         bits = (self.to_subtokens(codes) > 0).long()
@@ -81,19 +152,17 @@ class LFQ(nn.Module):
     def forward(self, code: Tensor, with_losses: bool = True) -> QuantizerOutput:
         quantized = torch.where(code > 0, 1.0, -1.0).to(code.dtype)
         codes = code + (quantized - code).detach()
-        out = QuantizerOutput(codes=codes, indices=self.codes_to_indices(quantized))
-        if with_losses:
-            self._add_losses(out, code, quantized)
-        return out
+        losses = self.losses(code, quantized) if with_losses else None
+        return QuantizerOutput(codes=codes, indices=self.codes_to_indices(quantized), losses=losses)
 
-    def _add_losses(self, out: QuantizerOutput, code: Tensor, quantized: Tensor) -> None:
+    def losses(self, code: Tensor, quantized: Tensor) -> QuantizerLosses:
         with torch.autocast(code.device.type, enabled=False):
             per_sample, codebook = self.entropy_terms(code.float())
             commitment = (code.float() - quantized.float()).pow(2).mean()
-        out.per_sample_entropy, out.codebook_entropy = per_sample, codebook
-        out.entropy_loss = per_sample - codebook
-        out.commitment_loss = commitment
-        out.loss = self.entropy_weight * out.entropy_loss + self.commit_weight * commitment
+        entropy = per_sample - codebook
+        return QuantizerLosses(self.entropy_weight * entropy + self.commit_weight * commitment,
+                               {"entropy": entropy, "commitment": commitment, "per_sample_entropy": per_sample,
+                                "codebook_entropy": codebook})
 
     def entropy_terms(self, code: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-sub-token entropy, entropy of the mean distribution), over this micro-batch.
@@ -115,7 +184,7 @@ class LFQ(nn.Module):
         return ((indices[:, None] // self.bit_values) % 2).float() * 2 - 1
 
 
-class FSQ(nn.Module):
+class FSQ(Quantizer):
     """Finite scalar quantization (Mentzer et al. 2023): bound each channel with tanh to its level
     count, round with a straight-through estimator, rescale to [-1, 1]. One index per token."""
 
@@ -123,18 +192,13 @@ class FSQ(nn.Module):
         super().__init__()
         self.levels = tuple(levels)
         self.code_dim = len(levels)
+        self.bits_per_token = float(sum(math.log2(level) for level in levels))
+        # one int64 id per token only while the codebook fits (8^24 levels = 72 bits does not): otherwise no ids
+        size = math.prod(self.levels)
+        self.codebook_size, self.ids_per_token = (size, 1) if size < 2**63 else (None, 0)
         self.register_buffer("level_counts", torch.tensor(levels, dtype=torch.float32), persistent=False)
         basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), dtype=torch.int64), dim=0)
         self.register_buffer("basis", basis, persistent=False)
-
-    @property
-    def codebook_size(self) -> int:
-        return math.prod(self.levels)
-
-    @property
-    def has_ids(self) -> bool:
-        """Whether a token's code fits one int64 id (prod(levels) < 2^63)."""
-        return self.codebook_size < 2**63
 
     def _bound(self, code: Tensor) -> Tensor:
         """Squash to (-(L-1)/2, (L-1)/2), shifted by half a step for even L so rounding gives L values."""
@@ -148,13 +212,8 @@ class FSQ(nn.Module):
         rounded = bounded + (bounded.round() - bounded).detach()
         half_width = torch.div(self.level_counts, 2, rounding_mode="floor")
         codes = (rounded / half_width).to(code.dtype)
-        # one int64 id per token only while the codebook fits (8^24 levels = 72 bits does not): otherwise no ids
         indices = self.codes_to_indices(codes) if self.has_ids else None
-        out = QuantizerOutput(codes=codes, indices=indices)
-        if with_losses:
-            zero = code.new_zeros((), dtype=torch.float32)
-            out.loss = out.entropy_loss = out.commitment_loss = zero
-        return out
+        return QuantizerOutput(codes, indices, self.zero_losses(code) if with_losses else None)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         half_width = torch.div(self.level_counts, 2, rounding_mode="floor")
@@ -163,14 +222,13 @@ class FSQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         if not self.has_ids:
-            raise ValueError(f"FSQ levels {self.levels} make {self.codebook_size:.3g} codes per token, more than an "
-                             "int64 id holds; this tokenizer has no token ids (use encode/quantize codes).")
+            return super().indices_to_codes(indices)
         half_width = torch.div(self.level_counts, 2, rounding_mode="floor")
         digits = (indices[..., None] // self.basis) % self.level_counts.long()
         return (digits.float() - half_width) / half_width
 
 
-class ContinuousCode(nn.Module):
+class ContinuousCode(Quantizer):
     """No quantization: the decoder reads the encoder's continuous code (ablation / continuous variant)."""
 
     def __init__(self, code_dim: int):
@@ -178,21 +236,18 @@ class ContinuousCode(nn.Module):
         self.code_dim = code_dim
 
     def forward(self, code: Tensor, with_losses: bool = True) -> QuantizerOutput:
-        out = QuantizerOutput(codes=code, indices=None)
-        if with_losses:
-            zero = code.new_zeros((), dtype=torch.float32)
-            out.loss = out.entropy_loss = out.commitment_loss = zero
-        return out
-
-    def indices_to_codes(self, indices: Tensor) -> Tensor:
-        raise ValueError("a continuous-code FlowMo has no token indices; use a config with quantizer 'lfq' or 'fsq'.")
+        return QuantizerOutput(code, None, self.zero_losses(code) if with_losses else None)
 
 
-def build_quantizer(config) -> nn.Module:
+# config.quantizer -> the quantizer of a FlowMoConfig: the one place a quantizer's name means anything.
+QUANTIZERS: dict[str, Callable[..., Quantizer]] = {
+    "lfq": lambda config: LFQ(config.code_dim, config.entropy_group_bits, config.entropy_temperature,
+                              config.entropy_loss_weight, config.commit_loss_weight),
+    "fsq": lambda config: FSQ(config.fsq_levels),
+    "none": lambda config: ContinuousCode(config.code_dim),
+}
+
+
+def build_quantizer(config) -> Quantizer:
     """The quantizer named by `config.quantizer` (a FlowMoConfig)."""
-    if config.quantizer == "lfq":
-        return LFQ(config.code_dim, config.entropy_group_bits, config.entropy_temperature,
-                   config.entropy_loss_weight, config.commit_loss_weight)
-    if config.quantizer == "fsq":
-        return FSQ(config.fsq_levels)
-    return ContinuousCode(config.code_dim)
+    return QUANTIZERS[config.quantizer](config)

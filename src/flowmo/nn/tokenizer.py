@@ -128,8 +128,9 @@ class FlowMoTokenizer(nn.Module):
     def check_indices(self, indices) -> Tensor:
         """Token ids as an int64 tensor [B, N] on the model's device, or one ValueError that says what is wrong.
         Lists and numpy arrays are accepted; N must be the code's id count and every id within the codebook."""
-        if self.config.quantizer == "none":
-            raise ValueError("this tokenizer has a continuous code (quantizer 'none'): it has no token ids.")
+        if not self.quantizer.has_ids:
+            raise ValueError(f"this tokenizer's code has no token ids (quantizer {self.config.quantizer!r}); use "
+                             "encode / quantize codes.")
         try:
             ids = torch.as_tensor(indices)
         except (TypeError, ValueError, RuntimeError) as error:
@@ -149,8 +150,8 @@ class FlowMoTokenizer(nn.Module):
 
     @property
     def ids_per_image(self) -> int:
-        """How many token ids one image has: code_length x sub-tokens per token (LFQ) or code_length (FSQ)."""
-        return self.config.code_length * getattr(self.quantizer, "groups_per_token", 1)
+        """How many token ids one image has: code_length x ids per token (LFQ: its sub-tokens; FSQ: 1)."""
+        return self.config.code_length * self.quantizer.ids_per_token
 
     def _model_dtype(self, images: Tensor) -> Tensor:
         """Half, bfloat16 or float64 images run in the model's own dtype (the API promise: any float dtype)."""
