@@ -5,9 +5,10 @@
   save removes its temporary file and stops the run with one sentence;
 - preemption: `Preemption` turns SIGTERM (and SIGUSR1 outside SLURM's own requeue handling) into a
   checkpoint written at the end of the current optimizer step, then an exit with EXIT_PREEMPTED;
-- resume: `latest_checkpoint` is the one notion of "latest" behind `--ckpt_path last`: the newest readable
-  file among the run's last.ckpt, step checkpoints and SLURM's hpc_ckpt_*.ckpt; an unreadable one is reported
-  and skipped; with none, the run says loudly that it starts from step 0.
+- resume: `latest_checkpoint` is the one notion of "latest" behind `--ckpt_path last` (and a requeued job's start):
+  the readable file holding the most optimizer steps among the run's last.ckpt, step checkpoints and SLURM's
+  hpc_ckpt_*.ckpt; an unreadable one is reported and skipped; with none, the run says loudly that it starts from
+  step 0 (which run a directory holds, and which process writes it: flowmo.run_dir).
 - a non-finite loss or gradient: `NonFiniteGuard` skips that optimizer step on the device (fused Adam's
   found_inf; the projection and the EMA follow the same flag), with one decision for all ranks, and counts it; the
   counters are read at logging steps only, and `max_nonfinite_steps` skips in a row stop the run
@@ -19,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -202,29 +202,52 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- resume
-def is_readable(path: Path) -> bool:
-    """A torch.save file is a zip; a truncated one has no central directory (cheap: reads the end only)."""
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint holds; None when it cannot be read (a save cut short has no zip directory).
+    mmap: the tensors are not read, so this is cheap even for a 13.9 GB file."""
     try:
-        with zipfile.ZipFile(path):
-            return True
-    except (zipfile.BadZipFile, OSError):
-        return False
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - any failure to read means: not a state to resume from
+        return None
 
 
 def resume_candidates(run_dir: Path) -> list[Path]:
+    """A run's checkpoints, newest file first: checkpoints/*.ckpt and SLURM's hpc_ckpt_*.ckpt beside them."""
     checkpoints = Path(run_dir) / "checkpoints"
     found = [p for p in checkpoints.glob("*.ckpt") if not p.name.startswith(".")] if checkpoints.is_dir() else []
     found += list(Path(run_dir).glob("hpc_ckpt_*.ckpt"))  # Lightning's SLURM requeue saves here
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(found, key=_modified, reverse=True)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # removed by retention since the listing
+        return 0.0
+
+
+def checkpoint_steps(run_dir: Path) -> list[tuple[Path, int | None]]:
+    """(file, step) of each of the run's checkpoints, newest file first; step None: unreadable."""
+    return [(path, checkpoint_step(path)) for path in resume_candidates(run_dir)]
+
+
+def newest_state(candidates: list[tuple[Path, int | None]], report=print) -> tuple[Path, int] | None:
+    """(file, step) of the readable checkpoint holding the most optimizer steps; of two with the same step, the
+    newer file. Steps decide, not names or times: Lightning prefers hpc_ckpt_N by its name, and a copied run loses
+    its times. Unreadable files are reported."""
+    best = None
+    for path, step in candidates:
+        if step is None:
+            report(f"flowmo: {path} is unreadable (a save cut short?); skipping it.")
+        elif best is None or step > best[1]:
+            best = (path, step)
+    return best
 
 
 def latest_checkpoint(run_dir: Path, report=print) -> Path | None:
-    """The newest readable checkpoint of a run (last.ckpt, step files, hpc_ckpt_*); unreadable ones reported."""
-    for path in resume_candidates(run_dir):
-        if is_readable(path):
-            return path
-        report(f"flowmo: {path} is unreadable (a save cut short?); trying the next newest checkpoint.")
-    return None
+    """The checkpoint `--ckpt_path last` resumes: the newest state of the run (newest_state), or None."""
+    newest = newest_state(checkpoint_steps(run_dir), report)
+    return newest[0] if newest else None
 
 
 # ------------------------------------------------------------------------------------------- preemption

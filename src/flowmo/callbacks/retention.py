@@ -34,7 +34,7 @@ class CheckpointRetention(L.Callback):
         if not trainer.is_global_zero or callback is None or not callback.dirpath:
             return []
         removed = []
-        for path in self.removable(Path(callback.dirpath)):
+        for path in self.removable(Path(callback.dirpath), trainer.global_step):
             try:
                 path.unlink()
                 removed.append(path)
@@ -42,9 +42,11 @@ class CheckpointRetention(L.Callback):
                 print(f"flowmo: could not remove old checkpoint {path}: {error}", file=sys.stderr)
         return removed
 
-    def removable(self, folder: Path) -> list[Path]:
-        steps = sorted(((int(m.group(1)), p) for p in folder.glob("step*.ckpt") if (m := STEP_FILE.fullmatch(p.name))),
-                       reverse=True)
+    def removable(self, folder: Path, step_now: int) -> list[Path]:
+        """Only this run's past: a file of a later step than the run has reached was not written by it (a run
+        directory holds one run, flowmo.run_dir; this keeps another's files safe even if that is broken)."""
+        steps = sorted(((int(m.group(1)), p) for p in folder.glob("step*.ckpt")
+                        if (m := STEP_FILE.fullmatch(p.name)) and int(m.group(1)) <= step_now), reverse=True)
         newest = {step for step, _ in steps[: self.keep_last]}
         return [path for step, path in steps if step not in newest and not self._milestone(step)]
 

@@ -9,7 +9,8 @@ CLI on one base with this project's run folders, checks and defaults.
 `run_name` names the run: TensorBoard logs under runs/<run_name>/, checkpoints in runs/<run_name>/checkpoints
 (stable across restarts, so `--ckpt_path last` finds them), the resolved config beside them. Every run saves
 checkpoints atomically, turns SIGTERM / SIGUSR1 into a saved, resumable exit and ends with last.ckpt at its final
-step (flowmo.faults).
+step (flowmo.faults). A run directory holds one run written by one process: a second start of a run is refused
+unless it resumes (--ckpt_path) or starts over (--overwrite), and a requeued job resumes (flowmo.run_dir).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from jsonargparse import ActionYesNo
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -27,18 +29,13 @@ from flowmo.callbacks import StepProgressBar
 from flowmo.config import config_differences
 from flowmo.data.datamodule import FlowMoDataModule
 from flowmo.errors import UserError
-from flowmo.faults import (
-    AtomicCheckpointIO,
-    FinalCheckpoint,
-    Preemption,
-    exit_code_for,
-    latest_checkpoint,
-)
+from flowmo.faults import AtomicCheckpointIO, FinalCheckpoint, Preemption, exit_code_for
 from flowmo.generate.data import TokenDataModule
 from flowmo.generate.module import MaskGITModule
 from flowmo.module import FlowMoModule
 from flowmo.presets import resolve_config
 from flowmo.pretrained import MissingWeightsError
+from flowmo.run_dir import claim
 
 # What a checkpoint decides when it is evaluated: the network's shape. Everything else is the evaluation's.
 ARCHITECTURE_HPARAMS = ("preset", "architecture")
@@ -47,18 +44,26 @@ PARSER_KWARGS = {"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_err
 
 class ProjectCLI(LightningCLI):
     """What every run of this project shares: runs/<run_name>/, ModelCheckpoint, `--ckpt_path last`, atomic saves,
-    preemption, the final checkpoint, the step progress bar and the TensorBoard logger."""
+    preemption, the final checkpoint, the step progress bar, the TensorBoard logger and one run per run directory."""
 
     def __init__(self, model_class, datamodule_class, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # no option abbreviations (--trainer.max_step would silently mean max_steps); parse errors are raised
         # to main(), which prints their one sentence instead of 110 lines of usage
         kwargs.setdefault("parser_kwargs", PARSER_KWARGS)
-        super().__init__(model_class, datamodule_class, *args, **kwargs)
+        self._run_lock = None  # taken by _claim_run (fit), held until the command ends
+        try:
+            super().__init__(model_class, datamodule_class, *args, **kwargs)
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str, default="flowmo", help="runs/<run_name>/ holds logs and checkpoints")
         parser.add_argument("--runs_dir", type=str, default="runs")
+        parser.add_argument("--overwrite", action=ActionYesNo, default=False,
+                            help="fit: start runs/<run_name>/ over from step 0, its earlier files moved into "
+                                 "superseded-<time>/ (without it, a run that holds checkpoints only resumes)")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1,
                              "checkpoint.every_n_train_steps": 5000, "checkpoint.filename": "step{step:07d}",
@@ -68,19 +73,13 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments(("runs_dir", "run_name"), "trainer.default_root_dir",
                               compute_fn=lambda runs, name: f"{runs}/{name}")
 
-    def _resolve_last(self) -> None:
-        """`--ckpt_path last` = the newest readable checkpoint of this run (last.ckpt, step files, SLURM's
-        hpc_ckpt_*), said out loud; with none, a loud note that the run starts from step 0."""
+    def _claim_run(self) -> None:
+        """fit, before anything is built: the run directory's lock, and the checkpoint this start continues
+        (`--ckpt_path last` = the newest state of the run; a requeued job resumes it too), or a refusal."""
         config = self.config["fit"]
-        if config.get("ckpt_path") != "last":
-            return
         run_dir = Path(config["runs_dir"]) / config["run_name"]
-        latest = latest_checkpoint(run_dir, report=lambda message: print(message, file=sys.stderr))
-        if latest is None:
-            print(f"flowmo: --ckpt_path last: no checkpoint in {run_dir} yet; starting from step 0.", file=sys.stderr)
-        else:
-            print(f"flowmo: resuming from {latest}", file=sys.stderr)
-        config["ckpt_path"] = str(latest) if latest else None
+        config["ckpt_path"], self._run_lock = claim(run_dir, config.get("ckpt_path"), config.get("overwrite"))
+        config["overwrite"] = False  # done: the run's saved config.yaml, reused later, must not start it over again
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if not config.get("plugins"):
@@ -117,7 +116,7 @@ class FlowMoCLI(ProjectCLI):
         command line's, and a Stage-1B run's init_weights (a 1A file, maybe not on this machine) is not re-read."""
         subcommand = self.config.get("subcommand")
         if subcommand == "fit":
-            self._resolve_last()
+            self._claim_run()
             self._refuse_other_architecture()
         if subcommand in (None, "fit"):
             return super()._parse_ckpt_path()
@@ -180,7 +179,7 @@ class GeneratorCLI(ProjectCLI):
 
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") == "fit":
-            self._resolve_last()
+            self._claim_run()
         return LightningCLI._parse_ckpt_path(self)
 
 
