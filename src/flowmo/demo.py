@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -77,8 +76,8 @@ def validation_images(data_dir: Path, image_size: int) -> torch.Tensor:
 def run_stage(stage: str, args: argparse.Namespace, extra: list[str]) -> Path:
     """One `flowmo fit` of the demo; returns its last checkpoint."""
     run_name = f"demo-{stage}"
-    shutil.rmtree(Path(args.runs_dir) / run_name, ignore_errors=True)  # a fresh demo, not a resume
-    cli_args = ["fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/demo.yaml"),
+    # a fresh demo, not a resume: --overwrite moves an earlier demo's run aside (runs/demo-*/superseded-<time>/)
+    cli_args = ["fit", "--overwrite", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/demo.yaml"),
                 "-c", str(CONFIGS / f"stage/{stage}.yaml"), "-c", str(CONFIGS / "data/sample.yaml"),
                 "-c", str(CONFIGS / "demo.yaml"), "--run_name", run_name, "--runs_dir", args.runs_dir,
                 "--data.train_shards", str(Path(args.data) / "train.json"),
