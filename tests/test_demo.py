@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from flowmo.commands import main as flowmo_main
@@ -43,6 +44,14 @@ def test_demo_writes_grid_curves_and_metrics(tmp_path):
     for stage, steps in (("1a", 4), ("1b", 2)):
         curve = read_scalars(tmp_path / "runs" / f"demo-{stage}", ("val/psnr",))["val/psnr"]
         assert len(curve) == steps // 2 and all(value > 5 for _, value in curve), (stage, curve)
+    # a second demo starts over on purpose (--overwrite): the first one's run is moved aside, not refused or lost
+    from flowmo.commands.demo import parser
+    from flowmo.demo import run_stage
+
+    args = parser().parse_args(["--data", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")])
+    run_stage("1a", args, ["--trainer.max_steps", "1", "--model.perceptual", "none"])
+    (earlier,) = (tmp_path / "runs" / "demo-1a").glob("superseded-*/checkpoints/last.ckpt")
+    assert torch.load(earlier, weights_only=True, mmap=True)["global_step"] == 4
 
 
 def test_demo_reuses_its_sample_set_and_rebuilds_a_stale_one(tmp_path):

@@ -291,14 +291,23 @@ def test_user_errors_are_one_sentence_without_a_traceback(shards, tmp_path, caps
 
 
 def test_latest_checkpoint_includes_slurm_requeue_saves(tmp_path):
-    """Lightning's SLURM requeue writes <run>/hpc_ckpt_N.ckpt; `--ckpt_path last` must prefer it when newer."""
+    """Lightning's SLURM requeue writes <run>/hpc_ckpt_N.ckpt; `--ckpt_path last` takes it when it holds the most
+    steps, and not when it holds fewer, whichever file is newer (Lightning itself prefers it by its name)."""
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    torch.save({"global_step": 100}, run_dir / "checkpoints" / "last.ckpt")
-    time.sleep(0.05)
-    torch.save({"global_step": 130}, run_dir / "hpc_ckpt_1.ckpt")
+    fake_run(run_dir, {"checkpoints/last.ckpt": 100, "hpc_ckpt_1.ckpt": 130})
     (run_dir / "checkpoints" / ".last.ckpt.tmp-123").write_bytes(b"half")  # a killed save's leftover: ignored
     assert latest_checkpoint(run_dir) == run_dir / "hpc_ckpt_1.ckpt"
+    fake_run(run_dir, {"checkpoints/last.ckpt": 139, "hpc_ckpt_1.ckpt": 130})  # the hpc file is the newer one
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "last.ckpt"
+
+
+def fake_run(run_dir: Path, files: dict[str, int]) -> None:
+    """Checkpoint stand-ins holding only their step, the last one given the newest file."""
+    for age, (name, step) in enumerate(reversed(files.items())):
+        path = run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": step}, path)
+        os.utime(path, (time.time() - age, time.time() - age))
 
 
 def test_a_truncated_test_shard_reports_the_images_lost(sample_shards, tmp_path, monkeypatch):
@@ -336,3 +345,194 @@ def test_checkpoint_retention_keeps_the_newest_and_every_nth(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     names = sorted(path.name for path in (runs / "fault" / "checkpoints").glob("*.ckpt"))
     assert names == ["last.ckpt", "step0000003.ckpt", "step0000006.ckpt", "step0000007.ckpt"], names
+
+
+# ------------------------------------------------------------------------------------------- one run per directory
+def test_a_second_start_of_a_run_is_refused_before_anything_is_built(tmp_path, capsys):
+    """No shards exist: had the refusal come after the data module was built, it would name them instead."""
+    from flowmo.commands import main
+
+    runs = tmp_path / "runs"
+    fake_run(runs / "fault", {"checkpoints/step0000040.ckpt": 40, "checkpoints/last.ckpt": 60})
+    before = {path: path.read_bytes() for path in (runs / "fault").rglob("*.ckpt")}
+    assert main(fit_command(tmp_path / "no-shards", runs, 3)[3:]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {runs / 'fault'} already holds a run (newest checkpoint: {runs / 'fault/checkpoints/last.ckpt'}, "
+            "step 60); continue it with --ckpt_path last (make ... RESUME=1), or start another with a new --run_name "
+            "(--overwrite starts this one over, moving its files aside).") in err and "Traceback" not in err
+    assert {path: path.read_bytes() for path in (runs / "fault").rglob("*.ckpt")} == before
+
+
+def test_overwrite_moves_the_earlier_run_aside_and_a_resume_keeps_one_lineage(tmp_path, monkeypatch):
+    from flowmo.errors import UserError
+    from flowmo.run_dir import claim
+
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, {"checkpoints/step0000020.ckpt": 20, "hpc_ckpt_1.ckpt": 50, "checkpoints/last.ckpt": 60})
+    (run_dir / "version_0").mkdir()
+    before = {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*.ckpt")}
+    with pytest.raises(UserError, match="give one of the two"):
+        claim(run_dir, "last", overwrite=True)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank the launching process started: neither locks nor moves
+    assert claim(run_dir, None, overwrite=True) == (None, None) and (run_dir / "checkpoints").is_dir()
+    monkeypatch.delenv("LOCAL_RANK")
+    ckpt_path, lock = claim(run_dir, None, overwrite=True)
+    lock.release()
+    (superseded,) = run_dir.glob("superseded-*")
+    assert ckpt_path is None and sorted(path.name for path in run_dir.iterdir()) == [".fit.lock", superseded.name]
+    assert {path.relative_to(superseded): path.read_bytes() for path in superseded.rglob("*.ckpt")} == before
+    assert (superseded / "version_0").is_dir()  # the logs too: the new run starts at version_0
+
+    # a resume from an older checkpoint of the run moves the later ones aside: `last` must not jump back to them
+    fake_run(run_dir, {"checkpoints/step0000020.ckpt": 20, "checkpoints/step0000040.ckpt": 40,
+                       "hpc_ckpt_1.ckpt": 50, "checkpoints/last.ckpt": 60})
+    older = run_dir / "checkpoints" / "step0000020.ckpt"
+    assert claim(run_dir, str(older), overwrite=False)[0] == str(older)
+    branch = next(folder for folder in run_dir.glob("superseded-*") if folder != superseded)
+    assert sorted(path.name for path in branch.rglob("*.ckpt")) == ["hpc_ckpt_1.ckpt", "last.ckpt", "step0000040.ckpt"]
+    assert list((run_dir / "checkpoints").iterdir()) == [older] and not list(run_dir.glob("hpc_ckpt_*"))
+    fake_run(tmp_path / "other", {"checkpoints/last.ckpt": 7})
+    with pytest.raises(UserError, match="already holds a run of its own .* under a new --run_name"):
+        claim(run_dir, str(tmp_path / "other" / "checkpoints" / "last.ckpt"), overwrite=False)
+
+
+def test_a_requeued_job_without_ckpt_path_resumes_the_most_steps(tmp_path, monkeypatch):
+    from flowmo.errors import UserError
+    from flowmo.run_dir import claim
+
+    for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, {"checkpoints/last.ckpt": 69, "hpc_ckpt_1.ckpt": 60})  # the hpc file is the newer one
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "lo-1a")
+    with pytest.raises(UserError, match="already holds a run"):  # a first start under SLURM: not a requeue
+        claim(run_dir, None, overwrite=False)
+    for variable in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.setenv(variable, "1")
+        ckpt_path, lock = claim(run_dir, None, overwrite=True)  # --overwrite was for the job's first start
+        lock.release()
+        assert ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
+        monkeypatch.delenv(variable)
+
+
+def test_the_run_lock_names_its_holder_and_goes_with_it(tmp_path):
+    """The holder is another process (a lockf lock is per process), SIGKILLed: nothing stale is left behind."""
+    import socket
+
+    from flowmo.errors import UserError
+    from flowmo.run_dir import RunLock
+
+    ready, told = os.pipe()
+    child = os.fork()
+    if child == 0:  # the holder: lock, say so, wait to be killed
+        RunLock(tmp_path).acquire()
+        os.write(told, b"1")
+        time.sleep(60)
+        os._exit(0)
+    assert os.read(ready, 1) == b"1"
+    with pytest.raises(UserError, match=f"is being trained by process {child} on host {socket.gethostname()} "):
+        RunLock(tmp_path).acquire()
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    RunLock(tmp_path).acquire().release()
+
+
+def test_retention_never_deletes_a_step_the_run_has_not_reached(tmp_path):
+    from flowmo.callbacks import CheckpointRetention
+
+    for step in (1, 2, 3, 4, 9):
+        (tmp_path / f"step{step:07d}.ckpt").touch()
+    removable = CheckpointRetention(keep_last=2, keep_every=None).removable(tmp_path, step_now=4)
+    assert sorted(path.name for path in removable) == ["step0000001.ckpt", "step0000002.ckpt"]  # not step 9's file
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, f"{what}: the run ended or took too long"
+        time.sleep(0.2)
+
+
+def _bytes(folder: Path) -> dict[Path, bytes]:
+    return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*.ckpt")}
+
+
+@pytest.mark.slow
+def test_a_second_start_a_concurrent_start_and_a_start_over_for_real(shards, tmp_path):
+    """Real `flowmo fit` processes: the second start is refused with the first run's files unchanged, byte for byte;
+    a start beside a run still training stops at once naming it; its SIGKILL leaves no lock behind; --overwrite
+    starts over with the earlier files moved aside, not deleted."""
+    import socket
+
+    runs = tmp_path / "runs"
+    run_dir = runs / "fault"
+    first = run(fit_command(shards, runs, 4, "--checkpoint.every_n_train_steps", "2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _bytes(run_dir)
+    second = run(fit_command(shards, runs, 6))
+    assert second.returncode == 2 and second.stderr.strip().splitlines()[-1] == (
+        f"error: {run_dir} already holds a run (newest checkpoint: {run_dir / 'checkpoints/last.ckpt'}, step 4); "
+        "continue it with --ckpt_path last (make ... RESUME=1), or start another with a new --run_name (--overwrite "
+        "starts this one over, moving its files aside)."), second.stderr[-2000:]
+    assert _bytes(run_dir) == before and sorted(name.name for name in before) == [
+        "last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    training = subprocess.Popen(fit_command(shards, runs, 100_000, "--ckpt_path", "last"), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = run_dir / ".fit.lock"
+    _wait_for(lambda: f"process {training.pid} " in lock.read_text(), "the lock", training)
+    started = time.time()
+    beside = run(fit_command(shards, runs, 6, "--ckpt_path", "last"))
+    stopped_after = time.time() - started
+    training.kill()
+    training.wait()
+    assert beside.returncode == 2, beside.stderr[-2000:]
+    assert f"is being trained by process {training.pid} on host {socket.gethostname()}" in beside.stderr
+    assert stopped_after < 30, stopped_after  # the time to import torch and parse; nothing is built
+
+    before = _bytes(run_dir)
+    over = run(fit_command(shards, runs, 1, "--overwrite"))  # the SIGKILLed run left no lock to refuse it
+    assert over.returncode == 0, over.stderr[-2000:]
+    (superseded,) = run_dir.glob("superseded-*")
+    assert _bytes(superseded) == before and step_of(run_dir / "checkpoints" / "last.ckpt") == 1
+    print(f"concurrent start refused after {stopped_after:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_requeued_slurm_job_resumes_from_the_newest_state(shards, tmp_path):
+    """SLURM emulated: its variables, SIGUSR1 (Lightning saves hpc_ckpt_1 and calls `scontrol requeue`, a stand-in
+    here), training on, SIGTERM (last.ckpt, newer); the requeued job, started again without --ckpt_path, restores
+    last.ckpt (Lightning alone restored hpc_ckpt_1)."""
+    from run_faults import logged_step
+
+    stand_in = tmp_path / "bin" / "scontrol"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    stand_in.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lo-1a",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **slurm,
+           "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}"}
+    runs = tmp_path / "runs"
+    csv = ("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(runs / "csv"),
+           "--trainer.logger.flush_logs_every_n_steps", "1", "--checkpoint.every_n_train_steps", "100000")
+    job = subprocess.Popen(fit_command(shards, runs, 100_000, *csv), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    _wait_for(lambda: logged_step(runs) >= 3, "the first steps", job)
+    job.send_signal(signal.SIGUSR1)
+    hpc = runs / "fault" / "hpc_ckpt_1.ckpt"
+    _wait_for(lambda: (tmp_path / "scontrol.log").is_file(), "the requeue", job)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    _wait_for(lambda: logged_step(runs) >= step_of(hpc) + 3, "steps past the hpc save", job)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == EXIT_PREEMPTED
+    last = runs / "fault" / "checkpoints" / "last.ckpt"
+    saved = step_of(last)
+    assert saved > step_of(hpc)
+    requeued = subprocess.run(fit_command(shards, runs, saved + 1, *csv), env={**env, "SLURM_RESTART_COUNT": "1"},
+                              capture_output=True, text=True, timeout=600)
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert f"Restored all states from the checkpoint at {last}" in requeued.stderr
+    assert f"training data resumes at micro-batch {saved} " in requeued.stderr and step_of(last) == saved + 1
