@@ -211,8 +211,8 @@ def _explicit(spec: PretrainedFile, path: Path) -> Path:
                 return path / name
         path = path / spec.filename
     if not path.is_file():
-        raise MissingWeightsError(f"{spec.what}: {path} is not a file (expected {' or '.join((spec.filename, *spec.aliases))}"
-                                  f", from {spec.address}).")
+        names = " or ".join((spec.filename, *spec.aliases))
+        raise MissingWeightsError(f"{spec.what}: {path} is not a file (expected {names}, from {spec.address}).")
     return path
 
 
@@ -323,4 +323,6 @@ def lpips_heads_folder() -> str:
     import importlib.util
 
     spec = importlib.util.find_spec("lpips")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1") if spec else "lpips not installed"
+    if spec is None:
+        return "lpips not installed"
+    return str(Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1")

@@ -67,7 +67,8 @@ class FlowMoTokenizer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema") -> "FlowMoTokenizer":
         """Load any tokenizer file: a Lightning .ckpt of this package, an exported .pt or save_pretrained folder, the
-        authors' .pth, or a released name ("lo", "hi"); tensors only (weights_only=True / safetensors). Weights load on the CPU; move the model with .to(device)."""
+        authors' .pth, or a released name ("lo", "hi"); tensors only (weights_only=True / safetensors). Weights
+        load on the CPU; move the model with .to(device)."""
         return cls._from_state(path, weights)
 
     @classmethod
