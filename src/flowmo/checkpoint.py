@@ -179,5 +179,48 @@ def export_tokenizer(tokenizer, path: str | Path) -> Path:
     path = Path(path)
     require_finite(tokenizer.state_dict(), f"not exporting to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"flowmo_config": tokenizer.config.to_dict(), "state_dict": tokenizer.state_dict()}, path)
+    torch.save({"flowmo_config": tokenizer.config.to_dict(), "state_dict": tokenizer.state_dict(),
+                **record_metadata(tokenizer)}, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- provenance
+RECORD_KEY = "flowmo_weights"  # where an export keeps flowmo.optim.weights_record (a .pt key, safetensors metadata)
+
+
+def weights_record_of(source, weights: str = "ema") -> dict:
+    """Which weights `source` holds (flowmo.optim.weights_record): for a .ckpt of this package its step and EMA
+    updates, for an export what it recorded when written; otherwise only `weights` (e.g. the authors' files)."""
+    from flowmo.optim import weights_record
+
+    path = Path(source).expanduser() if isinstance(source, (str, Path)) else None
+    if path is None or not path.exists():
+        return weights_record(weights)
+    if path.is_dir():
+        return _folder_record(path) or weights_record(weights)
+    try:  # mmap: the metadata without reading gigabytes of weights
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file: its weights load anyway, its provenance is unknown
+        return weights_record(weights)
+    if RECORD_KEY in saved:
+        return json.loads(saved[RECORD_KEY])
+    if "hyper_parameters" in saved and "global_step" in saved:
+        return weights_record(weights, saved["hyper_parameters"], int(saved["global_step"]))
+    return weights_record(weights)
+
+
+def _folder_record(folder: Path) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(folder / WEIGHTS_NAME, framework="pt") as weights_file:
+            text = (weights_file.metadata() or {}).get(RECORD_KEY)
+    except Exception:  # noqa: BLE001 - an unreadable folder is reported by the loader itself
+        return None
+    return json.loads(text) if text else None
+
+
+def record_metadata(tokenizer) -> dict[str, str]:
+    """The tokenizer's weights record (set by from_checkpoint) as string metadata for an export."""
+    record = getattr(tokenizer, "weights_record", None)
+    return {RECORD_KEY: json.dumps(record)} if record else {}

@@ -37,7 +37,7 @@ def save_folder(tokenizer, folder: str | Path, metrics: Mapping | str | Path | N
     report = read_metrics(metrics)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, folder / WEIGHTS_NAME,
-              metadata={"format": "pt"})
+              metadata={"format": "pt", **checkpoint.record_metadata(tokenizer)})
     (folder / CONFIG_NAME).write_text(json.dumps(tokenizer.config.to_dict(), indent=2) + "\n")
     model_card(tokenizer.config, sum(v.numel() for v in state.values()), report).save(folder / CARD_NAME)
     return folder

@@ -33,7 +33,14 @@ from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.noise import RankNoise, evaluation_noise
-from flowmo.optim import ModelEMA, TrainingUpdate, WeightNormProjection
+from flowmo.optim import (
+    ModelEMA,
+    TrainingUpdate,
+    WeightNormProjection,
+    describe_weights,
+    warmup_applies,
+    weights_record,
+)
 from flowmo.perceptual import build_perceptual
 from flowmo.presets import resolve_config
 from flowmo.training_stats import batch_codebook_stats, global_norm
@@ -66,6 +73,7 @@ class FlowMoModule(L.LightningModule):
         weight_norm_projection: bool = True,
         ema_decay: float = 0.9999,
         ema_every: int = 10,
+        ema_warmup: bool = True,
         init_weights: str | None = None,
         init_weights_from: str = "ema",
         init_weights_parts: str = "all",
@@ -107,6 +115,9 @@ class FlowMoModule(L.LightningModule):
             weight_norm_projection: keep each weight matrix at its initial norm after every step (paper).
             ema_decay: EMA decay per EMA update (paper 0.9999).
             ema_every: optimizer steps between EMA updates (paper 10; decay applies per update).
+            ema_warmup: cap update n's decay at (1 + n) / (10 + n) while that is lower (flowmo.optim.ModelEMA), so a
+                short run's EMA is not its random init; the paper's steady state is unchanged. Off when the run
+                starts from init_weights (Stage 1B), whose EMA starts from trained weights.
             init_weights: start from these weights (a .ckpt, exported .pt, official .pth or a released name lo / hi;
                 1B needs a 1A file).
             init_weights_from: ema or raw weights of init_weights.
@@ -147,7 +158,8 @@ class FlowMoModule(L.LightningModule):
                                                feature_weights)
         self.sample_net = build_perceptual(self.recipe.sample_loss if self.recipe.sample_weight else "none",
                                            feature_weights)
-        self.ema = ModelEMA(self.tokenizer, ema_decay, ema_every)
+        self.ema = ModelEMA(self.tokenizer, ema_decay, ema_every,
+                            warmup_applies(ema_warmup, init_weights, init_weights_parts))
         self.weight_projection = WeightNormProjection(self.tokenizer) if weight_norm_projection else None
         self.update = TrainingUpdate(self.tokenizer, self.ema, self.weight_projection)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -158,6 +170,7 @@ class FlowMoModule(L.LightningModule):
             inception_path=inception_path, codebook_bits=self.tokenizer.quantizer.id_bits)
         self.noise = RankNoise(seed, key="flowmo_noise_generators")
         self._last_step_seen = 0
+        self._loaded: tuple[int, dict] | None = None  # (step, hyper-parameters) of a checkpoint validate/test loaded
 
     # ---------------------------------------------------------------------------------------- set-up
     compile_options: dict[str, Any] = {}  # torch.compile's keyword arguments (tests use backend="eager")
@@ -283,6 +296,37 @@ class FlowMoModule(L.LightningModule):
     def eval_tokenizer(self) -> FlowMoTokenizer:
         return self.ema.module if self.hparams.val_use_ema else self.tokenizer
 
+    def evaluated_weights(self) -> dict:
+        """Which weights validation and test decode with (flowmo.optim.weights_record): EMA or raw, at which step,
+        after how many EMA updates. Weights loaded through init_weights alone (e.g. the authors' .pth) fill both
+        copies, so then init_weights_from names them; a checkpoint's own hyper-parameters count its EMA updates."""
+        kind = "ema" if self.hparams.val_use_ema else "raw"
+        if self._loaded is not None and not self._fitting():
+            step, hparams = self._loaded
+            return weights_record(kind, hparams, step)
+        if self.hparams.init_weights and self.global_step == 0:
+            return {**weights_record(self.hparams.init_weights_from), "init_weights": self.hparams.init_weights}
+        return weights_record(kind, self.hparams, self.global_step)
+
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == "fit"
+
+    def _announce_evaluation(self) -> None:
+        """validate / test: say which weights run, and log at the evaluated checkpoint's optimizer step (beside the
+        training curve) instead of Lightning's step 0 for an evaluation-only run."""
+        if self._fitting():
+            return
+        if self.global_rank == 0:
+            print(f"flowmo {self.trainer.state.fn}: {describe_weights(self.evaluated_weights())}", file=sys.stderr)
+        if self._loaded is not None:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._loaded[0]  # the step loggers use
+
+    def on_validation_start(self) -> None:
+        self._announce_evaluation()
+
+    def on_test_start(self) -> None:
+        self._announce_evaluation()
+
     def reconstruct_batch(self, images: Tensor, batch_idx: int) -> tuple[Tensor, Tensor | None]:
         model = self.eval_tokenizer()
         quantized = model.quantize(model.encode(images, check=False), with_losses=False)
@@ -322,6 +366,7 @@ class FlowMoModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
         step = int(checkpoint.get("global_step", 0))
+        self._loaded = (step, dict(checkpoint.get("hyper_parameters", {})))
         if self._freeze_due(step):
             # Resumed at or past the freeze: freeze before DDP wraps the model and before the optimizer is built, so
             # both hold the decoder alone. Adam restarts if the freeze happens now (the authors rebuild it).

@@ -14,7 +14,7 @@ restarts the EMA from the raw weights on resume; we do not).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -25,16 +25,32 @@ FUSED_ADAM_DEVICES = ("cuda", "cpu", "xpu", "mps")
 class ModelEMA(nn.Module):
     """EMA of a model's full state dict, updated every `every` optimizer steps with decay**every.
 
-    decay 0.9999 every 10 steps gives 0.9999**10 ~ 0.9990 per update (method §5): the same horizon as a
+    decay 0.9999 every 10 steps gives 0.9999**10 ~ 0.9990 per update (spec 5): the same horizon as a
     per-step EMA at a tenth of the cost.
+
+    `warmup` caps the decay of update n (counted from 0) at (1 + n) / (10 + n), as TensorFlow's
+    ExponentialMovingAverage(num_updates) does: the first updates average mostly recent weights instead of keeping
+    ~all of the random initialisation (after 20 updates of 0.999 the EMA is still 98% initial weights, pure noise).
+    The cap binds only while it is below decay**every (the first 8995 updates for the paper's 0.999, 890 for 0.99);
+    after that the recursion is the paper's and the warm-up's share of the average shrinks by decay**every per update.
+    The update count is derived from the optimizer step (`updates_at`), so it needs no state of its own.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, every: int = 10):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, every: int = 10, warmup: bool = False):
         super().__init__()
         if not 0 < decay < 1 or every < 1:
             raise ValueError(f"EMA needs 0 < decay < 1 and every >= 1, got decay={decay}, every={every}.")
-        self.decay, self.every = decay, every
+        self.decay, self.every, self.warmup = decay, every, warmup
         self.module = copy.deepcopy(model).requires_grad_(False)
+
+    def updates_at(self, step: int) -> int:
+        """EMA updates made by the end of optimizer step `step` (counted from 1)."""
+        return step // self.every
+
+    def update_decay(self, done: int) -> float:
+        """The decay of the update that follows `done` earlier ones: decay**every, capped during the warm-up."""
+        steady = self.decay**self.every
+        return min(steady, (1 + done) / (10 + done)) if self.warmup else steady
 
     def _pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         ema_state, state = self.module.state_dict(), model.state_dict()
@@ -45,12 +61,22 @@ class ModelEMA(nn.Module):
         """Whether optimizer step `step` (counted from 1) moves the EMA: steps every, 2 * every, ..."""
         return step % self.every == 0
 
+    def initial_share(self, updates: int) -> float:
+        """The weight the starting weights still hold in the average after `updates` updates: 0.98 after 20 of the
+        paper's 0.999 without warm-up (the EMA is then mostly its random start), 1e-10 with it."""
+        share = 1.0
+        for done in range(updates):
+            share *= self.update_decay(done)
+            if share < 1e-12:  # negligible; stops the loop long before a 1.3M-step run's 130k updates
+                return 0.0
+        return share
+
     @torch.no_grad()
-    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
-        """ema <- d^every ema + (1 - d^every) w for every floating-point tensor; `skip` (a device flag, 1 = skip)
-        leaves it exactly unchanged without a host sync."""
+    def update(self, model: nn.Module, skip: Tensor | None = None, done: int = 0) -> None:
+        """ema <- d ema + (1 - d) w for every floating-point tensor, d = update_decay(done) (`done`: updates made
+        before this one); `skip` (a device flag, 1 = skip) leaves it exactly unchanged without a host sync."""
         ema, current = self._pairs(model)
-        weight = 1.0 - self.decay**self.every
+        weight = 1.0 - self.update_decay(done)
         if skip is None:
             torch._foreach_lerp_(ema, current, weight)
             return
@@ -70,6 +96,43 @@ class ModelEMA(nn.Module):
         squared = torch.stack([torch.linalg.vector_norm(e.float() - w.float()) ** 2 for e, w in zip(ema, current)])
         norms = torch.stack(torch._foreach_norm(current)).float()
         return squared.sum().sqrt() / torch.linalg.vector_norm(norms).clamp_min(1e-12)
+
+
+def warmup_applies(warmup: bool, init_weights: str | None, init_weights_parts: str = "all") -> bool:
+    """The EMA warm-up is for an average that starts from a random initialisation. One that starts from trained
+    weights (Stage 1B from 1A) averages them in at the full decay from its first update, as the authors' 1B does."""
+    return bool(warmup) and (not init_weights or init_weights_parts != "all")
+
+
+def weights_record(weights: str, hparams: Mapping | None = None, step: int | None = None) -> dict:
+    """Which weights a result came from, for metrics.json, exports and the console: "ema" or "raw", the optimizer
+    step, and for EMA weights how many updates they averaged (None where the file does not say, e.g. a release)."""
+    record: dict = {"weights": weights, "step": step}
+    if weights != "ema" or hparams is None or step is None or "ema_every" not in hparams:
+        return record if weights != "ema" else {**record, "ema_updates": None}
+    ema = ModelEMA(nn.Identity(), hparams["ema_decay"], hparams["ema_every"],
+                   warmup_applies(hparams.get("ema_warmup", False), hparams.get("init_weights"),
+                                  hparams.get("init_weights_parts", "all")))
+    updates = ema.updates_at(step)
+    return {**record, "ema_updates": updates, "ema_decay": ema.decay, "ema_every": ema.every, "ema_warmup": ema.warmup,
+            "ema_initial_share": round(ema.initial_share(updates), 6)}
+
+
+def describe_weights(record: dict) -> str:
+    """One line for the console: 'EMA weights of step 150 (15 updates of decay 0.9999 every 10 steps, warm-up)'."""
+    step = f" of step {record['step']}" if record.get("step") is not None else ""
+    if record["weights"] != "ema":
+        return f"raw weights{step}"
+    if record.get("ema_updates") is None:
+        return f"EMA weights{step}"
+    warmup = ", warm-up" if record["ema_warmup"] else ""
+    return (f"EMA weights{step} ({record['ema_updates']} updates of decay {record['ema_decay']:g} every "
+            f"{record['ema_every']} steps{warmup}; {record['ema_initial_share']:.0%} of the average is the "
+            "starting weights)" + (STILL_STARTING if record["ema_initial_share"] >= 0.5 else ""))
+
+
+STILL_STARTING = (". WARNING: the EMA has not yet averaged over its horizon and is mostly its starting weights; "
+                  "evaluate the raw weights (--model.val_use_ema false, weights='raw') or train longer")
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
@@ -162,4 +225,4 @@ class TrainingUpdate:
         if self.projection is not None:
             self.projection.apply_to(self.model, found_inf)
         if self.ema.is_due(self.steps):
-            self.ema.update(self.model, found_inf)
+            self.ema.update(self.model, found_inf, done=self.ema.updates_at(self.steps) - 1)

@@ -111,6 +111,7 @@ def build_report(trainer: L.Trainer, pl_module: L.LightningModule, num_images: i
         "num_images": num_images,
         "sampler": {**settings.to_dict(), "seed": hp.seed, "nfe": settings.nfe},
         "weights": evaluated_weights(trainer, hp),
+        "weights_record": _weights_record(pl_module),  # step, EMA updates and decay (flowmo.optim.weights_record)
         "checkpoint": trainer.ckpt_path,
         "init_weights": hp.init_weights,
         "bits_per_pixel": config.bits_per_pixel,
@@ -139,6 +140,11 @@ def evaluated_weights(trainer: L.Trainer, hp) -> str:
     if hp.init_weights and not trainer.ckpt_path:
         return hp.init_weights_from
     return "ema" if hp.val_use_ema else "raw"
+
+
+def _weights_record(pl_module: L.LightningModule) -> dict | None:
+    record = getattr(pl_module, "evaluated_weights", None)
+    return record() if callable(record) else None
 
 
 def collected_metrics(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

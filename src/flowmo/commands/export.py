@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from flowmo.checkpoint import export_tokenizer
     from flowmo.errors import UserError
     from flowmo.nn.tokenizer import FlowMoTokenizer
+    from flowmo.optim import describe_weights
 
     try:
         tokenizer = FlowMoTokenizer.from_checkpoint(args.ckpt, weights=args.weights)
@@ -34,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
     except UserError as error:
         print(f"flowmo export: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({sum(p.numel() for p in tokenizer.parameters()) / 1e6:.1f}M parameters, {args.weights} weights)")
+    print(f"wrote {path} ({sum(p.numel() for p in tokenizer.parameters()) / 1e6:.1f}M parameters, "
+          f"{describe_weights(tokenizer.weights_record)})")
     return 0

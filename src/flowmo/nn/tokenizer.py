@@ -92,7 +92,9 @@ class FlowMoTokenizer(nn.Module):
     @classmethod
     def _from_state(cls, source, weights: str, config=None) -> "FlowMoTokenizer":
         state, config = checkpoint.load_state(source, weights, config)
-        return cls._build(state, config, str(source) if isinstance(source, (str, Path)) else "the state dict")
+        model = cls._build(state, config, str(source) if isinstance(source, (str, Path)) else "the state dict")
+        model.weights_record = checkpoint.weights_record_of(source, weights)  # which weights: kept by exports
+        return model
 
     @classmethod
     def _build(cls, state, config, what: str) -> "FlowMoTokenizer":
