@@ -37,7 +37,7 @@ def build_metrics():
 def evaluate(batches):
     metrics = build_metrics()
     for original, reconstruction, indices in batches:
-        metrics.update(original, reconstruction, indices)
+        metrics.update(reconstruction, original, indices)
     return metrics.compute()
 
 

@@ -85,8 +85,8 @@ def test_pairwise_feature_distance_in_reconstruction_metrics():
     original = torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1
     reconstruction = (original + 0.3 * torch.randn(original.shape, generator=generator)).clamp(-1, 1)
     metrics = ReconstructionMetrics(pixel=False, lpips_nets=(), fid_feature=PooledColours())
-    metrics.update(original[:3], reconstruction[:3])
-    metrics.update(original[3:], reconstruction[3:])
+    metrics.update(reconstruction[:3], original[:3])
+    metrics.update(reconstruction[3:], original[3:])
     results = metrics.compute()
     net = PooledColours()
     pair_distances = (net((original + 1) / 2) - net((reconstruction + 1) / 2)).double().pow(2).sum(dim=1)

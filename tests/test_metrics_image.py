@@ -44,7 +44,7 @@ def unit_hwc(images):
 
 def run(metric, pairs):
     for original, reconstruction in pairs:
-        metric.update(original, reconstruction)
+        metric.update(reconstruction, original)  # torchmetrics' order: preds, target
     return float(metric.compute())
 
 
@@ -116,8 +116,8 @@ def test_lpips_metric_averages_per_image():
     x, y = natural_ish(4, size=32), degrade(natural_ish(4, size=32), seed=3)
     with torch.no_grad():
         expected = metric.distance(x, y).double().mean()
-    metric.update(x[:2], y[:2])
-    metric.update(x[2:], y[2:])
+    metric.update(y[:2], x[:2])
+    metric.update(y[2:], x[2:])
     assert float(metric.compute()) == pytest.approx(float(expected), abs=1e-6)
     assert metric.is_stand_in and metric.state_dict() == {}
 
@@ -126,7 +126,7 @@ def test_reconstruction_metrics_names_and_empty_state_dict():
     with pytest.warns(UserWarning, match="RANDOM"):
         metrics = ReconstructionMetrics(lpips_weights="random", fid_feature="random", codebook_bits=4)
     x = natural_ish(5, size=32)
-    metrics.update(x, degrade(x), indices=torch.randint(0, 16, (5, 8)))
+    metrics.update(degrade(x), x, indices=torch.randint(0, 16, (5, 8)))
     results = metrics.compute()
     expected_names = {"psnr", "psnr_paper", "ssim", "ssim_paper", "lpips_alex", "lpips_vgg", "rfid"}
     assert expected_names <= set(results) and "codebook_used_fraction" in results
@@ -141,7 +141,7 @@ def test_reconstruction_metrics_reject_wrong_range():
     metrics = ReconstructionMetrics(lpips_nets=(), fid_feature=False)
     x = torch.rand(2, 3, 16, 16) * 255
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        metrics.update(x, x)
+        metrics.update(torch.zeros_like(x), x)  # the target (originals) out of range
 
 
 def test_metrics_run_in_full_precision_under_bf16_autocast():
@@ -149,9 +149,27 @@ def test_metrics_run_in_full_precision_under_bf16_autocast():
         metrics = ReconstructionMetrics(lpips_nets=("alex",), lpips_weights="random", fid_feature="random")
     x = natural_ish(5, size=32)
     y = degrade(x)
-    metrics.update(x, y)
+    metrics.update(y, x)
     reference = metrics.compute()
     metrics.reset()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        metrics.update(x, y)
+        metrics.update(y, x)
     assert metrics.compute() == pytest.approx(reference, rel=1e-9)
+
+
+def test_data_range_follows_torchmetrics():
+    """PSNR(data_range=1.0) on [0, 1] images 0.1 apart is 20 dB (torchmetrics' value); the default is [-1, 1]."""
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+    target = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 0.9
+    preds = target + 0.1
+    assert run(PSNR(data_range=1.0), [(target, preds)]) == pytest.approx(20.0, abs=1e-9)
+    assert run(PSNR(data_range=1.0), [(target, preds)]) == pytest.approx(
+        float(PeakSignalNoiseRatio(data_range=1.0)(preds, target)), abs=1e-4)
+    assert run(PSNR(), [(target * 2 - 1, preds * 2 - 1)]) == pytest.approx(20.0, abs=1e-9)  # [-1, 1], width 2
+    assert run(PSNR(data_range=255.0), [(target * 255, preds * 255)]) == pytest.approx(20.0, abs=1e-6)
+    ours = run(SSIM(data_range=1.0), [(target, preds)])
+    theirs = float(StructuralSimilarityIndexMeasure(data_range=1.0, gaussian_kernel=True, sigma=1.5)(preds, target))
+    assert ours == pytest.approx(theirs, abs=0.02)  # torchmetrics pads the border; ours keeps the valid region
+    with pytest.raises(ValueError, match="data_range"):
+        PSNR(data_range=0.0)

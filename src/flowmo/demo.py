@@ -110,8 +110,8 @@ def row_psnr(images: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def evaluate(tokenizer: FlowMoTokenizer, images: torch.Tensor, seed: int) -> tuple[dict, torch.Tensor]:
     reconstructions, indices = reconstruct(tokenizer, images, seed)
     metrics = ReconstructionMetrics(lpips_nets=pretrained.cached_lpips_nets(), fid_feature=False,
-                                    codebook_bits=tokenizer.config.entropy_group_bits)
-    metrics.update(images, reconstructions, indices)
+                                    codebook_bits=tokenizer.quantizer.id_bits)
+    metrics.update(reconstructions, images, indices)
     return metrics.compute(), reconstructions
 
 

@@ -336,7 +336,7 @@ class FlowMoModule(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         images = _images(batch)
         reconstructions, indices = self.reconstruct_batch(images, batch_idx)
-        self.val_metrics.update(images, reconstructions, indices)
+        self.val_metrics.update(reconstructions, images, indices)
         return {"images": images, "reconstructions": reconstructions}
 
     def on_validation_epoch_end(self) -> None:

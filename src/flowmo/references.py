@@ -95,7 +95,7 @@ class ReferenceScores:
             raise ValueError(f"reference codecs set up for {self.image_size}px images got {images.shape[-1]}px ones")
         for name, reconstruction in self._codecs(images.float()).items():
             for metric in self.metrics[name].values():
-                metric.update(images, reconstruction)
+                metric.update(reconstruction, images)
 
     def compute(self) -> dict[str, dict]:
         """{codec: {label, bits_per_pixel, psnr, psnr_paper, ssim, ssim_paper}}; a collective under DDP (every

@@ -1,8 +1,10 @@
 """Per-image reconstruction metrics as torchmetrics (method §7): PSNR, SSIM, LPIPS, each in two flavours.
 
-Inputs of every ``update(original, reconstruction)``: float images [B, 3, H, W] in [-1, 1]. They are
-clamped to [-1, 1] first (a reconstruction may overshoot; saved images are clamped too) and mapped to
-[0, 1] with data range 1.
+Every ``update(preds, target)`` takes torchmetrics' order: the reconstructions, then the originals, float images
+[B, 3, H, W]. ``data_range`` says the span of the images: (-1, 1) by default (the tokenizer's images, width 2), a
+float d for [0, d] (1.0: [0, 1] images, 255.0: uint8 values), or a pair (low, high). Images are clamped to that span
+first (a reconstruction may overshoot; saved images are clamped too) and mapped to [0, 1], so the default gives
+today's numbers and ``PSNR(data_range=1.0)`` on [0, 1] images equals torchmetrics' PSNR(data_range=1.0).
 
 - ``PSNR`` / ``SSIM``: the correct ones on float images, per image, then the mean over images. SSIM is
   the standard one of Wang et al. (Gaussian window, sigma 1.5, population covariance, valid region).
@@ -37,14 +39,28 @@ GAUSSIAN_SIGMA, GAUSSIAN_RADIUS = 1.5, 5  # scikit-image / scipy: radius int(3.5
 # Conversions and functional forms ([0, 1] images, data range 1)
 
 
+DataRange = float | tuple[float, float]
+SIGNED = (-1.0, 1.0)  # the tokenizer's images
+
+
+def span(data_range: DataRange) -> tuple[float, float]:
+    """(low, high) of a data_range: a float d is [0, d] (torchmetrics' float form), a pair is itself."""
+    low, high = (0.0, float(data_range)) if isinstance(data_range, (int, float)) else map(float, data_range)
+    if not high > low:
+        raise ValueError(f"data_range must span a positive width, got {data_range!r}; e.g. 1.0 for [0, 1] images.")
+    return low, high
+
+
 def clamp_full_precision(images: Tensor) -> Tensor:
     """Clamp to [-1, 1] in at least float32 (bf16 reconstructions are upcast)."""
     return images.to(torch.promote_types(images.dtype, torch.float32)).clamp(-1, 1)
 
 
-def to_unit_range(images: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1], clamped, at least float32."""
-    return (clamp_full_precision(images) + 1) / 2
+def to_unit_range(images: Tensor, data_range: DataRange = SIGNED) -> Tensor:
+    """Images spanning `data_range` ([-1, 1] by default) -> [0, 1], clamped, at least float32. For [-1, 1] this is
+    bit for bit the (x + 1) / 2 of earlier releases: x - (-1) and a division by 2 are exact steps."""
+    low, high = span(data_range)
+    return (images.to(torch.promote_types(images.dtype, torch.float32)).clamp(low, high) - low) / (high - low)
 
 
 def truncate_to_uint8_levels(images01: Tensor) -> Tensor:
@@ -130,29 +146,40 @@ class _MeanOfScores(MeanMetric):
         """How many scores the mean holds."""
         return self.weight
 
-    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
-        """Scores of a batch of [-1, 1] images: [B] (per image) or [] (per batch)."""
+    def score(self, preds: Tensor, target: Tensor) -> Tensor:
+        """Scores of a batch of image pairs: [B] (per image) or [] (per batch)."""
         raise NotImplementedError
 
-    def update(self, original: Tensor, reconstruction: Tensor) -> None:
-        check_image_pair(original, reconstruction)
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """preds: the reconstructions, target: the originals (torchmetrics' order)."""
+        check_image_pair(preds, target)
         # Scores in full precision even when the evaluation loop runs under bf16 autocast.
-        with torch.no_grad(), torch.autocast(original.device.type, enabled=False):
-            original, reconstruction = clamp_full_precision(original), clamp_full_precision(reconstruction)
-            scores = self.score(original, reconstruction).double()
+        with torch.no_grad(), torch.autocast(preds.device.type, enabled=False):
+            scores = self.score(preds, target).double()
         super().update(scores)
 
 
-class PSNR(_MeanOfScores):
-    """Per-image PSNR (dB, data range 1) on float images, averaged over images."""
+class _PixelScores(_MeanOfScores):
+    """A score on pixel values in [0, 1], from images spanning ``data_range`` (see the module docstring)."""
+
+    def __init__(self, data_range: DataRange = SIGNED, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.data_range = span(data_range)
+
+    def unit(self, images: Tensor) -> Tensor:
+        return to_unit_range(images, self.data_range)
+
+
+class PSNR(_PixelScores):
+    """Per-image PSNR (dB) on float images spanning ``data_range``, averaged over images."""
 
     higher_is_better = True
 
-    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
-        return psnr_per_image(to_unit_range(original), to_unit_range(reconstruction))
+    def score(self, preds: Tensor, target: Tensor) -> Tensor:
+        return psnr_per_image(self.unit(preds), self.unit(target))
 
 
-class PaperPSNR(_MeanOfScores):
+class PaperPSNR(_PixelScores):
     """The authors' PSNR: uint8-truncated images, MSE pooled over each update batch, mean over batches.
 
     Feed batches of 5 images to reproduce the paper's numbers (method §7).
@@ -160,27 +187,27 @@ class PaperPSNR(_MeanOfScores):
 
     higher_is_better = True
 
-    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
-        a, b = (truncate_to_uint8_levels(to_unit_range(t)) for t in (original, reconstruction))
+    def score(self, preds: Tensor, target: Tensor) -> Tensor:
+        a, b = (truncate_to_uint8_levels(self.unit(t)) for t in (preds, target))
         return psnr_pooled(a, b)
 
 
-class SSIM(_MeanOfScores):
-    """Per-image SSIM of Wang et al. (Gaussian window, data range 1), averaged over images."""
+class SSIM(_PixelScores):
+    """Per-image SSIM of Wang et al. (Gaussian window) on images spanning ``data_range``, averaged over images."""
 
     higher_is_better = True
 
-    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
-        return ssim_gaussian_per_image(to_unit_range(original), to_unit_range(reconstruction))
+    def score(self, preds: Tensor, target: Tensor) -> Tensor:
+        return ssim_gaussian_per_image(self.unit(target), self.unit(preds))
 
 
-class PaperSSIM(_MeanOfScores):
+class PaperSSIM(_PixelScores):
     """The authors' SSIM: scikit-image defaults on uint8-truncated images, per image, averaged."""
 
     higher_is_better = True
 
-    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
-        a, b = (truncate_to_uint8_levels(to_unit_range(t)) for t in (original, reconstruction))
+    def score(self, preds: Tensor, target: Tensor) -> Tensor:
+        a, b = (truncate_to_uint8_levels(self.unit(t)) for t in (target, preds))
         return ssim_skimage_per_image(a, b)
 
 
@@ -207,5 +234,5 @@ class LPIPSMetric(_MeanOfScores):
     def is_stand_in(self) -> bool:
         return self.distance.is_stand_in
 
-    def score(self, original: Tensor, reconstruction: Tensor) -> Tensor:
-        return self.distance(original, reconstruction)
+    def score(self, preds: Tensor, target: Tensor) -> Tensor:
+        return self.distance(clamp_full_precision(target), clamp_full_precision(preds))

@@ -2,7 +2,7 @@
 
     metrics = ReconstructionMetrics(lpips_weights="random", fid_feature="random")  # tiny demo stand-ins
     for original, reconstruction in batches:  # [B, 3, H, W] in [-1, 1]; B = 5 reproduces psnr_paper
-        metrics.update(original, reconstruction)
+        metrics.update(reconstruction, original)  # torchmetrics' order: preds, then target
     results = metrics.compute()  # {"psnr": ..., "psnr_paper": ..., "rfid": ..., ...} plain floats
     metrics.stand_ins  # names of networks running with random weights, to record next to the results
 
@@ -87,11 +87,13 @@ class ReconstructionMetrics(nn.Module):
         """Names of the networks that run with random stand-in weights (empty for real numbers)."""
         return sorted({m.name for m in self.modules() if getattr(m, "is_stand_in", False) and hasattr(m, "name")})
 
-    def update(self, original: Tensor, reconstruction: Tensor, indices: Tensor | None = None) -> None:
-        """original, reconstruction: [B, 3, H, W] in [-1, 1]; indices: [B, N] int64 sub-token indices."""
+    def update(self, preds: Tensor, target: Tensor, indices: Tensor | None = None) -> None:
+        """preds (the reconstructions), target (the originals): [B, 3, H, W] in [-1, 1], torchmetrics' order;
+        indices: [B, N] int64 sub-token indices."""
+        original, reconstruction = target, preds
         _check_original_range(original)
         for metric in self.per_image.values():
-            metric.update(original, reconstruction)
+            metric.update(reconstruction, original)
         if self.fid is not None:
             self._update_fid(original, reconstruction)
         if self.codebook is not None and indices is not None:
