@@ -154,7 +154,7 @@ def test_train_stream_is_infinite_shuffled_and_works_without_workers(tmp_path):
 
 def test_missing_shards_raise_one_clear_sentence(tmp_path):
     data = FlowMoDataModule(train_shards=str(tmp_path / "nope" / "train.json"), val_shards=str(tmp_path / "v-*.tar"))
-    with pytest.raises(FileNotFoundError, match="make shards IMAGENET=.*make sample-data"):
+    with pytest.raises(FileNotFoundError, match="flowmo shards --source FOLDER .*IMAGENET=.*make sample-data"):
         data.setup("fit")
     with pytest.raises(FileNotFoundError, match="No shards found"):
         FlowMoDataModule(val_shards=str(tmp_path / "val-{000000..000003}.tar")).setup("validate")

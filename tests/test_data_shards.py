@@ -171,3 +171,22 @@ def test_tar_with_a_non_tar_member_type_is_indexed(tmp_path):
     (tmp_path / "flat.tar").write_bytes(tar_of({"readme.txt": b"hello"}))
     manifest = write_shards(tmp_path / "flat.tar", tmp_path / "out", "val", workers=1, progress=False)
     assert manifest["num_samples"] == 0 and manifest["skipped"][0]["reason"] == "not an image file extension"
+
+
+def test_val_fraction_splits_one_folder_by_class_and_names_every_skipped_file(tmp_path, capsys):
+    source = make_image_folder(tmp_path / "src", per_class=5)  # cat, dog: 5 good each, plus broken / fake / notes
+    assert main(["--source", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0.2",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    for name in ("broken.jpg", "fake.jpg", "notes.txt"):
+        assert f"skipped {name}" in err or f"/{name}: " in err, err  # each named, with its reason
+    train, train_members = all_members(tmp_path / "out", "train")
+    val, val_members = all_members(tmp_path / "out", "val")
+    val_keys = {name.rsplit(".", 1)[0] for name in val_members}
+    assert {key.split("/")[0] for key in val_keys} == {"cat", "dog"}  # stratified: each class gives 1 of its 5-6
+    assert not val_keys & {name.rsplit(".", 1)[0] for name in train_members}
+    assert train["num_samples"] + val["num_samples"] == 10 and val["num_samples"] == 2
+    again = shards.split_listing(shards.list_source(source), 0.2)  # deterministic
+    assert {item.key for item in again["val"].items} == val_keys
+    assert main(["--source", str(source), "--out", str(tmp_path / "none"), "--val-fraction", "0.01"]) == 2
+    assert "leaves no validation image" in capsys.readouterr().err

@@ -39,8 +39,10 @@ TrainSampler = Literal["auto", "indexed", "stream"]
 TRAIN_SAMPLERS = get_args(TrainSampler)
 
 HOW_TO_MAKE_SHARDS = (
-    "make them with `make shards IMAGENET=/path/to/ILSVRC2012` (ImageNet) or `make sample-data` (the embedded "
-    "sample images, written to data/sample), then point the data config at the train.json / val.json manifest or the .tar files"
+    "make them from a folder of your images with `flowmo shards --source FOLDER --out data/my-photos "
+    "--val-fraction 0.2` (then -c configs/data/folder.yaml, which reads data/my-photos; or --data.train_shards "
+    "OUT/train.json --data.val_shards OUT/val.json), from ImageNet with `make shards IMAGENET=/path/to/ILSVRC2012`, "
+    "or `make sample-data` (the embedded sample images, in data/sample)"
 )
 
 

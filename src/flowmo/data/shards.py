@@ -1,4 +1,5 @@
-"""Shard writer: `flowmo shards --source PATH --out DIR --split NAME` (design: WebDataset shards).
+"""Shard writer: `flowmo shards --source PATH --out DIR --split NAME` (design: WebDataset shards), or
+`--val-fraction F` for train and val splits of one folder (`write_split_shards`).
 
 Output in DIR:
   {split}-000000.tar, ...   samples `{key}.jpg` (original bytes, never re-encoded; a non-JPEG source file keeps
@@ -39,6 +40,7 @@ from flowmo.data.index import (
 )
 from flowmo.data.sources import (
     SourceItem,
+    SourceListing,
     close_descriptors,
     list_source,
     read_item_bytes,
@@ -72,17 +74,58 @@ def write_shards(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if progress:  # indexing the 1.28M-image train tar reads every tar header: say what is happening
         print(f"indexing {source} ...", file=sys.stderr, flush=True)
     listing = list_source(source, val_labels)
+    run = {"source": str(Path(source).resolve())}
+    return _write_listing(listing, run, out_dir, split, shard_size, workers, shuffle, seed, progress)
+
+
+def write_split_shards(source: str | Path, out_dir: str | Path, val_fraction: float, shard_size: int = 1000,
+                       workers: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict]:
+    """Train and val shards of one image folder: {"train": manifest, "val": manifest}. The split is
+    `split_listing`'s (deterministic, stratified by class folder); the files the listing skipped are in train.json."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    listing = list_source(source)
+    parts = split_listing(listing, val_fraction, seed)
+    run = {"source": str(Path(source).resolve()), "val_fraction": val_fraction}
+    return {split: _write_listing(part, run, out_dir, split, shard_size, workers, None, seed, progress)
+            for split, part in parts.items()}
+
+
+def split_listing(listing: SourceListing, val_fraction: float, seed: int = 0) -> dict[str, SourceListing]:
+    """{"train", "val"} listings: within each class (the top-level folder; one class for a flat folder) a
+    round(val_fraction x n) of its images, drawn by a generator seeded with (seed, class), go to val. The same folder,
+    fraction and seed always give the same split, whatever order the files were listed or written in."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1 (e.g. 0.2), got {val_fraction}")
+    by_class: dict[int, list[SourceItem]] = {}
+    for item in sorted(listing.items, key=lambda it: it.key):
+        by_class.setdefault(item.cls, []).append(item)
+    val_keys = set()
+    for cls, items in by_class.items():
+        chosen = random.Random(f"{seed}:{cls}").sample(items, round(val_fraction * len(items)))
+        val_keys.update(item.key for item in chosen)
+    val = [item for item in listing.items if item.key in val_keys]
+    train = [item for item in listing.items if item.key not in val_keys]
+    if not val or not train:
+        raise ValueError(f"--val-fraction {val_fraction} of {len(listing.items)} images leaves "
+                         f"{'no validation' if not val else 'no training'} image; choose a fraction that leaves both")
+    return {"train": SourceListing(train, listing.class_names, listing.skipped),
+            "val": SourceListing(val, listing.class_names, [])}
+
+
+def _write_listing(listing: SourceListing, run: dict, out_dir: str | Path, split: str, shard_size: int,
+                   workers: int | None, shuffle: bool | None, seed: int, progress: bool) -> dict:
+    """Write (or finish writing) the shards of one split's listing and return its manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     shuffle = split.startswith("train") if shuffle is None else shuffle
     items = list(listing.items)
     if shuffle:
         random.Random(seed).shuffle(items)
-    run = {"source": str(Path(source).resolve()), "num_items": len(items), "shard_size": shard_size,
-           "shuffle": shuffle, "seed": seed}
+    run = {**run, "num_items": len(items), "shard_size": shard_size, "shuffle": shuffle, "seed": seed}
     manifest_path = out_dir / f"{split}.json"
     if _finished(manifest_path, run, out_dir):
         manifest = json.loads(manifest_path.read_text())
