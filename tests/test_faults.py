@@ -363,9 +363,16 @@ def test_a_second_start_of_a_run_is_refused_before_anything_is_built(tmp_path, c
     assert {path: path.read_bytes() for path in (runs / "fault").rglob("*.ckpt")} == before
 
 
+def claim(run_dir: Path, ckpt_path: str | None, overwrite: bool):
+    """What `flowmo fit` does with a run directory before building anything: (checkpoint to resume, lock held)."""
+    from flowmo.run_dir import claim, start_of
+
+    start = start_of(run_dir, ckpt_path, overwrite)
+    return start.ckpt_path, claim(run_dir, start)
+
+
 def test_overwrite_moves_the_earlier_run_aside_and_a_resume_keeps_one_lineage(tmp_path, monkeypatch):
     from flowmo.errors import UserError
-    from flowmo.run_dir import claim
 
     run_dir = tmp_path / "run"
     fake_run(run_dir, {"checkpoints/step0000020.ckpt": 20, "hpc_ckpt_1.ckpt": 50, "checkpoints/last.ckpt": 60})
@@ -387,7 +394,9 @@ def test_overwrite_moves_the_earlier_run_aside_and_a_resume_keeps_one_lineage(tm
     fake_run(run_dir, {"checkpoints/step0000020.ckpt": 20, "checkpoints/step0000040.ckpt": 40,
                        "hpc_ckpt_1.ckpt": 50, "checkpoints/last.ckpt": 60})
     older = run_dir / "checkpoints" / "step0000020.ckpt"
-    assert claim(run_dir, str(older), overwrite=False)[0] == str(older)
+    ckpt_path, lock = claim(run_dir, str(older), overwrite=False)
+    lock.release()
+    assert ckpt_path == str(older)
     branch = next(folder for folder in run_dir.glob("superseded-*") if folder != superseded)
     assert sorted(path.name for path in branch.rglob("*.ckpt")) == ["hpc_ckpt_1.ckpt", "last.ckpt", "step0000040.ckpt"]
     assert list((run_dir / "checkpoints").iterdir()) == [older] and not list(run_dir.glob("hpc_ckpt_*"))
@@ -398,7 +407,6 @@ def test_overwrite_moves_the_earlier_run_aside_and_a_resume_keeps_one_lineage(tm
 
 def test_a_requeued_job_without_ckpt_path_resumes_the_most_steps(tmp_path, monkeypatch):
     from flowmo.errors import UserError
-    from flowmo.run_dir import claim
 
     for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(name, raising=False)
@@ -414,6 +422,14 @@ def test_a_requeued_job_without_ckpt_path_resumes_the_most_steps(tmp_path, monke
         lock.release()
         assert ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
         monkeypatch.delenv(variable)
+
+    from flowmo.run_dir import claim as claim_run, start_of
+
+    start = start_of(run_dir, "last", overwrite=False)  # while parsing: reads only
+    assert not (tmp_path / "nowhere").exists() and start_of(tmp_path / "nowhere", None, False).ckpt_path is None
+    fake_run(run_dir, {"hpc_ckpt_2.ckpt": 70})  # saved by a process that ended before this start's lock
+    with pytest.raises(UserError, match="changed while this start was reading it"):
+        claim_run(run_dir, start)
 
 
 def test_the_run_lock_names_its_holder_and_goes_with_it(tmp_path):

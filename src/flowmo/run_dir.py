@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -90,10 +91,18 @@ class RunLock:
 
 
 # ------------------------------------------------------------------------------------------- one run, one lineage
-def claim(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, RunLock | None]:
-    """Before anything is built: lock the run (launching process), decide what this start continues, and keep the
-    directory to one run. Returns the checkpoint to resume (a path or None) and the lock to release at the end."""
-    run_dir = Path(run_dir)
+@dataclass(frozen=True)
+class Start:
+    """What a fit's start continues: a checkpoint or None; `newest`: the run's newest state by choice (`last`)."""
+
+    ckpt_path: str | None
+    overwrite: bool
+    newest: bool
+
+
+def start_of(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> Start:
+    """While parsing, reading only (Lightning then reads the checkpoint's hyper-parameters): a restarted job and
+    `--ckpt_path last` continue the run's newest state; --overwrite with a checkpoint is a contradiction."""
     restarts = restart_count()
     if ckpt_path is None and restarts:
         only_first = " (--overwrite applied to its first start only)" if overwrite else ""
@@ -103,19 +112,28 @@ def claim(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | 
     if overwrite and ckpt_path:
         raise UserError(f"--overwrite starts {run_dir} over from step 0 and --ckpt_path {ckpt_path} continues a "
                         "checkpoint; give one of the two.")
+    if ckpt_path == "last":
+        return Start(resolve_last(Path(run_dir)), False, newest=True)
+    return Start(ckpt_path, overwrite, newest=False)
+
+
+def claim(run_dir: Path, start: Start) -> RunLock | None:
+    """Before anything is built: lock the run (launching process), then keep the directory to one run (refuse, or
+    move files aside). Returns the lock to release when the command ends."""
+    run_dir = Path(run_dir)
     lock = RunLock(run_dir).acquire() if is_launching_process() else None
     try:
-        if overwrite:
+        if start.overwrite:
             start_over(run_dir)
-        elif ckpt_path == "last":
-            ckpt_path = resolve_last(run_dir)  # the run's newest state: nothing of it lies ahead, nothing to refuse
+        elif start.newest:  # the run's own newest state: nothing lies ahead of it, unless written since it was read
+            still_newest(run_dir, start.ckpt_path)
         else:
-            keep_one_lineage(run_dir, ckpt_path)
+            keep_one_lineage(run_dir, start.ckpt_path)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    return ckpt_path, lock
+    return lock
 
 
 def resolve_last(run_dir: Path) -> str | None:
@@ -126,6 +144,14 @@ def resolve_last(run_dir: Path) -> str | None:
         return None
     say(f"flowmo: resuming from {latest}")
     return str(latest)
+
+
+def still_newest(run_dir: Path, ckpt_path: str | None) -> None:
+    """A process that saved between this start's parsing and its lock (it ended in that window) made a newer state."""
+    newest = latest_checkpoint(run_dir, report=lambda message: None)
+    if (str(newest) if newest else None) != ckpt_path:
+        raise UserError(f"{run_dir} changed while this start was reading it (another process saved {newest}); "
+                        "start it again.")
 
 
 def keep_one_lineage(run_dir: Path, ckpt_path: str | None) -> None:

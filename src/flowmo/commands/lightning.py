@@ -23,7 +23,6 @@ import torch
 from jsonargparse import ActionYesNo
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from flowmo.callbacks import StepProgressBar
 from flowmo.config import config_differences
@@ -35,7 +34,8 @@ from flowmo.generate.module import MaskGITModule
 from flowmo.module import FlowMoModule
 from flowmo.presets import resolve_config
 from flowmo.pretrained import MissingWeightsError
-from flowmo.run_dir import claim
+from flowmo.run_dir import claim, start_of
+from flowmo.run_logger import RunLogger
 
 # What a checkpoint decides when it is evaluated: the network's shape. Everything else is the evaluation's.
 ARCHITECTURE_HPARAMS = ("preset", "architecture")
@@ -51,7 +51,7 @@ class ProjectCLI(LightningCLI):
         # no option abbreviations (--trainer.max_step would silently mean max_steps); parse errors are raised
         # to main(), which prints their one sentence instead of 110 lines of usage
         kwargs.setdefault("parser_kwargs", PARSER_KWARGS)
-        self._run_lock = None  # taken by _claim_run (fit), held until the command ends
+        self._run_lock = None  # taken before a fit builds anything (claim), held until the command ends
         try:
             super().__init__(model_class, datamodule_class, *args, **kwargs)
         finally:
@@ -73,13 +73,22 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments(("runs_dir", "run_name"), "trainer.default_root_dir",
                               compute_fn=lambda runs, name: f"{runs}/{name}")
 
-    def _claim_run(self) -> None:
-        """fit, before anything is built: the run directory's lock, and the checkpoint this start continues
-        (`--ckpt_path last` = the newest state of the run; a requeued job resumes it too), or a refusal."""
+    def _run_dir(self) -> Path:
         config = self.config["fit"]
-        run_dir = Path(config["runs_dir"]) / config["run_name"]
-        config["ckpt_path"], self._run_lock = claim(run_dir, config.get("ckpt_path"), config.get("overwrite"))
+        return Path(config["runs_dir"]) / config["run_name"]
+
+    def _decide_start(self) -> None:
+        """fit, while parsing: the checkpoint this start continues (`--ckpt_path last` = the newest state of the run;
+        a requeued job resumes it too), resolved before Lightning reads its hyper-parameters. Reads only."""
+        config = self.config["fit"]
+        self._start = start_of(self._run_dir(), config.get("ckpt_path"), config.get("overwrite"))
+        config["ckpt_path"] = self._start.ckpt_path
         config["overwrite"] = False  # done: the run's saved config.yaml, reused later, must not start it over again
+
+    def before_instantiate_classes(self) -> None:
+        """fit, before anything is built: the run directory's lock, then a refusal or the earlier files moved aside."""
+        if self.subcommand == "fit":
+            self._run_lock = claim(self._run_dir(), self._start)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if not config.get("plugins"):
@@ -91,11 +100,17 @@ class ProjectCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def instantiate_trainer(self, **kwargs):
-        """Default logger: TensorBoard under runs/<run_name>/version_N (a config may name another logger)."""
+        """Default logger: TensorBoard under runs/<run_name>/version_N, validate/ or test/ (flowmo.run_logger; a
+        config may name another logger)."""
         if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config_init, "runs_dir"),
-                                                 name=self._get(self.config_init, "run_name"))
+            kwargs["logger"] = RunLogger(save_dir=self._get(self.config_init, "runs_dir"),
+                                         name=self._get(self.config_init, "run_name"), subcommand=self.subcommand)
         return super().instantiate_trainer(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, without its warning about `args` given beside sys.argv: main() always passes the argv it
+        was given (for `flowmo gen fit`, what follows `gen`), so there is no mix-up to warn about."""
+        self.config = parser.parse_args(args)
 
 
 class FlowMoCLI(ProjectCLI):
@@ -116,7 +131,7 @@ class FlowMoCLI(ProjectCLI):
         command line's, and a Stage-1B run's init_weights (a 1A file, maybe not on this machine) is not re-read."""
         subcommand = self.config.get("subcommand")
         if subcommand == "fit":
-            self._claim_run()
+            self._decide_start()
             self._refuse_other_architecture()
         if subcommand in (None, "fit"):
             return super()._parse_ckpt_path()
@@ -134,15 +149,15 @@ class FlowMoCLI(ProjectCLI):
         return None
 
     def before_instantiate_classes(self) -> None:
-        """Checks that need the whole config: the data's image size must be a multiple of the patch."""
+        """Checks that need the whole config: the data's image size must be a multiple of the patch; then the run."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if not config or "model" not in config or "data" not in config:
-            return
-        patch = resolve_config(config["model"]["preset"], config["model"].get("architecture")).patch_size
-        size = config["data"].get("image_size")
-        if size and size % patch:
-            raise UserError(f"data.image_size {size} is not a multiple of the patch size {patch}; use "
-                            f"{size - size % patch or patch} or {size + patch - size % patch}.")
+        if config and "model" in config and "data" in config:
+            patch = resolve_config(config["model"]["preset"], config["model"].get("architecture")).patch_size
+            size = config["data"].get("image_size")
+            if size and size % patch:
+                raise UserError(f"data.image_size {size} is not a multiple of the patch size {patch}; use "
+                                f"{size - size % patch or patch} or {size + patch - size % patch}.")
+        super().before_instantiate_classes()
 
     def _refuse_other_architecture(self) -> None:
         """Resuming a checkpoint of another architecture would silently train that one under this run's name."""
@@ -179,7 +194,7 @@ class GeneratorCLI(ProjectCLI):
 
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") == "fit":
-            self._claim_run()
+            self._decide_start()
         return LightningCLI._parse_ckpt_path(self)
 
 
@@ -195,6 +210,10 @@ def main(argv: list[str], command: str) -> int:
 
 
 def _run_cli(cli, argv: list[str], name: str) -> int:
+    if any(arg.split("=")[0] == "--trainer.default_root_dir" for arg in argv):  # linked to runs_dir / run_name
+        print("error: a run's folder is <runs_dir>/<run_name>/: set --runs_dir DIR and --run_name NAME instead of "
+              "--trainer.default_root_dir.", file=sys.stderr)
+        return 2
     try:
         cli(args=argv)
     except MissingWeightsError as error:  # a set-up problem, not a bug: the sentence, without a traceback
