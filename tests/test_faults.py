@@ -447,11 +447,15 @@ def test_the_run_lock_names_its_holder_and_goes_with_it(tmp_path):
         time.sleep(60)
         os._exit(0)
     assert os.read(ready, 1) == b"1"
-    with pytest.raises(UserError, match=f"is being trained by process {child} on host {socket.gethostname()} "):
-        RunLock(tmp_path).acquire()
+    for attempt in (RunLock(tmp_path).probe, RunLock(tmp_path).acquire):  # the probe: while parsing, creating nothing
+        with pytest.raises(UserError, match=f"is being trained by process {child} on host {socket.gethostname()} "):
+            attempt()
     os.kill(child, signal.SIGKILL)
     os.waitpid(child, 0)
+    RunLock(tmp_path).probe()
     RunLock(tmp_path).acquire().release()
+    RunLock(tmp_path / "nowhere").probe()
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_retention_never_deletes_a_step_the_run_has_not_reached(tmp_path):

@@ -68,21 +68,44 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's line stays
         try:
-            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
+            locked = self._lock_or_refuse(descriptor)
+        except UserError:
             os.close(descriptor)
-            if error.errno in (errno.EACCES, errno.EAGAIN):
-                raise UserError(f"{self.path.parent} is being trained by {holder}; wait for that run to end (or stop "
-                                "it), or give this one another --run_name.") from None
-            say(f"flowmo: cannot lock {self.path} ({error.strerror}; a file system without locks?): nothing stops "
-                "a second process from writing this run.")
+            raise
+        if not locked:
+            os.close(descriptor)
+            say(f"flowmo: cannot lock {self.path} (a file system without locks?): nothing stops a second process "
+                "from writing this run.")
             return self
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"process {os.getpid()} on host {socket.gethostname()} (started "
                               f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
         self._descriptor = descriptor
         return self
+
+    def probe(self) -> None:
+        """Refuse now if another process holds the lock, creating nothing: while parsing, before a resume reads its
+        checkpoint's hyper-parameters (a full load of a 13.9 GB file)."""
+        try:
+            descriptor = os.open(self.path, os.O_RDWR)
+        except OSError:  # no lock file: no run has started here
+            return
+        try:
+            self._lock_or_refuse(descriptor)
+        finally:
+            os.close(descriptor)  # and with it the probe's own lock
+
+    def _lock_or_refuse(self, descriptor: int) -> bool:
+        """Lock, or refuse naming the holder; False where the file system has no locks."""
+        try:
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                return False
+        holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
+        raise UserError(f"{self.path.parent} is being trained by {holder}; wait for that run to end (or stop it), "
+                        "or give this one another --run_name.")
 
     def release(self) -> None:
         if self._descriptor is not None:
@@ -101,8 +124,11 @@ class Start:
 
 
 def start_of(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> Start:
-    """While parsing, reading only (Lightning then reads the checkpoint's hyper-parameters): a restarted job and
-    `--ckpt_path last` continue the run's newest state; --overwrite with a checkpoint is a contradiction."""
+    """While parsing, reading only (Lightning then reads the checkpoint's hyper-parameters): a run another process
+    trains is refused, a restarted job and `--ckpt_path last` continue the run's newest state, and --overwrite with
+    a checkpoint is a contradiction."""
+    if is_launching_process():
+        RunLock(run_dir).probe()
     restarts = restart_count()
     if ckpt_path is None and restarts:
         only_first = " (--overwrite applied to its first start only)" if overwrite else ""
