@@ -154,11 +154,11 @@ def test_weight_norm_projection_holds_the_initial_norms():
 
 @pytest.mark.parametrize("warmup", [False, True])
 def test_ema_matches_its_formula(warmup):
-    """The paper's update (decay**every) without the warm-up; with it, the first update's decay is 1/10."""
+    """The paper's update (decay**every) without the warm-up; with it, the first update's decay is 1/20."""
     model = module(ema_decay=0.99, ema_every=5, lr=1e-3, ema_warmup=warmup)
     initial = {k: v.clone() for k, v in model.tokenizer.state_dict().items()}
     trainer(5).fit(model, loader())
-    rate = 1 - (0.1 if warmup else 0.99**5)
+    rate = 1 - (0.05 if warmup else 0.99**5)
     for name, value in model.tokenizer.state_dict().items():
         expected = (1 - rate) * initial[name] + rate * value
         assert torch.allclose(model.ema.module.state_dict()[name], expected, atol=1e-6), name
@@ -166,8 +166,8 @@ def test_ema_matches_its_formula(warmup):
 
 def test_ema_warmup_ends_at_the_papers_decay_and_is_off_from_trained_weights(tmp_path):
     ema = ModelEMA(torch.nn.Linear(2, 2), decay=0.9999, every=10, warmup=True)
-    assert ema.update_decay(0) == 0.1 and ema.update_decay(8990) < 0.9999**10
-    assert ema.update_decay(8995) == ema.update_decay(10**6) == 0.9999**10  # the paper's steady state
+    assert ema.update_decay(0) == 0.05 and ema.update_decay(18980) < 0.9999**10
+    assert ema.update_decay(19000) == ema.update_decay(10**6) == 0.9999**10  # the paper's steady state
     assert ema.initial_share(20) < 1e-6 and ModelEMA(torch.nn.Linear(2, 2)).initial_share(20) > 0.98  # paper: noise
     assert module().ema.warmup and not module(ema_warmup=False).ema.warmup
     stage_1b = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="none")
