@@ -61,6 +61,7 @@ def test_fit_resume_last_and_export(sample_shards, tmp_path):
     exported = tmp_path / "tiny.pt"
     assert main(["export", "--ckpt", str(checkpoints / "last.ckpt"), "--out", str(exported)]) == 0
     tokenizer = FlowMoTokenizer.from_checkpoint(exported)
+    assert tokenizer.weights_record["step"] == 4 and tokenizer.weights_record["ema_updates"] == 4  # kept by the export
     ema = {k[len("ema.module."):]: v for k, v in resumed["state_dict"].items() if k.startswith("ema.module.")}
     assert all(torch.equal(v, ema[k]) for k, v in tokenizer.state_dict().items())
     raw = FlowMoTokenizer.from_checkpoint(checkpoints / "last.ckpt", weights="raw")
@@ -127,3 +128,26 @@ def test_the_commands_sampler_names_are_the_registry_s():
     from flowmo.flow import SAMPLERS
 
     assert SAMPLER_NAMES == tuple(SAMPLERS)
+
+
+def test_validate_logs_at_the_checkpoints_step_in_the_runs_validate_folder(sample_shards, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = tmp_path / "runs"
+    assert main(fit_args(sample_shards, runs, 2)) == 0
+    capsys.readouterr()
+    assert main(["validate", *fit_args(sample_shards, runs, 2)[1:],
+                 "--ckpt_path", str(runs / "cli-tiny" / "checkpoints" / "last.ckpt")]) == 0
+    err = capsys.readouterr().err
+    assert "flowmo validate: EMA weights of step 2 (2 updates" in err and "LightningCLI's args" not in err
+    events = EventAccumulator(str(runs / "cli-tiny" / "validate"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/psnr")] == [2]  # on the training curve, not at step 0
+    assert not {"hp_metric", "epoch"} & set(events.Tags()["scalars"])
+
+
+def test_refused_options_and_commands_say_what_to_do_instead(capsys):
+    assert main(["fit", "--trainer.default_root_dir", "x"]) == 2
+    assert "--runs_dir DIR and --run_name NAME" in capsys.readouterr().err
+    assert main(["predict", "-c", "x.yaml"]) == 2
+    assert "flowmo reconstruct" in capsys.readouterr().err

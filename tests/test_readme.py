@@ -88,7 +88,11 @@ RULES = (
     Rule(r"(srun )?flowmo (gen )?(fit|validate|test) (?!.*tiny-cpu).*configs/(data/imagenet|generator/paper).*", "parse"),
     Rule(r"flowmo (pretokenize|generate|gen-eval) .*--tokenizer lo( .*)?", "refused"),
     Rule(r"flowmo fetch-weights( \S+)*", "refused"),
-    Rule(r"flowmo export --ckpt runs/tiny-cpu/checkpoints/last\.ckpt --out \S+", "run", "after the tiny CPU run"),
+    Rule(r"flowmo export --ckpt runs/(tiny-cpu|my-photos)/checkpoints/last\.ckpt --out \S+", "run",
+         "after the tiny CPU run (on the sample set, or on my-photos/)"),
+    Rule(r"flowmo shards --source my-photos --out \S+ --val-fraction [0-9.]+", "run",
+         "my-photos/: ten generated photos in two class folders and a corrupt one"),
+    Rule(r"flowmo validate .*configs/data/folder\.yaml.* --ckpt_path runs/my-photos/checkpoints/last\.ckpt", "run"),
     Rule(r"make install TORCH_INDEX=.*", "run", "prints the install commands (make -n -B): PyTorch's index is not "
          "reachable here", ((r"^make install", "make -n -B install"),)),
     Rule(r"flowmo sample-data --out \S+", "run"),
@@ -165,14 +169,17 @@ def checkout(tmp_path_factory) -> Path:
 
 
 def write_fake_inputs(copy: Path) -> None:
-    """photos/ for the file tools and a two-class ImageFolder tree standing in for ImageNet."""
+    """photos/ for the file tools, a two-class ImageFolder tree standing in for ImageNet, and my-photos/ (docs/data.md's
+    own images, with a corrupt file)."""
     rng = np.random.default_rng(0)
     for folder, count in (("photos", 3), (f"{FAKE_IMAGENET}/train/n01", 2), (f"{FAKE_IMAGENET}/train/n02", 2),
-                          (f"{FAKE_IMAGENET}/val/n01", 1), (f"{FAKE_IMAGENET}/val/n02", 1)):
+                          (f"{FAKE_IMAGENET}/val/n01", 1), (f"{FAKE_IMAGENET}/val/n02", 1), ("my-photos/beach", 5),
+                          ("my-photos/garden", 5)):
         (copy / folder).mkdir(parents=True, exist_ok=True)
         for index in range(count):
             pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(copy / folder / f"image{index}.JPEG", format="JPEG")
+    (copy / "my-photos" / "garden" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a whole JPEG")
 
 
 def shell(copy: Path, command: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -228,9 +235,10 @@ def refused(copy: Path, command: str) -> None:
 
 
 def setup_order(commands: list[str]) -> list[str]:
-    """The README's order, except what other commands need comes first: the sample set, then the CPU run
-    (its checkpoint becomes tok.pt and the sampler sweep's checkpoint)."""
-    first = [c for c in commands if c == "make sample-data"] + [c for c in commands if c.startswith(".venv/bin/flowmo fit")]
+    """The README's order, except what other commands need comes first: the sample set and the own-images shards,
+    then the CPU runs (the tiny-cpu checkpoint becomes tok.pt and the sampler sweep's checkpoint)."""
+    first = [c for c in commands if c == "make sample-data" or c.startswith("flowmo shards --source")]
+    first += [c for c in commands if c.startswith(".venv/bin/flowmo fit")]
     return first + [c for c in commands if c not in first]
 
 
@@ -256,5 +264,6 @@ def test_documented_commands_work_verbatim_in_a_fresh_checkout(checkout):
         ran.append(command)
     assert (checkout / "recon").is_dir() and any((checkout / "decoded").glob("*.png"))
     assert (checkout / "data" / "fake-imagenet" / "train.json").is_file()
+    assert (checkout / "data" / "my-photos" / "val.json").is_file() and any((checkout / "my-recon").glob("*.png"))
     assert (checkout / "results" / "bench" / "bench.json").is_file()
     assert len(ran) >= 25

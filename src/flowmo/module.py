@@ -115,7 +115,7 @@ class FlowMoModule(L.LightningModule):
             weight_norm_projection: keep each weight matrix at its initial norm after every step (paper).
             ema_decay: EMA decay per EMA update (paper 0.9999).
             ema_every: optimizer steps between EMA updates (paper 10; decay applies per update).
-            ema_warmup: cap update n's decay at (1 + n) / (10 + n) while that is lower (flowmo.optim.ModelEMA), so a
+            ema_warmup: cap update n's decay at (1 + n) / (20 + n) while that is lower (flowmo.optim.ModelEMA), so a
                 short run's EMA is not its random init; the paper's steady state is unchanged. Off when the run
                 starts from init_weights (Stage 1B), whose EMA starts from trained weights.
             init_weights: start from these weights (a .ckpt, exported .pt, official .pth or a released name lo / hi;
@@ -312,19 +312,23 @@ class FlowMoModule(L.LightningModule):
         return self._trainer is not None and self.trainer.state.fn == "fit"
 
     def _announce_evaluation(self) -> None:
-        """validate / test: say which weights run, and log at the evaluated checkpoint's optimizer step (beside the
-        training curve) instead of Lightning's step 0 for an evaluation-only run."""
+        """validate / test: say which weights run, and log at the evaluated checkpoint's optimizer step, beside the
+        training curve, instead of Lightning's step 0. Called from the *_model_eval hooks: the last ones before the
+        progress bar starts (its on_*_start would split the line)."""
         if self._fitting():
             return
         if self.global_rank == 0:
-            print(f"flowmo {self.trainer.state.fn}: {describe_weights(self.evaluated_weights())}", file=sys.stderr)
+            print(f"flowmo {self.trainer.state.fn.value}: {describe_weights(self.evaluated_weights())}",
+                  file=sys.stderr)
         if self._loaded is not None:
             self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._loaded[0]  # the step loggers use
 
-    def on_validation_start(self) -> None:
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
         self._announce_evaluation()
 
-    def on_test_start(self) -> None:
+    def on_test_model_eval(self) -> None:
+        super().on_test_model_eval()
         self._announce_evaluation()
 
     def reconstruct_batch(self, images: Tensor, batch_idx: int) -> tuple[Tensor, Tensor | None]:

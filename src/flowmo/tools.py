@@ -48,16 +48,19 @@ def list_files(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def read_images(files: list[Path], size: int) -> tuple[list[Path], list[torch.Tensor], list[Path]]:
-    """(readable files, [3, size, size] tensors in [-1, 1], skipped files)."""
-    kept, tensors, skipped = [], [], []
-    for path in files:
-        try:
-            tensors.append(val_transform(decode_rgb(path.read_bytes()), size))
-            kept.append(path)
-        except Exception:  # an unreadable or corrupt file: skip it, count it, go on
-            skipped.append(path)
-    return kept, tensors, skipped
+def image_batches(files: list[Path], size: int, batch: int, skipped: list[Path]):
+    """(files, [B, 3, size, size] in [-1, 1]) batch by batch, so a folder of any size never sits in memory; an
+    unreadable or corrupt file is skipped and appended to `skipped`."""
+    for _, chunk in batches(files, batch):
+        kept, tensors = [], []
+        for path in chunk:
+            try:
+                tensors.append(val_transform(decode_rgb(path.read_bytes()), size))
+                kept.append(path)
+            except Exception:  # noqa: BLE001 - an unreadable or corrupt file: skip it, count it, go on
+                skipped.append(path)
+        if kept:
+            yield kept, torch.stack(tensors)
 
 
 def batches(items: list, size: int):
@@ -75,32 +78,32 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def reconstruct(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
-    size = args.size or model.config.image_size
-    files, images, skipped = read_images(list_files(args.inputs, IMAGE_EXTENSIONS), size)
+    files, skipped, done = list_files(args.inputs, IMAGE_EXTENSIONS), [], 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    for start, chunk in batches(images, args.batch):
-        batch = torch.stack(chunk).to(args.device)
+    for kept, batch in image_batches(files, args.size or model.config.image_size, args.batch, skipped):
+        batch = batch.to(args.device)
         recon = model.reconstruct(batch, generator=generator, **sampler_choice(args))
-        for offset, (source, target) in enumerate(zip(batch, recon)):
-            save_png(torch.cat([source, target], dim=-1), out / f"{files[start + offset].stem}.png")
-        progress(start + len(chunk), len(images), "reconstruct")
-    return report(len(images), skipped, out, "input | reconstruction PNGs")
+        for path, source, target in zip(kept, batch, recon):
+            save_png(torch.cat([source, target], dim=-1), out / f"{path.stem}.png")
+        done += len(kept)
+        progress(done + len(skipped), len(files), "reconstruct")
+    return report(done, skipped, out, "input | reconstruction PNGs")
 
 
 def tokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
-    size = args.size or model.config.image_size
-    files, images, skipped = read_images(list_files(args.inputs, IMAGE_EXTENSIONS), size)
+    files, skipped, done = list_files(args.inputs, IMAGE_EXTENSIONS), [], 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if model.quantizer.codebook_size <= 2**16 else np.int64  # the smallest that holds the ids
-    for start, chunk in batches(images, args.batch):
-        ids = model.tokenize(torch.stack(chunk).to(args.device)).cpu().numpy().astype(dtype)
-        for offset, row in enumerate(ids):
-            np.save(out / f"{files[start + offset].stem}.npy", row)
-        progress(start + len(chunk), len(images), "tokenize")
-    return report(len(images), skipped, out, f"token id files ({dtype.__name__}, {model.ids_per_image} ids each)")
+    for kept, batch in image_batches(files, args.size or model.config.image_size, args.batch, skipped):
+        ids = model.tokenize(batch.to(args.device)).cpu().numpy().astype(dtype)
+        for path, row in zip(kept, ids):
+            np.save(out / f"{path.stem}.npy", row)
+        done += len(kept)
+        progress(done + len(skipped), len(files), "tokenize")
+    return report(done, skipped, out, f"token id files ({dtype.__name__}, {model.ids_per_image} ids each)")
 
 
 def sampler_choice(args: argparse.Namespace) -> dict:
@@ -114,20 +117,21 @@ def detokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    rows = []
-    for path in files:
-        ids = np.load(path)
-        rows.append(ids.astype(np.int64) if np.issubdtype(ids.dtype, np.integer) else ids)
-    for start, chunk in batches(rows, args.batch):
+    for start, chunk in batches(files, args.batch):  # read batch by batch: the ids of a whole folder never pile up
         try:
-            stacked = np.stack(chunk)
+            stacked = np.stack([load_ids(path) for path in chunk])
         except ValueError as error:
             raise UserError(f"the .npy files hold id arrays of different lengths ({error}).") from None
         images = model.detokenize(stacked, image_size=(size, size), generator=generator, **sampler_choice(args))
-        for offset, image in enumerate(images):
-            save_png(image, out / f"{files[start + offset].stem}.png")
-        progress(start + len(chunk), len(rows), "detokenize")
-    return report(len(rows), [], out, "decoded PNGs")
+        for path, image in zip(chunk, images):
+            save_png(image, out / f"{path.stem}.png")
+        progress(start + len(chunk), len(files), "detokenize")
+    return report(len(files), [], out, "decoded PNGs")
+
+
+def load_ids(path: Path) -> np.ndarray:
+    ids = np.load(path)
+    return ids.astype(np.int64) if np.issubdtype(ids.dtype, np.integer) else ids
 
 
 def report(done: int, skipped: list[Path], out: Path, what: str) -> int:

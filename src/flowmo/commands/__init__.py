@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gen-eval": ("gen_eval", "gFID / IS / precision / recall of a generator -> report JSON"),
 }
 LIGHTNING = ("fit", "validate", "test")
+# Lightning subcommands FlowMo leaves out on purpose, and what to run instead.
+ABSENT = {"predict": "there is no `flowmo predict` (a tokenizer has no forward to predict with); reconstruct images "
+                     "with `flowmo reconstruct --tokenizer CKPT FOLDER --out DIR` (tokenize / detokenize for ids)."}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print_overview()
         return 0 if argv else 2
     name = argv[0]
+    if name in ABSENT:
+        print(f"flowmo: {ABSENT[name]}", file=sys.stderr)
+        return 2
     if name not in COMMANDS:
         print(f"flowmo: unknown command {name!r}; `flowmo --help` lists them.", file=sys.stderr)
         return 2
