@@ -109,6 +109,17 @@ def test_eval_cli_from_a_checkpoint_writes_the_report(tmp_path, monkeypatch, sha
     assert report["model"]["architecture"]["entropy_group_bits"] == 6  # the checkpoint's, not the preset's
     assert report["model"]["hparams"]["val_rfid"] is True  # the protocol's, not the checkpoint's
     assert report["metrics"]["codebook_used_fraction"] > 0
+    assert report["weights_record"]["step"] == 1 and report["weights_record"]["weights"] == "ema"
+
+
+def test_an_eval_at_another_size_reports_its_rate_and_reference_rows(tmp_path, monkeypatch, shards, checkpoint):
+    """A 32 px tokenizer evaluated on 64 px images: the same code over 4x the pixels, and references at 64 px."""
+    report = run_eval(tmp_path, monkeypatch, shards, "--ckpt_path", str(checkpoint), "--data.image_size", "64")
+    config = FlowMoConfig.from_dict(report["model"]["architecture"])
+    assert report["resolution"] == [64, 64] and report["bits_per_pixel"] == config.bits_per_pixel_at(64, 64)
+    assert report["bits_per_pixel_at_training_size"] == config.bits_per_pixel == 4 * report["bits_per_pixel"]
+    assert {"mean_colour", "pool8"} <= set(report["references"])  # no longer dropped at another size
+    assert f"| {report['bits_per_pixel']:.3f} |" in (tmp_path / "results" / "tiny-eval" / "table_row.md").read_text()
 
 
 def test_eval_cli_from_an_official_file_uses_its_ema_weights(tmp_path, monkeypatch, shards, official_file,

@@ -136,7 +136,11 @@ class FlowMoConfig:
 
     @property
     def bits_per_pixel(self) -> float:
-        return self.code_length * self.bits_per_token / (self.image_size * self.image_size)
+        return self.bits_per_pixel_at(self.image_size, self.image_size)
+
+    def bits_per_pixel_at(self, height: int, width: int) -> float:
+        """The same code spread over a height x width image (evaluated at another size than the training one)."""
+        return self.code_length * self.bits_per_token / (height * width)
 
     # ------------------------------------------------------------------------------------- conversion
     @classmethod

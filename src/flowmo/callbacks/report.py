@@ -49,8 +49,8 @@ class EvaluationReport(L.Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._reset()
-        config = pl_module.config
-        self._references = ReferenceScores(config.bits_per_pixel, config.image_size, pl_module.device)
+        size = evaluated_size(trainer, pl_module.config)  # the reference codecs at the tokenizer's rate at this size
+        self._references = ReferenceScores(pl_module.config.bits_per_pixel_at(size, size), size, pl_module.device)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not isinstance(outputs, dict) or "images" not in outputs:
@@ -114,7 +114,7 @@ def build_report(trainer: L.Trainer, pl_module: L.LightningModule, num_images: i
         "weights_record": _weights_record(pl_module),  # step, EMA updates and decay (flowmo.optim.weights_record)
         "checkpoint": trainer.ckpt_path,
         "init_weights": hp.init_weights,
-        "bits_per_pixel": config.bits_per_pixel,
+        "bits_per_pixel": config.bits_per_pixel_at(*resolution) if resolution else config.bits_per_pixel,
         "tokens_x_vocab": tokens_times_vocab(pl_module.tokenizer.quantizer, config.code_length),
         "resolution": list(resolution) if resolution else None,
         "stand_ins": stand_ins,
@@ -128,10 +128,15 @@ def build_report(trainer: L.Trainer, pl_module: L.LightningModule, num_images: i
                      "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if resolution and tuple(resolution) != (config.image_size, config.image_size):  # same code, more pixels
-        bits = config.code_length * config.bits_per_token
-        report["bits_per_pixel_at_resolution"] = bits / (resolution[0] * resolution[1])
+    if resolution and tuple(resolution) != (config.image_size, config.image_size):  # same code, other pixels
+        report["bits_per_pixel_at_training_size"] = config.bits_per_pixel
     return report
+
+
+def evaluated_size(trainer: L.Trainer, config) -> int:
+    """The side of the images this test decodes: the data's image_size, else the architecture's."""
+    hparams = getattr(trainer.datamodule, "hparams", None) or {}
+    return int(hparams.get("image_size") or config.image_size)
 
 
 def evaluated_weights(trainer: L.Trainer, hp) -> str:
