@@ -27,6 +27,7 @@ import torch
 from flowmo import official, pretrained
 from flowmo.config import FlowMoConfig, config_differences
 from flowmo.errors import UserError
+from flowmo.optim import weights_record
 
 RAW_PREFIX, EMA_PREFIX = "tokenizer.", "ema.module."
 # Released names: the authors' file (a flowmo.pretrained key) and the preset it must be.
@@ -191,8 +192,6 @@ RECORD_KEY = "flowmo_weights"  # where an export keeps flowmo.optim.weights_reco
 def weights_record_of(source, weights: str = "ema") -> dict:
     """Which weights `source` holds (flowmo.optim.weights_record): for a .ckpt of this package its step and EMA
     updates, for an export what it recorded when written; otherwise only `weights` (e.g. the authors' files)."""
-    from flowmo.optim import weights_record
-
     path = Path(source).expanduser() if isinstance(source, (str, Path)) else None
     if path is None or not path.exists():
         return weights_record(weights)

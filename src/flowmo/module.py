@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from flowmo import checkpoint
+from flowmo import checkpoint, optim
 from flowmo.errors import UserError
 from flowmo.faults import NonFiniteGuard, refuse_non_finite_weights
 from flowmo.flow import SAMPLERS, SamplerSettings
@@ -33,14 +33,7 @@ from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.noise import RankNoise, evaluation_noise
-from flowmo.optim import (
-    ModelEMA,
-    TrainingUpdate,
-    WeightNormProjection,
-    describe_weights,
-    warmup_applies,
-    weights_record,
-)
+from flowmo.optim import ModelEMA, TrainingUpdate, WeightNormProjection
 from flowmo.perceptual import build_perceptual
 from flowmo.presets import resolve_config
 from flowmo.training_stats import batch_codebook_stats, global_norm
@@ -115,9 +108,8 @@ class FlowMoModule(L.LightningModule):
             weight_norm_projection: keep each weight matrix at its initial norm after every step (paper).
             ema_decay: EMA decay per EMA update (paper 0.9999).
             ema_every: optimizer steps between EMA updates (paper 10; decay applies per update).
-            ema_warmup: cap update n's decay at (1 + n) / (20 + n) while that is lower (flowmo.optim.ModelEMA), so a
-                short run's EMA is not its random init; the paper's steady state is unchanged. Off when the run
-                starts from init_weights (Stage 1B), whose EMA starts from trained weights.
+            ema_warmup: cap update n's decay at (1 + n) / (20 + n) (flowmo.optim.ModelEMA): a short run's EMA is not
+                its random init, the paper's steady state is unchanged; off from init_weights (Stage 1B).
             init_weights: start from these weights (a .ckpt, exported .pt, official .pth or a released name lo / hi;
                 1B needs a 1A file).
             init_weights_from: ema or raw weights of init_weights.
@@ -158,8 +150,8 @@ class FlowMoModule(L.LightningModule):
                                                feature_weights)
         self.sample_net = build_perceptual(self.recipe.sample_loss if self.recipe.sample_weight else "none",
                                            feature_weights)
-        self.ema = ModelEMA(self.tokenizer, ema_decay, ema_every,
-                            warmup_applies(ema_warmup, init_weights, init_weights_parts))
+        self.ema = ModelEMA(self.tokenizer, ema_decay, ema_every, optim.warmup_applies(ema_warmup, init_weights,
+                                                                                       init_weights_parts))
         self.weight_projection = WeightNormProjection(self.tokenizer) if weight_norm_projection else None
         self.update = TrainingUpdate(self.tokenizer, self.ema, self.weight_projection)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -297,39 +289,28 @@ class FlowMoModule(L.LightningModule):
         return self.ema.module if self.hparams.val_use_ema else self.tokenizer
 
     def evaluated_weights(self) -> dict:
-        """Which weights validation and test decode with (flowmo.optim.weights_record): EMA or raw, at which step,
-        after how many EMA updates. Weights loaded through init_weights alone (e.g. the authors' .pth) fill both
-        copies, so then init_weights_from names them; a checkpoint's own hyper-parameters count its EMA updates."""
+        """flowmo.optim.weights_record of the weights validation and test decode with."""
         kind = "ema" if self.hparams.val_use_ema else "raw"
-        if self._loaded is not None and not self._fitting():
-            step, hparams = self._loaded
-            return weights_record(kind, hparams, step)
-        if self.hparams.init_weights and self.global_step == 0:
-            return {**weights_record(self.hparams.init_weights_from), "init_weights": self.hparams.init_weights}
-        return weights_record(kind, self.hparams, self.global_step)
-
-    def _fitting(self) -> bool:
-        return self._trainer is not None and self.trainer.state.fn == "fit"
+        if self._loaded is not None:  # a checkpoint validate / test loaded: its own hyper-parameters count its updates
+            return optim.weights_record(kind, self._loaded[1], self._loaded[0])
+        if self.hparams.init_weights and self.global_step == 0:  # loaded alone, into both copies
+            return {**optim.weights_record(self.hparams.init_weights_from), "init_weights": self.hparams.init_weights}
+        return optim.weights_record(kind, self.hparams, self.global_step)
 
     def _announce_evaluation(self) -> None:
-        """validate / test: say which weights run, and log at the evaluated checkpoint's optimizer step, beside the
-        training curve, instead of Lightning's step 0. Called from the *_model_eval hooks: the last ones before the
-        progress bar starts (its on_*_start would split the line)."""
-        if self._fitting():
-            return
-        if self.global_rank == 0:
-            print(f"flowmo {self.trainer.state.fn.value}: {describe_weights(self.evaluated_weights())}",
-                  file=sys.stderr)
-        if self._loaded is not None:
+        """validate / test: say which weights run, and log at the checkpoint's optimizer step (on the training curve),
+        not Lightning's step 0. From the *_model_eval hooks: the last before the progress bar starts its line."""
+        if self.trainer.state.fn != "fit" and self.global_rank == 0:
+            what = optim.describe_weights(self.evaluated_weights())
+            print(f"flowmo {self.trainer.state.fn.value}: {what}", file=sys.stderr)
+        if self.trainer.state.fn != "fit" and self._loaded is not None:
             self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._loaded[0]  # the step loggers use
 
     def on_validation_model_eval(self) -> None:
-        super().on_validation_model_eval()
+        super().on_validation_model_eval()  # Lightning's: eval mode (the same for test)
         self._announce_evaluation()
 
-    def on_test_model_eval(self) -> None:
-        super().on_test_model_eval()
-        self._announce_evaluation()
+    on_test_model_eval = on_validation_model_eval
 
     def reconstruct_batch(self, images: Tensor, batch_idx: int) -> tuple[Tensor, Tensor | None]:
         model = self.eval_tokenizer()
@@ -370,7 +351,8 @@ class FlowMoModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
         step = int(checkpoint.get("global_step", 0))
-        self._loaded = (step, dict(checkpoint.get("hyper_parameters", {})))
+        if self._trainer is None or self.trainer.state.fn != "fit":  # validate / test: what they evaluate
+            self._loaded = (step, dict(checkpoint.get("hyper_parameters", {})))
         if self._freeze_due(step):
             # Resumed at or past the freeze: freeze before DDP wraps the model and before the optimizer is built, so
             # both hold the decoder alone. Adam restarts if the freeze happens now (the authors rebuild it).

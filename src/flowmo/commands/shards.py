@@ -10,8 +10,9 @@ from pathlib import Path
 
 
 def parser(command: str = "shards") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowmo shards", allow_abbrev=False,
-                                     description="Write WebDataset shards (original image bytes + class) from a source.")
+    parser = argparse.ArgumentParser(
+        prog="flowmo shards", allow_abbrev=False,
+        description="Write WebDataset shards (original image bytes + class) from a source.")
     parser.add_argument("--source", required=True, help="ImageFolder directory, or ILSVRC2012_img_{train,val}.tar")
     parser.add_argument("--out", required=True, help="output directory for {split}-NNNNNN.tar and {split}.json")
     which = parser.add_mutually_exclusive_group(required=True)
