@@ -37,7 +37,7 @@ deps_install = $(PY) scripts/deps.py install --target $(DEPS) $(if $(WHEELS),--w
 
 .PHONY: deps deps-dev wheels
 
-.PHONY: help install test test-slow test-all clean
+.PHONY: help install lint test test-slow test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,lint]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 else
@@ -62,6 +62,11 @@ install: $(DEV_STAMP) ## create .venv: torch + torchvision (TORCH_SPEC, TORCH_IN
 
 wheels: $(STAMP) ## pure-Python wheels of every dependency beyond torch -> WHEELS_OUT=wheels (for PYTHON= WHEELS= offline)
 	$(PY) scripts/deps.py wheels --out $(or $(WHEELS_OUT),wheels)
+
+lint: $(DEV_STAMP) ## ruff: lint and format check of src/ and tests/ (pyproject.toml's settings)
+	$(if $(PYTHON),@$(call deps_install,--extra lint))
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
 
 test: $(DEV_STAMP) ## fast CPU test suite (tests marked slow are skipped)
 	$(PY) -m pytest -q -m "not slow" --durations=10

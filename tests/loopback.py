@@ -16,8 +16,13 @@ class Loopback:
     answers with (a Hub that promises one file and sends another); `cut` paths send half and hang up; `status`
     answers every request with that error code (403, 404)."""
 
-    def __init__(self, files: dict[str, bytes], announce: dict[str, str] | None = None, cut: set[str] = frozenset(),
-                 status: int | None = None):
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        announce: dict[str, str] | None = None,
+        cut: set[str] = frozenset(),
+        status: int | None = None,
+    ):
         self.files, self.announce, self.cut, self.requests = files, announce or {}, set(cut), []
         server = self
 

@@ -37,8 +37,9 @@ def newest_checkpoint_step(run_dir: Path) -> int:
     return -1 if found is None else step_of(found)
 
 
-def kill_past_a_checkpoint(process: subprocess.Popen, runs: Path, run_dir: Path,
-                           whole_group: bool = False) -> tuple[int, int]:
+def kill_past_a_checkpoint(
+    process: subprocess.Popen, runs: Path, run_dir: Path, whole_group: bool = False
+) -> tuple[int, int]:
     """SIGKILL once the run has finished optimizer steps past its newest checkpoint (checked while the process is
     stopped, so the two numbers cannot move under the check); `whole_group`: every DDP rank (the process was started
     with start_new_session). Returns (steps done, checkpoint step)."""

@@ -32,7 +32,7 @@ def deterministic_fill(module: nn.Module, seed: int, prefix: str = "") -> nn.Mod
     """
     layout = {prefix + key: value for key, value in module.state_dict().items()}
     state = deterministic_state_dict(layout, seed)
-    module.load_state_dict({key[len(prefix):]: value for key, value in state.items()}, strict=True)
+    module.load_state_dict({key[len(prefix) :]: value for key, value in state.items()}, strict=True)
     return module
 
 
@@ -66,5 +66,7 @@ def reference_layout(network: str) -> dict[str, Tensor]:
     """Zeros in the key layout of a network of the stored reference ("resnet50": torchvision's; "fid_inception":
     pytorch-fid's weight file), to fill with ``deterministic_state_dict`` without building the network."""
     stored = torch.load(REFERENCE, map_location="cpu", weights_only=True)[network]
-    return {key: torch.zeros(shape, dtype=torch.long if key.endswith("num_batches_tracked") else torch.float32)
-            for key, shape in zip(stored["keys"], stored["shapes"])}
+    return {
+        key: torch.zeros(shape, dtype=torch.long if key.endswith("num_batches_tracked") else torch.float32)
+        for key, shape in zip(stored["keys"], stored["shapes"])
+    }

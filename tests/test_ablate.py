@@ -86,7 +86,8 @@ axes:
   - name: quant
     values:
       - {{name: lfq}}
-      - {{name: fsq, overlay: {{model: {{architecture: {{quantizer: fsq, code_dim: 6, fsq_levels: [8, 8, 8, 8, 8, 8]}}}}}}}}
+      - {{name: fsq, overlay: {{model: {{architecture: {{quantizer: fsq, code_dim: 6,
+                                                  fsq_levels: [8, 8, 8, 8, 8, 8]}}}}}}}}
   - name: post
     kind: posttrain
     values:
@@ -107,8 +108,16 @@ posttrain:
 def test_the_shipped_grids():
     assert ablate.available_grids(CONFIGS) == ["paper-posttrain", "paper-table4", "scaling", "tiny"]
     cells = {name: [c.name for c in ablate.load_grid(name, CONFIGS).cells] for name in ablate.available_grids(CONFIGS)}
-    assert cells["paper-table4"] == ["base", "patch16", "mse_frozen_encoder", "no_perceptual", "fsq", "logitnormal",
-                                     "sampler_rho1", "no_cfg"]
+    assert cells["paper-table4"] == [
+        "base",
+        "patch16",
+        "mse_frozen_encoder",
+        "no_perceptual",
+        "fsq",
+        "logitnormal",
+        "sampler_rho1",
+        "no_cfg",
+    ]
     assert cells["paper-posttrain"] == ["base", "1b", "hi", "hi+1b"]  # product: Lo/Hi x 1A only / + 1B
     assert cells["scaling"] == ["base", "w2", "w3", "w5"]
     assert cells["tiny"] == ["base", "fat_lognormal", "lognormal", "fsq", "posttrain", "rho1", "no_cfg"]
@@ -122,7 +131,15 @@ def test_one_at_a_time_and_product_cells(tmp_path):
     assert [c.name for c in grid.cells] == ["base", "fsq", "on", "nocfg"]
     path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra=""))
     assert [c.name for c in ablate.load_grid(str(path)).cells] == [
-        "base", "nocfg", "on", "on+nocfg", "fsq", "fsq+nocfg", "fsq+on", "fsq+on+nocfg"]
+        "base",
+        "nocfg",
+        "on",
+        "on+nocfg",
+        "fsq",
+        "fsq+nocfg",
+        "fsq+on",
+        "fsq+on+nocfg",
+    ]
     path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra="product_axes: [quant, post]"))
     grid = ablate.load_grid(str(path))
     assert [c.name for c in grid.cells] == ["base", "on", "fsq", "fsq+on"]
@@ -180,24 +197,37 @@ def test_seeds_that_are_not_distinct_integers_are_refused(tmp_path, seeds):
         ablate.load_grid(str(path))
 
 
+@pytest.mark.slow
 def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     parsed = parsed_plan("tiny", tmp_path)
     base = parsed["fit:ablate-tiny-base-s0"]
     assert architecture(base).bits_per_token == 72 and base.model.time_schedule == "noise_weighted"
-    assert (base.trainer.max_steps, base.model.lr, base.data.batch_size, base.model.perceptual) == (3000, 1e-3, 16, "none")
+    assert (base.trainer.max_steps, base.model.lr, base.data.batch_size, base.model.perceptual) == (
+        3000,
+        1e-3,
+        16,
+        "none",
+    )
     assert base.data.train_shards == "data/demo/train.json"
     grid = ablate.load_grid("tiny", CONFIGS)
     fits = [s for s in ablate.plan(grid, options(tmp_path)) if s.action == "fit"]
     assert all(s.argv[-2:] == ("--ckpt_path", "last") for s in fits)  # a rerun resumes (parsed: no run yet -> None)
     assert parsed["fit:ablate-tiny-lognormal-s1"].model.time_schedule == "lognormal"
     assert parsed["fit:ablate-tiny-fat_lognormal-s2"].model.time_schedule == "fat_lognormal"
-    assert (parsed["fit:ablate-tiny-fat_lognormal-s2"].seed_everything, parsed["fit:ablate-tiny-fat_lognormal-s2"]
-            .model.seed, parsed["fit:ablate-tiny-fat_lognormal-s2"].data.seed) == (2, 2, 2)
+    assert (
+        parsed["fit:ablate-tiny-fat_lognormal-s2"].seed_everything,
+        parsed["fit:ablate-tiny-fat_lognormal-s2"].model.seed,
+        parsed["fit:ablate-tiny-fat_lognormal-s2"].data.seed,
+    ) == (2, 2, 2)
     fsq = architecture(parsed["fit:ablate-tiny-fsq-s0"])
     assert fsq.quantizer == "fsq" and fsq.bits_per_token == 72  # the same bits as LFQ
     post = parsed["fit:ablate-tiny-base-posttrain-s1"]
-    assert (post.model.stage, post.model.sample_loss, post.model.sample_loss_weight, post.trainer.max_steps) == \
-        ("1b", "pixel_mse", 10.0, 800)
+    assert (post.model.stage, post.model.sample_loss, post.model.sample_loss_weight, post.trainer.max_steps) == (
+        "1b",
+        "pixel_mse",
+        10.0,
+        800,
+    )
     assert post.model.init_weights == "runs/ablate-tiny-base-s1/checkpoints/last.ckpt" and post.model.seed == 1
     assert parsed["test:posttrain:s1"].model.init_weights == "runs/ablate-tiny-base-posttrain-s1/checkpoints/last.ckpt"
     for seed in (0, 1, 2):
@@ -215,8 +245,11 @@ def test_paper_table4_cells_change_one_thing(tmp_path):
     config = architecture(base)
     assert (config.patch_size, config.decoder.width, config.quantizer, config.code_dim) == (8, 768, "lfq", 18)
     assert base.trainer.max_steps == 400_365 and base.trainer.accumulate_grad_batches == 4  # 8 x 4 x 4 = 128
-    assert (base.model.time_schedule, base.model.perceptual_weight, base.model.freeze_encoder_after) == \
-        ("fat_lognormal", 0.1, 200_000)
+    assert (base.model.time_schedule, base.model.perceptual_weight, base.model.freeze_encoder_after) == (
+        "fat_lognormal",
+        0.1,
+        200_000,
+    )
     assert architecture(parsed["fit:ablate-paper-table4-patch16-s0"]).patch_size == 16
     assert parsed["fit:ablate-paper-table4-no_perceptual-s0"].model.perceptual_weight == 0.0
     fsq = architecture(parsed["fit:ablate-paper-table4-fsq-s0"])
@@ -224,15 +257,20 @@ def test_paper_table4_cells_change_one_thing(tmp_path):
     assert parsed["fit:ablate-paper-table4-logitnormal-s0"].model.time_schedule == "lognormal"
     mse = parsed["fit:ablate-paper-table4-mse_frozen_encoder-s0"]
     assert mse.model.init_weights == "runs/ablate-paper-table4-no_perceptual-s0/checkpoints/last.ckpt"
-    assert (mse.model.init_weights_parts, mse.model.freeze_encoder_after, mse.model.perceptual_weight) == \
-        ("encoder", 0, 0.1)
+    assert (mse.model.init_weights_parts, mse.model.freeze_encoder_after, mse.model.perceptual_weight) == (
+        "encoder",
+        0,
+        0.1,
+    )
     for cell, rho, cfg in (("sampler_rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0), ("base", 4.0, 1.5)):
         test = parsed[f"test:{cell}:s0"]
         assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.val_rfid) == (rho, cfg, True)
         assert test.model.init_weights == "runs/ablate-paper-table4-base-s0/checkpoints/last.ckpt"
     grid = ablate.load_grid("paper-table4", CONFIGS)
     keys = [s.key for s in ablate.plan(grid, options(tmp_path))]
-    assert keys.index("fit:ablate-paper-table4-no_perceptual-s0") < keys.index("fit:ablate-paper-table4-mse_frozen_encoder-s0")
+    assert keys.index("fit:ablate-paper-table4-no_perceptual-s0") < keys.index(
+        "fit:ablate-paper-table4-mse_frozen_encoder-s0"
+    )
     assert {c.name: c.paper["psnr"] for c in grid.cells}["logitnormal"] == 16.45
 
 
@@ -255,8 +293,12 @@ def test_scaling_cells_scale_the_decoder_only(tmp_path, width):
 
 
 def _parameters(width: int) -> float:
-    decoder = {2: (384, 12, (4, 14, 14)), 3: (576, 9, (8, 28, 28)), 4: (768, 12, (8, 28, 28)),
-               5: (960, 15, (8, 28, 28))}[width]
+    decoder = {
+        2: (384, 12, (4, 14, 14)),
+        3: (576, 9, (8, 28, 28)),
+        4: (768, 12, (8, 28, 28)),
+        5: (960, 15, (8, 28, 28)),
+    }[width]
     config = resolve_config("small", {"decoder": dict(zip(("width", "heads", "rope_axes"), decoder))})
     return official_parameter_count(config) / 1e6
 
@@ -270,17 +312,26 @@ def test_scaling_widths_reproduce_the_papers_parameter_counts():
 
 
 # ---------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("overlay, message", [
-    ("ablations/overlays/nope.yaml", "names the overlay .*nope.yaml, which does not exist"),
-    ("{model: {time_shedule: uniform}}", "sets `model.time_shedule`, which is not a flowmo fit/test argument "
-                                         r"\(did you mean 'time_schedule'\?\)"),
-    ("{trainer: {max_step: 3}}", "sets `trainer.max_step`.*did you mean 'max_steps'"),
-    ("{model: {architecture: {patch: 2}}}", "sets `model.architecture.patch`.*did you mean 'patch_size'"),
-    ("{modle: {lr: 1.0}}", "sets `modle.lr`.*did you mean 'model'"),
-])
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        ("ablations/overlays/nope.yaml", "names the overlay .*nope.yaml, which does not exist"),
+        (
+            "{model: {time_shedule: uniform}}",
+            "sets `model.time_shedule`, which is not a flowmo fit/test argument "
+            r"\(did you mean 'time_schedule'\?\)",
+        ),
+        ("{trainer: {max_step: 3}}", "sets `trainer.max_step`.*did you mean 'max_steps'"),
+        ("{model: {architecture: {patch: 2}}}", "sets `model.architecture.patch`.*did you mean 'patch_size'"),
+        ("{modle: {lr: 1.0}}", "sets `modle.lr`.*did you mean 'model'"),
+    ],
+)
 def test_bad_overlays_are_refused_before_anything_runs(tmp_path, overlay, message):
-    path = write_grid(tmp_path, f"stack: [base.yaml]\naxes:\n  - name: a\n    values:\n      - {{name: x}}\n"
-                                f"      - {{name: y, overlay: {overlay}}}\n")
+    path = write_grid(
+        tmp_path,
+        f"stack: [base.yaml]\naxes:\n  - name: a\n    values:\n      - {{name: x}}\n"
+        f"      - {{name: y, overlay: {overlay}}}\n",
+    )
     grid = ablate.load_grid(str(path))
     with pytest.raises(UserError, match=message):
         ablate.check_overlays(grid, CONFIGS)
@@ -294,18 +345,33 @@ def test_bad_grids_and_requests_get_one_sentence(tmp_path, capsys):
     assert "has 8 cells, more than --max-cells 4; pass --yes" in capsys.readouterr().err
     assert ablate_main(["run", str(path), "--config-dir", str(CONFIGS), "--dry-run", "--cells", "fsq,nope"]) == 2
     assert "has no cell 'nope'" in capsys.readouterr().err
-    assert ablate_main(["run", "paper-table4", "--config-dir", str(CONFIGS), "--dry-run", "--gpus", "3",
-                        "--results-dir", str(tmp_path / "r")]) == 2
+    assert (
+        ablate_main(
+            [
+                "run",
+                "paper-table4",
+                "--config-dir",
+                str(CONFIGS),
+                "--dry-run",
+                "--gpus",
+                "3",
+                "--results-dir",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "global batch 128 is not a multiple of 8 per device x 3 devices" in capsys.readouterr().err
-    for text, message in (("stack: [base.yaml]\n", "`axes` must be a list"),
-                          ("stack: [base.yaml]\ncells: random\naxes: [{name: a, values: [{name: x}]}]\n",
-                           "cells must be one of"),
-                          ("stack: [base.yaml]\naxes: [{name: a, kind: posttrain, values: [{name: x}]}]\n",
-                           "a posttrain axis needs"),
-                          ("stack: [base.yaml]\naxes: [{name: a, values: [{name: x}, {name: on}]}]\n",
-                           "quote it, e.g. name: 'on'"),
-                          ("stack: [base.yaml]\naxes: [{name: a, values: [{name: x}]}]\npaper: {zz: {psnr: 1}}\n",
-                           "paper numbers for \\['zz'\\]")):
+    for text, message in (
+        ("stack: [base.yaml]\n", "`axes` must be a list"),
+        ("stack: [base.yaml]\ncells: random\naxes: [{name: a, values: [{name: x}]}]\n", "cells must be one of"),
+        ("stack: [base.yaml]\naxes: [{name: a, kind: posttrain, values: [{name: x}]}]\n", "a posttrain axis needs"),
+        ("stack: [base.yaml]\naxes: [{name: a, values: [{name: x}, {name: on}]}]\n", "quote it, e.g. name: 'on'"),
+        (
+            "stack: [base.yaml]\naxes: [{name: a, values: [{name: x}]}]\npaper: {zz: {psnr: 1}}\n",
+            "paper numbers for \\['zz'\\]",
+        ),
+    ):
         with pytest.raises(UserError, match=message):
             ablate.load_grid(str(write_grid(tmp_path, text, name="bad")))
 
@@ -313,15 +379,43 @@ def test_bad_grids_and_requests_get_one_sentence(tmp_path, capsys):
 # ---------------------------------------------------------------------------------- SLURM
 def test_slurm_scripts_of_a_two_node_grid(tmp_path):
     results = tmp_path / "results"
-    assert ablate_main(["run", "paper-posttrain", "--config-dir", str(CONFIGS), "--results-dir", str(results),
-                        "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
-                        "--time", "48:00:00", "--dry-run"]) == 0
+    assert (
+        ablate_main(
+            [
+                "run",
+                "paper-posttrain",
+                "--config-dir",
+                str(CONFIGS),
+                "--results-dir",
+                str(results),
+                "--launcher",
+                "slurm",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "8",
+                "--partition",
+                "gpu",
+                "--time",
+                "48:00:00",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     folder = results / "ablations" / "paper-posttrain" / "slurm"
     scripts = sorted(folder.glob("*.sbatch"))
     assert [p.name.split("-", 2)[1] for p in scripts] == ["fit", "test", "fit", "test", "fit", "test", "fit", "test"]
     fit = scripts[0].read_text()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=48:00:00", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=48:00:00",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+    ):
         assert line in fit.splitlines()
     srun = next(line for line in fit.splitlines() if line.startswith("srun "))
     argv = shlex.split(srun)
@@ -329,7 +423,7 @@ def test_slurm_scripts_of_a_two_node_grid(tmp_path):
     assert argv[-2:] == ["--ckpt_path", "last"]  # a requeued job resumes
     assert argv[argv.index("--trainer.num_nodes") + 1] == "2" and argv[argv.index("--trainer.devices") + 1] == "8"
     assert argv[argv.index("--trainer.accumulate_grad_batches") + 1] == "1"  # 8 x 16 devices = 128
-    posttrain = shlex.split(next(l for l in scripts[2].read_text().splitlines() if l.startswith("srun ")))
+    posttrain = shlex.split(next(line for line in scripts[2].read_text().splitlines() if line.startswith("srun ")))
     assert posttrain[posttrain.index("--trainer.accumulate_grad_batches") + 1] == "1"  # 4 x 16 = 64
     assert "--signal" not in scripts[1].read_text()  # tests are not requeued mid-way
     submit = (folder / "submit.sh").read_text().splitlines()
@@ -347,23 +441,49 @@ def _write_metrics(results: Path, run: str, report: dict) -> None:
 
 def test_one_seed_table_says_no_interval_and_keeps_the_paper_columns(tmp_path):
     results = tmp_path / "results"
-    _write_metrics(results, "ablate-paper-table4-base-s0", {
-        "metrics": {"rfid": 2.9, "psnr_paper": 20.6, "psnr": 20.9, "ssim": 0.61, "lpips_alex": 0.151,
-                    "lpips_vgg": 0.2, "codebook_used_fraction": 0.97}, "num_images": 50_000, "stand_ins": [],
-        "bits_per_pixel": 0.0703})
-    _write_metrics(results, "ablate-paper-table4-fsq-s0", {"test/rfid": 3.5, "psnr": 21.0, "lpips_vgg": 0.19,
-                                                           "num_images": 5000, "stand_ins": ["LPIPS-vgg"]})
+    _write_metrics(
+        results,
+        "ablate-paper-table4-base-s0",
+        {
+            "metrics": {
+                "rfid": 2.9,
+                "psnr_paper": 20.6,
+                "psnr": 20.9,
+                "ssim": 0.61,
+                "lpips_alex": 0.151,
+                "lpips_vgg": 0.2,
+                "codebook_used_fraction": 0.97,
+            },
+            "num_images": 50_000,
+            "stand_ins": [],
+            "bits_per_pixel": 0.0703,
+        },
+    )
+    _write_metrics(
+        results,
+        "ablate-paper-table4-fsq-s0",
+        {"test/rfid": 3.5, "psnr": 21.0, "lpips_vgg": 0.19, "num_images": 5000, "stand_ins": ["LPIPS-vgg"]},
+    )
     timings = results / "ablations" / "paper-table4" / "timings.json"
     timings.parent.mkdir(parents=True)
-    timings.write_text(json.dumps({"fit:ablate-paper-table4-base-s0": {"seconds": 600.0},
-                                   "test:base:s0": {"seconds": 60.0}, "test:no_cfg:s0": {"seconds": 30.0}}))
+    timings.write_text(
+        json.dumps(
+            {
+                "fit:ablate-paper-table4-base-s0": {"seconds": 600.0},
+                "test:base:s0": {"seconds": 60.0},
+                "test:no_cfg:s0": {"seconds": 30.0},
+            }
+        )
+    )
     assert ablate_main(["table", "paper-table4", "--config-dir", str(CONFIGS), "--results-dir", str(results)]) == 0
     folder = results / "ablations" / "paper-table4"
     table = (folder / "table.md").read_text()
     assert "One seed per cell (seed 0): no interval can be given" in table
     base = next(line for line in table.splitlines() if line.startswith("| base "))
-    assert "| 20.60 | – | 20.71 | 0.610 | – | 0.151 | – | 0.150 | 2.90 | – | 2.87 | 0.97 | – | 0.070 | 400365 | 11.0 |" \
+    assert (
+        "| 20.60 | – | 20.71 | 0.610 | – | 0.151 | – | 0.150 | 2.90 | – | 2.87 | 0.97 | – | 0.070 | 400365 | 11.0 |"
         in base
+    )
     fsq = next(line for line in table.splitlines() if line.startswith("| fsq "))
     assert "| 21.00 | +0.40 |" in fsq  # one draw: a difference, no interval, no mark
     assert "STAND-IN" in fsq and "per-image PSNR" in fsq and "lpips_vgg" in fsq
@@ -385,8 +505,11 @@ def test_replicate_table_means_intervals_paired_deltas_missing_and_references(tm
     base, fsq, on = [20.0, 21.0, 22.0], [21.0, 22.1, 22.9], [20.4, 21.6, None]  # fsq - base: 1.0, 1.1, 0.9
     references = {"pool8": {"label": "8x8 pool", "bits_per_pixel": 1.5, "psnr": 27.0, "ssim": 0.7}}
     for seed in range(3):
-        _write_metrics(results, f"ablate-g-base-s{seed}", {"psnr": base[seed], "bits_per_pixel": 1.125,
-                                                           **({"references": references} if seed == 1 else {})})
+        _write_metrics(
+            results,
+            f"ablate-g-base-s{seed}",
+            {"psnr": base[seed], "bits_per_pixel": 1.125, **({"references": references} if seed == 1 else {})},
+        )
         _write_metrics(results, f"ablate-g-fsq-s{seed}", {"psnr": fsq[seed], "bits_per_pixel": 1.125})
         if on[seed] is not None:  # seed 2 of `on` failed: missing, not averaged
             _write_metrics(results, f"ablate-g-on-s{seed}", {"psnr": on[seed], "bits_per_pixel": 1.125})
@@ -397,10 +520,15 @@ def test_replicate_table_means_intervals_paired_deltas_missing_and_references(tm
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines() if line.startswith("| ")}
     t2 = 4.302653  # t(0.975, 2 degrees of freedom); t(0.975, 1) = 12.706205
     assert f"| {21.0:.2f} ± {t2 / math.sqrt(3):.2f} | – |" in rows["base"]  # sd 1
-    assert f"| {22.0:.2f} ± {t2 * math.sqrt(0.91) / math.sqrt(3):.2f} | +1.00 ± {t2 * 0.1 / math.sqrt(3):.2f} ✱ |" in rows["fsq"]
+    assert (
+        f"| {22.0:.2f} ± {t2 * math.sqrt(0.91) / math.sqrt(3):.2f} | +1.00 ± {t2 * 0.1 / math.sqrt(3):.2f} ✱ |"
+        in rows["fsq"]
+    )
     # two replicates: the interval over 2 seeds, the pair with seed 2 dropped from the difference
-    assert f"| 21.00 ± {12.706205 * math.sqrt(0.72) / math.sqrt(2):.2f} (2 of 3) | +0.50 ± " \
-           f"{12.706205 * math.sqrt(0.02) / math.sqrt(2):.2f} (2 of 3) |" in rows["on"]
+    assert (
+        f"| 21.00 ± {12.706205 * math.sqrt(0.72) / math.sqrt(2):.2f} (2 of 3) | +0.50 ± "
+        f"{12.706205 * math.sqrt(0.02) / math.sqrt(2):.2f} (2 of 3) |" in rows["on"]
+    )
     assert "1 of 3 replicates missing" in rows["on"] and "✱" not in rows["on"]
     assert "| missing | missing |" in rows["nocfg"] and "not run yet" in rows["nocfg"]
     assert "| 27.00 | +6.00 ± 2.48 ✱ |" in rows["pool8"] and "| 1.500 |" in rows["pool8"]
@@ -408,7 +536,11 @@ def test_replicate_table_means_intervals_paired_deltas_missing_and_references(tm
     with (folder / "table.csv").open() as handle:
         raw = list(csv.DictReader(handle))
     assert [(r["cell"], r["seed"], r["psnr"]) for r in raw if r["cell"] in ("on", "pool8")] == [
-        ("on", "0", "20.4"), ("on", "1", "21.6"), ("on", "2", ""), ("pool8", "", "27.0")]
+        ("on", "0", "20.4"),
+        ("on", "1", "21.6"),
+        ("on", "2", ""),
+        ("pool8", "", "27.0"),
+    ]
     assert len(raw) == 4 * 3 + 1
     with (folder / "summary.csv").open() as handle:
         summary = {r["cell"]: r for r in csv.DictReader(handle)}
@@ -476,14 +608,31 @@ def test_jobs_beyond_the_cores_and_jobs_with_gpus_are_refused(tmp_path, capsys):
 def test_slurm_scripts_of_a_seeded_grid(tmp_path):
     path = write_grid(tmp_path, GRID_2X2.format(mode="product", extra="seeds: [0, 1]\nproduct_axes: [quant, post]"))
     results = tmp_path / "results"
-    assert ablate_main(["run", str(path), "--config-dir", str(CONFIGS), "--results-dir", str(results),
-                        "--launcher", "slurm", "--gpus-per-node", "8", "--dry-run"]) == 0
+    assert (
+        ablate_main(
+            [
+                "run",
+                str(path),
+                "--config-dir",
+                str(CONFIGS),
+                "--results-dir",
+                str(results),
+                "--launcher",
+                "slurm",
+                "--gpus-per-node",
+                "8",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     folder = results / "ablations" / "g" / "slurm"
     # <index>-<fit|test>-<run>.sbatch; a cell's test can share its fit's run name (base, fsq)
     scripts = {tuple(p.name.removesuffix(".sbatch").split("-", 2)[1:]): p for p in folder.glob("*.sbatch")}
     # 4 cells x 2 seeds: fits base, base-on (1B), fsq, fsq-on per seed; a test per cell and seed
     assert sorted(run for action, run in scripts if action == "fit") == sorted(
-        f"ablate-g-{run}-s{seed}" for run in ("base", "base-on", "fsq", "fsq-on") for seed in (0, 1))
+        f"ablate-g-{run}-s{seed}" for run in ("base", "base-on", "fsq", "fsq-on") for seed in (0, 1)
+    )
     assert len(scripts) == 16
     submit = (folder / "submit.sh").read_text()
     job = {line.split("=")[0]: line for line in submit.splitlines() if line.startswith("job_")}
@@ -492,7 +641,7 @@ def test_slurm_scripts_of_a_seeded_grid(tmp_path):
         one_b = scripts["fit", f"ablate-g-fsq-on-s{seed}"]
         line = job[variable["fit", f"ablate-g-fsq-on-s{seed}"]]
         assert f"--dependency=afterok:${variable['fit', f'ablate-g-fsq-s{seed}']} " in line  # 1B after the seed's 1A
-        srun = shlex.split(next(l for l in one_b.read_text().splitlines() if l.startswith("srun ")))
+        srun = shlex.split(next(line for line in one_b.read_text().splitlines() if line.startswith("srun ")))
         assert srun[srun.index("--model.seed") + 1] == str(seed)
         assert srun[srun.index("--model.init_weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
     test = job[variable["test", "ablate-g-fsq+on-s1"]]
@@ -505,9 +654,17 @@ def _tiny(**kwargs) -> FlowMoModule:
 
 
 def _fit(model: FlowMoModule, steps: int = 2) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     trainer.fit(model, torch.utils.data.DataLoader(torch.rand(8, 3, 32, 32) * 2 - 1, batch_size=4))
     return trainer
 
@@ -545,16 +702,21 @@ def _fast_grid_folder(tmp_path: Path, max_steps: int, model: str = "", extra: st
     (tmp_path / "configs").symlink_to(CONFIGS)
     (tmp_path / "fast.yaml").write_text(
         f"data:\n  train_shards: {tmp_path}/sample/train.json\n  val_shards: {tmp_path}/sample/val.json\n"
-        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n" + model +
-        f"trainer:\n  max_steps: {max_steps}\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
-        "  enable_model_summary: false\n" + extra)
+        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n"
+        + model
+        + f"trainer:\n  max_steps: {max_steps}\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n" + extra
+    )
     (tmp_path / "eval.yaml").write_text("model:\n  sampler:\n    steps: 3\n")
 
 
+@pytest.mark.slow
 def test_a_two_by_two_grid_with_post_training_runs_end_to_end(tmp_path):
     """fit, 1B hand-off, test, table, PNG and HParams, for real: 2 quantizers x {1A only, + 1B}, 2 steps each."""
     _fast_grid_folder(tmp_path, max_steps=2, model="  sample_steps: 2\n  sample_loss_weight: 1.0\n")
-    grid = write_grid(tmp_path, f"""
+    grid = write_grid(
+        tmp_path,
+        f"""
 stack: [base.yaml, model/tiny.yaml, stage/1a.yaml, data/sample.yaml, demo.yaml, {tmp_path}/fast.yaml]
 eval_stack: [ablations/overlays/tiny-eval.yaml, {tmp_path}/eval.yaml]
 posttrain:
@@ -565,13 +727,16 @@ axes:
   - name: quantizer
     values:
       - {{name: lfq}}
-      - {{name: fsq, overlay: {{model: {{architecture: {{quantizer: fsq, code_dim: 6, fsq_levels: [8, 8, 8, 8, 8, 8]}}}}}}}}
+      - {{name: fsq, overlay: {{model: {{architecture: {{quantizer: fsq, code_dim: 6,
+                                                  fsq_levels: [8, 8, 8, 8, 8, 8]}}}}}}}}
   - name: posttrain
     kind: posttrain
     values:
       - {{name: 1a}}
       - {{name: 1b, overlay: {{model: {{sample_loss: pixel_mse}}, data: {{batch_size: 1}}}}}}
-""", name="two")
+""",
+        name="two",
+    )
     command = [sys.executable, "-m", "flowmo", "ablate", "run", str(grid), "--config-dir", "configs"]
     subprocess.run(command, cwd=tmp_path, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     folder = tmp_path / "results" / "ablations" / "two"
@@ -612,6 +777,7 @@ def _wait_for(condition, what: str, timeout: float = 240.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_two_cells_run_in_parallel_and_resume_after_the_runner_is_killed(tmp_path):
     """--jobs 2: both fits run at once (one thread each); SIGKILL to the runner's whole process group mid-fit
     (as when a node dies), then the same command resumes the fits from their checkpoints and finishes the table."""
@@ -620,7 +786,9 @@ def test_two_cells_run_in_parallel_and_resume_after_the_runner_is_killed(tmp_pat
     if available_cores() < 2:
         pytest.skip("--jobs 2 needs 2 cores")
     _fast_grid_folder(tmp_path, max_steps=400, extra="checkpoint:\n  every_n_train_steps: 20\n")
-    grid = write_grid(tmp_path, f"""
+    grid = write_grid(
+        tmp_path,
+        f"""
 stack: [base.yaml, model/tiny.yaml, stage/1a.yaml, data/sample.yaml, demo.yaml, {tmp_path}/fast.yaml]
 eval_stack: [ablations/overlays/tiny-eval.yaml, {tmp_path}/eval.yaml]
 per_image_metrics: true
@@ -629,15 +797,19 @@ axes:
     values:
       - {{name: noise_weighted}}
       - {{name: uniform, overlay: {{model: {{time_schedule: uniform}}}}}}
-""", name="par")
+""",
+        name="par",
+    )
     command = [sys.executable, "-m", "flowmo", "ablate", "run", str(grid), "--config-dir", "configs", "--jobs", "2"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = tmp_path / "runner.txt"
     with out.open("w") as handle:
-        runner = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    checkpoints = [tmp_path / "runs" / f"ablate-par-{run}-s0" / "checkpoints" / "last.ckpt"
-                   for run in ("base", "uniform")]
+        runner = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    checkpoints = [
+        tmp_path / "runs" / f"ablate-par-{run}-s0" / "checkpoints" / "last.ckpt" for run in ("base", "uniform")
+    ]
     _wait_for(lambda: all(c.is_file() for c in checkpoints) or runner.poll() is not None, "both fits' checkpoints")
     os.killpg(runner.pid, signal.SIGKILL)  # the runner and both fits, at once
     runner.wait()
@@ -650,11 +822,12 @@ axes:
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for run, step in killed_at.items():
+    for run in killed_at:
         log = (tmp_path / "runs" / run / "fit.log").read_text()
         assert log.count("==== ") == 2 and "Restoring states from the checkpoint" in log  # resumed, not restarted
-        assert torch.load(tmp_path / "runs" / run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] \
-            == 400
+        assert (
+            torch.load(tmp_path / "runs" / run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 400
+        )
     with (tmp_path / "results" / "ablations" / "par" / "table.csv").open() as handle:
         rows = {r["cell"]: r for r in csv.DictReader(handle)}
     assert 0 < float(rows["base"]["psnr"]) < 60 and 0 < float(rows["uniform"]["psnr"]) < 60

@@ -78,8 +78,11 @@ def test_reference_scores_accumulate_batches_like_the_metrics_and_skip_what_a_ra
     assert set(result) == {"mean_colour", "pool8", "equal_bit"}
     expected = psnr_per_image(to_unit_range(images), to_unit_range(mean_colour(images))).mean()
     assert result["mean_colour"]["psnr"] == pytest.approx(float(expected), rel=1e-6)
-    assert (result["mean_colour"]["bits_per_pixel"], result["pool8"]["bits_per_pixel"],
-            result["equal_bit"]["bits_per_pixel"]) == (24 / 1024, 1.5, 1.125)
+    assert (
+        result["mean_colour"]["bits_per_pixel"],
+        result["pool8"]["bits_per_pixel"],
+        result["equal_bit"]["bits_per_pixel"],
+    ) == (24 / 1024, 1.5, 1.125)
     assert "6 bits per value" in result["equal_bit"]["label"]
     assert result["pool8"]["psnr"] >= result["equal_bit"]["psnr"] > result["mean_colour"]["psnr"]
     continuous = ReferenceScores(bits_per_pixel=float("inf"), image_size=32)

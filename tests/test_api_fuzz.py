@@ -27,8 +27,9 @@ def tokenizer() -> FlowMoTokenizer:
 
 
 # weighted toward valid inputs, so a good share of cases reaches the model (hypothesis --hypothesis-show-statistics)
-DTYPES = st.sampled_from([torch.float32] * 4 + [torch.float16, torch.bfloat16, torch.float64, torch.uint8,
-                                                 torch.int64, torch.bool])
+DTYPES = st.sampled_from(
+    [torch.float32] * 4 + [torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int64, torch.bool]
+)
 SIDES = st.sampled_from([4, 8, 16, 32, 32, 12, 0, 1, 30])
 SPECIAL = st.sampled_from([None] * 6 + ["nan", "inf", "big", "unit"])
 
@@ -39,8 +40,12 @@ def image_inputs(draw):
     channels = draw(st.sampled_from([3] * 6 + [1, 4]))
     batch = draw(st.sampled_from([1, 1, 2, 3, 0]))
     height, width = draw(SIDES), draw(SIDES)
-    shape = {4: (batch, channels, height, width), 3: (channels, height, width), 5: (1, batch, channels, height, width),
-             2: (height, width)}[rank]
+    shape = {
+        4: (batch, channels, height, width),
+        3: (channels, height, width),
+        5: (1, batch, channels, height, width),
+        2: (height, width),
+    }[rank]
     dtype = draw(DTYPES)
     values = torch.rand(shape, dtype=torch.float64) * 2 - 1
     special = draw(SPECIAL)

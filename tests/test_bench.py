@@ -15,8 +15,19 @@ import flowmo.bench.model
 from flowmo.bench import workloads
 from flowmo.flow import SAMPLERS
 
-ROW_FIELDS = ("preset", "stage", "device", "dtype", "batch", "image_size", "ms", "images_per_s", "peak_mem_mb",
-              "model_flops", "utilisation")
+ROW_FIELDS = (
+    "preset",
+    "stage",
+    "device",
+    "dtype",
+    "batch",
+    "image_size",
+    "ms",
+    "images_per_s",
+    "peak_mem_mb",
+    "model_flops",
+    "utilisation",
+)
 
 
 def load_script():
@@ -28,8 +39,25 @@ def positive(value) -> bool:
 
 
 def run(bench, out: Path, *extra: str) -> list[dict]:
-    argv = ["--preset", "tiny", "--batch", "2", "--warmup", "1", "--iters", "1", "--device", "cpu",
-            "--matmul-size", "256", "--threads", "1", "--json", str(out), *extra]
+    argv = [
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--device",
+        "cpu",
+        "--matmul-size",
+        "256",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        *extra,
+    ]
     assert bench.main(argv) == 0
     return json.loads(out.read_text())
 
@@ -65,6 +93,7 @@ def test_rows_accumulate_and_a_rerun_replaces_its_own(tmp_path):
     assert len(run(bench, out, "--workloads", "encode", "--fresh")) == 1
 
 
+@pytest.mark.slow
 def test_scaling_rows_cover_batch_and_image_size(tmp_path):
     bench = load_script()
     rows = run(bench, tmp_path / "bench.json", "--workloads", "encode", "--scaling", "--scaling-batches", "1", "2")
@@ -95,7 +124,9 @@ def test_the_bench_times_the_training_modules_own_update_and_recipes():
     before = [p.detach().clone() for p in bundle.tokenizer.parameters()]
     images = workloads.make_images(bundle, 2, "cpu")
     workloads.optimizer_step(bundle, images, bundle.recipes["1a"])
-    assert bundle.update.steps == 1 and any(not torch.equal(a, b) for a, b in zip(before, bundle.tokenizer.parameters()))
+    assert bundle.update.steps == 1 and any(
+        not torch.equal(a, b) for a, b in zip(before, bundle.tokenizer.parameters())
+    )
 
 
 @pytest.mark.slow
@@ -104,12 +135,38 @@ def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     and the CUDA sync mode still runs, each in its own process, and reports."""
     from flowmo.bench import gpu_check
 
-    assert gpu_check.main(["--device", "cpu", "--preset", "tiny", "--checkpointing", "blocks", "--out",
-                           str(tmp_path), "--warmup", "0", "--iters", "1", "--skip", "compile"]) == 0
+    assert (
+        gpu_check.main(
+            [
+                "--device",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--checkpointing",
+                "blocks",
+                "--out",
+                str(tmp_path),
+                "--warmup",
+                "0",
+                "--iters",
+                "1",
+                "--skip",
+                "compile",
+            ]
+        )
+        == 0
+    )
     report = (tmp_path / "report.md").read_text()
-    for expected in ("preflight: CPU", "1a micro-batch 8 (blocks): peak allocated", "planner (1 rank",
-                     "profile split", "host syncs: not measured", "1b micro-batch 4:", "decode fast sampler, batch 32:",
-                     "every check passed"):
+    for expected in (
+        "preflight: CPU",
+        "1a micro-batch 8 (blocks): peak allocated",
+        "planner (1 rank",
+        "profile split",
+        "host syncs: not measured",
+        "1b micro-batch 4:",
+        "decode fast sampler, batch 32:",
+        "every check passed",
+    ):
         assert expected in report, report
     assert "failed" not in report, report
     rows = json.loads((tmp_path / "bench.json").read_text())
@@ -145,14 +202,23 @@ def test_the_cuda_profile_split_counts_each_kernel_once():
     from flowmo.bench.measure import UNATTRIBUTED, split_profile
 
     def row(key, device_type, device_us, cpu_us=0.0, annotation=False):
-        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
-                               self_cpu_time_total=cpu_us, is_user_annotation=annotation)
+        return SimpleNamespace(
+            key=key,
+            device_type=device_type,
+            self_device_time_total=device_us,
+            self_cpu_time_total=cpu_us,
+            is_user_annotation=annotation,
+        )
 
-    events = [row("aten::mm", DeviceType.CPU, 2000, 50), row("aten::_scaled_dot_product_flash_attention",
-              DeviceType.CPU, 3000, 40), row("aten::view", DeviceType.CPU, 0, 5),
-              row("sm90_xmma_gemm_bf16bf16_bf16f32", DeviceType.CUDA, 2000),
-              row("flash_fwd_kernel", DeviceType.CUDA, 3000), row("triton_per_fused_native_layer_norm_0",
-              DeviceType.CUDA, 1000), row("forward", DeviceType.CUDA, 6000, annotation=True)]
+    events = [
+        row("aten::mm", DeviceType.CPU, 2000, 50),
+        row("aten::_scaled_dot_product_flash_attention", DeviceType.CPU, 3000, 40),
+        row("aten::view", DeviceType.CPU, 0, 5),
+        row("sm90_xmma_gemm_bf16bf16_bf16f32", DeviceType.CUDA, 2000),
+        row("flash_fwd_kernel", DeviceType.CUDA, 3000),
+        row("triton_per_fused_native_layer_norm_0", DeviceType.CUDA, 1000),
+        row("forward", DeviceType.CUDA, 6000, annotation=True),
+    ]
     split = split_profile(events, on_device=True)
     assert split["total_ms"] == pytest.approx(6.0)
     assert split["groups_ms"] == pytest.approx({"attention": 3.0, "matmuls": 2.0, UNATTRIBUTED: 1.0})

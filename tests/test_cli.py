@@ -18,16 +18,58 @@ warnings.filterwarnings("ignore")
 
 
 def fit_args(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
-    return ["fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/tiny.yaml"),
-            "-c", str(CONFIGS / "stage/1a.yaml"), "-c", str(CONFIGS / "data/sample.yaml"),
-            "--run_name", "cli-tiny", "--runs_dir", str(runs), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.precision", "32-true", "--trainer.max_steps", str(steps),
-            "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
-            "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "2",
-            "--data.train_shards", str(shards / "train.json"), "--data.val_shards", str(shards / "val.json"),
-            "--data.image_size", "32", "--data.batch_size", "2", "--data.val_batch_size", "2",
-            "--model.perceptual", "none", "--model.sampler.steps", "2", "--model.ema_every", "1", *extra]
+    return [
+        "fit",
+        "-c",
+        str(CONFIGS / "base.yaml"),
+        "-c",
+        str(CONFIGS / "model/tiny.yaml"),
+        "-c",
+        str(CONFIGS / "stage/1a.yaml"),
+        "-c",
+        str(CONFIGS / "data/sample.yaml"),
+        "--run_name",
+        "cli-tiny",
+        "--runs_dir",
+        str(runs),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.accumulate_grad_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--data.train_shards",
+        str(shards / "train.json"),
+        "--data.val_shards",
+        str(shards / "val.json"),
+        "--data.image_size",
+        "32",
+        "--data.batch_size",
+        "2",
+        "--data.val_batch_size",
+        "2",
+        "--model.perceptual",
+        "none",
+        "--model.sampler.steps",
+        "2",
+        "--model.ema_every",
+        "1",
+        *extra,
+    ]
 
 
 def assert_tensorboard_has_the_promised_curves(run_dir: Path) -> None:
@@ -36,10 +78,23 @@ def assert_tensorboard_has_the_promised_curves(run_dir: Path) -> None:
     events = EventAccumulator(str(next(run_dir.glob("events.out.tfevents.*"))))
     events.Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    promised = {"train/flow", "train/entropy", "train/commitment", "train/total", "train/grad_norm",
-                "train/param_norm", "train/ema_relative_distance", "train/codebook_used_fraction",
-                "train/code_entropy_bits", "train/steps_per_s", "train/images_per_s", "val/psnr", "val/psnr_paper",
-                "val/ssim", "data/skipped_samples"}
+    promised = {
+        "train/flow",
+        "train/entropy",
+        "train/commitment",
+        "train/total",
+        "train/grad_norm",
+        "train/param_norm",
+        "train/ema_relative_distance",
+        "train/codebook_used_fraction",
+        "train/code_entropy_bits",
+        "train/steps_per_s",
+        "train/images_per_s",
+        "val/psnr",
+        "val/psnr_paper",
+        "val/ssim",
+        "data/skipped_samples",
+    }
     assert promised <= scalars, promised - scalars
     assert any(tag.startswith("lr-Adam") for tag in scalars), scalars
     assert "val/reconstructions_0" in images
@@ -62,7 +117,7 @@ def test_fit_resume_last_and_export(sample_shards, tmp_path):
     assert main(["export", "--ckpt", str(checkpoints / "last.ckpt"), "--out", str(exported)]) == 0
     tokenizer = FlowMoTokenizer.from_checkpoint(exported)
     assert tokenizer.weights_record["step"] == 4 and tokenizer.weights_record["ema_updates"] == 4  # kept by the export
-    ema = {k[len("ema.module."):]: v for k, v in resumed["state_dict"].items() if k.startswith("ema.module.")}
+    ema = {k[len("ema.module.") :]: v for k, v in resumed["state_dict"].items() if k.startswith("ema.module.")}
     assert all(torch.equal(v, ema[k]) for k, v in tokenizer.state_dict().items())
     raw = FlowMoTokenizer.from_checkpoint(checkpoints / "last.ckpt", weights="raw")
     assert all(torch.equal(v, resumed["state_dict"][f"tokenizer.{k}"]) for k, v in raw.state_dict().items())
@@ -92,11 +147,15 @@ def test_reconstruct_tokenize_detokenize_files(tmp_path, capsys):
     photos.mkdir()
     for index in range(3):
         Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
-            photos / f"p{index}.png")
+            photos / f"p{index}.png"
+        )
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     common = ["--tokenizer", str(tokenizer_file), "--sampler", "fast", "--steps", "2"]
     assert main(["reconstruct", str(photos), "--out", str(tmp_path / "recon"), *common]) == 0
-    assert "wrote 3 input | reconstruction PNGs to" in (out := capsys.readouterr().out) and "skipped 1 unreadable: broken.jpg" in out
+    assert (
+        "wrote 3 input | reconstruction PNGs to" in (out := capsys.readouterr().out)
+        and "skipped 1 unreadable: broken.jpg" in out
+    )
     with Image.open(tmp_path / "recon" / "p0.png") as image:
         assert image.size == (64, 32)  # input | reconstruction, 32 px each
     assert main(["tokenize", str(photos), "--out", str(tmp_path / "ids"), *common]) == 0
@@ -114,8 +173,10 @@ def test_reconstruct_tokenize_detokenize_files(tmp_path, capsys):
 def test_project_command_help_answers_without_importing_torch(command):
     """`flowmo COMMAND --help` of every project subcommand (gen is LightningCLI's) prints its options before torch
     loads: tens of milliseconds instead of seconds."""
-    probe = ("import sys\nfrom flowmo.commands import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n    pass\n"
-             "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'TORCH_NOT_IMPORTED')" % command)
+    probe = (
+        f"import sys\nfrom flowmo.commands import main\ntry:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n"
+        "    pass\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'TORCH_NOT_IMPORTED')"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: flowmo" in result.stdout
@@ -136,8 +197,17 @@ def test_validate_logs_at_the_checkpoints_step_in_the_runs_validate_folder(sampl
     runs = tmp_path / "runs"
     assert main(fit_args(sample_shards, runs, 2)) == 0
     capsys.readouterr()
-    assert main(["validate", *fit_args(sample_shards, runs, 2)[1:],
-                 "--ckpt_path", str(runs / "cli-tiny" / "checkpoints" / "last.ckpt")]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                *fit_args(sample_shards, runs, 2)[1:],
+                "--ckpt_path",
+                str(runs / "cli-tiny" / "checkpoints" / "last.ckpt"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "flowmo validate: EMA weights of step 2 (2 updates" in err and "LightningCLI's args" not in err
     events = EventAccumulator(str(runs / "cli-tiny" / "validate"))

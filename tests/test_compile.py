@@ -34,9 +34,18 @@ class EagerCompiled(FlowMoModule):
 
 
 def trainer(steps: int) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
-                     limit_val_batches=2, num_sanity_val_steps=0, precision="bf16-mixed")
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        precision="bf16-mixed",
+    )
 
 
 @pytest.fixture
@@ -51,23 +60,43 @@ def dynamo_fails_at_the_limit(monkeypatch):
 def graphs_per_transformer() -> dict[str, int]:
     """Compiled frames per code object, from dynamo's own cache entries."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
     from flowmo.nn.transformer import DecoderTransformer, EncoderTransformer
 
-    return {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
-            for cls in (EncoderTransformer, DecoderTransformer)}
+    return {
+        cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
+        for cls in (EncoderTransformer, DecoderTransformer)
+    }
 
 
+@pytest.mark.slow
 def test_1a_through_the_freeze_validation_and_1b_stay_compiled(dynamo_fails_at_the_limit, tmp_path):
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     train, val = DataLoader(images, batch_size=2), DataLoader(images[:3], batch_size=2)  # a last batch of 1 too
     sampler = SamplerSettings(steps=4, cfg=1.5, cfg_interval=(0.17, 1.02))  # guided steps: the paired 2B call
-    stage_1a = EagerCompiled(preset="tiny", perceptual="none", feature_weights="random", compile=True,
-                             freeze_encoder_after=2, ema_every=1, sampler=sampler)
+    stage_1a = EagerCompiled(
+        preset="tiny",
+        perceptual="none",
+        feature_weights="random",
+        compile=True,
+        freeze_encoder_after=2,
+        ema_every=1,
+        sampler=sampler,
+    )
     run = trainer(4)
     run.fit(stage_1a, train, val)
     run.save_checkpoint(tmp_path / "1a.ckpt")
-    stage_1b = EagerCompiled(preset="tiny", stage="1b", perceptual="none", init_weights=str(tmp_path / "1a.ckpt"),
-                             sample_loss="pixel_mse", sample_steps=3, compile=True, ema_every=1, sampler=sampler)
+    stage_1b = EagerCompiled(
+        preset="tiny",
+        stage="1b",
+        perceptual="none",
+        init_weights=str(tmp_path / "1a.ckpt"),
+        sample_loss="pixel_mse",
+        sample_steps=3,
+        compile=True,
+        ema_every=1,
+        sampler=sampler,
+    )
     trainer(2).fit(stage_1b, train, val)
     graphs = graphs_per_transformer()
     assert 0 < graphs["EncoderTransformer"] <= MAX_GRAPHS_PER_TRANSFORMER, graphs

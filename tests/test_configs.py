@@ -14,8 +14,11 @@ from flowmo.commands.lightning import FlowMoCLI
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # every tokenizer config file (grid files in configs/ablations/ are not configs: tests/test_ablate.py parses their
 # cells; configs/generator/ belongs to `flowmo gen`: tests/test_generate_cli.py parses those)
-ALL_YAML = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
-                  if p.parent.name not in ("ablations", "generator"))
+ALL_YAML = sorted(
+    p.relative_to(CONFIGS).as_posix()
+    for p in CONFIGS.rglob("*.yaml")
+    if p.parent.name not in ("ablations", "generator")
+)
 
 
 class ParsedOnly(Exception):
@@ -68,8 +71,13 @@ def test_paper_stage_1a_stack(preset):
 
 
 def test_paper_stage_1b_stack():
-    config = parse("base.yaml", "model/lo.yaml", "stage/1b.yaml", "data/imagenet.yaml",
-                   extra=("--model.init_weights", "runs/lo-1a/checkpoints/last.ckpt"))
+    config = parse(
+        "base.yaml",
+        "model/lo.yaml",
+        "stage/1b.yaml",
+        "data/imagenet.yaml",
+        extra=("--model.init_weights", "runs/lo-1a/checkpoints/last.ckpt"),
+    )
     model, trainer = config["model"], config["trainer"]
     assert model["stage"] == "1b" and model["lr"] == 5e-5
     assert model["sample_loss"] == "resnet50_logits" and model["sample_loss_weight"] == 0.01

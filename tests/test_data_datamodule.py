@@ -6,18 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import jpeg_bytes, make_val_shards, truncated_jpeg_bytes, write_shard
 from PIL import Image
 
+from data_helpers import jpeg_bytes, make_val_shards, truncated_jpeg_bytes, write_shard
 from flowmo.data import FlowMoDataModule, resolve_shards
 from flowmo.data.stream import ShardStream, SkipCounter
-from flowmo.data.transforms import (
-    decode_rgb,
-    resize_shorter_side,
-    to_signed_tensor,
-    train_transform,
-    val_transform,
-)
+from flowmo.data.transforms import decode_rgb, resize_shorter_side, to_signed_tensor, train_transform, val_transform
 
 
 def photo(width=50, height=30):
@@ -54,8 +48,14 @@ def test_transforms_match_torchvision():
 
 def test_resize_keeps_the_shorter_side_rule_and_pil_bilinear_pixels():
     # shorter side -> size; longer side -> int(size * long / short), truncated (not rounded): 24 * 37 / 23 = 38.6
-    expected_sizes = {(50, 30): (40, 24), (37, 23): (38, 24), (23, 37): (24, 38), (31, 31): (24, 24),
-                      (1000, 3): (8000, 24), (24, 50): (24, 50)}
+    expected_sizes = {
+        (50, 30): (40, 24),
+        (37, 23): (38, 24),
+        (23, 37): (24, 38),
+        (31, 31): (24, 24),
+        (1000, 3): (8000, 24),
+        (24, 50): (24, 50),
+    }
     assert set(expected_sizes) == set(ODD_SIZES)
     for (width, height), expected_size in expected_sizes.items():
         image = photo(width, height)
@@ -110,19 +110,26 @@ def test_ranks_from_environment_and_real_workers(tmp_path, monkeypatch):
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        data = FlowMoDataModule(val_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=3, num_workers=2,
-                                persistent_workers=False)
+        data = FlowMoDataModule(
+            val_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=3, num_workers=2, persistent_workers=False
+        )
         seen += [key for batch in data.val_dataloader() for key in batch["key"]]
     assert len(seen) == len(keys) and set(seen) == keys
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):
-    write_shard(tmp_path / "val-000000.tar", {
-        "good.jpg": jpeg_bytes(1), "good.cls": b"3",
-        "cut.jpg": truncated_jpeg_bytes(), "cut.cls": b"1",
-        "text.jpg": b"not an image", "text.cls": b"2",
-        "nolabel.jpg": jpeg_bytes(2),
-    })
+    write_shard(
+        tmp_path / "val-000000.tar",
+        {
+            "good.jpg": jpeg_bytes(1),
+            "good.cls": b"3",
+            "cut.jpg": truncated_jpeg_bytes(),
+            "cut.cls": b"1",
+            "text.jpg": b"not an image",
+            "text.cls": b"2",
+            "nolabel.jpg": jpeg_bytes(2),
+        },
+    )
     data = FlowMoDataModule(val_shards=str(tmp_path / "val-000000.tar"), image_size=16, batch_size=8, num_workers=0)
     batches = list(data.val_dataloader())
     assert batches[0]["key"] == ["good", "nolabel"] and batches[0]["cls"].tolist() == [3, -1]
@@ -139,16 +146,18 @@ def test_skip_count_is_shared_with_worker_processes(tmp_path):
 
 def test_train_stream_is_infinite_shuffled_and_works_without_workers(tmp_path):
     keys = make_val_shards(tmp_path, shards=4, per_shard=3, size=(48, 32))
-    data = FlowMoDataModule(train_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=4, num_workers=0,
-                            shuffle_buffer=4, seed=1)
+    data = FlowMoDataModule(
+        train_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=4, num_workers=0, shuffle_buffer=4, seed=1
+    )
     loader = iter(data.train_dataloader())
     batches = [next(loader) for _ in range(8)]  # 32 samples from a 12-sample set: resampled, never ends
     assert all(b["image"].shape == (4, 3, 16, 16) for b in batches)
     assert all(-1 <= b["image"].min() and b["image"].max() <= 1 for b in batches)
     seen = [key for b in batches for key in b["key"]]
     assert set(seen) <= keys and len(set(seen)) > 6
-    other_seed = FlowMoDataModule(train_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=4,
-                                  num_workers=0, shuffle_buffer=4, seed=2)
+    other_seed = FlowMoDataModule(
+        train_shards=str(tmp_path / "val-*.tar"), image_size=16, batch_size=4, num_workers=0, shuffle_buffer=4, seed=2
+    )
     assert next(iter(other_seed.train_dataloader()))["key"] != batches[0]["key"]  # the seed sets the stream
 
 
@@ -202,12 +211,26 @@ def test_lightning_fit_with_the_infinite_stream_and_validation(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     keys = make_val_shards(tmp_path / "shards", shards=2, per_shard=3)
-    data = FlowMoDataModule(str(tmp_path / "shards" / "val-*.tar"), str(tmp_path / "shards" / "val-*.tar"),
-                            image_size=16, batch_size=2, num_workers=0)
+    data = FlowMoDataModule(
+        str(tmp_path / "shards" / "val-*.tar"),
+        str(tmp_path / "shards" / "val-*.tar"),
+        image_size=16,
+        batch_size=2,
+        num_workers=0,
+    )
     model = MeanModel()
-    trainer = L.Trainer(max_steps=4, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=4,
+        val_check_interval=4,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 4 and sorted(model.val_keys) == sorted(keys)
 
@@ -235,7 +258,8 @@ def test_train_streams_differ_across_ranks_and_resumed_steps(tmp_path):
 
 def test_pipe_urls_are_read_like_cluster_storage(tmp_path):
     keys = make_val_shards(tmp_path, shards=2, per_shard=2)
-    data = FlowMoDataModule(val_shards=f"pipe:cat {tmp_path}/val-{{000000..000001}}.tar", image_size=8,
-                            batch_size=4, num_workers=0)
+    data = FlowMoDataModule(
+        val_shards=f"pipe:cat {tmp_path}/val-{{000000..000001}}.tar", image_size=8, batch_size=4, num_workers=0
+    )
     data.setup("validate")
     assert {key for batch in data.val_dataloader() for key in batch["key"]} == keys

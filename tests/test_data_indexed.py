@@ -7,13 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from data_helpers import (
-    jpeg_bytes,
-    make_image_folder,
-    truncated_jpeg_bytes,
-    write_shard,
-)
 
+from data_helpers import jpeg_bytes, make_image_folder, truncated_jpeg_bytes, write_shard
 from flowmo.data import FlowMoDataModule, write_shards
 from flowmo.data.index import BAD_LABEL, build_index, load_index, sidecar_path
 from flowmo.data.indexed import IndexedBatches
@@ -30,7 +25,8 @@ def same_index(a, b) -> bool:
 def same_batches(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
         x["key"] == y["key"] and torch.equal(x["image"], y["image"]) and torch.equal(x["cls"], y["cls"])
-        for x, y in zip(a, b))
+        for x, y in zip(a, b)
+    )
 
 
 def take(batches, count: int, workers: int = 0) -> list[dict]:
@@ -102,13 +98,21 @@ def test_micro_batches_do_not_depend_on_the_start_point_or_the_worker_count(samp
 
 
 def test_a_corrupt_sample_is_skipped_counted_and_replaced_the_same_way_every_time(tmp_path):
-    write_shard(tmp_path / "train-000000.tar", {
-        **{name: data for i in range(3) for name, data in ((f"good{i}.jpg", jpeg_bytes(i)), (f"good{i}.cls", b"1"))},
-        "cut.jpg": truncated_jpeg_bytes(), "cut.cls": b"0",
-        "text.jpg": b"not an image", "text.cls": b"0",
-        "label.jpg": jpeg_bytes(9), "label.cls": b"cat",
-        "nolabel.jpg": jpeg_bytes(10),
-    })
+    write_shard(
+        tmp_path / "train-000000.tar",
+        {
+            **{
+                name: data for i in range(3) for name, data in ((f"good{i}.jpg", jpeg_bytes(i)), (f"good{i}.cls", b"1"))
+            },
+            "cut.jpg": truncated_jpeg_bytes(),
+            "cut.cls": b"0",
+            "text.jpg": b"not an image",
+            "text.cls": b"0",
+            "label.jpg": jpeg_bytes(9),
+            "label.cls": b"cat",
+            "nolabel.jpg": jpeg_bytes(10),
+        },
+    )
     index = build_index([str(tmp_path / "train-000000.tar")])
     assert len(index) == 7 and index.label.tolist().count(BAD_LABEL) == 1
 
@@ -120,7 +124,8 @@ def test_a_corrupt_sample_is_skipped_counted_and_replaced_the_same_way_every_tim
     keys = [key for batch in batches for key in batch["key"]]
     assert len(keys) == 32 and set(keys) == {"good0", "good1", "good2", "nolabel"}  # replaced by other draws
     assert skipped > 0 and [batch["cls"].tolist().count(-1) for batch in batches] == [
-        batch["key"].count("nolabel") for batch in batches]
+        batch["key"].count("nolabel") for batch in batches
+    ]
     again, skipped_again = draw(workers=0)
     assert same_batches(again, batches) and skipped_again == skipped  # the same redraws, the same count
     assert same_batches(draw(workers=2)[0], batches)  # (workers read ahead, so they have counted more by now)

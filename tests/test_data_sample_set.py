@@ -25,8 +25,9 @@ def test_sample_set_splits_by_photo_and_stores_jpeg_crops(tmp_path):
             assert image.format == "JPEG" and image.size == (48, 48)
     assert not (tmp_path / ".staging").exists()
 
-    data = FlowMoDataModule(str(tmp_path / "train.json"), str(tmp_path / "val.json"), image_size=32, batch_size=2,
-                            num_workers=0)
+    data = FlowMoDataModule(
+        str(tmp_path / "train.json"), str(tmp_path / "val.json"), image_size=32, batch_size=2, num_workers=0
+    )
     data.setup("fit")
     assert next(iter(data.train_dataloader()))["image"].shape == (2, 3, 32, 32)
     assert sum(len(batch["key"]) for batch in data.val_dataloader()) == 2 * len(VAL_PHOTOS)
@@ -48,8 +49,9 @@ def test_crops_span_native_resolution_to_the_whole_photo():
     boxes = crop_boxes(600, 400, 2000, random.Random(0), with_center=True, min_side=32)
     sides = [right - left for left, top, right, bottom in boxes]
     assert boxes[0] == (100, 0, 500, 400)  # val's first crop: the whole center square
-    assert all(32 <= side <= 400 and bottom - top == right - left for side, (left, top, right, bottom)
-               in zip(sides, boxes))
+    assert all(
+        32 <= side <= 400 and bottom - top == right - left for side, (left, top, right, bottom) in zip(sides, boxes)
+    )
     # log-uniform: as many crops below the geometric middle of [32, 400] as above it
     middle = math.sqrt(32 * 400)
     assert abs(sum(side < middle for side in sides) / len(sides) - 0.5) < 0.05
@@ -72,8 +74,9 @@ def _saturation(image: Image.Image) -> float:
 def test_colour_jitter_changes_training_colours_only(tmp_path):
     """Hue/saturation jitter of every training crop, tinted grayscale crops; held-out crops untouched."""
     plain = build_sample_set(tmp_path / "plain", size=32, train_crops_per_photo=6, val_crops_per_photo=2)
-    jittered = build_sample_set(tmp_path / "jitter", size=32, train_crops_per_photo=6, val_crops_per_photo=2,
-                                colour_jitter=True, tint_grey=1.0)
+    jittered = build_sample_set(
+        tmp_path / "jitter", size=32, train_crops_per_photo=6, val_crops_per_photo=2, colour_jitter=True, tint_grey=1.0
+    )
     assert plain["train"]["num_samples"] == jittered["train"]["num_samples"]
     val_plain, val_jittered = _crops(tmp_path / "plain", "val"), _crops(tmp_path / "jitter", "val")
     assert val_plain.keys() == val_jittered.keys()
@@ -83,6 +86,11 @@ def test_colour_jitter_changes_training_colours_only(tmp_path):
     assert grey and all(_saturation(train_plain[k]) < 8 for k in grey)  # grayscale photos...
     assert all(_saturation(train_jittered[k]) > 20 for k in grey)  # ...tinted with tint_grey = 1
     colour = [k for k in train_plain if k.split("/")[-1].startswith("astronaut")]
-    hues = {k: (train_plain[k].convert("HSV").getchannel("H").getdata(),
-                train_jittered[k].convert("HSV").getchannel("H").getdata()) for k in colour}
+    hues = {
+        k: (
+            train_plain[k].convert("HSV").getchannel("H").getdata(),
+            train_jittered[k].convert("HSV").getchannel("H").getdata(),
+        )
+        for k in colour
+    }
     assert sum(list(before) != list(after) for before, after in hues.values()) == len(colour)

@@ -6,22 +6,16 @@ import tarfile
 import numpy as np
 import pytest
 import scipy.io
-from data_helpers import (
-    jpeg_bytes,
-    make_ilsvrc_train_tar,
-    make_ilsvrc_val_tar,
-    make_image_folder,
-    tar_of,
-)
 
+from data_helpers import jpeg_bytes, make_ilsvrc_train_tar, make_ilsvrc_val_tar, make_image_folder, tar_of
 from flowmo.commands import main as flowmo_main
 from flowmo.data import shards
 from flowmo.data.shards import write_shards
+from flowmo.data.sources import load_val_labels
 
 
 def main(argv: list[str]) -> int:
     return flowmo_main(["shards", *argv])
-from flowmo.data.sources import load_val_labels
 
 
 class SimulatedCrash(Exception):
@@ -104,8 +98,9 @@ def test_parallel_workers_write_the_same_shards(tmp_path):
 
 def test_ilsvrc_train_tar_of_tars(tmp_path):
     images = make_ilsvrc_train_tar(tmp_path / "ILSVRC2012_img_train.tar")
-    manifest = write_shards(tmp_path / "ILSVRC2012_img_train.tar", tmp_path / "out", "train", shard_size=4,
-                            workers=1, progress=False)
+    manifest = write_shards(
+        tmp_path / "ILSVRC2012_img_train.tar", tmp_path / "out", "train", shard_size=4, workers=1, progress=False
+    )
     assert manifest["classes"] == ["n01000001", "n02000002"]  # class index = sorted wnid order
     assert manifest["num_samples"] == 6 and [e["key"] for e in manifest["skipped"]] == ["n02000002_bad"]
     _, members = all_members(tmp_path / "out", "train")
@@ -131,18 +126,30 @@ def test_flat_val_folder_takes_labels_from_a_file(tmp_path):
     for n in (1, 2):
         (tmp_path / "val" / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(jpeg_bytes(n))
     (tmp_path / "labels.txt").write_text("ILSVRC2012_val_00000001.JPEG n09\nILSVRC2012_val_00000002.JPEG n01\n")
-    write_shards(tmp_path / "val", tmp_path / "out", "val", val_labels=tmp_path / "labels.txt", workers=1,
-                 progress=False)
+    write_shards(
+        tmp_path / "val", tmp_path / "out", "val", val_labels=tmp_path / "labels.txt", workers=1, progress=False
+    )
     _, members = all_members(tmp_path / "out", "val")
     assert members["ILSVRC2012_val_00000001.cls"] == b"1" and members["ILSVRC2012_val_00000002.cls"] == b"0"
 
 
 def test_devkit_ground_truth_maps_ilsvrc_ids_to_sorted_wnids(tmp_path):
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     synsets = np.zeros((3, 1), dtype=[(name, "O") for name in fields])
-    rows = [(1, "n02000002", "b", "", 0, np.array([]), 0, 1), (2, "n01000001", "a", "", 0, np.array([]), 0, 1),
-            (3, "n00000009", "parent", "", 2, np.array([1, 2]), 1, 0)]
+    rows = [
+        (1, "n02000002", "b", "", 0, np.array([]), 0, 1),
+        (2, "n01000001", "a", "", 0, np.array([]), 0, 1),
+        (3, "n00000009", "parent", "", 2, np.array([1, 2]), 1, 0),
+    ]
     for i, row in enumerate(rows):
         synsets[i, 0] = row
     (tmp_path / "devkit" / "data").mkdir(parents=True)
@@ -159,8 +166,19 @@ def test_devkit_ground_truth_maps_ilsvrc_ids_to_sorted_wnids(tmp_path):
 
 def test_cli_writes_shards_and_reports_errors(tmp_path, capsys):
     source = make_image_folder(tmp_path / "src")
-    argv = ["--source", str(source), "--out", str(tmp_path / "out"), "--split", "train", "--shard-size", "5",
-            "--workers", "1", "--no-progress"]
+    argv = [
+        "--source",
+        str(source),
+        "--out",
+        str(tmp_path / "out"),
+        "--split",
+        "train",
+        "--shard-size",
+        "5",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert "6 samples in 2 shards, 3 skipped" in capsys.readouterr().out
     assert main(["--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--split", "val"]) == 2
@@ -175,8 +193,9 @@ def test_tar_with_a_non_tar_member_type_is_indexed(tmp_path):
 
 def test_val_fraction_splits_one_folder_by_class_and_names_every_skipped_file(tmp_path, capsys):
     source = make_image_folder(tmp_path / "src", per_class=5)  # cat, dog: 5 good each, plus broken / fake / notes
-    assert main(["--source", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0.2",
-                 "--no-progress"]) == 0
+    assert (
+        main(["--source", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0.2", "--no-progress"]) == 0
+    )
     err = capsys.readouterr().err
     for name in ("broken.jpg", "fake.jpg", "notes.txt"):
         assert f"skipped {name}" in err or f"/{name}: " in err, err  # each named, with its reason

@@ -12,20 +12,58 @@ from flowmo.commands import main as flowmo_main
 def main(argv: list[str]) -> int:
     return flowmo_main(["demo", *argv])
 
-PROMISED_KEYS = ("psnr_1a", "psnr_1b", "ssim_1a", "ssim_1b", "psnr_mean_colour_baseline", "psnr_pool8_baseline",
-                 "bits_per_pixel", "wall_s")
+
+PROMISED_KEYS = (
+    "psnr_1a",
+    "psnr_1b",
+    "ssim_1a",
+    "ssim_1b",
+    "psnr_mean_colour_baseline",
+    "psnr_pool8_baseline",
+    "bits_per_pixel",
+    "wall_s",
+)
 
 
 def run_demo(tmp_path, *extra: str) -> dict:
     out = tmp_path / "demo"
-    assert main(["--out", str(out), "--data", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
-                 "--feature-weights", "none", *extra]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--data",
+                str(tmp_path / "data"),
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--feature-weights",
+                "none",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "metrics.json").read_text())
 
 
 def test_demo_writes_grid_curves_and_metrics(tmp_path):
-    metrics = run_demo(tmp_path, "--steps-1a", "4", "--steps-1b", "2", "--val-every", "2", "--val-every-1b", "2",
-                       "--train-crops", "4", "--val-crops", "2", "--rows", "3")
+    metrics = run_demo(
+        tmp_path,
+        "--steps-1a",
+        "4",
+        "--steps-1b",
+        "2",
+        "--val-every",
+        "2",
+        "--val-every-1b",
+        "2",
+        "--train-crops",
+        "4",
+        "--val-crops",
+        "2",
+        "--rows",
+        "3",
+    )
     for key in PROMISED_KEYS:
         assert isinstance(metrics[key], float), key
     assert metrics["val_images"] == 6 and metrics["image_size"] == 32 and metrics["bits_per_pixel"] == 1.125
@@ -72,8 +110,11 @@ def test_demo_reuses_its_sample_set_and_rebuilds_a_stale_one(tmp_path):
 def test_demo_pretrained_without_the_files_says_what_is_missing():
     from flowmo.demo import stage_losses
 
-    with pytest.raises(SystemExit, match="vgg16-397923af.pth, timm/resnet50.tv_in1k/model.safetensors not in their caches; .flowmo "
-                                         "fetch-weights lpips resnet. fetches them"):
+    with pytest.raises(
+        SystemExit,
+        match="vgg16-397923af.pth, timm/resnet50.tv_in1k/model.safetensors not in their caches; .flowmo "
+        "fetch-weights lpips resnet. fetches them",
+    ):
         stage_losses("pretrained")
     assert stage_losses("none")["sample_loss_1b"] == "pixel_mse"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from data_helpers import jpeg_bytes
 from torch.utils.data import DataLoader
 
+from data_helpers import jpeg_bytes
 from flowmo import FlowMoTokenizer
 from flowmo.callbacks.report import tokens_times_vocab
 from flowmo.commands import main
@@ -31,8 +31,18 @@ warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NUM_IMAGES = 10
-CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-       "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+CPU = [
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+    "--trainer.precision",
+    "32-true",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 def configs(*names: str) -> list[str]:
@@ -56,11 +66,25 @@ def checkpoint(tmp_path_factory) -> Path:
     """A one-step tiny checkpoint whose hparams differ from the protocol: the protocol must win at test time,
     while the architecture (here entropy_group_bits 6) must come from the checkpoint."""
     torch.manual_seed(0)
-    model = FlowMoModule(preset="tiny", architecture={"entropy_group_bits": 6}, perceptual="none",
-                         feature_weights="random", sampler=SamplerSettings(steps=3, cfg=1.0), val_rfid=False, lr=1e-3)
+    model = FlowMoModule(
+        preset="tiny",
+        architecture={"entropy_group_bits": 6},
+        perceptual="none",
+        feature_weights="random",
+        sampler=SamplerSettings(steps=3, cfg=1.0),
+        val_rfid=False,
+        lr=1e-3,
+    )
     images = torch.rand(4, 3, 32, 32) * 2 - 1
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, DataLoader([{"image": image} for image in images], batch_size=4))
     path = tmp_path_factory.mktemp("eval-ckpt") / "tiny.ckpt"
     trainer.save_checkpoint(path)
@@ -78,19 +102,50 @@ def official_file(tmp_path_factory, official_fixture) -> Path:
 
 def run_eval(tmp_path: Path, monkeypatch, shards: Path, *source: str) -> dict:
     monkeypatch.chdir(tmp_path)  # EvaluationReport writes results/<run_name>/ under the working directory
-    args = ["test", *configs("base.yaml", "model/tiny.yaml", "data/sample.yaml", "eval/paper.yaml"),
-            "--data.val_shards", str(shards), "--data.image_size", "32", "--model.feature_weights", "random",
-            "--model.sampler.steps", "2", "--runs_dir", str(tmp_path / "runs"), "--run_name", "tiny-eval", *CPU, *source]
+    args = [
+        "test",
+        *configs("base.yaml", "model/tiny.yaml", "data/sample.yaml", "eval/paper.yaml"),
+        "--data.val_shards",
+        str(shards),
+        "--data.image_size",
+        "32",
+        "--model.feature_weights",
+        "random",
+        "--model.sampler.steps",
+        "2",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "tiny-eval",
+        *CPU,
+        *source,
+    ]
     assert main(args) == 0
     return json.loads((tmp_path / "results" / "tiny-eval" / "metrics.json").read_text(encoding="utf-8"))
 
 
 def check_protocol(report: dict, results: Path) -> None:
-    expected = {"psnr", "psnr_paper", "ssim", "ssim_paper", "lpips_alex", "lpips_vgg", "rfid", "pairwise_features",
-                "codebook_used_fraction", "codebook_perplexity"}
+    expected = {
+        "psnr",
+        "psnr_paper",
+        "ssim",
+        "ssim_paper",
+        "lpips_alex",
+        "lpips_vgg",
+        "rfid",
+        "pairwise_features",
+        "codebook_used_fraction",
+        "codebook_perplexity",
+    }
     assert expected <= set(report["metrics"]) and all(isinstance(v, float) for v in report["metrics"].values())
-    assert report["sampler"] == {"steps": 2, "rho": 4.0, "cfg": 1.5, "cfg_interval": [0.17, 1.02], "seed": 0,
-                                 "nfe": SamplerSettings(steps=2, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02)).nfe}
+    assert report["sampler"] == {
+        "steps": 2,
+        "rho": 4.0,
+        "cfg": 1.5,
+        "cfg_interval": [0.17, 1.02],
+        "seed": 0,
+        "nfe": SamplerSettings(steps=2, rho=4.0, cfg=1.5, cfg_interval=(0.17, 1.02)).nfe,
+    }
     assert report["num_images"] == NUM_IMAGES and report["weights"] == "ema" and report["skipped_samples"] == 0
     assert report["data"]["test_batch_size"] == 5 and report["resolution"] == [32, 32]
     assert {"LPIPS-alex", "LPIPS-vgg"} <= set(report["stand_ins"]) and "STAND-IN" in report["warning"]
@@ -122,8 +177,9 @@ def test_an_eval_at_another_size_reports_its_rate_and_reference_rows(tmp_path, m
     assert f"| {report['bits_per_pixel']:.3f} |" in (tmp_path / "results" / "tiny-eval" / "table_row.md").read_text()
 
 
-def test_eval_cli_from_an_official_file_uses_its_ema_weights(tmp_path, monkeypatch, shards, official_file,
-                                                             official_fixture):
+def test_eval_cli_from_an_official_file_uses_its_ema_weights(
+    tmp_path, monkeypatch, shards, official_file, official_fixture
+):
     model = FlowMoModule(preset="tiny", perceptual="none", feature_weights="random", init_weights=str(official_file))
     config = FlowMoConfig.from_dict(official_fixture["config"])
     expected = FlowMoTokenizer.from_official(official_fixture["official_state_dict"], config).state_dict()
@@ -136,8 +192,17 @@ def test_eval_cli_from_an_official_file_uses_its_ema_weights(tmp_path, monkeypat
 
 def test_missing_feature_weights_stop_the_eval_with_one_sentence(tmp_path, monkeypatch, shards, checkpoint, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    args = ["test", *configs("base.yaml", "data/sample.yaml", "eval/paper.yaml"), "--data.val_shards", str(shards),
-            "--runs_dir", str(tmp_path / "runs"), *CPU, "--ckpt_path", str(checkpoint)]
+    args = [
+        "test",
+        *configs("base.yaml", "data/sample.yaml", "eval/paper.yaml"),
+        "--data.val_shards",
+        str(shards),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        *CPU,
+        "--ckpt_path",
+        str(checkpoint),
+    ]
     assert main(args) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: ") and "alexnet-owt-7be5be79.pth is not in" in message
@@ -146,8 +211,9 @@ def test_missing_feature_weights_stop_the_eval_with_one_sentence(tmp_path, monke
 
 
 def stream_keys(spec: Path, subsample: int, **kwargs) -> list[str]:
-    data = FlowMoDataModule(val_shards=str(spec), image_size=32, val_batch_size=3, num_workers=0,
-                            test_subsample=subsample, **kwargs)
+    data = FlowMoDataModule(
+        val_shards=str(spec), image_size=32, val_batch_size=3, num_workers=0, test_subsample=subsample, **kwargs
+    )
     data.setup("test")
     return [key for batch in data.test_dataloader() for key in batch["key"]]
 
@@ -158,8 +224,9 @@ def test_subsample_takes_every_nth_image_of_the_split(shards):
     assert stream_keys(shards, 3) == every[::3]  # indices 0, 3, 6, 9 across shards of 4, 4, 2
     data = FlowMoDataModule(val_shards=str(shards), test_subsample=3)
     urls, offsets = data._shard_urls("test"), data._shard_offsets("test")
-    by_rank = [ShardStream(urls, 32, train=False, rank=r, world_size=2, subsample=3, shard_offsets=offsets)
-               for r in range(2)]
+    by_rank = [
+        ShardStream(urls, 32, train=False, rank=r, world_size=2, subsample=3, shard_offsets=offsets) for r in range(2)
+    ]
     assert sorted(s["key"] for stream in by_rank for s in stream) == sorted(every[::3])  # same set under DDP
     glob_keys = stream_keys(shards.parent / "val-*.tar", 3)  # no manifest: every 3rd sample of each shard
     assert glob_keys == [every[i] for i in (0, 3, 4, 7, 8)]
@@ -178,16 +245,45 @@ def test_table_columns_follow_the_paper():
 def test_stage_1b_selects_and_stops_on_val_rfid(tmp_path, shards, checkpoint):
     """The quick periodic validation runs inside fit, logs val/* and data/skipped_samples to TensorBoard, and the
     1B ModelCheckpoint keeps best-rfid.ckpt; the early-stop overlay runs beside it."""
-    args = ["fit", *configs("base.yaml", "model/tiny.yaml", "stage/1b.yaml", "stage/1b-early-stop.yaml",
-                            "data/sample.yaml"),
-            "--data.train_shards", str(shards), "--data.val_shards", str(shards), "--data.image_size", "32",
-            "--data.batch_size", "2", "--data.val_batch_size", "5", "--model.init_weights", str(checkpoint),
-            "--model.architecture", '{"entropy_group_bits": 6}', "--model.feature_weights", "random",
-            "--model.sample_loss", "none",  # the ResNet chain is test_training's; here it would only cost time
-            "--model.sampler.steps", "2", "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
-            "--trainer.val_check_interval", "1",
-            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-            "--runs_dir", str(tmp_path / "runs"), "--run_name", "tiny-1b", *CPU]
+    args = [
+        "fit",
+        *configs("base.yaml", "model/tiny.yaml", "stage/1b.yaml", "stage/1b-early-stop.yaml", "data/sample.yaml"),
+        "--data.train_shards",
+        str(shards),
+        "--data.val_shards",
+        str(shards),
+        "--data.image_size",
+        "32",
+        "--data.batch_size",
+        "2",
+        "--data.val_batch_size",
+        "5",
+        "--model.init_weights",
+        str(checkpoint),
+        "--model.architecture",
+        '{"entropy_group_bits": 6}',
+        "--model.feature_weights",
+        "random",
+        "--model.sample_loss",
+        "none",  # the ResNet chain is test_training's; here it would only cost time
+        "--model.sampler.steps",
+        "2",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.accumulate_grad_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "tiny-1b",
+        *CPU,
+    ]
     assert main(args) == 0
     best = list((tmp_path / "runs" / "tiny-1b").rglob("best-rfid.ckpt"))
     assert len(best) == 1
@@ -216,12 +312,34 @@ def test_distributed_eval_counts_every_image_once(tmp_path, shards, checkpoint):
     import subprocess
     import sys
 
-    args = ["test", *configs("base.yaml", "data/sample.yaml", "eval/paper.yaml"), "--data.val_shards", str(shards),
-            "--data.image_size", "32", "--model.feature_weights", "random", "--model.sampler.steps", "2",
-            "--runs_dir", str(tmp_path / "runs"), "--run_name", "ddp", *CPU, "--trainer.devices", "2",
-            "--trainer.strategy", "ddp", "--data.test_subsample", "3", "--ckpt_path", str(checkpoint)]
-    done = subprocess.run([sys.executable, "-m", "flowmo", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    args = [
+        "test",
+        *configs("base.yaml", "data/sample.yaml", "eval/paper.yaml"),
+        "--data.val_shards",
+        str(shards),
+        "--data.image_size",
+        "32",
+        "--model.feature_weights",
+        "random",
+        "--model.sampler.steps",
+        "2",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "ddp",
+        *CPU,
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.test_subsample",
+        "3",
+        "--ckpt_path",
+        str(checkpoint),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "flowmo", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results" / "ddp" / "metrics.json").read_text())
     assert report["world_size"] == 2 and report["num_images"] == 4  # indices 0, 3, 6, 9
@@ -254,9 +372,17 @@ def test_make_eval_targets_pass_ckpt_or_official_and_subsample():
 def test_a_table_row_names_the_architecture_it_evaluated():
     from flowmo.callbacks.report import table_markdown
 
-    report = {"metrics": {"psnr_paper": 20.0}, "sampler": {"steps": 25, "rho": 4.0, "cfg": 1.5,
-              "cfg_interval": [0.17, 1.02], "seed": 0, "nfe": 31}, "stand_ins": [], "warning": None,
-              "bits_per_pixel": 0.07, "tokens_x_vocab": "256 × 2^18", "num_images": 10, "weights": "ema",
-              "precision": "32-true", "model": {"hparams": {"preset": "tiny"}}}
+    report = {
+        "metrics": {"psnr_paper": 20.0},
+        "sampler": {"steps": 25, "rho": 4.0, "cfg": 1.5, "cfg_interval": [0.17, 1.02], "seed": 0, "nfe": 31},
+        "stand_ins": [],
+        "warning": None,
+        "bits_per_pixel": 0.07,
+        "tokens_x_vocab": "256 × 2^18",
+        "num_images": 10,
+        "weights": "ema",
+        "precision": "32-true",
+        "model": {"hparams": {"preset": "tiny"}},
+    }
     assert "| eval-lo [tiny architecture] |" in table_markdown("eval-lo", report)  # make eval-lo CKPT=<tiny>
     assert "| eval-tiny |" in table_markdown("eval-tiny", report)

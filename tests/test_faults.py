@@ -17,13 +17,7 @@ import lightning as L
 import pytest
 import torch
 
-from flowmo.faults import (
-    EXIT_CHECKPOINT_FAILED,
-    EXIT_DIVERGED,
-    EXIT_PREEMPTED,
-    NonFiniteTraining,
-    latest_checkpoint,
-)
+from flowmo.faults import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteTraining, latest_checkpoint
 from flowmo.module import FlowMoModule
 from run_faults import kill_past_a_checkpoint, step_of, training_state
 
@@ -37,14 +31,53 @@ def shards(sample_shards) -> Path:
 
 
 def fit_command(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flowmo", "fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/tiny.yaml"),
-            "-c", str(CONFIGS / "stage/1a.yaml"), "-c", str(CONFIGS / "data/sample.yaml"), "--run_name", "fault",
-            "--runs_dir", str(runs), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-            "--trainer.precision", "32-true", "--trainer.max_steps", str(steps), "--trainer.accumulate_grad_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-            "--trainer.log_every_n_steps", "1", "--data.train_shards", str(shards / "train.json"),
-            "--data.val_shards", str(shards / "val.json"), "--data.image_size", "32", "--data.batch_size", "2",
-            "--model.perceptual", "none", "--model.ema_every", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "flowmo",
+        "fit",
+        "-c",
+        str(CONFIGS / "base.yaml"),
+        "-c",
+        str(CONFIGS / "model/tiny.yaml"),
+        "-c",
+        str(CONFIGS / "stage/1a.yaml"),
+        "-c",
+        str(CONFIGS / "data/sample.yaml"),
+        "--run_name",
+        "fault",
+        "--runs_dir",
+        str(runs),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.accumulate_grad_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.train_shards",
+        str(shards / "train.json"),
+        "--data.val_shards",
+        str(shards / "val.json"),
+        "--data.image_size",
+        "32",
+        "--data.batch_size",
+        "2",
+        "--model.perceptual",
+        "none",
+        "--model.ema_every",
+        "1",
+        *extra,
+    ]
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -52,12 +85,17 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_signal_mid_run_saves_the_last_step_and_exits_non_zero(shards, tmp_path, signum):
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(fit_command(shards, runs, 100_000, "--checkpoint.every_n_train_steps", "100000"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        fit_command(shards, runs, 100_000, "--checkpoint.every_n_train_steps", "100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     events = runs / "fault" / "version_0"
     deadline = time.time() + 240
     while time.time() < deadline and not any(events.glob("events.out.tfevents.*")):
@@ -74,7 +112,7 @@ def test_a_signal_mid_run_saves_the_last_step_and_exits_non_zero(shards, tmp_pat
     assert f"resuming from {last}" in resumed.stderr and step_of(last) == saved + 2
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_run_killed_mid_run_and_resumed_ends_bit_equal_to_an_uninterrupted_one(shards, tmp_path, accumulation):
     """Issue 8: SIGKILL (no chance to save) after steps past the last checkpoint, resume with --ckpt_path last:
     raw and EMA weights, Adam state and step equal the uninterrupted run's bit for bit. The runs use 1 and 2
@@ -82,17 +120,30 @@ def test_a_run_killed_mid_run_and_resumed_ends_bit_equal_to_an_uninterrupted_one
     steps = 12
 
     def command(runs: Path, workers: int, *extra: str) -> list[str]:
-        return fit_command(shards, runs, steps, "--checkpoint.every_n_train_steps", "4", "--data.num_workers",
-                           str(workers), "--trainer.accumulate_grad_batches", str(accumulation),
-                           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
-                           str(runs / "csv"), "--trainer.logger.flush_logs_every_n_steps", "1", *extra)
+        return fit_command(
+            shards,
+            runs,
+            steps,
+            "--checkpoint.every_n_train_steps",
+            "4",
+            "--data.num_workers",
+            str(workers),
+            "--trainer.accumulate_grad_batches",
+            str(accumulation),
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            str(runs / "csv"),
+            "--trainer.logger.flush_logs_every_n_steps",
+            "1",
+            *extra,
+        )
 
     uninterrupted = run(command(tmp_path / "a", 1))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     runs = tmp_path / "b"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command(runs, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=env)
+    process = subprocess.Popen(command(runs, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     done, saved = kill_past_a_checkpoint(process, runs, runs / "fault")
     assert process.returncode == -signal.SIGKILL and 0 < saved < done < steps
     resumed = run(command(runs, 2, "--ckpt_path", "last"))
@@ -121,8 +172,15 @@ def test_a_stop_inside_an_accumulation_group_waits_for_the_group_s_optimizer_ste
                 trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
 
     callbacks = [SignalDuringBatch(), Preemption(), ModelCheckpoint(tmp_path, every_n_train_steps=100)]
-    trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer = L.Trainer(
+        max_steps=6,
+        accumulate_grad_batches=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     with pytest.raises(SIGTERMException):
         trainer.fit(_tiny(), torch.utils.data.DataLoader(torch.rand(16, 3, 32, 32) * 2 - 1, batch_size=2))
     checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
@@ -134,6 +192,7 @@ def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -145,14 +204,17 @@ def test_a_save_that_fails_half_way_keeps_the_previous_checkpoint(shards, tmp_pa
     last = checkpoints / "last.ckpt"
     before = last.read_bytes()
     # the resumed run may write logs, but no file larger than half a checkpoint: its step-4 save dies mid-write
-    failed = run(fit_command(shards, runs, 4, "--checkpoint.every_n_train_steps", "2", "--ckpt_path", "last"),
-                 preexec_fn=_limit_file_size(len(before) // 2))
+    failed = run(
+        fit_command(shards, runs, 4, "--checkpoint.every_n_train_steps", "2", "--ckpt_path", "last"),
+        preexec_fn=_limit_file_size(len(before) // 2),
+    )
     assert failed.returncode == EXIT_CHECKPOINT_FAILED, failed.stderr[-2000:]
     assert "could not write the checkpoint" in failed.stderr and "checkpoints are intact" in failed.stderr
     assert last.read_bytes() == before and step_of(last) == 2  # the previous last.ckpt, byte for byte
     assert not [p for p in checkpoints.iterdir() if ".tmp-" in p.name]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_resume_skips_a_checkpoint_cut_short(shards, tmp_path):
     runs = tmp_path / "runs"
     assert run(fit_command(shards, runs, 4, "--checkpoint.every_n_train_steps", "2")).returncode == 0
@@ -176,8 +238,19 @@ def test_ckpt_path_last_with_nothing_to_resume_says_so(shards, tmp_path):
 
 def test_a_huge_learning_rate_stops_the_run_with_nothing_non_finite_saved(shards, tmp_path):
     runs = tmp_path / "runs"
-    result = run(fit_command(shards, runs, 200, "--model.lr", "1e3", "--checkpoint.every_n_train_steps", "1",
-                             "--model.max_nonfinite_steps", "3"))
+    result = run(
+        fit_command(
+            shards,
+            runs,
+            200,
+            "--model.lr",
+            "1e3",
+            "--checkpoint.every_n_train_steps",
+            "1",
+            "--model.max_nonfinite_steps",
+            "3",
+        )
+    )
     assert result.returncode == EXIT_DIVERGED, result.stderr[-2000:]
     assert "3 optimizer steps in a row" in result.stderr and "resume with --ckpt_path last" in result.stderr
     saved = sorted((runs / "fault" / "checkpoints").glob("*.ckpt"))
@@ -187,8 +260,9 @@ def test_a_huge_learning_rate_stops_the_run_with_nothing_non_finite_saved(shards
 
 
 def _tiny(**kwargs) -> FlowMoModule:
-    return FlowMoModule(**{"preset": "tiny", "perceptual": "none", "freeze_encoder_after": None, "ema_every": 1,
-                           **kwargs})
+    return FlowMoModule(
+        **{"preset": "tiny", "perceptual": "none", "freeze_encoder_after": None, "ema_every": 1, **kwargs}
+    )
 
 
 def test_one_nan_pixel_skips_one_step_and_moves_nothing():
@@ -213,8 +287,15 @@ def test_one_nan_pixel_skips_one_step_and_moves_nothing():
                 assert all(torch.equal(before["adam"][k], after[k]) for k in after)
                 before["checked"] = True
 
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()])
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Snapshot()],
+    )
     trainer.fit(model, torch.utils.data.DataLoader(images, batch_size=2))
     # the skipped step still counts toward max_steps (Lightning counts it): 3 batches, 3 steps, 2 updates
     assert before["checked"] and model.skipped_nonfinite == 1 and trainer.global_step == 3
@@ -223,8 +304,14 @@ def test_one_nan_pixel_skips_one_step_and_moves_nothing():
 
 def test_nonfinite_steps_in_a_row_raise_with_the_terms_named():
     images = torch.full((4, 3, 32, 32), float("nan"))
-    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(NonFiniteTraining, match="2 optimizer steps in a row .* non-finite .*flow"):
         trainer.fit(_tiny(max_nonfinite_steps=2), torch.utils.data.DataLoader(images, batch_size=2))
 
@@ -267,6 +354,7 @@ def test_sixteen_bit_and_transparent_images_decode_faithfully():
     assert pixels[0, 0].tolist() == [255, 0, 0] and pixels[7, 7].tolist() == [255, 255, 255]  # on white
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_fields(shards, tmp_path):
     runs = tmp_path / "runs"
     assert run(fit_command(shards, runs, 1)).returncode == 0
@@ -322,12 +410,39 @@ def test_a_truncated_test_shard_reports_the_images_lost(sample_shards, tmp_path,
     first = shards / manifest["shards"][0]["url"]
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # a copy cut short
     monkeypatch.chdir(tmp_path)
-    args = ["test", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "model/tiny.yaml"),
-            "-c", str(CONFIGS / "data/sample.yaml"), "-c", str(CONFIGS / "eval/paper.yaml"),
-            "--data.val_shards", str(shards / "val.json"), "--data.image_size", "32", "--model.sampler.steps", "1",
-            "--model.val_lpips_nets", "[]", "--model.val_rfid", "false", "--trainer.precision", "32-true",
-            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
-            "--run_name", "cut", "--runs_dir", str(tmp_path / "runs")]
+    args = [
+        "test",
+        "-c",
+        str(CONFIGS / "base.yaml"),
+        "-c",
+        str(CONFIGS / "model/tiny.yaml"),
+        "-c",
+        str(CONFIGS / "data/sample.yaml"),
+        "-c",
+        str(CONFIGS / "eval/paper.yaml"),
+        "--data.val_shards",
+        str(shards / "val.json"),
+        "--data.image_size",
+        "32",
+        "--model.sampler.steps",
+        "1",
+        "--model.val_lpips_nets",
+        "[]",
+        "--model.val_rfid",
+        "false",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--run_name",
+        "cut",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+    ]
     assert main(args) == 0
     report = json.loads((tmp_path / "results" / "cut" / "metrics.json").read_text())
     expected = sum(shard["num_samples"] for shard in manifest["shards"])
@@ -339,8 +454,10 @@ def test_checkpoint_retention_keeps_the_newest_and_every_nth(shards, tmp_path):
     """A real fit saving every step: with the newest 2 and every 3rd kept, steps 3, 6 and 7 remain (and last)."""
     runs = tmp_path / "runs"
     policy = tmp_path / "retention.yaml"  # replaces base.yaml's callback list: this policy alone
-    policy.write_text("trainer:\n  callbacks:\n    - class_path: flowmo.callbacks.CheckpointRetention\n"
-                      "      init_args: {keep_last: 2, keep_every: 3}\n")
+    policy.write_text(
+        "trainer:\n  callbacks:\n    - class_path: flowmo.callbacks.CheckpointRetention\n"
+        "      init_args: {keep_last: 2, keep_every: 3}\n"
+    )
     result = run(fit_command(shards, runs, 7, "--checkpoint.every_n_train_steps", "1", "-c", str(policy)))
     assert result.returncode == 0, result.stderr[-2000:]
     names = sorted(path.name for path in (runs / "fault" / "checkpoints").glob("*.ckpt"))
@@ -357,9 +474,11 @@ def test_a_second_start_of_a_run_is_refused_before_anything_is_built(tmp_path, c
     before = {path: path.read_bytes() for path in (runs / "fault").rglob("*.ckpt")}
     assert main(fit_command(tmp_path / "no-shards", runs, 3)[3:]) == 2
     err = capsys.readouterr().err
-    assert (f"error: {runs / 'fault'} already holds a run (newest checkpoint: {runs / 'fault/checkpoints/last.ckpt'}, "
-            "step 60); continue it with --ckpt_path last (make ... RESUME=1), or start another with a new --run_name "
-            "(--overwrite starts this one over, moving its files aside).") in err and "Traceback" not in err
+    assert (
+        f"error: {runs / 'fault'} already holds a run (newest checkpoint: {runs / 'fault/checkpoints/last.ckpt'}, "
+        "step 60); continue it with --ckpt_path last (make ... RESUME=1), or start another with a new --run_name "
+        "(--overwrite starts this one over, moving its files aside)."
+    ) in err and "Traceback" not in err
     assert {path: path.read_bytes() for path in (runs / "fault").rglob("*.ckpt")} == before
 
 
@@ -391,8 +510,15 @@ def test_overwrite_moves_the_earlier_run_aside_and_a_resume_keeps_one_lineage(tm
     assert (superseded / "version_0").is_dir()  # the logs too: the new run starts at version_0
 
     # a resume from an older checkpoint of the run moves the later ones aside: `last` must not jump back to them
-    fake_run(run_dir, {"checkpoints/step0000020.ckpt": 20, "checkpoints/step0000040.ckpt": 40,
-                       "hpc_ckpt_1.ckpt": 50, "checkpoints/last.ckpt": 60})
+    fake_run(
+        run_dir,
+        {
+            "checkpoints/step0000020.ckpt": 20,
+            "checkpoints/step0000040.ckpt": 40,
+            "hpc_ckpt_1.ckpt": 50,
+            "checkpoints/last.ckpt": 60,
+        },
+    )
     older = run_dir / "checkpoints" / "step0000020.ckpt"
     ckpt_path, lock = claim(run_dir, str(older), overwrite=False)
     lock.release()
@@ -423,7 +549,8 @@ def test_a_requeued_job_without_ckpt_path_resumes_the_most_steps(tmp_path, monke
         assert ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
         monkeypatch.delenv(variable)
 
-    from flowmo.run_dir import claim as claim_run, start_of
+    from flowmo.run_dir import claim as claim_run
+    from flowmo.run_dir import start_of
 
     start = start_of(run_dir, "last", overwrite=False)  # while parsing: reads only
     assert not (tmp_path / "nowhere").exists() and start_of(tmp_path / "nowhere", None, False).ckpt_path is None
@@ -494,13 +621,21 @@ def test_a_second_start_a_concurrent_start_and_a_start_over_for_real(shards, tmp
     assert second.returncode == 2 and second.stderr.strip().splitlines()[-1] == (
         f"error: {run_dir} already holds a run (newest checkpoint: {run_dir / 'checkpoints/last.ckpt'}, step 4); "
         "continue it with --ckpt_path last (make ... RESUME=1), or start another with a new --run_name (--overwrite "
-        "starts this one over, moving its files aside)."), second.stderr[-2000:]
+        "starts this one over, moving its files aside)."
+    ), second.stderr[-2000:]
     assert _bytes(run_dir) == before and sorted(name.name for name in before) == [
-        "last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
+        "last.ckpt",
+        "step0000002.ckpt",
+        "step0000004.ckpt",
+    ]
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    training = subprocess.Popen(fit_command(shards, runs, 100_000, "--ckpt_path", "last"), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    training = subprocess.Popen(
+        fit_command(shards, runs, 100_000, "--ckpt_path", "last"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     lock = run_dir / ".fit.lock"
     _wait_for(lambda: f"process {training.pid} " in lock.read_text(), "the lock", training)
     started = time.time()
@@ -529,17 +664,39 @@ def test_a_requeued_slurm_job_resumes_from_the_newest_state(shards, tmp_path):
 
     stand_in = tmp_path / "bin" / "scontrol"
     stand_in.parent.mkdir()
-    stand_in.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    stand_in.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     stand_in.chmod(0o755)
-    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lo-1a",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **slurm,
-           "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}"}
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "lo-1a",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        **slurm,
+        "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
+    }
     runs = tmp_path / "runs"
-    csv = ("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(runs / "csv"),
-           "--trainer.logger.flush_logs_every_n_steps", "1", "--checkpoint.every_n_train_steps", "100000")
-    job = subprocess.Popen(fit_command(shards, runs, 100_000, *csv), env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    csv = (
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(runs / "csv"),
+        "--trainer.logger.flush_logs_every_n_steps",
+        "1",
+        "--checkpoint.every_n_train_steps",
+        "100000",
+    )
+    job = subprocess.Popen(
+        fit_command(shards, runs, 100_000, *csv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _wait_for(lambda: logged_step(runs) >= 3, "the first steps", job)
     job.send_signal(signal.SIGUSR1)
     hpc = runs / "fault" / "hpc_ckpt_1.ckpt"
@@ -551,8 +708,13 @@ def test_a_requeued_slurm_job_resumes_from_the_newest_state(shards, tmp_path):
     last = runs / "fault" / "checkpoints" / "last.ckpt"
     saved = step_of(last)
     assert saved > step_of(hpc)
-    requeued = subprocess.run(fit_command(shards, runs, saved + 1, *csv), env={**env, "SLURM_RESTART_COUNT": "1"},
-                              capture_output=True, text=True, timeout=600)
+    requeued = subprocess.run(
+        fit_command(shards, runs, saved + 1, *csv),
+        env={**env, "SLURM_RESTART_COUNT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert requeued.returncode == 0, requeued.stderr[-2000:]
     assert f"Restored all states from the checkpoint at {last}" in requeued.stderr
     assert f"training data resumes at micro-batch {saved} " in requeued.stderr and step_of(last) == saved + 1

@@ -6,14 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from seeded_weights import (
-    deterministic_fill,
-    deterministic_state_dict,
-    reference_layout,
-)
 
 from flowmo.metrics.fid import InceptionFeatures
 from flowmo.perceptual import LPIPSDistance, ResNetLogitsDistance, StandInWeightsWarning
+from seeded_weights import deterministic_fill, deterministic_state_dict, reference_layout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "feature_nets_reference.pt"
 RELATIVE_TOLERANCE = 1e-6  # float64 throughout: only summation order differs between implementations
@@ -90,4 +86,6 @@ def test_lpips_package_gives_the_reference_distances(reference, net, tmp_path):
 def test_seeded_fill_is_a_function_of_names_and_shapes():
     a = deterministic_fill(torch.nn.Linear(3, 2), seed=5)
     b = deterministic_fill(torch.nn.Linear(3, 2), seed=5)
-    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, deterministic_fill(torch.nn.Linear(3, 2), 6).weight)
+    assert torch.equal(a.weight, b.weight) and not torch.equal(
+        a.weight, deterministic_fill(torch.nn.Linear(3, 2), 6).weight
+    )

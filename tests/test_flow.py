@@ -45,6 +45,7 @@ def test_cfg_interval_guides_six_steps_for_31_evaluations():
         def velocity(z, t):
             calls[kind] += 1
             return torch.zeros_like(z) + (1.0 if kind == "cond" else 0.0)
+
         return velocity
 
     interval = (flow.sigma_to_t(0.17), flow.sigma_to_t(1.02))
@@ -89,11 +90,17 @@ def test_interpolation_target_and_x0_estimate_are_consistent():
     assert torch.allclose(flow.x0_estimate(x_t, flow.velocity_target(x, noise), t), x, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [
-    flow.SAMPLERS["paper"], flow.SAMPLERS["fast"], flow.SamplerSettings(steps=10, cfg=1.0),
-    flow.SamplerSettings(steps=6, cfg_interval=None), flow.SamplerSettings(steps=12, rho=1.0),
-    flow.SamplerSettings(steps=3, cfg=2.0, cfg_interval=(0.0, 0.5)),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        flow.SAMPLERS["paper"],
+        flow.SAMPLERS["fast"],
+        flow.SamplerSettings(steps=10, cfg=1.0),
+        flow.SamplerSettings(steps=6, cfg_interval=None),
+        flow.SamplerSettings(steps=12, rho=1.0),
+        flow.SamplerSettings(steps=3, cfg=2.0, cfg_interval=(0.0, 0.5)),
+    ],
+)
 def test_sampler_nfe_is_the_count_of_a_real_sampler_run(settings):
     """SamplerSettings.nfe (what reports and the bench quote) equals the decoder calls the tokenizer's sampler makes
     (a paired CFG call on twice the batch counts 2)."""

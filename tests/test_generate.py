@@ -54,8 +54,16 @@ def test_loss_counts_only_masked_tokens():
 
 def recording_decode(module, classes, steps, **settings):
     history = []
-    ids = decode(module.network, classes, module.layout.tokens, module.layout.groups, module.network.null_class,
-                 steps=steps, on_step=lambda step, masked: history.append(masked.clone()), **settings)
+    ids = decode(
+        module.network,
+        classes,
+        module.layout.tokens,
+        module.layout.groups,
+        module.network.null_class,
+        steps=steps,
+        on_step=lambda step, masked: history.append(masked.clone()),
+        **settings,
+    )
     return ids, history
 
 

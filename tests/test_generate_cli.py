@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_generate_tokens import pretokenize, tokenizer_file
 
 from flowmo.commands import main
 from flowmo.commands.lightning import GeneratorCLI
+from test_generate_tokens import pretokenize, tokenizer_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "generator"
 
@@ -38,13 +38,44 @@ def trained_generator(tmp_path_factory, sample_shards):
     folder = tmp_path_factory.mktemp("gen")
     tokenizer = tokenizer_file(folder, seed=0)
     pretokenize(tokenizer, sample_shards / "train.json", folder / "tokens")
-    code = main(["gen", "fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "tiny.yaml"),
-                 "--data.train_tokens", str(folder / "tokens" / "train.json"),
-                 "--data.val_tokens", str(folder / "tokens" / "train.json"), "--data.batch_size", "8",
-                 "--data.val_max_samples", "8", "--runs_dir", str(folder / "runs"), "--run_name", "g",
-                 "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-                 "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", "--model.tokenizer", str(tokenizer),
-                 "--model.grid_per_class", "1", "--model.sample_steps", "2"])
+    code = main(
+        [
+            "gen",
+            "fit",
+            "-c",
+            str(CONFIGS / "base.yaml"),
+            "-c",
+            str(CONFIGS / "tiny.yaml"),
+            "--data.train_tokens",
+            str(folder / "tokens" / "train.json"),
+            "--data.val_tokens",
+            str(folder / "tokens" / "train.json"),
+            "--data.batch_size",
+            "8",
+            "--data.val_max_samples",
+            "8",
+            "--runs_dir",
+            str(folder / "runs"),
+            "--run_name",
+            "g",
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--model.tokenizer",
+            str(tokenizer),
+            "--model.grid_per_class",
+            "1",
+            "--model.sample_steps",
+            "2",
+        ]
+    )
     assert code == 0
     return folder, tokenizer, folder / "runs" / "g" / "checkpoints" / "last.ckpt"
 
@@ -63,8 +94,28 @@ def test_gen_fit_checkpoints_and_logs_a_decoded_sample_grid(trained_generator):
 def test_generate_cli_writes_pngs_and_a_grid(trained_generator, capsys):
     folder, tokenizer, checkpoint = trained_generator
     out = folder / "samples"
-    assert main(["generate", "--generator", str(checkpoint), "--tokenizer", str(tokenizer), "--classes", "0,2",
-                 "--per-class", "3", "--out", str(out), "--steps", "2", "--sampler", "fast"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--generator",
+                str(checkpoint),
+                "--tokenizer",
+                str(tokenizer),
+                "--classes",
+                "0,2",
+                "--per-class",
+                "3",
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--sampler",
+                "fast",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.glob("class*.png")) == [f"class{c}_{i}.png" for c in (0, 2) for i in range(3)]
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (2 + 3 * (32 + 2), 2 + 2 * (32 + 2))  # 3 columns per class row, 2 rows, padding 2
@@ -74,8 +125,22 @@ def test_generate_cli_writes_pngs_and_a_grid(trained_generator, capsys):
 def test_generate_refuses_another_tokenizer(trained_generator, capsys):
     folder, _, checkpoint = trained_generator
     other = tokenizer_file(folder, seed=1)
-    assert main(["generate", "--generator", str(checkpoint), "--tokenizer", str(other), "--classes", "0",
-                 "--out", str(folder / "refused")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--generator",
+                str(checkpoint),
+                "--tokenizer",
+                str(other),
+                "--classes",
+                "0",
+                "--out",
+                str(folder / "refused"),
+            ]
+        )
+        == 2
+    )
     assert "another tokenizer" in capsys.readouterr().err
 
 
@@ -84,9 +149,32 @@ def test_gen_eval_cli_writes_a_report_naming_reference_and_protocol(trained_gene
 
     folder, tokenizer, checkpoint = trained_generator
     out = folder / "eval" / "report.json"
-    assert main(["gen-eval", "--generator", str(checkpoint), "--tokenizer", str(tokenizer), "--reference",
-                 str(sample_shards / "train.json"), "--num-samples", "10", "--batch", "5", "--features", "random",
-                 "--steps", "2", "--sampler", "fast", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "gen-eval",
+                "--generator",
+                str(checkpoint),
+                "--tokenizer",
+                str(tokenizer),
+                "--reference",
+                str(sample_shards / "train.json"),
+                "--num-samples",
+                "10",
+                "--batch",
+                "5",
+                "--features",
+                "random",
+                "--steps",
+                "2",
+                "--sampler",
+                "fast",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["num_samples"] == 10 and report["stand_in_features"] and "protocol" in report
     assert report["reference"]["manifest"].endswith("train.json") and (folder / "eval" / "reference_stats.pt").is_file()
@@ -100,10 +188,32 @@ def test_gen_fit_resumes_from_last(trained_generator):
     folder, _, _ = trained_generator
     shutil.copytree(folder / "runs" / "g", folder / "runs" / "resumed")  # the other tests keep their checkpoint
     checkpoint = folder / "runs" / "resumed" / "checkpoints" / "last.ckpt"
-    code = main(["gen", "fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "tiny.yaml"),
-                 "--data.train_tokens", str(folder / "tokens" / "train.json"), "--data.val_tokens", "null",
-                 "--data.batch_size", "8", "--runs_dir", str(folder / "runs"), "--run_name", "resumed",
-                 "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false", "--ckpt_path", "last"])
+    code = main(
+        [
+            "gen",
+            "fit",
+            "-c",
+            str(CONFIGS / "base.yaml"),
+            "-c",
+            str(CONFIGS / "tiny.yaml"),
+            "--data.train_tokens",
+            str(folder / "tokens" / "train.json"),
+            "--data.val_tokens",
+            "null",
+            "--data.batch_size",
+            "8",
+            "--runs_dir",
+            str(folder / "runs"),
+            "--run_name",
+            "resumed",
+            "--trainer.max_steps",
+            "6",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--ckpt_path",
+            "last",
+        ]
+    )
     assert code == 0
     resumed = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 6 and "mask_generator_state" in resumed
@@ -120,7 +230,19 @@ def test_gen_eval_samples_on_two_ranks(trained_generator, sample_shards, tmp_pat
     folder, tokenizer_path, checkpoint = trained_generator
     features = GenerationFeatures.stand_in(num_features=8)
     reference = reference_statistics(sample_shards / "train.json", features, 32)
-    report = sample_and_measure(load_generator(str(checkpoint), "cpu"), load_tokenizer(str(tokenizer_path), "cpu"),
-                                features, reference, 20, 4, dict(steps=2), "fast", 0, tmp_path / "features",
-                                "cpu", 2, "ddp_spawn")
+    report = sample_and_measure(
+        load_generator(str(checkpoint), "cpu"),
+        load_tokenizer(str(tokenizer_path), "cpu"),
+        features,
+        reference,
+        20,
+        4,
+        dict(steps=2),
+        "fast",
+        0,
+        tmp_path / "features",
+        "cpu",
+        2,
+        "ddp_spawn",
+    )
     assert report["num_samples"] == 20 and len(list((tmp_path / "features").glob("features-rank*.pt"))) == 2

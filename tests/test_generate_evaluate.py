@@ -4,12 +4,7 @@ recall = 1 (random stand-in features: tests never download Inception); the refer
 import pytest
 import torch
 
-from flowmo.generate.evaluate import (
-    GenerationFeatures,
-    evaluate_generator,
-    precision_recall,
-    reference_statistics,
-)
+from flowmo.generate.evaluate import GenerationFeatures, evaluate_generator, precision_recall, reference_statistics
 
 
 def reference_images(manifest, size):
@@ -27,16 +22,18 @@ def test_generator_returning_the_reference_images_scores_gfid_zero(tmp_path, sam
     images = reference_images(sample_shards / "train.json", 32)
     assert reference["count"] == len(images) > 8  # more images than features: a full-rank covariance
     served = iter(images.split(16))
-    report = evaluate_generator(lambda classes: next(served), reference, features, num_samples=len(images),
-                                num_classes=4, batch_size=16)
+    report = evaluate_generator(
+        lambda classes: next(served), reference, features, num_samples=len(images), num_classes=4, batch_size=16
+    )
     assert report["gfid"] == pytest.approx(0.0, abs=1e-8)
     assert report["precision"] == 1.0 and report["recall"] == 1.0
     assert report["inception_score"] > 1.0 and report["stand_in_features"]
     assert report["reference"]["manifest"].endswith("train.json") and report["reference"]["crop"] == "center"
 
     served = iter(images.flip(-1).mul(0.5).split(16))  # dimmer, mirrored images are measurably worse
-    worse = evaluate_generator(lambda classes: next(served), reference, features, num_samples=len(images),
-                               num_classes=4, batch_size=16)
+    worse = evaluate_generator(
+        lambda classes: next(served), reference, features, num_samples=len(images), num_classes=4, batch_size=16
+    )
     # the stand-in's features are small numbers: its distances are too; what matters is the ratio to zero
     assert worse["gfid"] > 1e6 * abs(report["gfid"]) and worse["recall"] < 1.0
 
@@ -56,9 +53,8 @@ def test_precision_recall_of_disjoint_and_nested_sets():
 def test_inception_generation_features_read_pool3_and_the_classifier_from_one_file(tmp_path):
     """A file with pytorch-fid's key layout (seeded values, as tests/test_metrics_fid.py): IS logits are its fc
     weights (no bias) applied to the same pool3 features gFID uses."""
-    from seeded_weights import deterministic_state_dict, reference_layout
-
     from flowmo.pretrained import FILES
+    from seeded_weights import deterministic_state_dict, reference_layout
 
     state = deterministic_state_dict(reference_layout("fid_inception"), seed=0)
     path = tmp_path / FILES["inception_fid"].filename

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import jpeg_bytes, truncated_jpeg_bytes, write_shard
 
+from data_helpers import jpeg_bytes, truncated_jpeg_bytes, write_shard
 from flowmo.checkpoint import export_tokenizer
 from flowmo.commands import main as flowmo_main
 from flowmo.data.transforms import decode_rgb, val_transform
@@ -30,8 +30,23 @@ def tokenizer_file(folder: Path, seed: int) -> Path:
 
 
 def pretokenize(tokenizer: Path, shards: Path, out: Path, *extra: str) -> dict:
-    assert pretokenize_main(["--tokenizer", str(tokenizer), "--shards", str(shards), "--out", str(out),
-                             "--no-progress", "--batch", "8", *extra]) == 0
+    assert (
+        pretokenize_main(
+            [
+                "--tokenizer",
+                str(tokenizer),
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--batch",
+                "8",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return read_token_manifest(out / f"{extra[extra.index('--split') + 1] if '--split' in extra else 'train'}.json")
 
 
@@ -74,8 +89,10 @@ def test_pretokenize_then_detokenize_equals_reconstruct_with_the_same_noise(tmp_
 def test_pretokenize_resumes_per_shard_and_counts_corrupt_images(tmp_path):
     shards = tmp_path / "images"
     shards.mkdir()
-    write_shard(shards / "train-000000.tar", {"a.jpg": jpeg_bytes(1), "a.cls": b"0",
-                                              "bad.jpg": truncated_jpeg_bytes(), "bad.cls": b"1"})
+    write_shard(
+        shards / "train-000000.tar",
+        {"a.jpg": jpeg_bytes(1), "a.cls": b"0", "bad.jpg": truncated_jpeg_bytes(), "bad.cls": b"1"},
+    )
     write_shard(shards / "train-000001.tar", {"b.jpg": jpeg_bytes(2), "b.cls": b"1"})
     tokenizer_path = tokenizer_file(tmp_path, seed=0)
     out = tmp_path / "tokens"
@@ -91,8 +108,22 @@ def test_pretokenize_resumes_per_shard_and_counts_corrupt_images(tmp_path):
     assert again["num_samples"] == 6
     assert pretokenize(tokenizer_path, shards / "train-*.tar", out, "--crops", "3") == again  # nothing left to do
     other = tokenizer_file(tmp_path, seed=1)  # finishing this folder with another tokenizer is refused
-    assert pretokenize_main(["--tokenizer", str(other), "--shards", str(shards / "train-*.tar"), "--out", str(out),
-                             "--crops", "3", "--no-progress"]) == 2
+    assert (
+        pretokenize_main(
+            [
+                "--tokenizer",
+                str(other),
+                "--shards",
+                str(shards / "train-*.tar"),
+                "--out",
+                str(out),
+                "--crops",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
 
 
 def test_generator_refuses_token_shards_of_another_tokenizer(tmp_path, sample_shards):
@@ -123,11 +154,15 @@ def test_token_streams_of_two_ranks_differ_and_split_validation(tmp_path, sample
     pretokenize(tokenizer_file(tmp_path, seed=0), sample_shards / "train.json", tmp_path / "tokens")
     manifest = read_token_manifest(tmp_path / "tokens" / "train.json")
     urls = [str(tmp_path / "tokens" / shard["url"]) for shard in manifest["shards"]]
-    first = [[row["key"] for row in islice(TokenStream(urls, train=True, rank=rank, world_size=2, shuffle_buffer=4), 6)]
-             for rank in (0, 1)]
+    first = [
+        [row["key"] for row in islice(TokenStream(urls, train=True, rank=rank, world_size=2, shuffle_buffer=4), 6)]
+        for rank in (0, 1)
+    ]
     assert first[0] != first[1]  # ranks draw their own rows
-    resumed = [row["key"] for row in islice(TokenStream(urls, train=True, rank=0, world_size=2, shuffle_buffer=4,
-                                                        start_step=100), 6)]
+    resumed = [
+        row["key"]
+        for row in islice(TokenStream(urls, train=True, rank=0, world_size=2, shuffle_buffer=4, start_step=100), 6)
+    ]
     assert resumed != first[0]  # a resumed run does not replay its start
     halves = [{row["key"] for row in TokenStream(urls, train=False, rank=rank, world_size=2)} for rank in (0, 1)]
     assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == manifest["num_samples"]
@@ -139,8 +174,16 @@ def test_pretokenize_splits_shards_over_two_ranks(tmp_path, sample_shards):
     from flowmo.generate.pretokenize import pretokenize as pretokenize_api
 
     tokenizer = tokenizer_file(tmp_path, seed=0)
-    two = pretokenize_api(str(tokenizer), str(sample_shards / "val.json"), tmp_path / "two", split="val",
-                          accelerator="cpu", devices=2, strategy="ddp_spawn", progress=False)
+    two = pretokenize_api(
+        str(tokenizer),
+        str(sample_shards / "val.json"),
+        tmp_path / "two",
+        split="val",
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        progress=False,
+    )
     one = pretokenize(tokenizer, sample_shards / "val.json", tmp_path / "one", "--split", "val")
     assert two["num_samples"] == one["num_samples"] and two["num_shards"] == one["num_shards"]
     assert token_rows(tmp_path / "two", two).keys() == token_rows(tmp_path / "one", one).keys()

@@ -57,6 +57,7 @@ def host_reads_raise(refuse_host_data: bool = True):
     def refuse(name):
         def method(self, *args, **kwargs):
             raise HostSync(f"Tensor.{name} inside the training step: a host synchronisation")
+
         return method
 
     try:
@@ -100,10 +101,20 @@ def images(count: int = 8, size: int = 32, nan_at: int | None = None) -> torch.T
 
 
 def fit(model: FlowMoModule, data: torch.Tensor, steps: int, accumulation: int = 1) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
-                        accumulate_grad_batches=accumulation)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        accumulate_grad_batches=accumulation,
+    )
     trainer.fit(model, DataLoader(data, batch_size=2))
     return trainer
 
@@ -121,16 +132,26 @@ def test_the_refusal_is_real():
     assert torch.equal(doubled, torch.tensor([2.0, 4.0]))
 
 
-@pytest.mark.parametrize("stage_kwargs", [
-    dict(stage="1a", freeze_encoder_after=2),  # crosses the encoder freeze (optimizer state cleared)
-    dict(stage="1a", freeze_encoder_after=None, accumulation=2),
-], ids=["1a-freeze", "1a-accumulate"])
+@pytest.mark.parametrize(
+    "stage_kwargs",
+    [
+        dict(stage="1a", freeze_encoder_after=2),  # crosses the encoder freeze (optimizer state cleared)
+        dict(stage="1a", freeze_encoder_after=None, accumulation=2),
+    ],
+    ids=["1a-freeze", "1a-accumulate"],
+)
 def test_stage_1a_steps_make_no_host_read(stage_kwargs):
     kwargs = dict(stage_kwargs)
     accumulation = kwargs.pop("accumulation", 1)
     NoHostSyncModule.steps_checked = 0
-    model = NoHostSyncModule(preset="tiny", perceptual="none", feature_weights="random", ema_every=1,
-                             sampler=SamplerSettings(steps=2), **kwargs)
+    model = NoHostSyncModule(
+        preset="tiny",
+        perceptual="none",
+        feature_weights="random",
+        ema_every=1,
+        sampler=SamplerSettings(steps=2),
+        **kwargs,
+    )
     fit(model, images(), steps=4 // accumulation, accumulation=accumulation)
     assert NoHostSyncModule.steps_checked == 4 // accumulation
 
@@ -140,16 +161,30 @@ def test_stage_1b_chain_steps_make_no_host_read(tmp_path):
     trainer = fit(first, images(), steps=1)
     trainer.save_checkpoint(tmp_path / "1a.ckpt")
     NoHostSyncModule.steps_checked = 0
-    model = NoHostSyncModule(preset="tiny", stage="1b", init_weights=str(tmp_path / "1a.ckpt"), perceptual="none",
-                             sample_loss="resnet50_logits", feature_weights="random", sample_steps=2,
-                             ema_every=1, sampler=SamplerSettings(steps=2))
+    model = NoHostSyncModule(
+        preset="tiny",
+        stage="1b",
+        init_weights=str(tmp_path / "1a.ckpt"),
+        perceptual="none",
+        sample_loss="resnet50_logits",
+        feature_weights="random",
+        sample_steps=2,
+        ema_every=1,
+        sampler=SamplerSettings(steps=2),
+    )
     fit(model, images(4, size=32), steps=2)
     assert NoHostSyncModule.steps_checked == 2
 
 
 def test_a_nan_step_is_skipped_without_a_host_read():
     NoHostSyncModule.steps_checked = 0
-    model = NoHostSyncModule(preset="tiny", perceptual="none", feature_weights="random", ema_every=1,
-                             freeze_encoder_after=None, sampler=SamplerSettings(steps=2))
+    model = NoHostSyncModule(
+        preset="tiny",
+        perceptual="none",
+        feature_weights="random",
+        ema_every=1,
+        freeze_encoder_after=None,
+        sampler=SamplerSettings(steps=2),
+    )
     fit(model, images(6, nan_at=2), steps=3)
     assert NoHostSyncModule.steps_checked == 3 and model.skipped_nonfinite == 1

@@ -69,8 +69,10 @@ def test_lfq_indices_bits_round_trip_and_grouping():
     code[0, 0, 3] = 1  # channel 3 -> sub-token 1, bit 1
     assert lfq.codes_to_indices(code).tolist() == [[1, 2]]
     all_indices = torch.arange(512)[None]
-    assert torch.equal(lfq.codes_to_indices(lfq.indices_to_codes(all_indices.repeat_interleave(2, 1)[:, :512])),
-                       all_indices.repeat_interleave(2, 1)[:, :512])
+    assert torch.equal(
+        lfq.codes_to_indices(lfq.indices_to_codes(all_indices.repeat_interleave(2, 1)[:, :512])),
+        all_indices.repeat_interleave(2, 1)[:, :512],
+    )
 
 
 def test_lfq_sign_of_zero_and_straight_through_gradient():
@@ -103,8 +105,11 @@ def test_other_quantizers_run_end_to_end(quantizer, extra):
     out = tok.sample(q.codes, torch.randn_like(images), steps=2)
     assert out.shape == images.shape
     if quantizer == "fsq":
-        assert torch.allclose(tok.detokenize(tok.tokenize(images), noise=torch.zeros_like(images), steps=2),
-                              tok.sample(q.codes, torch.zeros_like(images), steps=2), atol=1e-5)
+        assert torch.allclose(
+            tok.detokenize(tok.tokenize(images), noise=torch.zeros_like(images), steps=2),
+            tok.sample(q.codes, torch.zeros_like(images), steps=2),
+            atol=1e-5,
+        )
     else:
         with pytest.raises(ValueError, match="continuous code"):
             tok.tokenize(images)

@@ -49,7 +49,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = "done"
@@ -81,14 +81,20 @@ def test_flowmo_imports_inside_functions_only_in_commands():
             continue
         for function in ast.walk(ast.parse(path.read_text())):
             if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lazy += [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(function)
-                         if imported_modules(node, name)]
+                lazy += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}"
+                    for node in ast.walk(function)
+                    if imported_modules(node, name)
+                ]
     assert not lazy, f"flowmo imports inside functions outside flowmo/commands: {lazy}"
 
 
 def test_no_source_file_over_400_lines():
-    long = {str(path.relative_to(ROOT)): n for path in MODULES.values() if (n := len(path.read_text().splitlines()))
-            > MAX_FILE_LINES}
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in MODULES.values()
+        if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES
+    }
     assert not long, long
 
 

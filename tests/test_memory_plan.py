@@ -19,13 +19,16 @@ from flowmo.presets import resolve_config
 warnings.filterwarnings("ignore")
 
 
-@pytest.mark.parametrize("preset, stage, precision, checkpointing", [
-    ("tiny", "1a", "32-true", "none"),
-    ("tiny", "1a", "bf16-mixed", "none"),
-    ("tiny", "1a", "32-true", "blocks"),
-    pytest.param("tiny", "1b", "32-true", "none", marks=pytest.mark.slow),  # the 1B chain + ResNet-50: ~30 s
-    pytest.param("cpu-mid", "1a", "32-true", "none", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "preset, stage, precision, checkpointing",
+    [
+        ("tiny", "1a", "32-true", "none"),
+        ("tiny", "1a", "bf16-mixed", "none"),
+        ("tiny", "1a", "32-true", "blocks"),
+        pytest.param("tiny", "1b", "32-true", "none", marks=pytest.mark.slow),  # the 1B chain + ResNet-50: ~30 s
+        pytest.param("cpu-mid", "1a", "32-true", "none", marks=pytest.mark.slow),
+    ],
+)
 def test_the_plan_matches_the_allocator_s_measured_peak_within_15_percent(preset, stage, precision, checkpointing):
     """`autocast="cpu"`: the prediction for this CPU's own autocast, so the measurement can check the counting."""
     predicted = plan(preset, stage, 8, precision, checkpointing, ranks=1, autocast="cpu").step_peak_gib
@@ -44,6 +47,7 @@ def test_cuda_autocast_rules_are_modelled():
         assert F.layer_norm(x.bfloat16(), (8,)).dtype == torch.bfloat16  # outside autocast: nothing changes
 
 
+@pytest.mark.slow
 def test_the_plan_counts_what_the_paper_keeps_outside_a_step():
     tiny = plan("tiny", "1a", 2, "bf16-mixed", ranks=8, gradient_as_bucket_view=False)
     parameters = tiny.parameters * 4 / 2**30

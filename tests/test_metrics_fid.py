@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from seeded_weights import deterministic_state_dict, reference_layout
 from torch import nn
 
 from flowmo.metrics import FIDFeatures, InceptionFeatures, build_fid
 from flowmo.metrics.fid import fid_inception
 from flowmo.pretrained import FILES, MissingWeightsError
+from seeded_weights import deterministic_state_dict, reference_layout
 
 
 class PooledColours(nn.Module):
@@ -99,7 +99,10 @@ def test_a_pytorch_fid_that_stops_asking_its_loader_is_an_error_not_a_silent_dow
     from pytorch_fid import inception
 
     # a release that builds its network without asking the loader flowmo hands the weights through
-    monkeypatch.setattr(inception, "fid_inception_v3", lambda: torchvision.models.inception_v3(
-        weights=None, aux_logits=False, init_weights=False))
+    monkeypatch.setattr(
+        inception,
+        "fid_inception_v3",
+        lambda: torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False),
+    )
     with pytest.raises(RuntimeError, match="no longer works with this pytorch-fid"):
         fid_inception({})

@@ -8,14 +8,7 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from flowmo.metrics import (
-    PSNR,
-    SSIM,
-    LPIPSMetric,
-    PaperPSNR,
-    PaperSSIM,
-    ReconstructionMetrics,
-)
+from flowmo.metrics import PSNR, SSIM, LPIPSMetric, PaperPSNR, PaperSSIM, ReconstructionMetrics
 
 
 def natural_ish(batch, size=48, seed=0):
@@ -93,9 +86,7 @@ def test_paper_ssim_matches_skimage_defaults(batches):
 
 
 def test_psnr_is_the_per_image_mean(batches):
-    scores = [
-        peak_signal_noise_ratio(a, b, data_range=1) for o, r in batches for a, b in zip(unit_hwc(o), unit_hwc(r))
-    ]
+    scores = [peak_signal_noise_ratio(a, b, data_range=1) for o, r in batches for a, b in zip(unit_hwc(o), unit_hwc(r))]
     assert run(PSNR(), batches) == pytest.approx(np.mean(scores), abs=1e-4)
 
 
@@ -165,7 +156,8 @@ def test_data_range_follows_torchmetrics():
     preds = target + 0.1
     assert run(PSNR(data_range=1.0), [(target, preds)]) == pytest.approx(20.0, abs=1e-9)
     assert run(PSNR(data_range=1.0), [(target, preds)]) == pytest.approx(
-        float(PeakSignalNoiseRatio(data_range=1.0)(preds, target)), abs=1e-4)
+        float(PeakSignalNoiseRatio(data_range=1.0)(preds, target)), abs=1e-4
+    )
     assert run(PSNR(), [(target * 2 - 1, preds * 2 - 1)]) == pytest.approx(20.0, abs=1e-9)  # [-1, 1], width 2
     assert run(PSNR(data_range=255.0), [(target * 255, preds * 255)]) == pytest.approx(20.0, abs=1e-6)
     ours = run(SSIM(data_range=1.0), [(target, preds)])

@@ -51,8 +51,14 @@ def test_samplers(reference):
     tok, ref = reference
     codes, noise = ref["quantized_code"], ref["sampler_noise"]
     settings = ref["sample_shifted_cfg_settings"]
-    shifted = tok.sample(codes, noise, steps=settings["steps"], rho=settings["rho"], cfg=settings["cfg"],
-                         cfg_interval=tuple(settings["cfg_interval_sigma"]))
+    shifted = tok.sample(
+        codes,
+        noise,
+        steps=settings["steps"],
+        rho=settings["rho"],
+        cfg=settings["cfg"],
+        cfg_interval=tuple(settings["cfg_interval_sigma"]),
+    )
     close(shifted, ref["sample_shifted_cfg"])
     linear = tok.sample(codes, noise, steps=10, rho=1.0, cfg=1.0)
     close(linear, ref["sample_linear_nocfg"])
@@ -88,8 +94,11 @@ def test_official_keys_are_ours_plus_the_documented_unused_ones(official_fixture
 def test_released_file_layout_and_wrapper_prefixes(official_fixture, tmp_path):
     state = official_fixture["official_state_dict"]
     raw = {k: torch.zeros_like(v) for k, v in state.items()}
-    released = {"total_steps": 1_300_000, "model_ema_state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()},
-                "model_state_dict": raw}
+    released = {
+        "total_steps": 1_300_000,
+        "model_ema_state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()},
+        "model_state_dict": raw,
+    }
     path = tmp_path / "flowmo_tiny.pth"
     torch.save(released, path)
     ema = FlowMoTokenizer.from_official(path, official_fixture["config"])
@@ -114,15 +123,26 @@ def test_a_hi_style_configuration_loads_and_runs_the_same_api():
     """Another shape family (56-bit codes in 14-bit groups, patch 2, other widths/heads) through the official
     loader and every fixture entry point: nothing in the code may only work for fixture A's shapes."""
     config = {
-        "image_size": 16, "patch_size": 2, "code_length": 8, "code_dim": 56, "entropy_group_bits": 14,
+        "image_size": 16,
+        "patch_size": 2,
+        "code_length": 8,
+        "code_dim": 56,
+        "entropy_group_bits": 14,
         "encoder": {"width": 96, "depth": 1, "heads": 3, "rope_axes": [4, 14, 14]},
         "decoder": {"width": 80, "depth": 2, "heads": 2, "rope_axes": [8, 16, 16]},
-        "mlp_ratio": 2.0, "qkv_bias": False, "rope_theta": 500, "attention_scale": "8/head_dim",
-        "entropy_temperature": 0.1, "entropy_loss_weight": 0.0025, "commit_loss_weight": 0.000625,
+        "mlp_ratio": 2.0,
+        "qkv_bias": False,
+        "rope_theta": 500,
+        "attention_scale": "8/head_dim",
+        "entropy_temperature": 0.1,
+        "entropy_loss_weight": 0.0025,
+        "commit_loss_weight": 0.000625,
     }
     torch.manual_seed(0)
-    official = {name: torch.randn(shape) * 0.05 for name, shape in official_shapes(
-        FlowMoTokenizer.from_config(config, device="meta").config).items()}
+    official = {
+        name: torch.randn(shape) * 0.05
+        for name, shape in official_shapes(FlowMoTokenizer.from_config(config, device="meta").config).items()
+    }
     tok = FlowMoTokenizer.from_official(official, config)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     q = tok.quantize(tok.encode(images))

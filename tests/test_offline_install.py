@@ -33,8 +33,9 @@ needs_unshare = pytest.mark.skipif(not offline_available(), reason="unshare -n i
 
 def fresh_copy(tmp_path: Path) -> Path:
     """The working tree as a clone would have it: tracked and new files, nothing ignored (.venv, .deps, runs)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     copy = tmp_path / "clone"
     for name in files:
         if (ROOT / name).is_file():
@@ -44,8 +45,9 @@ def fresh_copy(tmp_path: Path) -> Path:
 
 
 def offline_make(copy: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["unshare", "-n", "make", "-C", str(copy), *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["unshare", "-n", "make", "-C", str(copy), *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def interpreter_without(module: str, tmp_path: Path) -> Path:
@@ -55,8 +57,9 @@ def interpreter_without(module: str, tmp_path: Path) -> Path:
     (blocker / "sitecustomize.py").write_text(
         "import sys\n\n\nclass Refuse:\n    def find_spec(self, name, path=None, target=None):\n"
         f"        if name.split('.')[0] == {module!r}:\n"
-        f"            raise ModuleNotFoundError(\"No module named {module!r}\", name={module!r})\n\n\n"
-        "sys.meta_path.insert(0, Refuse())\n")
+        f'            raise ModuleNotFoundError("No module named {module!r}", name={module!r})\n\n\n'
+        "sys.meta_path.insert(0, Refuse())\n"
+    )
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{blocker}:$PYTHONPATH" exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
@@ -68,8 +71,9 @@ def test_gpu_check_without_lpips_stops_in_its_preflight_naming_it(tmp_path):
     copy = fresh_copy(tmp_path)
     python = interpreter_without("lpips", tmp_path)
     started = time.monotonic()
-    result = offline_make(copy, "gpu-check", f"PYTHON={python}", f"OUT={tmp_path / 'out'}",
-                          f"GPU_CHECK_ARGS={SMOKE}", timeout=120)
+    result = offline_make(
+        copy, "gpu-check", f"PYTHON={python}", f"OUT={tmp_path / 'out'}", f"GPU_CHECK_ARGS={SMOKE}", timeout=120
+    )
     assert result.returncode != 0 and time.monotonic() - started < 120
     assert "preflight: failed" in result.stdout and "cannot import lpips;" in result.stdout, result.stdout
     assert "make wheels" in result.stdout and "Traceback" not in result.stdout + result.stderr
@@ -82,8 +86,9 @@ def test_gpu_check_smoke_runs_offline_with_an_interpreter_that_has_everything(tm
     copy = fresh_copy(tmp_path)
     out = tmp_path / "out"
     started = time.monotonic()
-    result = offline_make(copy, "gpu-check", f"PYTHON={sys.executable}", f"OUT={out}", f"GPU_CHECK_ARGS={SMOKE}",
-                          timeout=400)
+    result = offline_make(
+        copy, "gpu-check", f"PYTHON={sys.executable}", f"OUT={out}", f"GPU_CHECK_ARGS={SMOKE}", timeout=400
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "preflight: CPU" in report and "1a micro-batch 8" in report and "every check passed" in report, report
@@ -105,9 +110,12 @@ def test_only_what_the_interpreter_lacks_is_installed_with_its_own_requirements(
     wheel names (an extra's included, another extra's not); a wrong version is replaced."""
     folder = tmp_path / "wheels"
     folder.mkdir()
-    wanted = fake_wheel(folder, "flowmo_test_missing", "1.0",
-                        ("flowmo_test_dep>=2", "flowmo_test_extra_dep; extra == 'fast'",
-                         "flowmo_test_never; extra == 'docs'"))
+    wanted = fake_wheel(
+        folder,
+        "flowmo_test_missing",
+        "1.0",
+        ("flowmo_test_dep>=2", "flowmo_test_extra_dep; extra == 'fast'", "flowmo_test_never; extra == 'docs'"),
+    )
     dep = fake_wheel(folder, "flowmo_test_dep", "2.1")
     extra_dep = fake_wheel(folder, "flowmo_test_extra_dep", "0.3")
     fake_wheel(folder, "flowmo_test_never", "1.0")
@@ -119,8 +127,9 @@ def test_only_what_the_interpreter_lacks_is_installed_with_its_own_requirements(
     newer = fake_wheel(folder, "pytest", "999.1")
     assert deps.to_install([deps.Requirement("pytest>=999")], deps.wheel_index(folder)) == [newer]
     with pytest.raises(deps.Missing, match=r"lacks .*flowmo_test_absent.*make wheels"):
-        deps.to_install([deps.Requirement("flowmo_test_absent"), deps.Requirement("flowmo_test_missing")],
-                        deps.wheel_index(folder))
+        deps.to_install(
+            [deps.Requirement("flowmo_test_absent"), deps.Requirement("flowmo_test_missing")], deps.wheel_index(folder)
+        )
 
 
 def test_an_interpreter_without_torch_is_told_what_to_do(tmp_path):

@@ -21,9 +21,22 @@ from flowmo.metrics import PSNR
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "retina.jpg", "brick.png")
 # The README's CPU recipe (tiny preset, no perceptual net, validation and grids every 50 steps) on folder shards.
-RECIPE = ["-c", "configs/base.yaml", "-c", "configs/model/tiny.yaml", "-c", "configs/stage/1a.yaml",
-          "-c", "configs/data/folder.yaml", "--model.perceptual", "none", "--trainer.log_every_n_steps", "10",
-          "--trainer.val_check_interval", "100"]
+RECIPE = [
+    "-c",
+    "configs/base.yaml",
+    "-c",
+    "configs/model/tiny.yaml",
+    "-c",
+    "configs/stage/1a.yaml",
+    "-c",
+    "configs/data/folder.yaml",
+    "--model.perceptual",
+    "none",
+    "--trainer.log_every_n_steps",
+    "10",
+    "--trainer.val_check_interval",
+    "100",
+]
 
 
 def own_photos(folder: Path) -> Path:
@@ -44,14 +57,49 @@ def psnr_of(tokenizer: FlowMoTokenizer, images: torch.Tensor) -> float:
 @pytest.mark.slow
 def test_the_readme_cpu_recipe_on_own_photos_gives_ema_weights_no_worse_than_raw(tmp_path, capsys):
     photos, shards, runs = own_photos(tmp_path / "my-photos"), tmp_path / "shards", tmp_path / "runs"
-    assert flowmo_main(["shards", "--source", str(photos), "--out", str(shards), "--val-fraction", "0.2",
-                        "--workers", "1", "--no-progress"]) == 0
+    assert (
+        flowmo_main(
+            [
+                "shards",
+                "--source",
+                str(photos),
+                "--out",
+                str(shards),
+                "--val-fraction",
+                "0.2",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "corrupt.jpg: " in capsys.readouterr().err  # named on the console, with its reason
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    fit = subprocess.run([sys.executable, "-m", "flowmo", "fit", *RECIPE, "--trainer.max_steps", "150",
-                          "--data.train_shards", str(shards / "train.json"), "--data.val_shards",
-                          str(shards / "val.json"), "--runs_dir", str(runs), "--run_name", "own"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    fit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmo",
+            "fit",
+            *RECIPE,
+            "--trainer.max_steps",
+            "150",
+            "--data.train_shards",
+            str(shards / "train.json"),
+            "--data.val_shards",
+            str(shards / "val.json"),
+            "--runs_dir",
+            str(runs),
+            "--run_name",
+            "own",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "LightningCLI's args" not in fit.stderr
     last = runs / "own" / "checkpoints" / "last.ckpt"

@@ -5,7 +5,6 @@ import urllib.request
 
 import pytest
 import torch
-from seeded_weights import deterministic_state_dict, reference_layout
 from torch import nn
 
 from flowmo.perceptual import (
@@ -17,6 +16,7 @@ from flowmo.perceptual import (
     build_perceptual,
 )
 from flowmo.pretrained import FILES
+from seeded_weights import deterministic_state_dict, reference_layout
 
 
 @pytest.fixture

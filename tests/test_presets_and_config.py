@@ -21,8 +21,13 @@ def test_our_model_builds_only_parameters_the_forward_pass_uses(name):
     config = presets.get(name)
     w = config.encoder.width
     # encoder adaLN (2 streams x depth x (6w^2 + 6w)) + time MLP + image head + final adaLN + decoder code head
-    unused_encoder = (config.encoder.depth * 2 * (6 * w * w + 6 * w) + (256 * w + w) + (w * w + w)
-                      + (48 * config.patch_size**2 // 16 * w + 3 * config.patch_size**2) + 2 * (2 * w * w + 2 * w))
+    unused_encoder = (
+        config.encoder.depth * 2 * (6 * w * w + 6 * w)
+        + (256 * w + w)
+        + (w * w + w)
+        + (48 * config.patch_size**2 // 16 * w + 3 * config.patch_size**2)
+        + 2 * (2 * w * w + 2 * w)
+    )
     wd = config.decoder.width
     unused_decoder = (config.code_dim + 1) * (wd + 1) + (2 * wd * wd + 2 * wd)
     # the last block's update of the stream no head reads: output projection + MLP (ratio 4)

@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopback import Loopback, Misbehaving, online  # noqa: F401 (online: a fixture)
-
 from flowmo import pretrained
 from flowmo.checkpoint import RELEASES
 from flowmo.commands import main
@@ -28,6 +26,7 @@ from flowmo.module import FlowMoModule  # imported here, not in a test: lightnin
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.perceptual import LPIPSDistance, StandInWeightsWarning
 from flowmo.pretrained import FILES, MissingWeightsError, WeightsHashError
+from loopback import Loopback, Misbehaving, online  # noqa: F401 (online: a fixture)
 
 
 def torch_bytes(state: dict) -> bytes:
@@ -43,8 +42,10 @@ def alexnet_trunk_state(seed: int = 0) -> dict:
     with pytest.warns(StandInWeightsWarning):
         trunk = LPIPSDistance("alex", weights="random").net.net
     generator = torch.Generator().manual_seed(seed)
-    return {"features." + k.split(".", 1)[1]: torch.randn(v.shape, generator=generator)
-            for k, v in trunk.state_dict().items()}
+    return {
+        "features." + k.split(".", 1)[1]: torch.randn(v.shape, generator=generator)
+        for k, v in trunk.state_dict().items()
+    }
 
 
 def serve_as_alexnet(monkeypatch, data: bytes, name_hash: str | None = None, cut: bool = False) -> Loopback:
@@ -189,8 +190,10 @@ def released_tiny(tmp_path, monkeypatch, official_fixture):
     """An offline machine whose Hugging Face cache holds the authors' tiny fixture as `flowmo_lo.pth`."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    released = {"model_ema_state_dict": official_fixture["official_state_dict"],
-                "model_state_dict": official_fixture["official_state_dict"]}
+    released = {
+        "model_ema_state_dict": official_fixture["official_state_dict"],
+        "model_state_dict": official_fixture["official_state_dict"],
+    }
     fill_hf_cache(tmp_path / "hf", "ksarge/FlowMo", "flowmo_lo.pth", torch_bytes(released))
     return official_fixture
 
@@ -226,7 +229,6 @@ def test_from_pretrained_offline_and_not_cached_says_what_to_fetch(tmp_path, mon
 def test_released_names_work_where_a_pth_is_accepted(released_tiny, monkeypatch, tmp_path, capsys):
     """The file tools and `model.init_weights` take `lo` like a path."""
     from PIL import Image
-
 
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
     module = FlowMoModule(preset="tiny", init_weights="lo", perceptual="none")
@@ -272,8 +274,11 @@ def failing_server(kind: str, files: dict[str, bytes]):
         server.close()  # nothing listens on that port any more
         yield server.url
         return
-    server = Misbehaving("stall" if kind == "stalled" else "drop") if kind in ("dropped", "stalled") \
+    server = (
+        Misbehaving("stall" if kind == "stalled" else "drop")
+        if kind in ("dropped", "stalled")
         else Loopback(files, status=int(kind))
+    )
     try:
         yield server.url
     finally:
@@ -353,8 +358,13 @@ def test_fetch_weights_from_a_mirror_that_drops_every_connection_ends_in_seconds
     env.update(HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_DOWNLOAD_TIMEOUT="2")
     start = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, "-m", "flowmo", "fetch-weights", "official-lo"], env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "flowmo", "fetch-weights", "official-lo"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         server.close()
     assert result.returncode != 0 and time.monotonic() - start < 60

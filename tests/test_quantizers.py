@@ -17,8 +17,11 @@ from flowmo.nn.quantizers import QUANTIZERS, Quantizer, QuantizerLosses, build_q
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flowmo"
 MAY_NAME_QUANTIZERS = {"config.py", "presets.py", "nn/quantizers.py"}
-CONFIGS = {"lfq": dict(code_dim=18, entropy_group_bits=9), "fsq": dict(code_dim=4, fsq_levels=(8, 5, 5, 5)),
-           "none": dict(code_dim=6)}
+CONFIGS = {
+    "lfq": dict(code_dim=18, entropy_group_bits=9),
+    "fsq": dict(code_dim=4, fsq_levels=(8, 5, 5, 5)),
+    "none": dict(code_dim=6),
+}
 
 
 def built(name: str) -> tuple[FlowMoConfig, Quantizer]:
@@ -67,9 +70,15 @@ def test_the_loss_breakdown_is_immutable():
 def test_no_caller_names_or_probes_a_quantizer():
     """Outside config.py, presets.py and nn/quantizers.py: no `quantizer == "lfq"`-style comparison, no
     getattr(quantizer, ...) probe, no isinstance check against a quantizer class."""
-    pattern = re.compile(r"quantizer\s*(==|!=|in\b|not in\b)\s*[\"'(]|getattr\([^)]*quantizer|"
-                         r"isinstance\([^)]*\b(LFQ|FSQ|ContinuousCode)\b")
-    found = [f"{path.relative_to(SRC)}:{number}" for path in SRC.rglob("*.py")
-             if str(path.relative_to(SRC)) not in MAY_NAME_QUANTIZERS
-             for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    pattern = re.compile(
+        r"quantizer\s*(==|!=|in\b|not in\b)\s*[\"'(]|getattr\([^)]*quantizer|"
+        r"isinstance\([^)]*\b(LFQ|FSQ|ContinuousCode)\b"
+    )
+    found = [
+        f"{path.relative_to(SRC)}:{number}"
+        for path in SRC.rglob("*.py")
+        if str(path.relative_to(SRC)) not in MAY_NAME_QUANTIZERS
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not found, found

@@ -73,56 +73,112 @@ class Rule:
 FAKE_IMAGENET = "fake-imagenet"  # a two-class ImageFolder tree the harness writes: `make shards` in short form
 RULES = (
     Rule(r"make test", "covered", ".ci/run runs `make test` first, on a clean clone"),
-    Rule(r"make demo", "covered", "test_demo.py::test_demo_recipe_reconstructs_held_out_photos runs the recipe "
-         "`make demo` runs (flowmo demo --seed 0, defaults); here `make -n demo` must expand to it"),
-    Rule(r"flowmo (reconstruct|tokenize|detokenize) .*", "run", "tok.pt: exported from the tiny CPU run below; "
-         "photos/: three generated images"),
-    Rule(r"make shards IMAGENET=\S+", "run", "IMAGENET = a generated two-class ImageFolder tree (6 images)",
-         ((r"IMAGENET=\S+", f"IMAGENET={FAKE_IMAGENET} SHARDS_OUT=data/fake-imagenet"),)),
+    Rule(
+        r"make demo",
+        "covered",
+        "test_demo.py::test_demo_recipe_reconstructs_held_out_photos runs the recipe "
+        "`make demo` runs (flowmo demo --seed 0, defaults); here `make -n demo` must expand to it",
+    ),
+    Rule(
+        r"flowmo (reconstruct|tokenize|detokenize) .*",
+        "run",
+        "tok.pt: exported from the tiny CPU run below; photos/: three generated images",
+    ),
+    Rule(
+        r"make shards IMAGENET=\S+",
+        "run",
+        "IMAGENET = a generated two-class ImageFolder tree (6 images)",
+        ((r"IMAGENET=\S+", f"IMAGENET={FAKE_IMAGENET} SHARDS_OUT=data/fake-imagenet"),),
+    ),
     Rule(r"make sample-data", "run"),
     Rule(r"make bench-data", "run"),
     Rule(r"make (train|posttrain)-\S+( \S+)*", "dry"),
     Rule(r"make tensorboard", "dry"),
-    Rule(r"\.venv/bin/flowmo fit .* --trainer\.max_steps \d+ .*", "run", "2 optimizer steps instead of 200",
-         ((r"--trainer\.max_steps \d+", "--trainer.max_steps 2"),)),
-    Rule(r"(srun )?flowmo (gen )?(fit|validate|test) (?!.*tiny-cpu).*configs/(data/imagenet|generator/paper).*", "parse"),
+    Rule(
+        r"\.venv/bin/flowmo fit .* --trainer\.max_steps \d+ .*",
+        "run",
+        "2 optimizer steps instead of 200",
+        ((r"--trainer\.max_steps \d+", "--trainer.max_steps 2"),),
+    ),
+    Rule(
+        r"(srun )?flowmo (gen )?(fit|validate|test) (?!.*tiny-cpu).*configs/(data/imagenet|generator/paper).*", "parse"
+    ),
     Rule(r"flowmo (pretokenize|generate|gen-eval) .*--tokenizer lo( .*)?", "refused"),
     Rule(r"flowmo fetch-weights( \S+)*", "refused"),
-    Rule(r"flowmo export --ckpt runs/(tiny-cpu|my-photos)/checkpoints/last\.ckpt --out \S+", "run",
-         "after the tiny CPU run (on the sample set, or on my-photos/)"),
-    Rule(r"flowmo shards --source my-photos --out \S+ --val-fraction [0-9.]+", "run",
-         "my-photos/: ten generated photos in two class folders and a corrupt one"),
+    Rule(
+        r"flowmo export --ckpt runs/(tiny-cpu|my-photos)/checkpoints/last\.ckpt --out \S+",
+        "run",
+        "after the tiny CPU run (on the sample set, or on my-photos/)",
+    ),
+    Rule(
+        r"flowmo shards --source my-photos --out \S+ --val-fraction [0-9.]+",
+        "run",
+        "my-photos/: ten generated photos in two class folders and a corrupt one",
+    ),
     Rule(r"flowmo validate .*configs/data/folder\.yaml.* --ckpt_path runs/my-photos/checkpoints/last\.ckpt", "run"),
-    Rule(r"make install TORCH_INDEX=.*", "run", "prints the install commands (make -n -B): PyTorch's index is not "
-         "reachable here", ((r"^make install", "make -n -B install"),)),
+    Rule(
+        r"make install TORCH_INDEX=.*",
+        "run",
+        "prints the install commands (make -n -B): PyTorch's index is not reachable here",
+        ((r"^make install", "make -n -B install"),),
+    ),
     Rule(r"flowmo sample-data --out \S+", "run"),
-    Rule(r"flowmo (pretokenize|generate) .*runs/demo-1b/.*", "run", "the tiny CPU run's checkpoint as the tokenizer",
-         ((r"runs/demo-1b/checkpoints/last\.ckpt", "runs/tiny-cpu/checkpoints/last.ckpt"),) * 2),
-    Rule(r"flowmo gen fit .*configs/generator/tiny\.yaml.*", "run", "the tiny CPU run's tokenizer, 2 steps",
-         ((r"runs/demo-1b/checkpoints/last\.ckpt", "runs/tiny-cpu/checkpoints/last.ckpt"),
-          (r"--trainer\.max_steps \d+", "--trainer.max_steps 2"))),
+    Rule(
+        r"flowmo (pretokenize|generate) .*runs/demo-1b/.*",
+        "run",
+        "the tiny CPU run's checkpoint as the tokenizer",
+        ((r"runs/demo-1b/checkpoints/last\.ckpt", "runs/tiny-cpu/checkpoints/last.ckpt"),) * 2,
+    ),
+    Rule(
+        r"flowmo gen fit .*configs/generator/tiny\.yaml.*",
+        "run",
+        "the tiny CPU run's tokenizer, 2 steps",
+        (
+            (r"runs/demo-1b/checkpoints/last\.ckpt", "runs/tiny-cpu/checkpoints/last.ckpt"),
+            (r"--trainer\.max_steps \d+", "--trainer.max_steps 2"),
+        ),
+    ),
     Rule(r"make eval-\S+ .*", "dry"),
     Rule(r"flowmo ablate (grids|list \S+)", "run"),
     Rule(r"make ablate GRID=\S+ DRY_RUN=1", "run"),
-    Rule(r"make ablate GRID=\S+( GPUS=\d+| JOBS=\d+)*", "run", "with DRY_RUN=1: every fit/test command printed, none "
-         "run (the tiny grid's real run with JOBS=2 is measured in docs/ablations.md)", ((r"$", " DRY_RUN=1"),)),
-    Rule(r"flowmo ablate run .* --launcher slurm .*", "run", "with --dry-run: sbatch files written, not submitted",
-         ((r"$", " --dry-run"),)),
+    Rule(
+        r"make ablate GRID=\S+( GPUS=\d+| JOBS=\d+)*",
+        "run",
+        "with DRY_RUN=1: every fit/test command printed, none "
+        "run (the tiny grid's real run with JOBS=2 is measured in docs/ablations.md)",
+        ((r"$", " DRY_RUN=1"),),
+    ),
+    Rule(
+        r"flowmo ablate run .* --launcher slurm .*",
+        "run",
+        "with --dry-run: sbatch files written, not submitted",
+        ((r"$", " --dry-run"),),
+    ),
     Rule(r"flowmo ablate table \S+", "run"),
     Rule(r"make bench", "run"),
     Rule(r"make bench COUNT_ONLY=1", "run"),
     Rule(r"make bench .*(PRESET=(lo|hi|small)|COMPILE=1|PRECISION=bf16|PROFILE=1|SCALING=1).*", "dry"),
     Rule(r"make bench-compare BASE=\S+( PRESET=\S+)?", "dry"),
     Rule(r"make plan", "dry", "lo, hi and small on fake tensors: ~30 CPU-minutes here"),
-    Rule(r"make gpu-check( \S+=\S+)*", "covered", "needs a GPU: tests/test_offline_install.py runs this target "
-         "offline from a fresh copy (PYTHON=, OUT=, the CPU smoke; and a missing package), tests/test_bench.py every "
-         "check on the CPU"),
+    Rule(
+        r"make gpu-check( \S+=\S+)*",
+        "covered",
+        "needs a GPU: tests/test_offline_install.py runs this target "
+        "offline from a fresh copy (PYTHON=, OUT=, the CPU smoke; and a missing package), tests/test_bench.py every "
+        "check on the CPU",
+    ),
     Rule(r"make wheels", "dry", "needs PyPI: make -n expands it and scripts/deps.py's arguments parse"),
     Rule(r"flowmo plan --preset tiny .*", "run"),
-    Rule(r"\.venv/bin/python -m flowmo\.bench\.sampler_steps .*", "run", "--checkpoint = the tiny CPU run's, --data = "
-         "the sample set; 2 step counts, 1 repeat",
-         ((r"--checkpoint \S+", "--checkpoint runs/tiny-cpu/checkpoints/last.ckpt"),
-          (r"--data \S+", "--data data/sample"), (r"$", " --steps 2 4 --repeats 1"))),
+    Rule(
+        r"\.venv/bin/python -m flowmo\.bench\.sampler_steps .*",
+        "run",
+        "--checkpoint = the tiny CPU run's, --data = the sample set; 2 step counts, 1 repeat",
+        (
+            (r"--checkpoint \S+", "--checkpoint runs/tiny-cpu/checkpoints/last.ckpt"),
+            (r"--data \S+", "--data data/sample"),
+            (r"$", " --steps 2 4 --repeats 1"),
+        ),
+    ),
 )
 
 
@@ -153,8 +209,9 @@ def test_the_parser_joins_continuations_and_drops_comments():
 def checkout(tmp_path_factory) -> Path:
     """A copy of the working tree as a fresh clone has it (mtimes kept, so make sees .venv as installed)."""
     copy = tmp_path_factory.mktemp("readme") / "flowmo"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for name in listed:
         source = ROOT / name
         if source.is_file():
@@ -172,9 +229,15 @@ def write_fake_inputs(copy: Path) -> None:
     """photos/ for the file tools, a two-class ImageFolder tree standing in for ImageNet, and my-photos/ (docs/data.md's
     own images, with a corrupt file)."""
     rng = np.random.default_rng(0)
-    for folder, count in (("photos", 3), (f"{FAKE_IMAGENET}/train/n01", 2), (f"{FAKE_IMAGENET}/train/n02", 2),
-                          (f"{FAKE_IMAGENET}/val/n01", 1), (f"{FAKE_IMAGENET}/val/n02", 1), ("my-photos/beach", 5),
-                          ("my-photos/garden", 5)):
+    for folder, count in (
+        ("photos", 3),
+        (f"{FAKE_IMAGENET}/train/n01", 2),
+        (f"{FAKE_IMAGENET}/train/n02", 2),
+        (f"{FAKE_IMAGENET}/val/n01", 1),
+        (f"{FAKE_IMAGENET}/val/n02", 1),
+        ("my-photos/beach", 5),
+        ("my-photos/garden", 5),
+    ):
         (copy / folder).mkdir(parents=True, exist_ok=True)
         for index in range(count):
             pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
@@ -189,7 +252,9 @@ def shell(copy: Path, command: str, timeout: int = 900) -> subprocess.CompletedP
 
 
 def check(result: subprocess.CompletedProcess, command: str) -> None:
-    assert result.returncode == 0, f"`{command}` exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"`{command}` exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
 
 
 def parse_only(copy: Path, command: str) -> None:
@@ -211,12 +276,17 @@ def dry_run(copy: Path, command: str) -> None:
     for line in flowmo_lines:
         parse_only(copy, line)
     # other flowmo commands and modules (flowmo plan, python -m flowmo.bench.gpu_check): their arguments must parse
-    others = [line for line in lines if line not in flowmo_lines
-              and re.match(r"\S*(flowmo [a-z-]+|python -m flowmo\.[a-z_.]+|python\S* scripts/deps\.py)( |$)", line)]
+    others = [
+        line
+        for line in lines
+        if line not in flowmo_lines
+        and re.match(r"\S*(flowmo [a-z-]+|python -m flowmo\.[a-z_.]+|python\S* scripts/deps\.py)( |$)", line)
+    ]
     for line in others:
         check(shell(copy, line + " --help"), command)
-    assert flowmo_lines or others or re.search(r"tensorboard|bench|demo", command), \
+    assert flowmo_lines or others or re.search(r"tensorboard|bench|demo", command), (
         f"`{command}` expands to no flowmo run"
+    )
 
 
 def short_form(command: str, rule: Rule) -> str:
@@ -230,8 +300,9 @@ def refused(copy: Path, command: str) -> None:
     said = result.stderr.strip().splitlines()
     assert result.returncode == 2, f"`{command}` exited {result.returncode}:\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-2000:]
-    assert said and re.search(r"flowmo_lo\.pth|data/imagenet|runs/gen-paper|download\.pytorch\.org|pt_inception",
-                              said[-1]), said
+    assert said and re.search(
+        r"flowmo_lo\.pth|data/imagenet|runs/gen-paper|download\.pytorch\.org|pt_inception", said[-1]
+    ), said
 
 
 def setup_order(commands: list[str]) -> list[str]:

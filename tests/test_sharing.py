@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from loopback import Loopback, online  # noqa: F401 (online: a fixture)
 
 from flowmo.checkpoint import export_tokenizer
 from flowmo.commands import main
 from flowmo.errors import UserError
 from flowmo.nn.tokenizer import FlowMoTokenizer
+from loopback import Loopback, online  # noqa: F401 (online: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,12 @@ def test_a_missing_hub_repository_is_one_sentence(online, monkeypatch):
     finally:
         server.close()
     message = str(error.value)
-    assert "someone/nothing/config.json" in message and "HTTP 404" in message and "hf download someone/nothing" \
-        in message and "\n" not in message
+    assert (
+        "someone/nothing/config.json" in message
+        and "HTTP 404" in message
+        and "hf download someone/nothing" in message
+        and "\n" not in message
+    )
 
 
 def test_unknown_names_and_pinned_releases_say_what_to_give():

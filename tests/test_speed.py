@@ -58,8 +58,13 @@ def test_rms_norm_kernel_matches_the_written_out_formula():
 
 def test_fused_modulation_and_gate_match_the_unfused_ones():
     torch.manual_seed(0)
-    h, shift, scale, gate, update = (torch.randn(2, 10, 64), torch.randn(2, 1, 64), torch.randn(2, 1, 64),
-                                     torch.randn(2, 1, 64), torch.randn(2, 10, 64))
+    h, shift, scale, gate, update = (
+        torch.randn(2, 10, 64),
+        torch.randn(2, 1, 64),
+        torch.randn(2, 1, 64),
+        torch.randn(2, 1, 64),
+        torch.randn(2, 10, 64),
+    )
     normed = F.layer_norm(h, (64,), eps=1e-6)
     assert torch.allclose(modulate(h, shift, scale), (1 + scale) * normed + shift, atol=1e-6)
     assert torch.allclose(gated_add(h, gate, update), h + gate * update, atol=1e-6)
@@ -117,10 +122,15 @@ def test_the_fast_sampler_is_the_paper_grid_with_8_steps_and_10_network_evaluati
     eight = tok.detokenize(ids, generator=torch.Generator().manual_seed(0), steps=8)
     assert torch.equal(fast, eight) and SAMPLERS["fast"] == SAMPLERS["paper"].replace(steps=8)
     calls = []
-    counting = type("Counting", (), {
-        "velocity": lambda self, z, c, t: calls.append(1) or torch.zeros_like(z),
-        "velocity_with_null": lambda self, z, c, t: calls.extend([1, 1]) or (torch.zeros_like(z),) * 2,
-        "_check_sample_inputs": lambda self, *a: None})()
+    counting = type(
+        "Counting",
+        (),
+        {
+            "velocity": lambda self, z, c, t: calls.append(1) or torch.zeros_like(z),
+            "velocity_with_null": lambda self, z, c, t: calls.extend([1, 1]) or (torch.zeros_like(z),) * 2,
+            "_check_sample_inputs": lambda self, *a: None,
+        },
+    )()
     FlowMoTokenizer.sample_with(counting, SAMPLERS["fast"], torch.zeros(1), torch.zeros(1, 3, 1, 1))
     assert len(calls) == 10 == SAMPLERS["fast"].nfe
     with pytest.raises(ValueError, match="unknown sampler"):

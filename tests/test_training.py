@@ -25,8 +25,9 @@ class FixedImages(Dataset):
         generator = torch.Generator().manual_seed(seed)
         base = torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1
         ramp = torch.linspace(-0.5, 0.5, size)
-        self.images = (base + 0.3 * ramp[None, None, :, None] + 0.1 * torch.randn(count, 3, size, size,
-                                                                                    generator=generator)).clamp(-1, 1)
+        self.images = (
+            base + 0.3 * ramp[None, None, :, None] + 0.1 * torch.randn(count, 3, size, size, generator=generator)
+        ).clamp(-1, 1)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -40,14 +41,26 @@ def loader(count=8, batch=4) -> DataLoader:
 
 
 def trainer(max_steps: int, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                    num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        deterministic=True,
+    )
     return L.Trainer(max_steps=max_steps, **{**defaults, **kwargs})
 
 
 def module(**kwargs) -> FlowMoModule:
-    defaults = dict(preset="tiny", perceptual="none", feature_weights="random", sampler=SamplerSettings(steps=2), seed=0)
+    defaults = dict(
+        preset="tiny", perceptual="none", feature_weights="random", sampler=SamplerSettings(steps=2), seed=0
+    )
     return FlowMoModule(**{**defaults, **kwargs})
 
 
@@ -192,13 +205,13 @@ def test_stage_1a_to_1b_hand_off_loads_the_chosen_weights(tmp_path, which):
     path = save_1a(tmp_path, ema_every=1, lr=1e-2)
     checkpoint = torch.load(path, weights_only=False)
     prefix = "ema.module." if which == "ema" else "tokenizer."
-    expected = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    expected = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model = module(stage="1b", init_weights=path, init_weights_from=which, sample_loss="none")
     for name, value in model.tokenizer.state_dict().items():
         assert torch.equal(value, expected[name]), name
     # the 1B EMA starts from the loaded weights
     assert all(torch.equal(v, model.tokenizer.state_dict()[k]) for k, v in model.ema.module.state_dict().items())
-    raw = {k[len("tokenizer."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("tokenizer.")}
+    raw = {k[len("tokenizer.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("tokenizer.")}
     assert any(not torch.equal(raw[k], expected[k]) for k in raw) or which == "raw"
 
 

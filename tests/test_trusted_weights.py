@@ -52,9 +52,25 @@ def test_the_cli_refuses_a_payload_in_one_sentence(tmp_path):
     marker = tmp_path / "ran"
     path = payload_file(tmp_path, marker)
     photo = Path(__file__).resolve().parents[1] / "docs" / "demo" / "grid.png"
-    result = subprocess.run([sys.executable, "-m", "flowmo", "reconstruct", "--tokenizer", str(path), str(photo),
-                             "--out", str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmo",
+            "reconstruct",
+            "--tokenizer",
+            str(path),
+            str(photo),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode != 0 and not marker.exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused" in lines[0] and str(path) in lines[0], result.stderr

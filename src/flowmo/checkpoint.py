@@ -49,9 +49,11 @@ def locate(source: str | Path) -> Path:
         return path
     if str(source) in RELEASES:
         return pretrained.fetch(RELEASES[str(source)][0])
-    raise CheckpointNotFound(f"No checkpoint at {str(source)!r}; pass the path of a .ckpt, an exported .pt, an "
-                             "official .pth or a save_pretrained folder, or a released tokenizer name: "
-                             f"{', '.join(RELEASES)}.")
+    raise CheckpointNotFound(
+        f"No checkpoint at {str(source)!r}; pass the path of a .ckpt, an exported .pt, an "
+        "official .pth or a save_pretrained folder, or a released tokenizer name: "
+        f"{', '.join(RELEASES)}."
+    )
 
 
 def read_checkpoint(source: str | Path | Mapping, map_location="cpu") -> Mapping:
@@ -73,9 +75,11 @@ class UnsafeWeightsError(UserError):
     """A weights file holding pickled objects beyond tensors and plain values (it could run code when read)."""
 
     def __init__(self, path: str | Path):
-        super().__init__(f"{path} holds pickled Python objects that could run code when loaded, so flowmo refused to "
-                         "read it; ask its author for a save_pretrained folder (model.safetensors + config.json), "
-                         "or, only if you trust its source, re-save its tensors alone with torch.save.")
+        super().__init__(
+            f"{path} holds pickled Python objects that could run code when loaded, so flowmo refused to "
+            "read it; ask its author for a save_pretrained folder (model.safetensors + config.json), "
+            "or, only if you trust its source, re-save its tensors alone with torch.save."
+        )
 
 
 def release_preset(source) -> str | None:
@@ -83,8 +87,9 @@ def release_preset(source) -> str | None:
     return RELEASES[source][1] if isinstance(source, str) and source in RELEASES and not Path(source).exists() else None
 
 
-def load_state(source: str | Path | Mapping, weights: str = "ema",
-               config: FlowMoConfig | Mapping | str | None = None) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
+def load_state(
+    source: str | Path | Mapping, weights: str = "ema", config: FlowMoConfig | Mapping | str | None = None
+) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
     """(tokenizer state dict in our key layout, its architecture) from any of the formats above.
 
     weights: "ema" (what the paper evaluates) or "raw". config: for the authors' files, the architecture to read
@@ -105,12 +110,14 @@ def load_state(source: str | Path | Mapping, weights: str = "ema",
         except UserError as error:
             if preset is None:
                 raise
-            raise UserError(f"{locate(source)} is not the released FlowMo-{source} (the {preset} preset): "
-                            f"{error}") from None
+            raise UserError(
+                f"{locate(source)} is not the released FlowMo-{source} (the {preset} preset): {error}"
+            ) from None
     state, recorded = _our_state(checkpoint, weights)
     if recorded is None:
-        raise UserError(f"{source} records no FlowMo config; load it with FlowMoTokenizer.from_config + "
-                        "load_state_dict.")
+        raise UserError(
+            f"{source} records no FlowMo config; load it with FlowMoTokenizer.from_config + load_state_dict."
+        )
     return state, recorded
 
 
@@ -121,14 +128,17 @@ def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
 
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
     if missing:
-        raise UserError(f"{folder} holds no {' or '.join(missing)}; give a folder written by save_pretrained or "
-                        "`flowmo export --out DIR`.")
+        raise UserError(
+            f"{folder} holds no {' or '.join(missing)}; give a folder written by save_pretrained or "
+            "`flowmo export --out DIR`."
+        )
     try:
         config = FlowMoConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         return load_file(folder / WEIGHTS_NAME), config
     except (json.JSONDecodeError, TypeError, SafetensorError) as error:
-        raise UserError(f"{folder} is not a readable save_pretrained folder ({error}); write it again with "
-                        "save_pretrained.") from None
+        raise UserError(
+            f"{folder} is not a readable save_pretrained folder ({error}); write it again with save_pretrained."
+        ) from None
 
 
 def _our_state(checkpoint: Mapping, weights: str) -> tuple[dict[str, torch.Tensor], FlowMoConfig | None]:
@@ -136,7 +146,7 @@ def _our_state(checkpoint: Mapping, weights: str) -> tuple[dict[str, torch.Tenso
     if "flowmo_config" in checkpoint and "epoch" not in checkpoint:
         return dict(checkpoint["state_dict"]), config  # exported tokenizer: only one set of weights
     prefix = EMA_PREFIX if weights == "ema" else RAW_PREFIX
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise UserError(f"the checkpoint holds no {weights} weights (no keys starting with {prefix!r}).")
     return state, config
@@ -156,10 +166,12 @@ def load_initial_weights(tokenizer: torch.nn.Module, source, weights: str = "ema
     takes the encoder alone (a pre-trained encoder under a fresh decoder). `source` may be a released name."""
     state, config = load_state(source, weights, config=tokenizer.config)
     if config != tokenizer.config:
-        raise UserError(f"init_weights {source} has another architecture than the configured one "
-                        f"({'; '.join(config_differences(config, tokenizer.config))}); use that file's model config.")
+        raise UserError(
+            f"init_weights {source} has another architecture than the configured one "
+            f"({'; '.join(config_differences(config, tokenizer.config))}); use that file's model config."
+        )
     if parts == "encoder":
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
         load_into(tokenizer.encoder, state, str(source))
     else:
         load_into(tokenizer, state, str(source))
@@ -167,11 +179,14 @@ def load_initial_weights(tokenizer: torch.nn.Module, source, weights: str = "ema
 
 def require_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
     """A tokenizer with a NaN or Inf weight decodes garbage: refuse it with the name of the first bad tensor."""
-    bad = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
-                and not torch.isfinite(v).all()), None)
+    bad = next(
+        (k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()),
+        None,
+    )
     if bad is not None:
-        raise UserError(f"{what}: the weight {bad} holds NaN or Inf values (a diverged run); use an earlier "
-                        "checkpoint of the run.")
+        raise UserError(
+            f"{what}: the weight {bad} holds NaN or Inf values (a diverged run); use an earlier checkpoint of the run."
+        )
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -180,8 +195,14 @@ def export_tokenizer(tokenizer, path: str | Path) -> Path:
     path = Path(path)
     require_finite(tokenizer.state_dict(), f"not exporting to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"flowmo_config": tokenizer.config.to_dict(), "state_dict": tokenizer.state_dict(),
-                **record_metadata(tokenizer)}, path)
+    torch.save(
+        {
+            "flowmo_config": tokenizer.config.to_dict(),
+            "state_dict": tokenizer.state_dict(),
+            **record_metadata(tokenizer),
+        },
+        path,
+    )
     return path
 
 

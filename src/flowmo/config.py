@@ -180,6 +180,7 @@ def fsq_levels_for_bits(bits: int) -> tuple[int, ...]:
 
 def config_differences(theirs: FlowMoConfig, ours: FlowMoConfig) -> list[str]:
     """'field: theirs -> ours' for every architecture field that differs (encoder./decoder. fields flattened)."""
+
     def flat(config: FlowMoConfig) -> dict[str, Any]:
         values = {}
         for key, value in config.to_dict().items():

@@ -42,11 +42,15 @@ class CheckpointSaveError(RuntimeError):
 
 
 def refuse_non_finite_weights(state_dict: dict) -> None:
-    bad = next((name for name, value in state_dict.items()
-                if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    bad = next(
+        (name for name, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()),
+        None,
+    )
     if bad is not None:
-        raise CheckpointSaveError(f"refusing to save a checkpoint whose {bad} is not finite; the previous "
-                                  "checkpoints are intact: resume from them with a lower --model.lr.")
+        raise CheckpointSaveError(
+            f"refusing to save a checkpoint whose {bad} is not finite; the previous "
+            "checkpoints are intact: resume from them with a lower --model.lr."
+        )
 
 
 class NonFiniteTraining(RuntimeError):
@@ -130,8 +134,11 @@ class NonFiniteGuard:
     def _act(self, skipped: int, longest: int, step: int, run_dir: Path | None) -> None:
         if skipped > self.skipped_so_far:
             terms = ", ".join(name for name, bad in self._bad_terms.items() if bool(bad)) or "gradients only"
-            print(f"flowmo: {skipped - self.skipped_so_far} optimizer step(s) skipped by step {step}: non-finite "
-                  f"{terms} ({skipped} in all; {self.limit} in a row stop the run)", file=sys.stderr)
+            print(
+                f"flowmo: {skipped - self.skipped_so_far} optimizer step(s) skipped by step {step}: non-finite "
+                f"{terms} ({skipped} in all; {self.limit} in a row stop the run)",
+                file=sys.stderr,
+            )
             self.skipped_so_far = skipped
         if longest >= self.limit:
             terms = " / ".join(name for name, bad in self._bad_terms.items() if bool(bad)) or "gradients"
@@ -140,7 +147,8 @@ class NonFiniteGuard:
                 f"{longest} optimizer steps in a row (seen at step {step}) had a non-finite {terms}; no weight, EMA "
                 f"or Adam state moved in those steps and nothing non-finite was saved. The last good checkpoint is "
                 f"{last or 'none (no save yet)'}: lower --model.lr or check the data, then resume with "
-                "--ckpt_path last.")
+                "--ckpt_path last."
+            )
 
 
 def _completion(device: torch.device):
@@ -171,11 +179,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
-            previous = (f"the previous {path.name} is intact" if path.exists() else
-                        f"no {path.name} was written and the earlier checkpoints are intact")
-            raise CheckpointSaveError(f"could not write the checkpoint {path} ({error.__class__.__name__}: "
-                                      f"{error}); {previous}. Free space (or fix the folder) and resume with "
-                                      "--ckpt_path last.") from error
+            previous = (
+                f"the previous {path.name} is intact"
+                if path.exists()
+                else f"no {path.name} was written and the earlier checkpoints are intact"
+            )
+            raise CheckpointSaveError(
+                f"could not write the checkpoint {path} ({error.__class__.__name__}: "
+                f"{error}); {previous}. Free space (or fix the folder) and resume with "
+                "--ckpt_path last."
+            ) from error
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -298,8 +311,9 @@ class Preemption(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         """Runs before Lightning's check of the flag at this batch's end: hold it inside a group, give it back at
         the group's optimizer step (a skipped non-finite step counts too: the global step still moves)."""
         connector = trainer._signal_connector
@@ -319,8 +333,11 @@ class Preemption(L.Callback):
         trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes (atomically, see AtomicCheckpointIO)
         self.saved = path
         if trainer.is_global_zero:
-            print(f"flowmo: stopped by a signal after step {trainer.global_step}; saved {path}. Resume with "
-                  f"--ckpt_path last (exit code {EXIT_PREEMPTED}).", file=sys.stderr)
+            print(
+                f"flowmo: stopped by a signal after step {trainer.global_step}; saved {path}. Resume with "
+                f"--ckpt_path last (exit code {EXIT_PREEMPTED}).",
+                file=sys.stderr,
+            )
 
     def _folder(self, trainer: L.Trainer) -> Path | None:
         if self.dirpath:

@@ -30,14 +30,16 @@ def _as_rgb(image: torch.Tensor):
     return ((image.detach().float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def reconstruction_figure(path: str | Path, columns: dict[str, torch.Tensor],
-                          row_psnr: dict[str, torch.Tensor] | None = None, title: str = "") -> Path:
+def reconstruction_figure(
+    path: str | Path, columns: dict[str, torch.Tensor], row_psnr: dict[str, torch.Tensor] | None = None, title: str = ""
+) -> Path:
     """A row per image, a labelled column per tensor; under each column named in `row_psnr`, that row's PSNR."""
     plt = _pyplot()
     row_psnr = row_psnr or {}
     rows = next(iter(columns.values())).shape[0]
-    fig, axes = plt.subplots(rows, len(columns), squeeze=False,
-                             figsize=(CELL_INCHES * len(columns), CELL_INCHES * rows + 0.6))
+    fig, axes = plt.subplots(
+        rows, len(columns), squeeze=False, figsize=(CELL_INCHES * len(columns), CELL_INCHES * rows + 0.6)
+    )
     for col, (label, images) in enumerate(columns.items()):
         axes[0, col].set_title(label, fontsize=10, fontweight="bold")
         for row in range(rows):
@@ -52,9 +54,13 @@ def reconstruction_figure(path: str | Path, columns: dict[str, torch.Tensor],
     return _save(fig, path, plt)
 
 
-def training_curves_figure(path: str | Path, stages: dict[str, dict[str, list[tuple[int, float]]]],
-                           baselines: dict[str, float] | None = None, loss_tag: str = "train/flow",
-                           metric_tag: str = "val/psnr") -> Path:
+def training_curves_figure(
+    path: str | Path,
+    stages: dict[str, dict[str, list[tuple[int, float]]]],
+    baselines: dict[str, float] | None = None,
+    loss_tag: str = "train/flow",
+    metric_tag: str = "val/psnr",
+) -> Path:
     """Two panels against optimizer steps: the training loss, and the validation metric with baseline lines.
 
     stages: {stage label: {tag: [(step, value), ...]}} in training order; each stage's steps continue where
@@ -70,15 +76,29 @@ def training_curves_figure(path: str | Path, stages: dict[str, dict[str, list[tu
                 steps, values = zip(*points)
                 if axis is loss_axis:
                     values = _running_mean(values)
-                axis.plot([offset + s for s in steps], values, marker="o" if axis is metric_axis else None,
-                          markersize=3, linewidth=1, label=label)
+                axis.plot(
+                    [offset + s for s in steps],
+                    values,
+                    marker="o" if axis is metric_axis else None,
+                    markersize=3,
+                    linewidth=1,
+                    label=label,
+                )
         offset += max((step for points in curves.values() for step, _ in points), default=0)
     for name, value in (baselines or {}).items():
         metric_axis.axhline(value, linestyle="--", linewidth=1, color="gray")
-        metric_axis.text(0.01, value, f" {name}: {value:.1f} dB", transform=metric_axis.get_yaxis_transform(),
-                         fontsize=8, va="bottom", color="dimgray")
-    loss_axis.set(xlabel="optimizer step", ylabel=loss_tag, title="training loss (running mean of 10 logs)",
-                  yscale="log")
+        metric_axis.text(
+            0.01,
+            value,
+            f" {name}: {value:.1f} dB",
+            transform=metric_axis.get_yaxis_transform(),
+            fontsize=8,
+            va="bottom",
+            color="dimgray",
+        )
+    loss_axis.set(
+        xlabel="optimizer step", ylabel=loss_tag, title="training loss (running mean of 10 logs)", yscale="log"
+    )
     metric_axis.set(xlabel="optimizer step", ylabel=metric_tag + " (dB)", title="held-out photos, EMA, paper sampler")
     for axis in (loss_axis, metric_axis):
         axis.grid(alpha=0.3)
@@ -90,7 +110,7 @@ def training_curves_figure(path: str | Path, stages: dict[str, dict[str, list[tu
 
 def _running_mean(values, window: int = 10) -> list[float]:
     """Smooth a noisy per-step loss for reading (the flow loss varies with the sampled t)."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 def _save(fig, path: str | Path, plt) -> Path:

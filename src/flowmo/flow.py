@@ -9,8 +9,8 @@ Everything here is a pure function of tensors: no module, no Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -22,8 +22,9 @@ TIME_SCHEDULES = ("fat_lognormal", "lognormal", "uniform", "noise_weighted")
 
 
 # ---------------------------------------------------------------------------------------------- training
-def sample_time(batch: int, schedule: str = "fat_lognormal", *, device=None, generator=None,
-                uniform_fraction: float = 0.1) -> Tensor:
+def sample_time(
+    batch: int, schedule: str = "fat_lognormal", *, device=None, generator=None, uniform_fraction: float = 0.1
+) -> Tensor:
     """Per-sample training times t [batch] (method §4).
 
     fat_lognormal: with probability 0.9 sigmoid(N(0,1)), else U(0,1) ("thick-tailed logit-normal"):
@@ -80,8 +81,9 @@ def sigma_to_t(sigma: float) -> float:
     return sigma / (1.0 + sigma)
 
 
-def random_chain_timesteps(batch: int, steps: int = 8, *, device=None, generator=None,
-                           u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def random_chain_timesteps(
+    batch: int, steps: int = 8, *, device=None, generator=None, u: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Stage-1B random grid (method §4): u ~ U(0,1) [B, K+1]; s = cumsum(u) - cumsum(u)[0], divided by its
     last entry (0 = s_0 < ... < s_K = 1); t = s reversed, from 1 down to 0. Returns (u, t), both [B, K+1]."""
     if u is None:
@@ -173,10 +175,14 @@ def _grid_column(timesteps: Tensor, k: int, batch: int) -> Tensor:
     return column.expand(batch) if column.dim() == 0 else column
 
 
-def guided_velocity(conditional: VelocityFn, unconditional: VelocityFn, cfg: float,
-                    interval_t: tuple[float, float] | None = None,
-                    paired: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-                    guided_steps: list[bool] | None = None) -> VelocityFn:
+def guided_velocity(
+    conditional: VelocityFn,
+    unconditional: VelocityFn,
+    cfg: float,
+    interval_t: tuple[float, float] | None = None,
+    paired: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    guided_steps: list[bool] | None = None,
+) -> VelocityFn:
     """Classifier-free guidance v_u + cfg (v_c - v_u), applied only where t lies in `interval_t`
     (inclusive; None = everywhere). Outside the interval only the conditional model runs.
 

@@ -36,8 +36,11 @@ def save_folder(tokenizer, folder: str | Path, metrics: Mapping | str | Path | N
     checkpoint.require_finite(state, f"not saving to {folder}")
     report = read_metrics(metrics)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, folder / WEIGHTS_NAME,
-              metadata={"format": "pt", **checkpoint.record_metadata(tokenizer)})
+    save_file(
+        {key: value.detach().cpu().contiguous() for key, value in state.items()},
+        folder / WEIGHTS_NAME,
+        metadata={"format": "pt", **checkpoint.record_metadata(tokenizer)},
+    )
     (folder / CONFIG_NAME).write_text(json.dumps(tokenizer.config.to_dict(), indent=2) + "\n")
     model_card(tokenizer.config, sum(v.numel() for v in state.values()), report).save(folder / CARD_NAME)
     return folder
@@ -49,8 +52,10 @@ def read_metrics(metrics: Mapping | str | Path | None) -> Mapping | None:
     try:
         return json.loads(Path(metrics).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read the run's metrics {metrics} ({error}); give the metrics.json that "
-                        "`flowmo test` wrote under results/<run>/.") from None
+        raise UserError(
+            f"cannot read the run's metrics {metrics} ({error}); give the metrics.json that "
+            "`flowmo test` wrote under results/<run>/."
+        ) from None
 
 
 def model_card(config: FlowMoConfig, parameters: int, report: Mapping | None):
@@ -60,15 +65,32 @@ def model_card(config: FlowMoConfig, parameters: int, report: Mapping | None):
     data = ModelCardData(library_name="flowmo", tags=["flowmo", "image-tokenizer"])
     paper = flow.SAMPLERS["paper"]
     vocab = f"2^{config.codebook_bits}" if config.codebook_bits else config.quantizer
-    rows = [("architecture", f"FlowMo: patch {config.patch_size}, encoder {_stack(config.encoder)}, decoder "
-                             f"{_stack(config.decoder)}, {parameters / 1e6:.1f}M parameters"),
-            ("code", f"{config.code_length} tokens x {config.code_dim} channels ({config.quantizer}), "
-                     f"{config.groups_per_token} sub-tokens of vocabulary {vocab} per token"),
-            ("bits per pixel", f"{config.bits_per_pixel:.4g} at {config.image_size}x{config.image_size}"),
-            ("sampler", f"paper: {paper.steps} steps, rho {paper.rho:g}, CFG {paper.cfg:g} on "
-                        f"{tuple(paper.cfg_interval)}, {paper.nfe} network evaluations (detokenize's default)")]
-    lines = ["# FlowMo image tokenizer", "", "Load it with the flowmo package: "
-             "`FlowMoTokenizer.from_pretrained(\"<this folder or repo id>\")`.", "", "| | |", "|---|---|"]
+    rows = [
+        (
+            "architecture",
+            f"FlowMo: patch {config.patch_size}, encoder {_stack(config.encoder)}, decoder "
+            f"{_stack(config.decoder)}, {parameters / 1e6:.1f}M parameters",
+        ),
+        (
+            "code",
+            f"{config.code_length} tokens x {config.code_dim} channels ({config.quantizer}), "
+            f"{config.groups_per_token} sub-tokens of vocabulary {vocab} per token",
+        ),
+        ("bits per pixel", f"{config.bits_per_pixel:.4g} at {config.image_size}x{config.image_size}"),
+        (
+            "sampler",
+            f"paper: {paper.steps} steps, rho {paper.rho:g}, CFG {paper.cfg:g} on "
+            f"{tuple(paper.cfg_interval)}, {paper.nfe} network evaluations (detokenize's default)",
+        ),
+    ]
+    lines = [
+        "# FlowMo image tokenizer",
+        "",
+        'Load it with the flowmo package: `FlowMoTokenizer.from_pretrained("<this folder or repo id>")`.',
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value} |" for name, value in rows] + ["", *_figures(report)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n")
 
@@ -84,14 +106,26 @@ def _figures(report: Mapping | None) -> list[str]:
     figures = report.get("metrics", report)
     numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     sampler = report.get("sampler")
-    lines = ["## Evaluation (the run's metrics.json)", "",
-             f"{report.get('num_images', 'an unrecorded number of')} images; sampler {sampler or 'not recorded'}; "
-             f"checkpoint {report.get('checkpoint', 'not recorded')}.", "", "| metric | value |", "|---|---|"]
+    lines = [
+        "## Evaluation (the run's metrics.json)",
+        "",
+        f"{report.get('num_images', 'an unrecorded number of')} images; sampler {sampler or 'not recorded'}; "
+        f"checkpoint {report.get('checkpoint', 'not recorded')}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     return lines + [f"| {name} | {value:.6g} |" for name, value in sorted(numbers.items())]
 
 
-def push(tokenizer, repo_id: str, metrics=None, private: bool | None = None, token: str | None = None,
-         commit_message: str = "Upload FlowMo tokenizer") -> str:
+def push(
+    tokenizer,
+    repo_id: str,
+    metrics=None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload FlowMo tokenizer",
+) -> str:
     """save_folder into a temporary folder, then huggingface_hub's create_repo + upload_folder (HF_ENDPOINT,
     HF_TOKEN as the library reads them). Returns the commit's address."""
     from huggingface_hub import HfApi
@@ -104,15 +138,18 @@ def push(tokenizer, repo_id: str, metrics=None, private: bool | None = None, tok
 
 
 # ------------------------------------------------------------------------------------------- reading
-def load(name_or_path: str | Path, weights: str = "ema", revision: str | None = None,
-         cache_dir: str | Path | None = None) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
+def load(
+    name_or_path: str | Path, weights: str = "ema", revision: str | None = None, cache_dir: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
     """(state dict, architecture) of a released name (lo, hi), a save_pretrained folder, a tokenizer file, or a
     Hub repository id ("owner/name") at `revision`, cached in `cache_dir` (default: the Hugging Face cache)."""
     name, path = str(name_or_path), Path(name_or_path).expanduser()
     if name in RELEASES and not path.exists():
         if revision is not None or cache_dir is not None:
-            raise UserError(f"{name} is the authors' release, pinned in flowmo.pretrained and kept in the Hugging "
-                            "Face cache; revision and cache_dir apply to a Hub repository id (owner/name).")
+            raise UserError(
+                f"{name} is the authors' release, pinned in flowmo.pretrained and kept in the Hugging "
+                "Face cache; revision and cache_dir apply to a Hub repository id (owner/name)."
+            )
         return checkpoint.load_state(name, weights)
     if path.exists():
         return checkpoint.load_state(path, weights)
@@ -130,9 +167,19 @@ def download_repo(repo_id: str, revision: str | None, cache_dir: str | Path | No
     except HFValidationError:
         valid = False
     if not valid:
-        raise UserError(f"No tokenizer at {repo_id!r}: give a released name ({', '.join(RELEASES)}), a folder written "
-                        "by save_pretrained, a tokenizer file, or a Hub repository id (owner/name).")
-    files = [pretrained.PretrainedFile(repo_id, f"the tokenizer {repo_id}", name, repo_id=repo_id, revision=revision,
-                                       cache_dir=str(cache_dir) if cache_dir else None)
-             for name in (CONFIG_NAME, WEIGHTS_NAME)]
+        raise UserError(
+            f"No tokenizer at {repo_id!r}: give a released name ({', '.join(RELEASES)}), a folder written "
+            "by save_pretrained, a tokenizer file, or a Hub repository id (owner/name)."
+        )
+    files = [
+        pretrained.PretrainedFile(
+            repo_id,
+            f"the tokenizer {repo_id}",
+            name,
+            repo_id=repo_id,
+            revision=revision,
+            cache_dir=str(cache_dir) if cache_dir else None,
+        )
+        for name in (CONFIG_NAME, WEIGHTS_NAME)
+    ]
     return [pretrained.fetch_file(spec) for spec in files][-1].parent

@@ -52,22 +52,39 @@ class LossRecipe:
     train_encoder: bool = True
 
     @classmethod
-    def for_stage(cls, stage: str, *, perceptual: str = "lpips_vgg", perceptual_weight: float = 0.1,
-                  sample_loss: str = "none", sample_weight: float = 0.0, **rest) -> "LossRecipe":
+    def for_stage(
+        cls,
+        stage: str,
+        *,
+        perceptual: str = "lpips_vgg",
+        perceptual_weight: float = 0.1,
+        sample_loss: str = "none",
+        sample_weight: float = 0.0,
+        **rest,
+    ) -> "LossRecipe":
         """The recipe of Stage 1A (mode matching: flow + perceptual on the x0 estimate + quantizer, encoder trained)
         or 1B (mode seeking: flow + a loss on the chain sample, encoder frozen: method §3). A term the stage does not
         use is refused, never silently zeroed: set it to none there."""
         if stage not in STAGES:
             raise UserError(f"stage must be one of {STAGES}, got {stage!r}.")
         if stage == "1a" and sample_loss != "none":
-            raise UserError(f"Stage 1A has no chain-sample loss (method §3: it is Stage 1B's term), but model.sample_loss "
-                            f"is {sample_loss!r}; set model.sample_loss none, or model.stage 1b.")
+            raise UserError(
+                f"Stage 1A has no chain-sample loss (method §3: it is Stage 1B's term), but model.sample_loss "
+                f"is {sample_loss!r}; set model.sample_loss none, or model.stage 1b."
+            )
         if stage == "1b" and perceptual != "none" and perceptual_weight:
-            raise UserError(f"Stage 1B trains no perceptual loss on the x0 estimate (method §3: that is Stage 1A's term), "
-                            f"but model.perceptual is {perceptual!r}; set model.perceptual none, or model.stage 1a.")
-        return cls(perceptual=perceptual, perceptual_weight=perceptual_weight if perceptual != "none" else 0.0,
-                   sample_loss=sample_loss, sample_weight=sample_weight if sample_loss != "none" else 0.0,
-                   train_encoder=stage == "1a", **rest)
+            raise UserError(
+                f"Stage 1B trains no perceptual loss on the x0 estimate (method §3: that is Stage 1A's term), "
+                f"but model.perceptual is {perceptual!r}; set model.perceptual none, or model.stage 1a."
+            )
+        return cls(
+            perceptual=perceptual,
+            perceptual_weight=perceptual_weight if perceptual != "none" else 0.0,
+            sample_loss=sample_loss,
+            sample_weight=sample_weight if sample_loss != "none" else 0.0,
+            train_encoder=stage == "1a",
+            **rest,
+        )
 
 
 def flow_matching_loss(velocity: Tensor, images: Tensor, noise: Tensor) -> Tensor:
@@ -83,8 +100,14 @@ def drop_codes(condition: Tensor, probability: float, generator: torch.Generator
     return condition * keep[:, None, None].to(condition.dtype)
 
 
-def chain_sample(tokenizer: nn.Module, codes: Tensor, noise: Tensor, steps: int,
-                 generator: torch.Generator | None, use_checkpoint: bool) -> Tensor:
+def chain_sample(
+    tokenizer: nn.Module,
+    codes: Tensor,
+    noise: Tensor,
+    steps: int,
+    generator: torch.Generator | None,
+    use_checkpoint: bool,
+) -> Tensor:
     """Stage-1B sample: `steps` Euler steps from noise on a per-sample random grid, no CFG, no clipping.
 
     Every decoder call is checkpointed non-reentrantly (reentrant checkpointing silently breaks under
@@ -101,8 +124,14 @@ def chain_sample(tokenizer: nn.Module, codes: Tensor, noise: Tensor, steps: int,
     return flow.sample_euler(velocity, noise, grid.to(noise.dtype), clip=False)
 
 
-def flowmo_loss(tokenizer: nn.Module, images: Tensor, recipe: LossRecipe, perceptual_net: nn.Module | None = None,
-                sample_net: nn.Module | None = None, generator: torch.Generator | None = None) -> LossOutput:
+def flowmo_loss(
+    tokenizer: nn.Module,
+    images: Tensor,
+    recipe: LossRecipe,
+    perceptual_net: nn.Module | None = None,
+    sample_net: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
     """One micro-batch of either stage (which terms run is decided by `recipe` and the nets given)."""
     batch = images.shape[0]
     with torch.set_grad_enabled(recipe.train_encoder and torch.is_grad_enabled()):
@@ -127,8 +156,9 @@ def flowmo_loss(tokenizer: nn.Module, images: Tensor, recipe: LossRecipe, percep
         total = total + recipe.perceptual_weight * parts["perceptual"]
     if sample_net is not None and recipe.sample_weight:
         chain_noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
-        sample = chain_sample(tokenizer, quantized.codes, chain_noise, recipe.chain_steps, generator,
-                              recipe.checkpoint_chain)
+        sample = chain_sample(
+            tokenizer, quantized.codes, chain_noise, recipe.chain_steps, generator, recipe.checkpoint_chain
+        )
         parts["sample"] = sample_net(images, sample).float().mean()
         total = total + recipe.sample_weight * parts["sample"]
     parts["total"] = total

@@ -5,11 +5,9 @@ encoder is frozen after `freeze_encoder_after` optimizer steps (200k in the pape
 stage "1b" (mode seeking): starts from 1A weights (`init_weights`), encoder frozen from step 0, flow loss +
 0.01 x ResNet-50-logit MSE on an 8-step sample back-propagated through the chain.
 
-The module composes the pieces that each live elsewhere: the network (nn/tokenizer.py), the stage's loss recipe
-(losses.LossRecipe.for_stage), the update after each backward pass (optim.TrainingUpdate: Adam, weight-norm
-projection, EMA), the non-finite guard (faults.NonFiniteGuard), init-weight loading (checkpoint.py) and the
-evaluation metrics (metrics/). EMA, projection norms, optimizer and every rank's noise generator are in the
-checkpoint: a resumed run continues exactly (the authors' code restarts EMA and Adam on resume).
+It composes pieces that live elsewhere: the network (nn/), the loss recipe (losses), the update after each backward
+(optim.TrainingUpdate), the non-finite guard (faults), init weights (checkpoint) and the metrics (metrics/). EMA,
+projection norms, optimizer and each rank's noise are checkpointed: a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -100,9 +98,8 @@ class FlowMoModule(L.LightningModule):
             sample_loss: 1B loss on the 8-step chain sample: resnet50_logits (paper), pixel_mse or none (1A: none).
             sample_loss_weight: its weight (paper 0.01 for ResNet logits).
             sample_steps: Euler steps of the 1B chain (paper 8).
-            feature_weights: where the frozen feature nets' files come from (LPIPS, ResNet-50, Inception): None =
-                their caches, downloaded on first use; a folder holding them; or "random" = explicit random
-                stand-ins for CPU tests (logged loudly, recorded).
+            feature_weights: the frozen feature nets' files: None = their caches (downloaded on first use), a
+                folder holding them, or "random" = stand-ins for CPU tests (said loudly, recorded).
             freeze_encoder_after: optimizer step after which the 1A encoder is frozen (paper 200k; null = never).
             reset_optimizer_on_freeze: restart Adam's moments at the freeze (the authors rebuild the optimizer).
             weight_norm_projection: keep each weight matrix at its initial norm after every step (paper).
@@ -120,14 +117,14 @@ class FlowMoModule(L.LightningModule):
             activation_checkpointing: recompute transformer blocks in backward: none, blocks (every block) or
                 every_K (every K-th block); `flowmo plan` predicts the peak memory of each setting.
             seed: seeds the noise generator (t, noise, CFG dropout, chain grids) and evaluation noise.
-            sampler: how validation and test decode (flow.SamplerSettings; default flow.SAMPLERS["paper"]: 25
-                steps, rho 4, CFG 1.5 on sigma (0.17, 1.02)); single fields as --model.sampler.steps 8.
+            sampler: how validation and test decode (flow.SamplerSettings, default SAMPLERS["paper"]); single
+                fields as --model.sampler.steps 8.
             val_use_ema: evaluate the EMA weights (paper) rather than the raw ones.
             val_lpips_nets: LPIPS variants computed in validation/test: alex and/or vgg.
             val_rfid: compute rFID (Inception weights needed).
             inception_path: the pt_inception-2015-12-05 file for rFID (default: found like the other feature nets).
-            max_nonfinite_steps: an optimizer step whose loss or gradients are not finite is skipped (no weight,
-                EMA or Adam update) and counted (train/skipped_nonfinite); this many in a row stop the run.
+            max_nonfinite_steps: a step with a non-finite loss or gradient is skipped and counted
+                (train/skipped_nonfinite); this many in a row stop the run.
         """
         super().__init__()
         _check_choices(lr_schedule, init_weights, init_weights_parts, stage)
@@ -143,44 +140,55 @@ class FlowMoModule(L.LightningModule):
         if init_weights:
             checkpoint.load_initial_weights(self.tokenizer, init_weights, init_weights_from, init_weights_parts)
         self.recipe = LossRecipe.for_stage(
-            stage, perceptual=perceptual, perceptual_weight=perceptual_weight, sample_loss=sample_loss,
-            sample_weight=sample_loss_weight, flow_weight=flow_weight, time_schedule=time_schedule,
-            cfg_dropout=cfg_dropout, chain_steps=sample_steps, checkpoint_chain=checkpoint_chain)
-        self.perceptual_net = build_perceptual(self.recipe.perceptual if self.recipe.perceptual_weight else "none",
-                                               feature_weights)
-        self.sample_net = build_perceptual(self.recipe.sample_loss if self.recipe.sample_weight else "none",
-                                           feature_weights)
-        self.ema = ModelEMA(self.tokenizer, ema_decay, ema_every, optim.warmup_applies(ema_warmup, init_weights,
-                                                                                       init_weights_parts))
+            stage,
+            perceptual=perceptual,
+            perceptual_weight=perceptual_weight,
+            sample_loss=sample_loss,
+            sample_weight=sample_loss_weight,
+            flow_weight=flow_weight,
+            time_schedule=time_schedule,
+            cfg_dropout=cfg_dropout,
+            chain_steps=sample_steps,
+            checkpoint_chain=checkpoint_chain,
+        )
+        self.perceptual_net = build_perceptual(
+            self.recipe.perceptual if self.recipe.perceptual_weight else "none", feature_weights
+        )
+        self.sample_net = build_perceptual(
+            self.recipe.sample_loss if self.recipe.sample_weight else "none", feature_weights
+        )
+        self.ema = ModelEMA(
+            self.tokenizer, ema_decay, ema_every, optim.warmup_applies(ema_warmup, init_weights, init_weights_parts)
+        )
         self.weight_projection = WeightNormProjection(self.tokenizer) if weight_norm_projection else None
         self.update = TrainingUpdate(self.tokenizer, self.ema, self.weight_projection)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         if stage == "1b":
             self._set_encoder_trainable(False)
         self.val_metrics = ReconstructionMetrics.for_evaluation(
-            lpips_nets=tuple(val_lpips_nets), rfid=val_rfid, feature_weights=feature_weights,
-            inception_path=inception_path, codebook_bits=self.tokenizer.quantizer.id_bits)
+            lpips_nets=tuple(val_lpips_nets),
+            rfid=val_rfid,
+            feature_weights=feature_weights,
+            inception_path=inception_path,
+            codebook_bits=self.tokenizer.quantizer.id_bits,
+        )
         self.noise = RankNoise(seed, key="flowmo_noise_generators")
-        self._last_step_seen = 0
-        self._loaded: tuple[int, dict] | None = None  # (step, hyper-parameters) of a checkpoint validate/test loaded
+        self._last_step_seen, self._loaded = 0, None  # _loaded: (step, hparams) of what validate / test loaded
 
     # ---------------------------------------------------------------------------------------- set-up
     compile_options: dict[str, Any] = {}  # torch.compile's keyword arguments (tests use backend="eager")
 
     def configure_model(self) -> None:
-        """Encoder and decoder compiled, in the raw model and the EMA copy that validation decodes with. Each
-        transformer has its own code object and so its own recompile budget; the guards stay stable (one code
-        dtype, a contiguous fp32 t, the frozen encoder run without grad): a 1A run through the freeze, validation
-        and Stage 1B compile at most 5 graphs per transformer (tests/test_compile.py), below dynamo's limit of 8."""
+        """Encoder and decoder compiled, raw and EMA copy; each transformer has its own recompile budget and stable
+        guards: at most 5 graphs each through 1A, the freeze, validation and 1B (tests/test_compile.py)."""
         if self.hparams.compile:
             for model in (self.tokenizer, self.ema.module):
                 model.encoder.compile(**self.compile_options)
                 model.decoder.compile(**self.compile_options)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
-        """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (method §5). The paper's lr is constant;
-        `lr_schedule="cosine"` anneals it to 0 at trainer.max_steps, an option for short runs (the CPU demo measured
-        no gain from it: 20.6 dB held-out PSNR after 3000 steps either way, so it keeps the constant lr)."""
+        """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (method §5). The lr is constant (paper);
+        "cosine" anneals it to 0 at max_steps (the CPU demo gained nothing from it: 20.6 dB either way)."""
         groups = [{"params": list(self.tokenizer.decoder.parameters()), "name": "decoder"}]
         if self.recipe.train_encoder:  # 1A before the freeze (a run resumed past it builds the decoder group alone)
             groups.insert(0, {"params": list(self.tokenizer.encoder.parameters()), "name": "encoder"})
@@ -219,9 +227,11 @@ class FlowMoModule(L.LightningModule):
             # resumed run freezes the encoder before DDP wraps the model (on_load_checkpoint).
             self.trainer.should_stop = True
             if self.global_rank == 0:
-                print(f"flowmo: the encoder freezes after step {self.global_step}: this run stops here; resume with "
-                      "--ckpt_path last to train the decoder alone under plain DDP (make train-* does).",
-                      file=sys.stderr)
+                print(
+                    f"flowmo: the encoder freezes after step {self.global_step}: this run stops here; resume with "
+                    "--ckpt_path last to train the decoder alone under plain DDP (make train-* does).",
+                    file=sys.stderr,
+                )
             return -1
         if self._freeze_due():
             self._set_encoder_trainable(False)
@@ -237,13 +247,13 @@ class FlowMoModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images = _images(batch)
-        out = flowmo_loss(self.tokenizer, images, self.recipe, self.perceptual_net, self.sample_net,
-                          self.noise_generator)
+        out = flowmo_loss(
+            self.tokenizer, images, self.recipe, self.perceptual_net, self.sample_net, self.noise_generator
+        )
         self.guard.observe(out.parts)  # on the device: the decision waits for the last micro-batch
         self.log_dict({f"train/{k}": v for k, v in out.parts.items()}, batch_size=images.shape[0])
         if self._is_logging_step() and out.indices is not None and self.tokenizer.quantizer.codebook_size <= 2**20:
-            # 2^G sub-codes for LFQ, prod(levels) for FSQ (its indices are whole tokens; a histogram only while
-            # the codebook is small enough to count: 2^18 for the paper's FSQ cell, not 8^24 for the tiny grid's)
+            # a histogram of the ids only while the codebook is small enough to count (not 8^24 for FSQ's tiny cell)
             stats = batch_codebook_stats(out.indices, self.tokenizer.quantizer.codebook_size)
             self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=images.shape[0])
         return out.total
@@ -264,8 +274,12 @@ class FlowMoModule(L.LightningModule):
         # reads it (Lightning requires the closure to be called inside this hook).
         result = optimizer_closure() if optimizer_closure is not None else None
         found_inf = self.guard.found_inf([p.grad for p in self.tokenizer.parameters() if p.grad is not None])
-        self.update.step(optimizer, lambda: super(FlowMoModule, self).optimizer_step(
-            epoch, batch_idx, optimizer, lambda: result), found_inf, step=self.global_step + 1)
+        self.update.step(
+            optimizer,
+            lambda: super(FlowMoModule, self).optimizer_step(epoch, batch_idx, optimizer, lambda: result),
+            found_inf,
+            step=self.global_step + 1,
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After each optimizer step, outside it: the guard's counters reach the host without a device sync; at
@@ -358,35 +372,22 @@ class FlowMoModule(L.LightningModule):
             # both hold the decoder alone. Adam restarts if the freeze happens now (the authors rebuild it).
             self._set_encoder_trainable(False)
             restart = self.hparams.reset_optimizer_on_freeze and step == self.hparams.freeze_encoder_after
-            drop_param_group(checkpoint, "encoder", clear=restart)
+            optim.drop_param_group(checkpoint, "encoder", clear=restart)
 
 
 def _check_choices(lr_schedule: str, init_weights: str | None, init_weights_parts: str, stage: str) -> None:
     if lr_schedule not in LR_SCHEDULES:
         raise UserError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
     if stage == "1b" and not init_weights:
-        raise UserError("Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
-                        "(or an official flowmo_*.pth, or a released name: lo, hi).")
+        raise UserError(
+            "Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
+            "(or an official flowmo_*.pth, or a released name: lo, hi)."
+        )
     if init_weights_parts not in INIT_PARTS or (init_weights_parts != "all" and not init_weights):
-        raise UserError(f"init_weights_parts must be one of {INIT_PARTS} and 'encoder' needs model.init_weights; "
-                        f"got {init_weights_parts!r} with init_weights={init_weights!r}.")
-
-
-def drop_param_group(checkpoint: dict, name: str, clear: bool = False) -> None:
-    """The checkpoint's optimizer without its param group `name` (parameters renumbered) and its lr schedulers
-    without that group's entries; `clear` also drops every optimizer state (Adam restarts)."""
-    for index, state in enumerate(checkpoint.get("optimizer_states", [])):
-        positions = [i for i, group in enumerate(state["param_groups"]) if group.get("name") == name]
-        groups = [group for group in state["param_groups"] if group.get("name") != name]
-        renumber = {old: new for new, old in enumerate(i for group in groups for i in group["params"])}
-        kept = {} if clear else {renumber[i]: value for i, value in state["state"].items() if i in renumber}
-        checkpoint["optimizer_states"][index] = {
-            "state": kept, "param_groups": [{**group, "params": [renumber[i] for i in group["params"]]}
-                                            for group in groups]}
-        for scheduler in checkpoint.get("lr_schedulers", []):  # per-group lists, e.g. LambdaLR's base_lrs
-            for key, value in scheduler.items():
-                if isinstance(value, list) and len(value) == len(state["param_groups"]):
-                    scheduler[key] = [v for i, v in enumerate(value) if i not in positions]
+        raise UserError(
+            f"init_weights_parts must be one of {INIT_PARTS} and 'encoder' needs model.init_weights; "
+            f"got {init_weights_parts!r} with init_weights={init_weights!r}."
+        )
 
 
 def _plain_ddp(model: Any) -> bool:

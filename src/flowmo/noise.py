@@ -50,8 +50,11 @@ class RankNoise:
         step = int(checkpoint.get("global_step", 0))
         self._pending, self._reseeded_at = None, step
         if rank == 0:
-            print(f"flowmo: the checkpoint holds the noise state of {len(states)} rank(s), this run has "
-                  f"{world_size}: every rank's noise is reseeded from (seed, rank, step {step}).", file=sys.stderr)
+            print(
+                f"flowmo: the checkpoint holds the noise state of {len(states)} rank(s), this run has "
+                f"{world_size}: every rank's noise is reseeded from (seed, rank, step {step}).",
+                file=sys.stderr,
+            )
 
 
 def _gather_from_ranks(state: Tensor) -> list[Tensor]:

@@ -73,8 +73,11 @@ def dropped_official_shapes(config: FlowMoConfig) -> dict[str, tuple[int, ...]]:
 def _unread_stream_update(stack: str, block: int, stream: str, width: int, mlp_ratio: float) -> dict:
     """Output projection and MLP of a stream in the last block, whose result no head reads."""
     prefix, hidden = f"{stack}.double_blocks.{block}.{stream}", int(width * mlp_ratio)
-    return {**_linear(f"{prefix}_attn.proj", width, width), **_linear(f"{prefix}_mlp.0", width, hidden),
-            **_linear(f"{prefix}_mlp.2", hidden, width)}
+    return {
+        **_linear(f"{prefix}_attn.proj", width, width),
+        **_linear(f"{prefix}_mlp.0", width, hidden),
+        **_linear(f"{prefix}_mlp.2", hidden, width),
+    }
 
 
 def _linear(prefix: str, fan_in: int, fan_out: int) -> dict[str, tuple[int, ...]]:
@@ -99,7 +102,7 @@ def _strip_wrappers(name: str) -> str:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
     return name.replace("._orig_mod.", ".")
 
 
@@ -133,13 +136,22 @@ def check_keys(state_dict: Mapping[str, torch.Tensor], expected: Shapes) -> None
     """One ValueError listing every unknown, missing and misshaped key against `expected` (key -> shape)."""
     unknown = sorted(set(state_dict) - set(expected))
     missing = sorted(set(expected) - set(state_dict))
-    wrong = sorted(f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k])}"
-                   for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k]))
-    problems = [f"{what} {_first(keys)}" for what, keys in (("unknown keys", unknown), ("missing keys", missing),
-                                                               ("wrong shapes", wrong)) if keys]
+    wrong = sorted(
+        f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k])}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k])
+    )
+    problems = [
+        f"{what} {_first(keys)}"
+        for what, keys in (("unknown keys", unknown), ("missing keys", missing), ("wrong shapes", wrong))
+        if keys
+    ]
     if problems:
-        raise UserError("these weights do not fit the configured FlowMo architecture: " + "; ".join(problems)
-                        + ". Check that the config matches the checkpoint (lo: code_dim 18, hi: code_dim 56).")
+        raise UserError(
+            "these weights do not fit the configured FlowMo architecture: "
+            + "; ".join(problems)
+            + ". Check that the config matches the checkpoint (lo: code_dim 18, hi: code_dim 56)."
+        )
 
 
 def _first(keys: list[str], shown: int = 6) -> str:

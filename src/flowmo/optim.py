@@ -113,12 +113,23 @@ def weights_record(weights: str, hparams: Mapping | None = None, step: int | Non
     record: dict = {"weights": weights, "step": step}
     if weights != "ema" or hparams is None or step is None or "ema_every" not in hparams:
         return record if weights != "ema" else {**record, "ema_updates": None}
-    ema = ModelEMA(nn.Identity(), hparams["ema_decay"], hparams["ema_every"],
-                   warmup_applies(hparams.get("ema_warmup", False), hparams.get("init_weights"),
-                                  hparams.get("init_weights_parts", "all")))
+    ema = ModelEMA(
+        nn.Identity(),
+        hparams["ema_decay"],
+        hparams["ema_every"],
+        warmup_applies(
+            hparams.get("ema_warmup", False), hparams.get("init_weights"), hparams.get("init_weights_parts", "all")
+        ),
+    )
     updates = ema.updates_at(step)
-    return {**record, "ema_updates": updates, "ema_decay": ema.decay, "ema_every": ema.every, "ema_warmup": ema.warmup,
-            "ema_initial_share": round(ema.initial_share(updates), 6)}
+    return {
+        **record,
+        "ema_updates": updates,
+        "ema_decay": ema.decay,
+        "ema_every": ema.every,
+        "ema_warmup": ema.warmup,
+        "ema_initial_share": round(ema.initial_share(updates), 6),
+    }
 
 
 def describe_weights(record: dict) -> str:
@@ -129,19 +140,26 @@ def describe_weights(record: dict) -> str:
     if record.get("ema_updates") is None:
         return f"EMA weights{step}"
     warmup = ", warm-up" if record["ema_warmup"] else ""
-    return (f"EMA weights{step} ({record['ema_updates']} updates of decay {record['ema_decay']:g} every "
-            f"{record['ema_every']} steps{warmup}; {record['ema_initial_share']:.0%} of the average is the "
-            "starting weights)" + (STILL_STARTING if record["ema_initial_share"] >= 0.5 else ""))
+    return (
+        f"EMA weights{step} ({record['ema_updates']} updates of decay {record['ema_decay']:g} every "
+        f"{record['ema_every']} steps{warmup}; {record['ema_initial_share']:.0%} of the average is the "
+        "starting weights)" + (STILL_STARTING if record["ema_initial_share"] >= 0.5 else "")
+    )
 
 
-STILL_STARTING = (". WARNING: the EMA has not yet averaged over its horizon and is mostly its starting weights; "
-                  "evaluate the raw weights (--model.val_use_ema false, weights='raw') or train longer")
+STILL_STARTING = (
+    ". WARNING: the EMA has not yet averaged over its horizon and is mostly its starting weights; "
+    "evaluate the raw weights (--model.val_use_ema false, weights='raw') or train longer"
+)
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
     """Every nn.Linear inside a double block (qkv, proj, both MLP layers, modulation), method §5."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and ".double_blocks." in f".{name}"]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".double_blocks." in f".{name}"
+    ]
 
 
 class WeightNormProjection(nn.Module):
@@ -206,13 +224,19 @@ class TrainingUpdate:
         self.steps = 0  # optimizer steps taken through this object (the module passes Lightning's own count)
 
     @staticmethod
-    def adam(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-             device: torch.device) -> torch.optim.Adam:
+    def adam(
+        groups: list[dict], lr: float, betas: tuple[float, float], eps: float, device: torch.device
+    ) -> torch.optim.Adam:
         """Adam(0.9, 0.95) without weight decay (method §5), fused where torch has the kernel."""
         return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0, **adam_kernel(device))
 
-    def step(self, optimizer: torch.optim.Optimizer, run_step: Callable[[], object], found_inf: Tensor | None = None,
-             step: int | None = None) -> None:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        run_step: Callable[[], object],
+        found_inf: Tensor | None = None,
+        step: int | None = None,
+    ) -> None:
         """Run Adam (`run_step`), then project and move the EMA; `step` (from 1) decides the EMA cadence."""
         self.steps = self.steps + 1 if step is None else step
         optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper: the flag goes on torch's own
@@ -229,3 +253,21 @@ class TrainingUpdate:
             self.projection.apply_to(self.model, found_inf)
         if self.ema.is_due(self.steps):
             self.ema.update(self.model, found_inf, done=self.ema.updates_at(self.steps) - 1)
+
+
+def drop_param_group(checkpoint: dict, name: str, clear: bool = False) -> None:
+    """The checkpoint's optimizer without its param group `name` (parameters renumbered) and its lr schedulers
+    without that group's entries; `clear` also drops every optimizer state (Adam restarts)."""
+    for index, state in enumerate(checkpoint.get("optimizer_states", [])):
+        positions = [i for i, group in enumerate(state["param_groups"]) if group.get("name") == name]
+        groups = [group for group in state["param_groups"] if group.get("name") != name]
+        renumber = {old: new for new, old in enumerate(i for group in groups for i in group["params"])}
+        kept = {} if clear else {renumber[i]: value for i, value in state["state"].items() if i in renumber}
+        checkpoint["optimizer_states"][index] = {
+            "state": kept,
+            "param_groups": [{**group, "params": [renumber[i] for i in group["params"]]} for group in groups],
+        }
+        for scheduler in checkpoint.get("lr_schedulers", []):  # per-group lists, e.g. LambdaLR's base_lrs
+            for key, value in scheduler.items():
+                if isinstance(value, list) and len(value) == len(state["param_groups"]):
+                    scheduler[key] = [v for i, v in enumerate(value) if i not in positions]

@@ -43,12 +43,17 @@ _ENCODER_384 = TransformerConfig(width=384, depth=2, heads=12, rope_axes=(4, 14,
 _PRESETS: dict[str, FlowMoConfig] = {
     "lo": FlowMoConfig(code_dim=18, entropy_group_bits=9, encoder=_ENCODER_768, decoder=_DECODER_1152),
     "hi": FlowMoConfig(code_dim=56, entropy_group_bits=14, encoder=_ENCODER_768, decoder=_DECODER_1152),
-    "small": FlowMoConfig(
-        patch_size=8, code_dim=18, entropy_group_bits=9, encoder=_ENCODER_768, decoder=_DECODER_768
-    ),
+    "small": FlowMoConfig(patch_size=8, code_dim=18, entropy_group_bits=9, encoder=_ENCODER_768, decoder=_DECODER_768),
     "tiny": _TINY,
-    "cpu-mid": FlowMoConfig(image_size=64, patch_size=4, code_length=64, code_dim=18, entropy_group_bits=9,
-                            encoder=_ENCODER_384, decoder=TransformerConfig(width=384, depth=4, heads=12, rope_axes=(4, 14, 14))),
+    "cpu-mid": FlowMoConfig(
+        image_size=64,
+        patch_size=4,
+        code_length=64,
+        code_dim=18,
+        entropy_group_bits=9,
+        encoder=_ENCODER_384,
+        decoder=TransformerConfig(width=384, depth=4, heads=12, rope_axes=(4, 14, 14)),
+    ),
     "demo": _TINY.replace(code_dim=72, rope_theta=100.0),
 }
 

@@ -100,25 +100,63 @@ class PretrainedFile:
 # written (no network): UNPINNED ones are fetched from main and checked against the SHA-256 the Hub announces.
 # Fill them from https://huggingface.co/<repo>/tree/main (the commit) and the file's page (its SHA-256).
 UNPINNED = None
-FILES = {f.key: f for f in (
-    PretrainedFile("vgg16", "VGG16 (the LPIPS-VGG backbone)", "vgg16-397923af.pth",
-                   url="https://download.pytorch.org/models/vgg16-397923af.pth"),
-    PretrainedFile("alexnet", "AlexNet (the LPIPS-Alex backbone)", "alexnet-owt-7be5be79.pth",
-                   url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
-    PretrainedFile("inception_fid", "pytorch-fid's InceptionV3 (rFID / gFID)", "pt_inception-2015-12-05-6726825d.pth",
-                   url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                       "pt_inception-2015-12-05-6726825d.pth"),
-    # timm's copy of torchvision's IMAGENET1K_V1 weights: the same tensors under the same names
-    PretrainedFile("resnet50", "ResNet-50 IMAGENET1K_V1 (the Stage-1B loss)", "model.safetensors",
-                   repo_id="timm/resnet50.tv_in1k", aliases=("resnet50.tv_in1k.safetensors", "resnet50-0676ba61.pth"),
-                   revision=UNPINNED, sha256=UNPINNED),
-    PretrainedFile("official-lo", "FlowMo-Lo as released by the authors", "flowmo_lo.pth", repo_id="ksarge/FlowMo",
-                   revision=UNPINNED, sha256=UNPINNED),
-    PretrainedFile("official-hi", "FlowMo-Hi as released by the authors", "flowmo_hi.pth", repo_id="ksarge/FlowMo",
-                   revision=UNPINNED, sha256=UNPINNED),
-)}
-GROUPS = {"lpips": ("vgg16", "alexnet"), "resnet": ("resnet50",), "inception": ("inception_fid",),
-          "official-lo": ("official-lo",), "official-hi": ("official-hi",)}
+FILES = {
+    f.key: f
+    for f in (
+        PretrainedFile(
+            "vgg16",
+            "VGG16 (the LPIPS-VGG backbone)",
+            "vgg16-397923af.pth",
+            url="https://download.pytorch.org/models/vgg16-397923af.pth",
+        ),
+        PretrainedFile(
+            "alexnet",
+            "AlexNet (the LPIPS-Alex backbone)",
+            "alexnet-owt-7be5be79.pth",
+            url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        ),
+        PretrainedFile(
+            "inception_fid",
+            "pytorch-fid's InceptionV3 (rFID / gFID)",
+            "pt_inception-2015-12-05-6726825d.pth",
+            url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+            "pt_inception-2015-12-05-6726825d.pth",
+        ),
+        # timm's copy of torchvision's IMAGENET1K_V1 weights: the same tensors under the same names
+        PretrainedFile(
+            "resnet50",
+            "ResNet-50 IMAGENET1K_V1 (the Stage-1B loss)",
+            "model.safetensors",
+            repo_id="timm/resnet50.tv_in1k",
+            aliases=("resnet50.tv_in1k.safetensors", "resnet50-0676ba61.pth"),
+            revision=UNPINNED,
+            sha256=UNPINNED,
+        ),
+        PretrainedFile(
+            "official-lo",
+            "FlowMo-Lo as released by the authors",
+            "flowmo_lo.pth",
+            repo_id="ksarge/FlowMo",
+            revision=UNPINNED,
+            sha256=UNPINNED,
+        ),
+        PretrainedFile(
+            "official-hi",
+            "FlowMo-Hi as released by the authors",
+            "flowmo_hi.pth",
+            repo_id="ksarge/FlowMo",
+            revision=UNPINNED,
+            sha256=UNPINNED,
+        ),
+    )
+}
+GROUPS = {
+    "lpips": ("vgg16", "alexnet"),
+    "resnet": ("resnet50",),
+    "inception": ("inception_fid",),
+    "official-lo": ("official-lo",),
+    "official-hi": ("official-hi",),
+}
 GROUPS["all"] = tuple(key for keys in GROUPS.values() for key in keys)
 STAND_IN = "random"  # weights="random": the explicit random stand-in of tests and the tiny CPU demo
 
@@ -164,8 +202,9 @@ def cached(spec: PretrainedFile) -> Path | None:
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(spec.repo_id, spec.filename, cache_dir=spec.cache_folder(),
-                                   revision=spec.revision or "main")
+    found = try_to_load_from_cache(
+        spec.repo_id, spec.filename, cache_dir=spec.cache_folder(), revision=spec.revision or "main"
+    )
     return Path(found) if isinstance(found, str) else None
 
 
@@ -193,8 +232,10 @@ def fetch_file(spec: PretrainedFile, weights: str | os.PathLike | None = None) -
     if found is not None:
         return found
     if offline():
-        raise MissingWeightsError(f"{spec.what}: {spec.label} is not in {spec.cache_folder()} and HF_HUB_OFFLINE=1 "
-                                  f"forbids downloading it from {spec.address}; {_advice(spec)}.")
+        raise MissingWeightsError(
+            f"{spec.what}: {spec.label} is not in {spec.cache_folder()} and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it from {spec.address}; {_advice(spec)}."
+        )
     try:
         return _download_url_file(spec) if spec.url else _download_hf_file(spec)
     except UserError:
@@ -217,14 +258,19 @@ def _explicit(spec: PretrainedFile, path: Path) -> Path:
 
 
 def _advice(spec: PretrainedFile) -> str:
-    command = f"flowmo fetch-weights {spec.group}" if spec.group else \
-        f"hf download {spec.repo_id}" + (f" --revision {spec.revision}" if spec.revision else "")
+    command = (
+        f"flowmo fetch-weights {spec.group}"
+        if spec.group
+        else f"hf download {spec.repo_id}" + (f" --revision {spec.revision}" if spec.revision else "")
+    )
     return f"on a machine with internet run `{command}` and copy that folder here, or pass the file's path"
 
 
 def _failed(spec: PretrainedFile, reason: str, error=MissingWeightsError) -> MissingWeightsError:
-    return error(f"{spec.what}: downloading {spec.label} from {spec.address} failed ({reason}) and left nothing in "
-                 f"{spec.cache_folder()}; retry, or {_advice(spec)}.")
+    return error(
+        f"{spec.what}: downloading {spec.label} from {spec.address} failed ({reason}) and left nothing in "
+        f"{spec.cache_folder()}; retry, or {_advice(spec)}."
+    )
 
 
 def _reason(error: BaseException) -> str:
@@ -251,8 +297,11 @@ def _check_sha256(spec: PretrainedFile, digest: str, expected: str, *paths: Path
         for path in paths:
             path.unlink(missing_ok=True)
         wanted = expected if len(expected) == 64 else f"one starting {expected}"
-        raise _failed(spec, f"it arrived with SHA-256 {digest}, not {wanted}: cut short or altered, so it was "
-                            "deleted", WeightsHashError)
+        raise _failed(
+            spec,
+            f"it arrived with SHA-256 {digest}, not {wanted}: cut short or altered, so it was deleted",
+            WeightsHashError,
+        )
 
 
 def _download_url_file(spec: PretrainedFile) -> Path:
@@ -295,8 +344,16 @@ def _download_hf_file(spec: PretrainedFile) -> Path:
     # hf_hub_download retries a failed first request for a minute: ask once, within our timeout, so a dead mirror
     # fails in seconds
     get_hf_file_metadata(spec.address, timeout=download_timeout())
-    path = Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision or "main",
-                                cache_dir=spec.cache_folder(), endpoint=hf_endpoint(), etag_timeout=download_timeout()))
+    path = Path(
+        hf_hub_download(
+            spec.repo_id,
+            spec.filename,
+            revision=spec.revision or "main",
+            cache_dir=spec.cache_folder(),
+            endpoint=hf_endpoint(),
+            etag_timeout=download_timeout(),
+        )
+    )
     _check_hf_blob(spec, path)
     return path
 

@@ -44,13 +44,16 @@ def equal_bit_bits(bits_per_pixel: float, image_size: int, grid: int = POOL_GRID
     """Bits per pooled value such that the thumbnail costs at most `bits_per_pixel` (at least 1, at most 8)."""
     budget = bits_per_pixel * image_size**2 / (3 * grid * grid)
     if budget < 1:
-        raise ValueError(f"{bits_per_pixel} bits per pixel cannot pay one bit per value of a {grid}x{grid} pool of a "
-                         f"{image_size}px image; use a smaller grid.")
+        raise ValueError(
+            f"{bits_per_pixel} bits per pixel cannot pay one bit per value of a {grid}x{grid} pool of a "
+            f"{image_size}px image; use a smaller grid."
+        )
     return min(8, math.floor(budget + 1e-9))
 
 
-def equal_bit_thumbnail(images: torch.Tensor, bits_per_pixel: float,
-                        grid: int = POOL_GRID) -> tuple[torch.Tensor, float]:
+def equal_bit_thumbnail(
+    images: torch.Tensor, bits_per_pixel: float, grid: int = POOL_GRID
+) -> tuple[torch.Tensor, float]:
     """The pool reference at (at most) the tokenizer's rate: (reconstructions, bits per pixel used)."""
     size = images.shape[-1]
     bits = equal_bit_bits(bits_per_pixel, size, grid)
@@ -66,8 +69,10 @@ class ReferenceScores:
     def __init__(self, bits_per_pixel: float, image_size: int, device: torch.device | str = "cpu") -> None:
         self.image_size = image_size
         self.rates = {"mean_colour": pool_bits_per_pixel(image_size, grid=1), "pool8": pool_bits_per_pixel(image_size)}
-        self.labels = {"mean_colour": "mean colour of each image (8 bits per channel)",
-                       "pool8": f"{POOL_GRID}x{POOL_GRID} average pool (8 bits per value)"}
+        self.labels = {
+            "mean_colour": "mean colour of each image (8 bits per channel)",
+            "pool8": f"{POOL_GRID}x{POOL_GRID} average pool (8 bits per value)",
+        }
         self.equal_bit = None  # the tokenizer's rate, where it pays at least one bit per pooled value
         if math.isfinite(bits_per_pixel):  # a continuous code has no rate to match
             try:
@@ -78,8 +83,10 @@ class ReferenceScores:
                 self.equal_bit = bits_per_pixel
                 self.rates["equal_bit"] = pool_bits_per_pixel(image_size, POOL_GRID, bits)
                 self.labels["equal_bit"] = f"equal-bit thumbnail ({POOL_GRID}x{POOL_GRID} pool, {bits} bits per value)"
-        self.metrics = {name: {"psnr": PSNR(), "psnr_paper": PaperPSNR(), "ssim": SSIM(), "ssim_paper": PaperSSIM()}
-                        for name in self.labels}
+        self.metrics = {
+            name: {"psnr": PSNR(), "psnr_paper": PaperPSNR(), "ssim": SSIM(), "ssim_paper": PaperSSIM()}
+            for name in self.labels
+        }
         for metrics in self.metrics.values():
             for metric in metrics.values():
                 metric.to(device)

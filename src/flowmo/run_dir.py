@@ -74,12 +74,18 @@ class RunLock:
             raise
         if not locked:
             os.close(descriptor)
-            say(f"flowmo: cannot lock {self.path} (a file system without locks?): nothing stops a second process "
-                "from writing this run.")
+            say(
+                f"flowmo: cannot lock {self.path} (a file system without locks?): nothing stops a second process "
+                "from writing this run."
+            )
             return self
         os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"process {os.getpid()} on host {socket.gethostname()} (started "
-                              f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        os.pwrite(
+            descriptor,
+            f"process {os.getpid()} on host {socket.gethostname()} (started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(),
+            0,
+        )
         self._descriptor = descriptor
         return self
 
@@ -104,8 +110,10 @@ class RunLock:
             if error.errno not in (errno.EACCES, errno.EAGAIN):
                 return False
         holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
-        raise UserError(f"{self.path.parent} is being trained by {holder}; wait for that run to end (or stop it), "
-                        "or give this one another --run_name.")
+        raise UserError(
+            f"{self.path.parent} is being trained by {holder}; wait for that run to end (or stop it), "
+            "or give this one another --run_name."
+        )
 
     def release(self) -> None:
         if self._descriptor is not None:
@@ -132,12 +140,16 @@ def start_of(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> Start:
     restarts = restart_count()
     if ckpt_path is None and restarts:
         only_first = " (--overwrite applied to its first start only)" if overwrite else ""
-        say(f"flowmo: the scheduler restarted this job (restart {restarts}): continuing the run from its newest "
-            f"checkpoint, as --ckpt_path last does{only_first}.")
+        say(
+            f"flowmo: the scheduler restarted this job (restart {restarts}): continuing the run from its newest "
+            f"checkpoint, as --ckpt_path last does{only_first}."
+        )
         ckpt_path, overwrite = "last", False
     if overwrite and ckpt_path:
-        raise UserError(f"--overwrite starts {run_dir} over from step 0 and --ckpt_path {ckpt_path} continues a "
-                        "checkpoint; give one of the two.")
+        raise UserError(
+            f"--overwrite starts {run_dir} over from step 0 and --ckpt_path {ckpt_path} continues a "
+            "checkpoint; give one of the two."
+        )
     if ckpt_path == "last":
         return Start(resolve_last(Path(run_dir)), False, newest=True)
     return Start(ckpt_path, overwrite, newest=False)
@@ -176,8 +188,9 @@ def still_newest(run_dir: Path, ckpt_path: str | None) -> None:
     """A process that saved between this start's parsing and its lock (it ended in that window) made a newer state."""
     newest = latest_checkpoint(run_dir, report=lambda message: None)
     if (str(newest) if newest else None) != ckpt_path:
-        raise UserError(f"{run_dir} changed while this start was reading it (another process saved {newest}); "
-                        "start it again.")
+        raise UserError(
+            f"{run_dir} changed while this start was reading it (another process saved {newest}); start it again."
+        )
 
 
 def keep_one_lineage(run_dir: Path, ckpt_path: str | None) -> None:
@@ -189,18 +202,24 @@ def keep_one_lineage(run_dir: Path, ckpt_path: str | None) -> None:
     newest = newest_state(held, report=lambda message: None)
     described = f"{newest[0]}, step {newest[1]}" if newest else f"{held[0][0]}, unreadable"
     if ckpt_path is None:
-        raise UserError(f"{run_dir} already holds a run (newest checkpoint: {described}); continue it with "
-                        "--ckpt_path last (make ... RESUME=1), or start another with a new --run_name (--overwrite "
-                        "starts this one over, moving its files aside).")
+        raise UserError(
+            f"{run_dir} already holds a run (newest checkpoint: {described}); continue it with "
+            "--ckpt_path last (make ... RESUME=1), or start another with a new --run_name (--overwrite "
+            "starts this one over, moving its files aside)."
+        )
     if not Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):
-        raise UserError(f"{run_dir} already holds a run of its own (newest checkpoint: {described}); continue "
-                        f"{ckpt_path} under a new --run_name.")
+        raise UserError(
+            f"{run_dir} already holds a run of its own (newest checkpoint: {described}); continue "
+            f"{ckpt_path} under a new --run_name."
+        )
     step = checkpoint_step(Path(ckpt_path))
     ahead = [path for path, later in held if step is not None and later is not None and later > step]
     if ahead and is_launching_process():
         folder = move_aside(run_dir, ahead)
-        say(f"flowmo: resuming {run_dir} from step {step}: its {len(ahead)} later checkpoint(s) (up to step "
-            f"{newest[1]}) moved to {folder}.")
+        say(
+            f"flowmo: resuming {run_dir} from step {step}: its {len(ahead)} later checkpoint(s) (up to step "
+            f"{newest[1]}) moved to {folder}."
+        )
 
 
 def start_over(run_dir: Path) -> None:

@@ -6,8 +6,9 @@ whose arguments live in flowmo.commands.files).
     flowmo detokenize  --tokenizer lo tokens/ --out decoded/ --size 256
 
 --tokenizer takes a FlowMoModule .ckpt, an exported .pt, the authors' flowmo_lo.pth / flowmo_hi.pth (EMA
-weights), or a released name: lo / hi (downloaded from the authors' Hugging Face repository on first use). Images are resized (shorter side) and center-cropped to --size (default: the tokenizer's training
-size), as in evaluation. Unreadable images are skipped and counted; the run says how many.
+weights), or a released name: lo / hi (downloaded from the authors' Hugging Face repository on first use).
+Images are resized (shorter side) and center-cropped to --size (default: the tokenizer's training size), as in
+evaluation. Unreadable images are skipped and counted; the run says how many.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def image_batches(files: list[Path], size: int, batch: int, skipped: list[Path])
 
 def batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield start, items[start:start + size]
+        yield start, items[start : start + size]
 
 
 def progress(done: int, total: int, what: str) -> None:
@@ -135,8 +136,10 @@ def load_ids(path: Path) -> np.ndarray:
 
 
 def report(done: int, skipped: list[Path], out: Path, what: str) -> int:
-    print(f"wrote {done} {what} to {out}" + (f"; skipped {len(skipped)} unreadable: "
-                                            f"{', '.join(p.name for p in skipped[:5])}" if skipped else ""))
+    print(
+        f"wrote {done} {what} to {out}"
+        + (f"; skipped {len(skipped)} unreadable: {', '.join(p.name for p in skipped[:5])}" if skipped else "")
+    )
     return 0
 
 

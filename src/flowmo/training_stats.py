@@ -26,6 +26,7 @@ def batch_codebook_stats(indices: Tensor, codebook_size: int) -> dict[str, Tenso
         "codebook_used_fraction": (counts > 0).float().mean(),
         "code_entropy_bits": entropy_bits,
         # a fill on the device: torch.tensor(...) would be a CPU tensor copied over at every logging step
-        "code_entropy_max_bits": torch.full((), min(math.log2(codebook_size), math.log2(indices.numel())),
-                                            device=indices.device),
+        "code_entropy_max_bits": torch.full(
+            (), min(math.log2(codebook_size), math.log2(indices.numel())), device=indices.device
+        ),
     }

@@ -49,9 +49,26 @@ class Record(L.Callback):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    model = FlowMoModule(preset="tiny", perceptual="none", feature_weights="random", freeze_encoder_after=None,
-                         ema_every=1, lr=1e-3, sampler=SamplerSettings(steps=2))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", precision="32-true",
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Record()], use_distributed_sampler=True)
+    model = FlowMoModule(
+        preset="tiny",
+        perceptual="none",
+        feature_weights="random",
+        freeze_encoder_after=None,
+        ema_every=1,
+        lr=1e-3,
+        sampler=SamplerSettings(steps=2),
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+        use_distributed_sampler=True,
+    )
     trainer.fit(model, DataLoader(Images(), batch_size=1, shuffle=False))

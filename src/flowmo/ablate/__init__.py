@@ -33,20 +33,28 @@ configs alone decide the evaluation protocol.
 
 from __future__ import annotations
 
-from flowmo.ablate.grid import (
-           Axis,
-           Cell,
-           Grid,
-           Options,
-           Value,
-           available_grids,
-           load_grid,
-)
+from flowmo.ablate.grid import Axis, Cell, Grid, Options, Value, available_grids, load_grid
 from flowmo.ablate.launch import Slurm, execute, write_slurm
 from flowmo.ablate.overlays import check_overlays, write_inline_overlays
 from flowmo.ablate.plan import Step, plan
 from flowmo.ablate.results import collect
 from flowmo.ablate.table import write_results
 
-__all__ = ["Axis", "Cell", "Grid", "Options", "Slurm", "Step", "Value", "available_grids", "check_overlays", "collect",
-           "execute", "load_grid", "plan", "write_inline_overlays", "write_results", "write_slurm"]
+__all__ = [
+    "Axis",
+    "Cell",
+    "Grid",
+    "Options",
+    "Slurm",
+    "Step",
+    "Value",
+    "available_grids",
+    "check_overlays",
+    "collect",
+    "execute",
+    "load_grid",
+    "plan",
+    "write_inline_overlays",
+    "write_results",
+    "write_slurm",
+]

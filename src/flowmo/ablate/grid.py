@@ -106,9 +106,24 @@ def load_grid(name: str, config_dir: str | Path = "configs") -> Grid:
         raise UserError(f"no ablation grid {name!r} ({path} does not exist); the grids are: {grids}.")
     raw = yaml.safe_load(path.read_text()) or {}
     where = str(path)
-    unknown = set(raw) - {"title", "description", "stack", "eval_stack", "posttrain", "steps", "axes", "cells",
-                          "product_axes", "paper", "sample_set", "feature_metrics", "notes", "batch",
-                          "per_image_metrics", "seeds"}
+    unknown = set(raw) - {
+        "title",
+        "description",
+        "stack",
+        "eval_stack",
+        "posttrain",
+        "steps",
+        "axes",
+        "cells",
+        "product_axes",
+        "paper",
+        "sample_set",
+        "feature_metrics",
+        "notes",
+        "batch",
+        "per_image_metrics",
+        "seeds",
+    }
     if unknown:
         raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; see configs/ablations/README.md for the format.")
     axes = tuple(_axis(entry, where) for entry in _require(raw, "axes", list, where))
@@ -126,15 +141,28 @@ def load_grid(name: str, config_dir: str | Path = "configs") -> Grid:
     posttrain = raw.get("posttrain") or {}
     if any(a.kind == "posttrain" for a in axes) and not posttrain.get("stack"):
         raise UserError(f"{where}: a posttrain axis needs `posttrain: {{stack: [...]}}`, the Stage-1B config stack.")
-    grid = Grid(name=path.stem, path=path, title=raw.get("title", path.stem), description=raw.get("description", ""),
-                stack=tuple(_require(raw, "stack", list, where)), eval_stack=tuple(raw.get("eval_stack") or ()),
-                posttrain_stack=tuple(posttrain.get("stack") or ()), steps=raw.get("steps"),
-                posttrain_steps=posttrain.get("steps"), axes=axes, mode=mode, product_axes=product_axes,
-                paper={str(k): dict(v) for k, v in (raw.get("paper") or {}).items()},
-                batch=raw.get("batch"), posttrain_batch=posttrain.get("batch"), sample_set=raw.get("sample_set"),
-                feature_metrics=raw.get("feature_metrics", "configured"),
-                per_image_metrics=bool(raw.get("per_image_metrics", False)),
-                notes=raw.get("notes", ""), seeds=_seeds(raw.get("seeds", [0]), where))
+    grid = Grid(
+        name=path.stem,
+        path=path,
+        title=raw.get("title", path.stem),
+        description=raw.get("description", ""),
+        stack=tuple(_require(raw, "stack", list, where)),
+        eval_stack=tuple(raw.get("eval_stack") or ()),
+        posttrain_stack=tuple(posttrain.get("stack") or ()),
+        steps=raw.get("steps"),
+        posttrain_steps=posttrain.get("steps"),
+        axes=axes,
+        mode=mode,
+        product_axes=product_axes,
+        paper={str(k): dict(v) for k, v in (raw.get("paper") or {}).items()},
+        batch=raw.get("batch"),
+        posttrain_batch=posttrain.get("batch"),
+        sample_set=raw.get("sample_set"),
+        feature_metrics=raw.get("feature_metrics", "configured"),
+        per_image_metrics=bool(raw.get("per_image_metrics", False)),
+        notes=raw.get("notes", ""),
+        seeds=_seeds(raw.get("seeds", [0]), where),
+    )
     grid = dataclasses.replace(grid, cells=tuple(_cells(grid)))
     unknown_paper = set(grid.paper) - {c.name for c in grid.cells}
     if unknown_paper:
@@ -156,8 +184,12 @@ def _seeds(raw: Any, where: str) -> tuple[int, ...]:
     """`seeds: [0, 1, 2]`: distinct integers, one replicate of every trained cell each."""
     if isinstance(raw, int) and not isinstance(raw, bool):
         raw = [raw]
-    if (not isinstance(raw, list) or not raw or any(isinstance(s, bool) or not isinstance(s, int) for s in raw)
-            or len(set(raw)) != len(raw)):
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in raw)
+        or len(set(raw)) != len(raw)
+    ):
         raise UserError(f"{where}: `seeds` must be a list of distinct integers, e.g. seeds: [0, 1, 2]; got {raw!r}.")
     return tuple(raw)
 
@@ -173,13 +205,18 @@ def _axis(entry: dict, where: str) -> Axis:
         if not isinstance(item, dict) or "name" not in item:
             raise UserError(f"{where}: every value of axis {entry['name']!r} needs a `name`.")
         if isinstance(item["name"], bool):  # YAML reads on/off/yes/no as booleans
-            raise UserError(f"{where}: a value of axis {entry['name']!r} is named {item['name']}, which YAML reads "
-                            "from on/off/yes/no/true/false; quote it, e.g. name: 'on'.")
+            raise UserError(
+                f"{where}: a value of axis {entry['name']!r} is named {item['name']}, which YAML reads "
+                "from on/off/yes/no/true/false; quote it, e.g. name: 'on'."
+            )
         overlay = item.get("overlay", {}) or {}
         if not isinstance(overlay, (dict, str)):
             raise UserError(f"{where}: value {item['name']!r}: overlay must be a mapping or a file path.")
-        values.append(Value(entry["name"], str(item["name"]), item.get("label", str(item["name"])), overlay,
-                            item.get("init_from")))
+        values.append(
+            Value(
+                entry["name"], str(item["name"]), item.get("label", str(item["name"])), overlay, item.get("init_from")
+            )
+        )
     if len({v.name for v in values}) != len(values):
         raise UserError(f"{where}: axis {entry['name']!r} lists a value name twice.")
     return Axis(entry["name"], kind, tuple(values))
@@ -188,8 +225,9 @@ def _axis(entry: dict, where: str) -> Axis:
 def _cells(grid: Grid) -> list[Cell]:
     base = tuple(axis.base for axis in grid.axes)
     if grid.mode == "one-at-a-time":
-        choices = [base] + [base[:i] + (value,) + base[i + 1:]
-                            for i, axis in enumerate(grid.axes) for value in axis.values[1:]]
+        choices = [base] + [
+            base[:i] + (value,) + base[i + 1 :] for i, axis in enumerate(grid.axes) for value in axis.values[1:]
+        ]
     else:
         ranges = [axis.values if axis.name in grid.product_axes else (axis.base,) for axis in grid.axes]
         choices = list(itertools.product(*ranges))
@@ -210,12 +248,17 @@ def axis_of(grid: Grid, value: Value) -> Axis:
 
 def describe(grid: Grid) -> str:
     """What `flowmo ablate list` prints: the grid's axes, then each cell and the overlays it adds."""
-    lines = [f"{grid.name}: {grid.title}", f"  file {grid.path}; stack: {', '.join(grid.stack)}",
-             f"  cells: {grid.mode}; axes: " + "; ".join(f"{a.name} [{a.kind}] = {', '.join(v.name for v in a.values)}"
-                                                          for a in grid.axes)]
+    lines = [
+        f"{grid.name}: {grid.title}",
+        f"  file {grid.path}; stack: {', '.join(grid.stack)}",
+        f"  cells: {grid.mode}; axes: "
+        + "; ".join(f"{a.name} [{a.kind}] = {', '.join(v.name for v in a.values)}" for a in grid.axes),
+    ]
     replicates = len(grid.seeds)
-    lines.append(f"  replicates: {replicates} (seeds {', '.join(map(str, grid.seeds))}): every trained cell runs "
-                 f"{replicates} time{'s' if replicates > 1 else ''}, every cell is tested once per seed")
+    lines.append(
+        f"  replicates: {replicates} (seeds {', '.join(map(str, grid.seeds))}): every trained cell runs "
+        f"{replicates} time{'s' if replicates > 1 else ''}, every cell is tested once per seed"
+    )
     for cell in grid.cells:
         paper = ", ".join(f"{k} {v}" for k, v in cell.paper.items())
         lines.append(f"- {cell.name}" + (f"   (paper: {paper})" if paper else ""))

@@ -33,11 +33,15 @@ def check_jobs(jobs: int, gpus: int | None) -> None:
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
     if jobs > cores:
-        raise UserError(f"--jobs {jobs} asks for more steps at once than this machine's {cores} cores can run "
-                        f"(each needs at least one thread); use --jobs between 1 and {cores}.")
+        raise UserError(
+            f"--jobs {jobs} asks for more steps at once than this machine's {cores} cores can run "
+            f"(each needs at least one thread); use --jobs between 1 and {cores}."
+        )
     if jobs > 1 and gpus is not None:
-        raise UserError(f"--jobs {jobs} with --gpus would start {jobs} steps on the same {gpus} GPUs; use --jobs 1 "
-                        "(each step already uses every GPU) or the SLURM launcher.")
+        raise UserError(
+            f"--jobs {jobs} with --gpus would start {jobs} steps on the same {gpus} GPUs; use --jobs 1 "
+            "(each step already uses every GPU) or the SLURM launcher."
+        )
 
 
 def _test_is_current(grid: Grid, step: Step, options: Options) -> bool:
@@ -99,8 +103,11 @@ class LocalRunner:
             signal.signal(signal.SIGTERM, previous)
             self._stop_children()
         if self.failed:
-            print(f"[ablate] {len(self.failed)} step(s) failed: " + ", ".join(
-                f"{s.key} (log {log_path(s, self.options)})" for s in self.failed), flush=True)
+            print(
+                f"[ablate] {len(self.failed)} step(s) failed: "
+                + ", ".join(f"{s.key} (log {log_path(s, self.options)})" for s in self.failed),
+                flush=True,
+            )
         return self.failed
 
     def _stop_children(self) -> None:
@@ -123,8 +130,10 @@ class LocalRunner:
             elif all(need in self.finished for need in step.needs):
                 pending.remove(step)
                 if step.action == "test" and not self.force and _test_is_current(self.grid, step, self.options):
-                    print(f"[ablate] {step.key}: skipped, its metrics are newer than {step.checkpoint} "
-                          "(--force reruns)", flush=True)
+                    print(
+                        f"[ablate] {step.key}: skipped, its metrics are newer than {step.checkpoint} (--force reruns)",
+                        flush=True,
+                    )
                     self.finished.add(step.key)
                 else:
                     self.running.append(self._launch(step))
@@ -138,8 +147,9 @@ class LocalRunner:
         env = dict(os.environ)
         if self.threads is not None:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        process = subprocess.Popen([sys.executable, "-m", "flowmo", *step.argv], stdout=log,
-                                   stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flowmo", *step.argv], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         threads = f" ({self.threads} thread(s))" if self.threads else ""
         print(f"[ablate] {step.key}: started{threads}, log {path}", flush=True)
         return _Running(step, process, log, time.time())
@@ -150,8 +160,11 @@ class LocalRunner:
         if job.process.returncode:
             self.failed.append(step)
             path = log_path(step, self.options)
-            print(f"[ablate] {step.key} failed (exit {job.process.returncode}) after {seconds:.0f} s; the end of "
-                  f"{path}:\n{_tail(path, 15)}", flush=True)
+            print(
+                f"[ablate] {step.key} failed (exit {job.process.returncode}) after {seconds:.0f} s; the end of "
+                f"{path}:\n{_tail(path, 15)}",
+                flush=True,
+            )
             return
         self.finished.add(step.key)
         print(f"[ablate] {step.key}: done in {seconds / 60:.1f} min", flush=True)
@@ -172,8 +185,10 @@ def _record_time(grid: Grid, step: Step, seconds: float, options: Options) -> No
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     entry = timings.get(step.key, {})
     # a resumed fit adds to the time already spent; a fit that found itself finished adds ~nothing
-    timings[step.key] = {"seconds": round(entry.get("seconds", 0.0) + seconds, 1) if step.action == "fit"
-                         else seconds, "run": step.run_name}
+    timings[step.key] = {
+        "seconds": round(entry.get("seconds", 0.0) + seconds, 1) if step.action == "fit" else seconds,
+        "run": step.run_name,
+    }
     timings_file.parent.mkdir(parents=True, exist_ok=True)
     timings_file.write_text(json.dumps(timings, indent=1) + "\n")
 
@@ -217,8 +232,12 @@ def write_slurm(grid: Grid, steps: list[Step], options: Options, slurm: Slurm) -
     resubmitted job resumes; --signal=SIGUSR1@90 lets Lightning save and requeue before the time limit."""
     folder = Path(options.results_dir) / "ablations" / grid.name / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
-    submit = ["#!/bin/bash", f"# Submits the {grid.name} grid: {len(steps)} jobs, dependent ones chained.",
-              "set -euo pipefail", 'cd "$(dirname "$0")"']
+    submit = [
+        "#!/bin/bash",
+        f"# Submits the {grid.name} grid: {len(steps)} jobs, dependent ones chained.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+    ]
     variables: dict[str, str] = {}
     for index, step in enumerate(steps):
         script = folder / f"{index:03d}-{step.action}-{step.run_name}.sbatch"
@@ -236,18 +255,26 @@ def write_slurm(grid: Grid, steps: list[Step], options: Options, slurm: Slurm) -
 
 
 def _sbatch(step: Step, slurm: Slurm, folder: Path) -> str:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={step.run_name}-{step.action}", f"#SBATCH --nodes={slurm.nodes}",
-             f"#SBATCH --ntasks-per-node={slurm.gpus_per_node}", f"#SBATCH --gpus-per-node={slurm.gpus_per_node}",
-             f"#SBATCH --output={folder.resolve()}/%x-%j.out"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={step.run_name}-{step.action}",
+        f"#SBATCH --nodes={slurm.nodes}",
+        f"#SBATCH --ntasks-per-node={slurm.gpus_per_node}",
+        f"#SBATCH --gpus-per-node={slurm.gpus_per_node}",
+        f"#SBATCH --output={folder.resolve()}/%x-%j.out",
+    ]
     lines += [f"#SBATCH --partition={slurm.partition}"] if slurm.partition else []
     lines += [f"#SBATCH --time={slurm.time}"] if slurm.time else []
     lines += [f"#SBATCH --account={slurm.account}"] if slurm.account else []
     lines += [f"#SBATCH --cpus-per-task={slurm.cpus_per_task}"] if slurm.cpus_per_task else []
     if step.action == "fit":
         lines += ["#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue"]
-    lines += ["", f"cd {shlex.quote(str(Path.cwd()))}",
-              "# one task per GPU; Lightning reads the SLURM environment (ranks, nodes, requeue on SIGUSR1)",
-              "srun " + shlex.join((slurm.python, "-m", "flowmo", *step.argv))]
+    lines += [
+        "",
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        "# one task per GPU; Lightning reads the SLURM environment (ranks, nodes, requeue on SIGUSR1)",
+        "srun " + shlex.join((slurm.python, "-m", "flowmo", *step.argv)),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -256,6 +283,10 @@ def build_sample_set(grid: Grid) -> None:
     if not grid.sample_set:
         return
     settings = grid.sample_set
-    ensure_sample_data(Path(settings.get("out", "data/demo")), int(settings.get("size", 32)),
-                       int(settings.get("train_crops", 600)), int(settings.get("val_crops", 16)),
-                       float(settings.get("tint_grey", -1.0)))
+    ensure_sample_data(
+        Path(settings.get("out", "data/demo")),
+        int(settings.get("size", 32)),
+        int(settings.get("train_crops", 600)),
+        int(settings.get("val_crops", 16)),
+        float(settings.get("tint_grey", -1.0)),
+    )

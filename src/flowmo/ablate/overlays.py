@@ -39,8 +39,10 @@ def check_overlays(grid: Grid, config_dir: str | Path) -> None:
             bad = unknown_keys(overlay_mapping(value, config_dir))
             if bad:
                 key, hint = bad[0]
-                raise UserError(f"{grid.path}: axis {axis.name!r} value {value.name!r} sets `{key}`, which is not a "
-                                f"flowmo fit/test argument{hint}.")
+                raise UserError(
+                    f"{grid.path}: axis {axis.name!r} value {value.name!r} sets `{key}`, which is not a "
+                    f"flowmo fit/test argument{hint}."
+                )
 
 
 def unknown_keys(overlay: dict) -> list[tuple[str, str]]:
@@ -86,10 +88,14 @@ def _known_arguments() -> dict[str, tuple[str, ...]]:
     def arguments(target) -> tuple[str, ...]:
         return tuple(p for p in inspect.signature(target).parameters if p != "self")
 
-    return {"model": arguments(FlowMoModule.__init__), "data": arguments(FlowMoDataModule.__init__),
-            "trainer": arguments(L.Trainer.__init__), "checkpoint": arguments(ModelCheckpoint.__init__),
-            "architecture": tuple(f.name for f in dataclasses.fields(FlowMoConfig)),
-            "transformer": tuple(f.name for f in dataclasses.fields(TransformerConfig))}
+    return {
+        "model": arguments(FlowMoModule.__init__),
+        "data": arguments(FlowMoDataModule.__init__),
+        "trainer": arguments(L.Trainer.__init__),
+        "checkpoint": arguments(ModelCheckpoint.__init__),
+        "architecture": tuple(f.name for f in dataclasses.fields(FlowMoConfig)),
+        "transformer": tuple(f.name for f in dataclasses.fields(TransformerConfig)),
+    }
 
 
 def overlays_dir(grid: Grid, options: Options) -> Path:

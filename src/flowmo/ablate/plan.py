@@ -85,10 +85,16 @@ def _device_args(options: Options, fit: bool, batch: dict | None = None) -> list
     if fit and batch:
         total, per_device = int(batch["global"]), int(batch["per_device"])
         if total % (per_device * world):
-            raise UserError(f"global batch {total} is not a multiple of {per_device} per device x {world} devices; "
-                            "choose a device count that divides it, or set the batch with --extra.")
-        args += ["--data.batch_size", str(per_device), "--trainer.accumulate_grad_batches",
-                 str(total // (per_device * world))]
+            raise UserError(
+                f"global batch {total} is not a multiple of {per_device} per device x {world} devices; "
+                "choose a device count that divides it, or set the batch with --extra."
+            )
+        args += [
+            "--data.batch_size",
+            str(per_device),
+            "--trainer.accumulate_grad_batches",
+            str(total // (per_device * world)),
+        ]
     if world > 1:
         args += ["--trainer.strategy", "ddp_find_unused_parameters_true" if fit else "ddp"]
     return args
@@ -99,8 +105,12 @@ def _feature_metric_args(grid: Grid) -> list[str]:
     if grid.feature_metrics != "auto":
         return []
     nets = list(pretrained.cached_lpips_nets())
-    return ["--model.val_lpips_nets", json.dumps(nets), "--model.val_rfid",
-            str(pretrained.is_available("inception_fid")).lower()]
+    return [
+        "--model.val_lpips_nets",
+        json.dumps(nets),
+        "--model.val_rfid",
+        str(pretrained.is_available("inception_fid")).lower(),
+    ]
 
 
 def plan(grid: Grid, options: Options, cells: list[Cell] | None = None) -> list[Step]:
@@ -124,8 +134,15 @@ def _add_fit(grid: Grid, cell: Cell, seed: int, options: Options, steps: dict[st
     if key in steps:
         return steps[key]
     overlays = overlay_files(grid, cell.of_kind(grid, "train"), options)
-    argv = ["fit", *_configs(_stack(grid.stack, options) + overlays), "--run_name", run, "--runs_dir", options.runs_dir,
-            *_seed_args(seed)]
+    argv = [
+        "fit",
+        *_configs(_stack(grid.stack, options) + overlays),
+        "--run_name",
+        run,
+        "--runs_dir",
+        options.runs_dir,
+        *_seed_args(seed),
+    ]
     needs = []
     for value in cell.of_kind(grid, "train"):
         if value.init_from:
@@ -146,14 +163,23 @@ def _add_posttrain(grid: Grid, cell: Cell, stage_1a: Step, options: Options, ste
     key = f"fit:{run}"
     if key not in steps:
         overlays = overlay_files(grid, [*cell.of_kind(grid, "train"), *cell.of_kind(grid, "posttrain")], options)
-        argv = ["fit", *_configs(_stack(grid.posttrain_stack, options) + overlays), "--run_name", run,
-                "--runs_dir", options.runs_dir, *_seed_args(seed), "--model.init_weights", stage_1a.checkpoint,
-                "--model.init_weights_from", "ema"]
+        argv = [
+            "fit",
+            *_configs(_stack(grid.posttrain_stack, options) + overlays),
+            "--run_name",
+            run,
+            "--runs_dir",
+            options.runs_dir,
+            *_seed_args(seed),
+            "--model.init_weights",
+            stage_1a.checkpoint,
+            "--model.init_weights_from",
+            "ema",
+        ]
         if options.posttrain_steps or grid.posttrain_steps:
             argv += ["--trainer.max_steps", str(options.posttrain_steps or grid.posttrain_steps)]
         argv += [*_device_args(options, True, grid.posttrain_batch), *options.extra, "--ckpt_path", "last"]
-        steps[key] = Step(key, "fit", cell.name, seed, run, tuple(argv), checkpoint_of(run, options),
-                          (stage_1a.key,))
+        steps[key] = Step(key, "fit", cell.name, seed, run, tuple(argv), checkpoint_of(run, options), (stage_1a.key,))
     return steps[key]
 
 
@@ -163,9 +189,22 @@ def _add_test(grid: Grid, cell: Cell, fit: Step, options: Options, steps: dict[s
     # the eval stack after the training overlays and before the eval-axis overlays: an eval value must win
     files = _stack(grid.stack, options) + train + _stack(grid.eval_stack, options) + evaluation
     run = test_run(grid, cell, fit.seed)
-    argv = ["test", *_configs(files), "--run_name", run, "--runs_dir", options.runs_dir,
-            "--model.init_weights", fit.checkpoint, "--model.init_weights_from", "ema",
-            "--model.init_weights_parts", "all", *_feature_metric_args(grid), *_device_args(options, False),
-            *options.extra]
+    argv = [
+        "test",
+        *_configs(files),
+        "--run_name",
+        run,
+        "--runs_dir",
+        options.runs_dir,
+        "--model.init_weights",
+        fit.checkpoint,
+        "--model.init_weights_from",
+        "ema",
+        "--model.init_weights_parts",
+        "all",
+        *_feature_metric_args(grid),
+        *_device_args(options, False),
+        *options.extra,
+    ]
     key = test_key(cell, fit.seed)
     steps[key] = Step(key, "test", cell.name, fit.seed, run, tuple(argv), fit.checkpoint, (fit.key,))

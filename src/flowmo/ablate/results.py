@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -16,9 +15,13 @@ from flowmo.ablate.plan import Step, metrics_path, plan, test_key, trained_name
 from flowmo.ablate.stats import Estimate, mean_interval, paired_difference
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "codebook")  # columns of the table; paper numbers where known
-METRIC_KEYS = {"psnr": ("psnr_paper", "psnr"), "ssim": ("ssim_paper", "ssim"),
-               "lpips": ("lpips_alex", "lpips_vgg", "lpips"), "rfid": ("rfid", "fid"),
-               "codebook": ("codebook_used_fraction",)}
+METRIC_KEYS = {
+    "psnr": ("psnr_paper", "psnr"),
+    "ssim": ("ssim_paper", "ssim"),
+    "lpips": ("lpips_alex", "lpips_vgg", "lpips"),
+    "rfid": ("rfid", "fid"),
+    "codebook": ("codebook_used_fraction",),
+}
 TITLES = {"psnr": "PSNR ↑ (dB)", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "rfid": "rFID ↓", "codebook": "codebook use ↑"}
 DIGITS = {"psnr": 2, "ssim": 3, "lpips": 3, "rfid": 2, "codebook": 2}
 
@@ -43,8 +46,11 @@ def read_metrics(path: Path, per_image: bool = False) -> dict | None:
         return None
     report = json.loads(path.read_text())
     pools = [report.get("metrics") or {}, report]
-    found: dict = {"num_images": report.get("num_images"), "stand_ins": list(report.get("stand_ins") or []),
-                   "bits_per_pixel": report.get("bits_per_pixel")}
+    found: dict = {
+        "num_images": report.get("num_images"),
+        "stand_ins": list(report.get("stand_ins") or []),
+        "bits_per_pixel": report.get("bits_per_pixel"),
+    }
     preferences = dict(METRIC_KEYS)
     if per_image:
         preferences.update(psnr=("psnr", "psnr_paper"), ssim=("ssim", "ssim_paper"))
@@ -53,10 +59,14 @@ def read_metrics(path: Path, per_image: bool = False) -> dict | None:
         if key is not None:
             found[metric], found[f"{metric}_key"] = _lookup(pools, key), key
     # the reference codecs on the same images, read with the same PSNR / SSIM definitions as the cell
-    found["references"] = {name: {"label": scores.get("label", name), "bits_per_pixel": scores.get("bits_per_pixel"),
-                                  **{m: _lookup([scores], found[f"{m}_key"]) for m in METRICS
-                                     if found.get(f"{m}_key")}}
-                           for name, scores in (report.get("references") or {}).items()}
+    found["references"] = {
+        name: {
+            "label": scores.get("label", name),
+            "bits_per_pixel": scores.get("bits_per_pixel"),
+            **{m: _lookup([scores], found[f"{m}_key"]) for m in METRICS if found.get(f"{m}_key")},
+        }
+        for name, scores in (report.get("references") or {}).items()
+    }
     return found
 
 
@@ -85,8 +95,11 @@ def collect(grid: Grid, options: Options) -> list[Row]:
     timings_file = timings_path(grid, options)
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     steps = {s.key: s for s in plan(grid, options)}
-    found = {(cell.name, seed): read_metrics(metrics_path(grid, cell, seed, options), grid.per_image_metrics)
-             for cell in grid.cells for seed in grid.seeds}
+    found = {
+        (cell.name, seed): read_metrics(metrics_path(grid, cell, seed, options), grid.per_image_metrics)
+        for cell in grid.cells
+        for seed in grid.seeds
+    }
     base_values = _values(grid, grid.cells[0], found)
     rows = []
     for cell in grid.cells:
@@ -95,16 +108,25 @@ def collect(grid: Grid, options: Options) -> list[Row]:
         first = reports[0] if reports else {}
         chains = [_chain(steps, test_key(cell, seed)) for seed in grid.seeds]
         spent = [timings.get(s.key, {}).get("seconds") for chain in chains for s in chain]
-        rows.append(Row(
-            cell=cell.name, changes=", ".join(f"{v.axis}: {v.label}" for v in cell.changes(grid)) or "base",
-            seeds=grid.seeds, values=values, estimates={m: mean_interval(values[m].values()) for m in METRICS},
-            deltas={m: None if cell is grid.cells[0] or not values[m] else paired_difference(values[m], base_values[m])
-                    for m in METRICS},
-            paper={m: cell.paper.get(m) for m in METRICS}, keys={m: first.get(f"{m}_key") for m in METRICS},
-            bits_per_pixel=first.get("bits_per_pixel"),
-            steps="+".join(str(_max_steps(s)) for s in chains[0] if s.action == "fit") or None,
-            wall_min=round(sum(spent) / 60, 1) if spent and None not in spent else None,
-            notes="; ".join(_notes(grid, cell, reports))))
+        rows.append(
+            Row(
+                cell=cell.name,
+                changes=", ".join(f"{v.axis}: {v.label}" for v in cell.changes(grid)) or "base",
+                seeds=grid.seeds,
+                values=values,
+                estimates={m: mean_interval(values[m].values()) for m in METRICS},
+                deltas={
+                    m: None if cell is grid.cells[0] or not values[m] else paired_difference(values[m], base_values[m])
+                    for m in METRICS
+                },
+                paper={m: cell.paper.get(m) for m in METRICS},
+                keys={m: first.get(f"{m}_key") for m in METRICS},
+                bits_per_pixel=first.get("bits_per_pixel"),
+                steps="+".join(str(_max_steps(s)) for s in chains[0] if s.action == "fit") or None,
+                wall_min=round(sum(spent) / 60, 1) if spent and None not in spent else None,
+                notes="; ".join(_notes(grid, cell, reports)),
+            )
+        )
     return rows + reference_rows(grid, found, base_values)
 
 
@@ -128,13 +150,21 @@ def reference_rows(grid: Grid, found: dict, base_values: dict[str, dict[int, flo
     rows = []
     for name, scores in references.items():
         values = {m: {seed: scores[m] for seed in grid.seeds} if scores.get(m) is not None else {} for m in METRICS}
-        rows.append(Row(cell=name, changes=scores.get("label", name), seeds=grid.seeds, values=values,
-                        estimates={m: mean_interval([scores[m]] if values[m] else []) for m in METRICS},
-                        deltas={m: paired_difference(values[m], base_values[m]) if values[m] else None
-                                for m in METRICS},
-                        paper={m: None for m in METRICS}, keys={m: None for m in METRICS},
-                        bits_per_pixel=scores.get("bits_per_pixel"), notes="reference: nothing trained",
-                        reference=True))
+        rows.append(
+            Row(
+                cell=name,
+                changes=scores.get("label", name),
+                seeds=grid.seeds,
+                values=values,
+                estimates={m: mean_interval([scores[m]] if values[m] else []) for m in METRICS},
+                deltas={m: paired_difference(values[m], base_values[m]) if values[m] else None for m in METRICS},
+                paper={m: None for m in METRICS},
+                keys={m: None for m in METRICS},
+                bits_per_pixel=scores.get("bits_per_pixel"),
+                notes="reference: nothing trained",
+                reference=True,
+            )
+        )
     return rows
 
 
@@ -177,5 +207,3 @@ def _notes(grid: Grid, cell: Cell, reports: list[dict]) -> list[str]:
     if reports[0].get("lpips_key") not in (None, "lpips_alex"):
         notes.append(f"LPIPS = {reports[0]['lpips_key']}")
     return notes
-
-

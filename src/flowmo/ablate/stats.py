@@ -33,7 +33,7 @@ class Estimate:
         return interval is not None and (interval[0] > 0 or interval[1] < 0)
 
     def format(self, digits: int = 2, signed: bool = False, mark: str = "") -> str:
-        """"mean ± half-width", "(n of m)" when replicates are missing; signed: a difference, with `mark`
+        """ "mean ± half-width", "(n of m)" when replicates are missing; signed: a difference, with `mark`
         after it where its interval excludes 0."""
         if self.mean is None:
             return "missing"
@@ -62,8 +62,9 @@ def mean_interval(values: Iterable[float | None], confidence: float = 0.95) -> E
     return Estimate(mean, stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n), n, missing)
 
 
-def paired_difference(cell: Mapping[int, float | None], base: Mapping[int, float | None],
-                      confidence: float = 0.95) -> Estimate:
+def paired_difference(
+    cell: Mapping[int, float | None], base: Mapping[int, float | None], confidence: float = 0.95
+) -> Estimate:
     """cell - base, seed by seed, over the seeds both have; a seed either lacks counts as missing."""
     seeds = sorted(set(cell) | set(base))
     differences = [None if cell.get(s) is None or base.get(s) is None else cell[s] - base[s] for s in seeds]

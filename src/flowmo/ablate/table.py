@@ -60,51 +60,92 @@ def statistics_note(grid: Grid) -> str:
     """The table's header: what its numbers are, or why it gives no interval."""
     seeds = ", ".join(map(str, grid.seeds))
     if len(grid.seeds) == 1:
-        return (f"One seed per cell (seed {seeds}): no interval can be given, and a difference between two cells "
-                "is a single draw, not evidence. Give the grid `seeds: [0, 1, 2]` to measure run-to-run spread.\n")
-    return (f"Each number is the mean over {len(grid.seeds)} seeds ({seeds}; a seed changes the initialisation, the "
-            "data draw and the training noise) ± the half-width of its 95% Student-t interval over seeds. "
-            "Δ is the cell minus the base, paired by seed (every replicate is evaluated with the same noise per "
-            f"image), with its 95% interval; {SUPPORTED} marks a Δ whose interval excludes 0. A replicate that "
-            "failed or has not run is missing (shown as k of n), never averaged as if present. Reference rows "
-            "train nothing: the same held-out images through a trivial codec, each at its bits per pixel.\n")
+        return (
+            f"One seed per cell (seed {seeds}): no interval can be given, and a difference between two cells "
+            "is a single draw, not evidence. Give the grid `seeds: [0, 1, 2]` to measure run-to-run spread.\n"
+        )
+    return (
+        f"Each number is the mean over {len(grid.seeds)} seeds ({seeds}; a seed changes the initialisation, the "
+        "data draw and the training noise) ± the half-width of its 95% Student-t interval over seeds. "
+        "Δ is the cell minus the base, paired by seed (every replicate is evaluated with the same noise per "
+        f"image), with its 95% interval; {SUPPORTED} marks a Δ whose interval excludes 0. A replicate that "
+        "failed or has not run is missing (shown as k of n), never averaged as if present. Reference rows "
+        "train nothing: the same held-out images through a trivial codec, each at its bits per pixel.\n"
+    )
 
 
 def write_csv(grid: Grid, rows: list[Row], path: Path) -> None:
     """Every replicate's raw values: one line per cell and seed (reference rows: one line, no seed)."""
-    columns = ["cell", "changes", "seed", *METRICS, *(f"{m}_key" for m in METRICS), "bits_per_pixel", "steps",
-               "wall_min", "notes"]
+    columns = [
+        "cell",
+        "changes",
+        "seed",
+        *METRICS,
+        *(f"{m}_key" for m in METRICS),
+        "bits_per_pixel",
+        "steps",
+        "wall_min",
+        "notes",
+    ]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             for seed in row.seeds[:1] if row.reference else row.seeds:
-                writer.writerow({"cell": row.cell, "changes": row.changes, "seed": "" if row.reference else seed,
-                                 **{m: row.values[m].get(seed) for m in METRICS},
-                                 **{f"{m}_key": row.keys[m] for m in METRICS}, "bits_per_pixel": row.bits_per_pixel,
-                                 "steps": row.steps, "wall_min": row.wall_min, "notes": row.notes})
+                writer.writerow(
+                    {
+                        "cell": row.cell,
+                        "changes": row.changes,
+                        "seed": "" if row.reference else seed,
+                        **{m: row.values[m].get(seed) for m in METRICS},
+                        **{f"{m}_key": row.keys[m] for m in METRICS},
+                        "bits_per_pixel": row.bits_per_pixel,
+                        "steps": row.steps,
+                        "wall_min": row.wall_min,
+                        "notes": row.notes,
+                    }
+                )
 
 
 def write_summary_csv(rows: list[Row], path: Path) -> None:
     """The statistics of table.md as numbers: mean, interval half-width, n, missing, paired Δ and its interval."""
     columns = ["cell", "changes", "reference"]
     for m in METRICS:
-        columns += [f"{m}_mean", f"{m}_ci95", f"{m}_n", f"{m}_missing", f"{m}_delta", f"{m}_delta_ci95",
-                    f"{m}_delta_excludes_0", f"{m}_paper"]
+        columns += [
+            f"{m}_mean",
+            f"{m}_ci95",
+            f"{m}_n",
+            f"{m}_missing",
+            f"{m}_delta",
+            f"{m}_delta_ci95",
+            f"{m}_delta_excludes_0",
+            f"{m}_paper",
+        ]
     columns += ["bits_per_pixel"]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            line = {"cell": row.cell, "changes": row.changes, "reference": row.reference,
-                    "bits_per_pixel": row.bits_per_pixel}
+            line = {
+                "cell": row.cell,
+                "changes": row.changes,
+                "reference": row.reference,
+                "bits_per_pixel": row.bits_per_pixel,
+            }
             for m in METRICS:
                 estimate, delta = row.estimates[m], row.deltas[m]
-                line.update({f"{m}_mean": estimate.mean, f"{m}_ci95": estimate.half_width, f"{m}_n": estimate.n,
-                             f"{m}_missing": estimate.missing, f"{m}_paper": row.paper[m],
-                             f"{m}_delta": delta.mean if delta else None,
-                             f"{m}_delta_ci95": delta.half_width if delta else None,
-                             f"{m}_delta_excludes_0": delta.excludes_zero if delta else None})
+                line.update(
+                    {
+                        f"{m}_mean": estimate.mean,
+                        f"{m}_ci95": estimate.half_width,
+                        f"{m}_n": estimate.n,
+                        f"{m}_missing": estimate.missing,
+                        f"{m}_paper": row.paper[m],
+                        f"{m}_delta": delta.mean if delta else None,
+                        f"{m}_delta_ci95": delta.half_width if delta else None,
+                        f"{m}_delta_excludes_0": delta.excludes_zero if delta else None,
+                    }
+                )
             writer.writerow(line)
 
 
@@ -128,8 +169,17 @@ def write_plots(rows: list[Row], folder: Path) -> list[Path]:
         figure, axis = plt.subplots(figsize=(max(5.0, 0.9 * len(cells) + 3), 3.8), constrained_layout=True)
         xs = list(range(len(cells)))
         shift, width = (0.2, 0.4) if has_paper else (0.0, 0.7)
-        axis.bar([x + shift for x in xs], ours, width, yerr=errors, capsize=4, label="ours (mean, 95% interval)",
-                 color="tab:blue", alpha=0.8, error_kw={"linewidth": 1.2})
+        axis.bar(
+            [x + shift for x in xs],
+            ours,
+            width,
+            yerr=errors,
+            capsize=4,
+            label="ours (mean, 95% interval)",
+            color="tab:blue",
+            alpha=0.8,
+            error_kw={"linewidth": 1.2},
+        )
         for x, row in zip(xs, cells):
             dots = [v for v in row.values[metric].values() if v is not None]
             axis.plot([x + shift] * len(dots), dots, "k.", markersize=4)
@@ -140,10 +190,16 @@ def write_plots(rows: list[Row], folder: Path) -> list[Path]:
         for index, row in enumerate(references):
             value = row.estimates[metric].mean
             if value is not None:
-                axis.axhline(value, color=REFERENCE_COLOURS[index % len(REFERENCE_COLOURS)], linestyle="--",
-                             linewidth=1.2, label=f"{row.cell} ({_bits(row.bits_per_pixel)} bits/px)")
-        finite = [v for v in ours + paper + [r.estimates[metric].mean or math.nan for r in references]
-                  if not math.isnan(v)]
+                axis.axhline(
+                    value,
+                    color=REFERENCE_COLOURS[index % len(REFERENCE_COLOURS)],
+                    linestyle="--",
+                    linewidth=1.2,
+                    label=f"{row.cell} ({_bits(row.bits_per_pixel)} bits/px)",
+                )
+        finite = [
+            v for v in ours + paper + [r.estimates[metric].mean or math.nan for r in references] if not math.isnan(v)
+        ]
         if finite and metric in ("psnr", "rfid"):  # zoom: differences of a few tenths must show
             low, high = min(finite), max(finite)
             axis.set_ylim(max(0.0, low - 0.15 * (high - low + 1)), high + 0.15 * (high - low + 1))
@@ -158,12 +214,16 @@ def write_plots(rows: list[Row], folder: Path) -> list[Path]:
 
 
 def report_markdown(grid: Grid, rows: list[Row], plots: list[Path]) -> str:
-    parts = [f"# Ablation grid `{grid.name}`: {grid.title}\n", grid.description.strip() + "\n" if grid.description else "",
-             statistics_note(grid),
-             f"Cells: {grid.mode} over {', '.join(f'{a.name} ({a.kind})' for a in grid.axes)}. "
-             + ("PSNR and SSIM are per image (averaged over images). " if grid.per_image_metrics else "")
-             + "wall (min) = every step the cell's replicates needed (shared fits counted in each cell that uses "
-               "them).\n", markdown_table(rows)]
+    parts = [
+        f"# Ablation grid `{grid.name}`: {grid.title}\n",
+        grid.description.strip() + "\n" if grid.description else "",
+        statistics_note(grid),
+        f"Cells: {grid.mode} over {', '.join(f'{a.name} ({a.kind})' for a in grid.axes)}. "
+        + ("PSNR and SSIM are per image (averaged over images). " if grid.per_image_metrics else "")
+        + "wall (min) = every step the cell's replicates needed (shared fits counted in each cell that uses "
+        "them).\n",
+        markdown_table(rows),
+    ]
     if grid.notes:
         parts.append(grid.notes.strip() + "\n")
     parts += [f"![{p.stem}]({p.name})" for p in plots]
@@ -176,8 +236,12 @@ def write_results(grid: Grid, options: Options) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(grid, options)
     plots = write_plots(rows, out)
-    paths = {"md": out / "table.md", "csv": out / "table.csv", "summary": out / "summary.csv",
-             **{p.stem: p for p in plots}}
+    paths = {
+        "md": out / "table.md",
+        "csv": out / "table.csv",
+        "summary": out / "summary.csv",
+        **{p.stem: p for p in plots},
+    }
     write_csv(grid, rows, paths["csv"])
     write_summary_csv(rows, paths["summary"])
     paths["md"].write_text(report_markdown(grid, rows, plots))

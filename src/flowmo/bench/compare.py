@@ -24,9 +24,25 @@ ROOT = Path(__file__).resolve().parents[3]  # the checkout: src/flowmo/bench/com
 
 def run_bench(src: Path, label: str, args: argparse.Namespace, json_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    command = [sys.executable, str(src.parent / "scripts" / "bench_model.py"), "--preset", args.preset, "--batch", str(args.batch), "--iters",
-               str(args.iters), "--warmup", str(args.warmup), "--workloads", *args.workloads, "--label", label,
-               "--json", str(json_path), *(["--threads", str(args.threads)] if args.threads else [])]
+    command = [
+        sys.executable,
+        str(src.parent / "scripts" / "bench_model.py"),
+        "--preset",
+        args.preset,
+        "--batch",
+        str(args.batch),
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--workloads",
+        *args.workloads,
+        "--label",
+        label,
+        "--json",
+        str(json_path),
+        *(["--threads", str(args.threads)] if args.threads else []),
+    ]
     print(f"--- {label}: {' '.join(command[1:])} (flowmo from {src})", flush=True)
     subprocess.run(command, env=env, check=True)
 

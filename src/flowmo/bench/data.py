@@ -106,11 +106,15 @@ def indexed_loader(batches: IndexedBatches, workers: int):
 
 def report_workers_needed(rate: float) -> None:
     need = [LO_IMAGES_PER_GPU_STEP / seconds for seconds in LO_SECONDS_PER_STEP]
-    print(f"FlowMo-Lo on 8 GPUs: {LO_IMAGES_PER_GPU_STEP:.0f} images/step/GPU at {LO_SECONDS_PER_STEP[0]}-"
-          f"{LO_SECONDS_PER_STEP[1]} s/step -> {need[1]:.0f}-{need[0]:.0f} images/s per GPU")
+    print(
+        f"FlowMo-Lo on 8 GPUs: {LO_IMAGES_PER_GPU_STEP:.0f} images/step/GPU at {LO_SECONDS_PER_STEP[0]}-"
+        f"{LO_SECONDS_PER_STEP[1]} s/step -> {need[1]:.0f}-{need[0]:.0f} images/s per GPU"
+    )
     workers = math.ceil(max(need) / rate)
-    print(f"workers needed per H100: {workers} at {rate:.0f} images/s/worker "
-          f"(use {max(2, 2 * workers)} for headroom: slower storage, larger JPEGs, Stage 1B evaluation)")
+    print(
+        f"workers needed per H100: {workers} at {rate:.0f} images/s/worker "
+        f"(use {max(2, 2 * workers)} for headroom: slower storage, larger JPEGs, Stage 1B evaluation)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,22 +133,31 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         index = build_index(urls)
         seconds = time.perf_counter() - started
-        print(f"shard index by walking the tar headers: {len(index)} samples in {len(urls)} shards, {seconds:.2f} s "
-              f"({seconds / max(1, len(index)) * 1e6:.0f} us per sample, page cache warm)")
+        print(
+            f"shard index by walking the tar headers: {len(index)} samples in {len(urls)} shards, {seconds:.2f} s "
+            f"({seconds / max(1, len(index)) * 1e6:.0f} us per sample, page cache warm)"
+        )
         batches = IndexedBatches(index, args.image_size, args.batch_size)
-        rates = {"stream": per_worker_rate(urls, args.image_size, args.images, args.shuffle_buffer),
-                 "indexed": indexed_per_worker_rate(batches, args.images)}
+        rates = {
+            "stream": per_worker_rate(urls, args.image_size, args.images, args.shuffle_buffer),
+            "indexed": indexed_per_worker_rate(batches, args.images),
+        }
         for sampler, rate in rates.items():
-            print(f"{sampler:>7}: decode + Resize/RandomCrop {args.image_size}x{args.image_size} + to tensor: "
-                  f"{rate:.0f} images/s per worker ({len(urls)} shards of {args.shards or 'ImageNet-like JPEGs'})")
+            print(
+                f"{sampler:>7}: decode + Resize/RandomCrop {args.image_size}x{args.image_size} + to tensor: "
+                f"{rate:.0f} images/s per worker ({len(urls)} shards of {args.shards or 'ImageNet-like JPEGs'})"
+            )
         if args.workers > 0:
-            loaders = {"stream": stream_loader(urls, args.image_size, args.workers, args.batch_size,
-                                               args.shuffle_buffer),
-                       "indexed": indexed_loader(batches, args.workers)}
+            loaders = {
+                "stream": stream_loader(urls, args.image_size, args.workers, args.batch_size, args.shuffle_buffer),
+                "indexed": indexed_loader(batches, args.workers),
+            }
             for sampler, loader in loaders.items():
                 total = loader_rate(loader, args.images, args.workers, args.batch_size)
-                print(f"{sampler:>7}: DataLoader with {args.workers} workers: {total:.0f} images/s "
-                      f"({total / args.workers:.0f} per worker)")
+                print(
+                    f"{sampler:>7}: DataLoader with {args.workers} workers: {total:.0f} images/s "
+                    f"({total / args.workers:.0f} per worker)"
+                )
         report_workers_needed(rates["indexed"])
     return 0
 

@@ -59,18 +59,24 @@ def main() -> None:
     step_s = timed(train_step, args.repeats)
     module.eval()
     labels = torch.arange(args.sample_batch) % args.classes
-    row = {"preset": args.preset, "layout": layout, "batch": args.batch, "threads": torch.get_num_threads(),
-           "parameters_M": round(sum(p.numel() for p in module.parameters()) / 1e6, 3),
-           "train_tokens_per_s": round(args.batch * args.tokens / step_s),
-           "train_step_ms": round(1000 * step_s, 1), "decoding_steps": args.steps}
+    row = {
+        "preset": args.preset,
+        "layout": layout,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "parameters_M": round(sum(p.numel() for p in module.parameters()) / 1e6, 3),
+        "train_tokens_per_s": round(args.batch * args.tokens / step_s),
+        "train_step_ms": round(1000 * step_s, 1),
+        "decoding_steps": args.steps,
+    }
     for cfg in (1.0, 2.0):
-        seconds = timed(lambda: module.generate(labels, steps=args.steps, cfg=cfg), max(3, args.repeats // 4))
+        seconds = timed(lambda cfg=cfg: module.generate(labels, steps=args.steps, cfg=cfg), max(3, args.repeats // 4))
         row[f"generator_ms_per_image_cfg{cfg:g}"] = round(1000 * seconds / args.sample_batch, 2)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, "cpu")
         sampled = module.generate(labels, steps=args.steps)
         for sampler in ("fast", "paper"):
-            seconds = timed(lambda: tokenizer.detokenize(sampled, sampler=sampler), 3, warmup=1)
+            seconds = timed(lambda sampler=sampler: tokenizer.detokenize(sampled, sampler=sampler), 3, warmup=1)
             row[f"tokenizer_decode_ms_per_image_{sampler}"] = round(1000 * seconds / args.sample_batch, 2)
     print(json.dumps(row))
 

@@ -34,12 +34,26 @@ from pathlib import Path
 import torch
 
 # What the checks import beyond torch: import name -> the distribution that brings it.
-NEEDED = {"lightning": "lightning", "torchmetrics": "torchmetrics", "torchvision": "torchvision", "timm": "timm",
-          "lpips": "lpips", "pytorch_fid": "pytorch-fid", "einops": "einops", "safetensors": "safetensors",
-          "huggingface_hub": "huggingface_hub", "webdataset": "webdataset", "jsonargparse": "jsonargparse",
-          "omegaconf": "omegaconf", "scipy": "scipy", "PIL": "pillow"}
-HOW_TO_BRING = ("on a machine with PyPI run `make wheels`, copy wheels/ beside this checkout and rerun with "
-                "WHEELS=wheels (docs/install.md, air-gapped clusters)")
+NEEDED = {
+    "lightning": "lightning",
+    "torchmetrics": "torchmetrics",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "lpips": "lpips",
+    "pytorch_fid": "pytorch-fid",
+    "einops": "einops",
+    "safetensors": "safetensors",
+    "huggingface_hub": "huggingface_hub",
+    "webdataset": "webdataset",
+    "jsonargparse": "jsonargparse",
+    "omegaconf": "omegaconf",
+    "scipy": "scipy",
+    "PIL": "pillow",
+}
+HOW_TO_BRING = (
+    "on a machine with PyPI run `make wheels`, copy wheels/ beside this checkout and rerun with "
+    "WHEELS=wheels (docs/install.md, air-gapped clusters)"
+)
 # The longest each check may take, in run order; a check also stops when the whole budget is spent.
 DEADLINES_S = {"memory": 240, "syncs": 90, "1b-decode": 150, "compile": 240}
 MIN_START_S = 20  # a check with less than this left is reported as not run rather than started to be cut
@@ -100,16 +114,33 @@ def preflight(args, report: Report) -> bool:
     if problem:
         report.line(f"preflight: failed: {problem}.")
         return False
-    report.line(f"preflight: {describe(args.device)}, torch {torch.__version__}, "
-                f"{sys.executable}, preset {args.preset}, bf16 ok, every package importable")
+    report.line(
+        f"preflight: {describe(args.device)}, torch {torch.__version__}, "
+        f"{sys.executable}, preset {args.preset}, bf16 ok, every package importable"
+    )
     return True
 
 
 # ------------------------------------------------------------------------------------------- the runner
 def child_argv(args, name: str) -> list[str]:
-    return [sys.executable, "-m", "flowmo.bench.gpu_checks", name, "--out", str(args.out), "--preset",
-            args.preset, "--device", args.device, "--checkpointing", args.checkpointing, "--warmup", str(args.warmup),
-            "--iters", str(args.iters)]
+    return [
+        sys.executable,
+        "-m",
+        "flowmo.bench.gpu_checks",
+        name,
+        "--out",
+        str(args.out),
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--checkpointing",
+        args.checkpointing,
+        "--warmup",
+        str(args.warmup),
+        "--iters",
+        str(args.iters),
+    ]
 
 
 def run_with_deadline(argv: list[str], seconds: float) -> int | None:
@@ -159,9 +190,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], choices=tuple(DEADLINES_S), help="checks not to run")
-    parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="the checks together stop after this many seconds (each also has its own deadline: "
-                             + ", ".join(f"{name} {s} s" for name, s in DEADLINES_S.items()) + ")")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="the checks together stop after this many seconds (each also has its own deadline: "
+        + ", ".join(f"{name} {s} s" for name, s in DEADLINES_S.items())
+        + ")",
+    )
     return parser.parse_args(argv)
 
 

@@ -51,7 +51,10 @@ def peak_memory(device: torch.device, result: dict):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         yield
-        result["peak_mib"], result["memory_kind"] = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+        result["peak_mib"], result["memory_kind"] = (
+            torch.cuda.max_memory_allocated(device) / 2**20,
+            "cuda max allocated",
+        )
         return
     baseline = _reset_rss_peak()
     yield
@@ -84,15 +87,48 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, iters: 
 # Operator groups of the --profile breakdown, matched on aten names (first match wins).
 PROFILE_GROUPS = (
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "softmax")),
-    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-                 "aten::addmv")),
+    (
+        "matmuls",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::addmv"),
+    ),
     ("optimizer, projection, EMA", ("_fused_adam", "_foreach_", "optimizer")),
-    ("data movement", ("copy", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous", "aten::to",
-                       "aten::index", "aten::fill_", "aten::zero", "aten::empty", "aten::slice", "aten::select",
-                       "aten::view", "aten::reshape", "aten::transpose", "aten::permute", "aten::expand",
-                       "aten::as_strided", "aten::t", "aten::split", "aten::chunk", "aten::unbind",
-                       "aten::unflatten", "aten::flatten", "aten::narrow", "aten::squeeze", "aten::unsqueeze",
-                       "aten::repeat", "aten::new_", "aten::resize", "aten::detach", "aten::alias")),
+    (
+        "data movement",
+        (
+            "copy",
+            "aten::cat",
+            "aten::stack",
+            "aten::clone",
+            "aten::contiguous",
+            "aten::to",
+            "aten::index",
+            "aten::fill_",
+            "aten::zero",
+            "aten::empty",
+            "aten::slice",
+            "aten::select",
+            "aten::view",
+            "aten::reshape",
+            "aten::transpose",
+            "aten::permute",
+            "aten::expand",
+            "aten::as_strided",
+            "aten::t",
+            "aten::split",
+            "aten::chunk",
+            "aten::unbind",
+            "aten::unflatten",
+            "aten::flatten",
+            "aten::narrow",
+            "aten::squeeze",
+            "aten::unsqueeze",
+            "aten::repeat",
+            "aten::new_",
+            "aten::resize",
+            "aten::detach",
+            "aten::alias",
+        ),
+    ),
     ("norms, RoPE, modulation (elementwise)", ("aten::",)),
 )
 
@@ -127,8 +163,11 @@ def split_profile(events, on_device: bool, top: int = 12) -> dict:
     """
     if on_device:
         kernels = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
-        ops = {e.key: e.self_device_time_total / 1e3 for e in events
-               if e.device_type == DeviceType.CPU and e.self_device_time_total > 0}
+        ops = {
+            e.key: e.self_device_time_total / 1e3
+            for e in events
+            if e.device_type == DeviceType.CPU and e.self_device_time_total > 0
+        }
         total = sum(e.self_device_time_total for e in kernels) / 1e3
         unattributed = total - sum(ops.values())
         if unattributed > 1e-3 * total:
@@ -141,8 +180,12 @@ def split_profile(events, on_device: bool, top: int = 12) -> dict:
         group = UNATTRIBUTED if name == UNATTRIBUTED else profile_group(name)
         groups[group] = groups.get(group, 0.0) + ms
     top_ops = sorted(ops.items(), key=lambda item: -item[1])[:top]
-    return {"total_ms": total or 1.0, "groups_ms": dict(sorted(groups.items(), key=lambda item: -item[1])),
-            "top_ops_ms": dict(top_ops), "clock": "device" if on_device else "cpu"}
+    return {
+        "total_ms": total or 1.0,
+        "groups_ms": dict(sorted(groups.items(), key=lambda item: -item[1])),
+        "top_ops_ms": dict(top_ops),
+        "clock": "device" if on_device else "cpu",
+    }
 
 
 def print_profile(stage: str, profile: dict) -> None:

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
-from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
+from flowmo import losses
 from flowmo.bench.workloads import (
     build_bundle,
     build_feature_nets,
@@ -44,7 +45,6 @@ from flowmo.bench.workloads import (
     optimizer_step,
     recipes,
 )
-from flowmo import losses
 from flowmo.losses import flowmo_loss
 from flowmo.nn import transformer
 from flowmo.nn.tokenizer import FlowMoTokenizer
@@ -62,10 +62,29 @@ CHECKPOINTING = ("none", "blocks", "every_2")
 # CUDA autocast's fp32 and promote lists (torch/csrc/autograd: autocast_mode.cpp) for the functions FlowMo and
 # its loss nets call; CPU autocast (used below for the lower-precision casts, identical on both devices for
 # linear / matmul / conv / SDPA) leaves these in the input's dtype, so they are applied here.
-_FP32_FUNCTIONS = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.mse_loss, F.cosine_similarity, torch.exp,
-                   torch.log, torch.pow, torch.rsqrt, torch.norm, torch.Tensor.exp, torch.Tensor.log,
-                   torch.Tensor.pow, torch.Tensor.__pow__, torch.Tensor.rsqrt, torch.Tensor.softmax,
-                   torch.Tensor.log_softmax, torch.Tensor.norm, torch.linalg.vector_norm, torch.softmax}
+_FP32_FUNCTIONS = {
+    F.layer_norm,
+    F.group_norm,
+    F.softmax,
+    F.log_softmax,
+    F.mse_loss,
+    F.cosine_similarity,
+    torch.exp,
+    torch.log,
+    torch.pow,
+    torch.rsqrt,
+    torch.norm,
+    torch.Tensor.exp,
+    torch.Tensor.log,
+    torch.Tensor.pow,
+    torch.Tensor.__pow__,
+    torch.Tensor.rsqrt,
+    torch.Tensor.softmax,
+    torch.Tensor.log_softmax,
+    torch.Tensor.norm,
+    torch.linalg.vector_norm,
+    torch.softmax,
+}
 _PROMOTE_FUNCTIONS = {torch.addcmul, torch.addcdiv, torch.cat, torch.stack, torch.Tensor.addcmul}
 
 
@@ -125,18 +144,45 @@ class MemoryPlan:
     total_gib: float
 
     def row(self) -> list[str]:
-        return [self.preset, self.stage, str(self.micro_batch), self.precision, self.checkpointing,
-                f"{self.weights_gib:.1f}", f"{self.adam_gib + self.ema_gib + self.ddp_buckets_gib:.1f}",
-                f"{self.activations_gib:.1f}", f"{self.step_peak_gib:.1f}", f"{self.total_gib:.1f}"]
+        return [
+            self.preset,
+            self.stage,
+            str(self.micro_batch),
+            self.precision,
+            self.checkpointing,
+            f"{self.weights_gib:.1f}",
+            f"{self.adam_gib + self.ema_gib + self.ddp_buckets_gib:.1f}",
+            f"{self.activations_gib:.1f}",
+            f"{self.step_peak_gib:.1f}",
+            f"{self.total_gib:.1f}",
+        ]
 
 
-HEADER = ["preset", "stage", "micro-batch", "precision", "checkpointing", "weights", "Adam+EMA+DDP", "activations",
-          "step peak", "total GiB"]
+HEADER = [
+    "preset",
+    "stage",
+    "micro-batch",
+    "precision",
+    "checkpointing",
+    "weights",
+    "Adam+EMA+DDP",
+    "activations",
+    "step peak",
+    "total GiB",
+]
 
 
-def plan(preset: str, stage: str = "1a", micro_batch: int = 8, precision: str = "bf16-mixed",
-         checkpointing: str = "none", image_size: int | None = None, ranks: int = 8,
-         gradient_as_bucket_view: bool = True, autocast: str = "cuda") -> MemoryPlan:
+def plan(
+    preset: str,
+    stage: str = "1a",
+    micro_batch: int = 8,
+    precision: str = "bf16-mixed",
+    checkpointing: str = "none",
+    image_size: int | None = None,
+    ranks: int = 8,
+    gradient_as_bucket_view: bool = True,
+    autocast: str = "cuda",
+) -> MemoryPlan:
     """Predicted peak memory of one rank's training step (GiB): counted on fake tensors, nothing allocated.
     autocast: "cuda" models CUDA's bf16 autocast (the GPU runs); "cpu" is CPU autocast as it is (the CPU check)."""
     if precision not in PRECISIONS:
@@ -157,9 +203,23 @@ def plan(preset: str, stage: str = "1a", micro_batch: int = 8, precision: str = 
     adam, ema = 8 * trainable, 4 * total_params
     buckets = 0 if gradient_as_bucket_view or ranks == 1 else 4 * trainable
     total = peak + adam + ema + buckets  # the tracker's peak holds the weights, gradients and activations
-    return MemoryPlan(preset, stage, micro_batch, precision, checkpointing, size, ranks, total_params,
-                      weights / GIB, adam / GIB, ema / GIB, buckets / GIB, (peak - weights) / GIB,
-                      activations / GIB, total / GIB)
+    return MemoryPlan(
+        preset,
+        stage,
+        micro_batch,
+        precision,
+        checkpointing,
+        size,
+        ranks,
+        total_params,
+        weights / GIB,
+        adam / GIB,
+        ema / GIB,
+        buckets / GIB,
+        (peak - weights) / GIB,
+        activations / GIB,
+        total / GIB,
+    )
 
 
 def _loss_nets(recipe):
@@ -169,16 +229,20 @@ def _loss_nets(recipe):
     return perceptual, sample
 
 
-def _step_peak(tokenizer: FlowMoTokenizer, recipe, nets, batch: int, size: int, precision: str,
-               autocast_kind: str = "cuda") -> tuple[int, int, int]:
+def _step_peak(
+    tokenizer: FlowMoTokenizer, recipe, nets, batch: int, size: int, precision: str, autocast_kind: str = "cuda"
+) -> tuple[int, int, int]:
     """Live bytes of (the weights of every net, the peak during forward + backward, the activations at the end of
     forward). A frozen encoder needs nothing here: flowmo_loss runs it without grad (recipe.train_encoder)."""
     perceptual, sample = nets
     images = torch.rand(batch, 3, size, size) * 2 - 1
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     policy = autocast_kind == "cuda"
-    with LiveBytes() as live, (CudaAutocastPolicy() if policy else contextlib.nullcontext()), \
-            (_policy_in_recomputation() if policy else contextlib.nullcontext()):
+    with (
+        LiveBytes() as live,
+        CudaAutocastPolicy() if policy else contextlib.nullcontext(),
+        _policy_in_recomputation() if policy else contextlib.nullcontext(),
+    ):
         for module in (tokenizer, *[net for net in nets if net is not None]):
             live.add(*module.parameters(), *module.buffers())
         weights = live.now
@@ -193,9 +257,11 @@ def _step_peak(tokenizer: FlowMoTokenizer, recipe, nets, batch: int, size: int, 
 def _policy_in_recomputation():
     """Activation checkpointing recomputes inside backward, where torch runs no function mode: the recomputation
     re-enters the policy through checkpoint's own context_fn hook (in the two modules that checkpoint)."""
+
     def with_policy(function, *args, **kwargs):
-        return checkpoint(function, *args, context_fn=lambda: (contextlib.nullcontext(), CudaAutocastPolicy()),
-                          **kwargs)
+        return checkpoint(
+            function, *args, context_fn=lambda: (contextlib.nullcontext(), CudaAutocastPolicy()), **kwargs
+        )
 
     saved = transformer.checkpoint, losses.checkpoint
     transformer.checkpoint = losses.checkpoint = with_policy
@@ -236,8 +302,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 # ------------------------------------------------------------------------------------------- the CPU check
-def measured_step_peak(preset: str, stage: str = "1a", micro_batch: int = 8, precision: str = "32-true",
-                       checkpointing: str = "none") -> float:
+def measured_step_peak(
+    preset: str, stage: str = "1a", micro_batch: int = 8, precision: str = "32-true", checkpointing: str = "none"
+) -> float:
     """What a real training step on this CPU allocates at its peak above the weights (GiB): the optimizer step of
     the benchmark (the module's update) after one warm-up step, every allocation of torch's CPU allocator
     followed by the profiler; gradients are freed before the step, as zero_grad does. The analogue of
@@ -256,8 +323,9 @@ def measured_step_peak(preset: str, stage: str = "1a", micro_batch: int = 8, pre
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         with autocast:
             optimizer_step(bundle, images, bundle.recipes[stage])
-    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     return max(itertools.accumulate(e.nbytes() for e in events)) / GIB
 
 
@@ -275,11 +343,18 @@ def recompute_flops(preset: str, stage: str, checkpointing: str) -> float:
     both counted on fake tensors (one image, the stage's loss nets included), recomputation in backward included."""
     if checkpointing == "none":
         return 0.0
-    counts = [flops_per_image(preset, 1, "random", None, (stage,), setting)[stage]
-              for setting in ("none", checkpointing)]
+    counts = [
+        flops_per_image(preset, 1, "random", None, (stage,), setting)[stage] for setting in ("none", checkpointing)
+    ]
     return counts[1] / counts[0] - 1
 
 
 def plans(presets, stages, batches, precisions, checkpointing, ranks: int = 8) -> list[MemoryPlan]:
-    return [plan(preset, stage, batch, precision, setting, ranks=ranks) for preset in presets for stage in stages
-            for batch in batches for precision in precisions for setting in checkpointing]
+    return [
+        plan(preset, stage, batch, precision, setting, ranks=ranks)
+        for preset in presets
+        for stage in stages
+        for batch in batches
+        for precision in precisions
+        for setting in checkpointing
+    ]

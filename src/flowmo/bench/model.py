@@ -39,13 +39,8 @@ from pathlib import Path
 import torch
 
 from flowmo import presets
-from flowmo.bench.measure import (
-    matmul_flops_per_s,
-    peak_memory,
-    print_profile,
-    profile_call,
-    time_calls,
-)
+from flowmo.bench.counts import count_report, print_counts
+from flowmo.bench.measure import matmul_flops_per_s, peak_memory, print_profile, profile_call, time_calls
 from flowmo.bench.workloads import (
     TRAINING,
     WORKLOADS,
@@ -59,11 +54,6 @@ from flowmo.bench.workloads import (
     workload_fn,
 )
 from flowmo.flow import SAMPLERS
-
-# docs/method.md §9's estimates, FLOPs per 256x256 image for FlowMo-Lo/Hi.
-METHOD_9 = {"encoder forward": 1.2e12, "decoder forward (1 NFE)": 4.7e12, "stage1a step": 16.5e12,
-            "stage1b step": 165e12, "decode (31 NFE)": 31 * 4.7e12}
-METHOD_9_NOTE = "stage1a: method §9 gives 15-18 TFLOP (fwd+bwd), midpoint shown"
 
 
 @dataclass
@@ -115,11 +105,28 @@ def measure(stage: str, fn, args, setting: Setting) -> Row:
         profile = profile_call(fn, setting.device) if args.profile else None
     median = statistics.median(seconds)
     flops = setting.batch * setting.flops_per_image
-    return Row(setting.preset, stage, describe_device(setting.device), args.precision, setting.batch,
-               setting.image_size, 1e3 * median, setting.batch / median, memory["peak_mib"], flops,
-               flops / median / setting.matmul, 1e3 * min(seconds), memory["memory_kind"], args.compile,
-               torch.get_num_threads(), torch.__version__, code_revision(), args.label, [1e3 * s for s in seconds],
-               profile)
+    return Row(
+        setting.preset,
+        stage,
+        describe_device(setting.device),
+        args.precision,
+        setting.batch,
+        setting.image_size,
+        1e3 * median,
+        setting.batch / median,
+        memory["peak_mib"],
+        flops,
+        flops / median / setting.matmul,
+        1e3 * min(seconds),
+        memory["memory_kind"],
+        args.compile,
+        torch.get_num_threads(),
+        torch.__version__,
+        code_revision(),
+        args.label,
+        [1e3 * s for s in seconds],
+        profile,
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,12 +143,14 @@ def reference_matmul(args, device: torch.device) -> tuple[int, float]:
     return size, matmul_flops_per_s(device, dtype, size, iters=20 if device.type == "cuda" else 5)
 
 
-def benchmark_preset(preset: str, args, device: torch.device, batch: int, image_size: int | None,
-                     workloads: list[str], matmul: float) -> list[Row]:
+def benchmark_preset(
+    preset: str, args, device: torch.device, batch: int, image_size: int | None, workloads: list[str], matmul: float
+) -> list[Row]:
     """Time the selected workloads of one preset at one (batch, image size)."""
     flops = flops_per_image(preset, batch, args.feature_nets, image_size, workloads, args.checkpointing, args.sampler)
-    bundle = build_bundle(preset, device, build_feature_nets(args.feature_nets, device), image_size, args.feature_nets,
-                          args.checkpointing)
+    bundle = build_bundle(
+        preset, device, build_feature_nets(args.feature_nets, device), image_size, args.feature_nets, args.checkpointing
+    )
     bundle.sampler = args.sampler
     if args.compile:  # as module.py does: compile the two transformers, keep the loss code eager
         bundle.tokenizer.encoder.compile()
@@ -182,10 +191,12 @@ def code_revision() -> str:
     """The git revision of the flowmo package under test (+dirty), so before/after rows say what they timed."""
     folder = Path(__file__).resolve().parents[1]  # the flowmo package
     try:
-        rev = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")
@@ -218,57 +229,37 @@ def _mem(row: Row) -> str:
 def print_header(preset: str, args, device: torch.device, matmul_size: int, matmul: float) -> None:
     config = presets.get(preset)
     params = parameter_counts(preset)["total"] / 1e6
-    print(f"\nFlowMo {preset} ({config.image_size}x{config.image_size}, {params:.2f}M params), "
-          f"{args.precision}{' + compile' if args.compile else ''}, {describe_device(device)}, torch "
-          f"{torch.__version__}, feature nets {args.feature_nets}, code {code_revision()}")
+    print(
+        f"\nFlowMo {preset} ({config.image_size}x{config.image_size}, {params:.2f}M params), "
+        f"{args.precision}{' + compile' if args.compile else ''}, {describe_device(device)}, torch "
+        f"{torch.__version__}, feature nets {args.feature_nets}, code {code_revision()}"
+    )
     matmul_dtype = args.precision if device.type != "cpu" else "fp32"
-    print(f"reference matmul {matmul_size}^2 {matmul_dtype}: {matmul / 1e9:.1f} GFLOP/s; median of {args.iters} "
-          f"after {args.warmup} warm-up; decode = {SAMPLERS[args.sampler].nfe} NFE")
-    print(f"{'stage':<8}{'batch':>6}{'size':>6}{'ms/call':>11}{'min ms':>10}{'img/s':>10}{'peak mem':>12}"
-          f"{'GFLOP/call':>12}{'util':>8}")
+    print(
+        f"reference matmul {matmul_size}^2 {matmul_dtype}: {matmul / 1e9:.1f} GFLOP/s; median of {args.iters} "
+        f"after {args.warmup} warm-up; decode = {SAMPLERS[args.sampler].nfe} NFE"
+    )
+    print(
+        f"{'stage':<8}{'batch':>6}{'size':>6}{'ms/call':>11}{'min ms':>10}{'img/s':>10}{'peak mem':>12}"
+        f"{'GFLOP/call':>12}{'util':>8}"
+    )
 
 
 def print_rows(rows: list[Row]) -> None:
     for row in rows:
-        print(f"{row.stage:<8}{row.batch:>6}{row.image_size:>6}{row.ms:>11.2f}{row.min_ms:>10.2f}"
-              f"{row.images_per_s:>10.1f}{_mem(row):>12}{row.model_flops / 1e9:>12.4g}{row.utilisation:>8.1%}")
+        print(
+            f"{row.stage:<8}{row.batch:>6}{row.image_size:>6}{row.ms:>11.2f}{row.min_ms:>10.2f}"
+            f"{row.images_per_s:>10.1f}{_mem(row):>12}{row.model_flops / 1e9:>12.4g}{row.utilisation:>8.1%}"
+        )
         if row.profile is not None:
             print_profile(row.stage, row.profile)
 
 
 def print_footer(rows: list[Row]) -> None:
-    print(f"peak mem: {rows[0].memory_kind if rows else ''}; util = model FLOP/s / matmul FLOP/s; training rows are "
-          "a whole optimizer step (forward, backward, Adam, projection, EMA every 10th)")
-
-
-def count_report(preset: str, batch: int, feature_nets: str, image_size: int | None) -> dict:
-    flops = flops_per_image(preset, batch, feature_nets, image_size)
-    size = image_size or presets.get(preset).image_size
-    return {"preset": preset, "image_size": size, "params": parameter_counts(preset), "decode_nfe": SAMPLERS["paper"].nfe,
-            "flops_per_image": {"encoder forward": flops["encode"], "decoder forward (1 NFE)": flops["decoder_call"],
-                                "stage1a step": flops["1a"], "stage1b step": flops["1b"],
-                                "decode (31 NFE)": flops["decode"]},
-            "decoder_forward_attention_flops_per_image": flops["decoder_call_attention"]}
-
-
-COUNT_COLUMNS = {"encoder forward": "enc fwd", "decoder forward (1 NFE)": "dec fwd", "stage1a step": "1A step",
-                 "stage1b step": "1B step", "decode (31 NFE)": "decode"}
-
-
-def print_counts(reports: list[dict]) -> None:
-    print("\nFLOPs per image in TFLOP (FlopCounterMode on fake tensors); parameters in millions")
-    print(f"{'preset':<8}{'res':>5}{'enc M':>8}{'dec M':>8}{'total M':>9}"
-          + "".join(f"{c:>11}" for c in COUNT_COLUMNS.values()) + f"{'dec attn':>11}")
-    for r in reports:
-        p, f = r["params"], r["flops_per_image"]
-        print(f"{r['preset']:<8}{r['image_size']:>5}{p['encoder'] / 1e6:>8.1f}{p['decoder'] / 1e6:>8.1f}"
-              f"{p['total'] / 1e6:>9.1f}" + "".join(f"{f[k] / 1e12:>11.4g}" for k in COUNT_COLUMNS)
-              + f"{r['decoder_forward_attention_flops_per_image'] / 1e12:>11.4g}")
-    print(f"{'method §9':<8}{256:>5}{'':>25}" + "".join(f"{METHOD_9[k] / 1e12:>11.4g}" for k in COUNT_COLUMNS)
-          + f"{1.4:>11.4g}")
-    print(f"dec fwd = one decoder call (1 NFE), dec attn = its attention part; decode = {reports[0]['decode_nfe']} "
-          f"NFE; training steps are forward + backward (1B: 8-step chain, checkpointed).\n({METHOD_9_NOTE}; "
-          "method §9 is for lo/hi at 256x256)")
+    print(
+        f"peak mem: {rows[0].memory_kind if rows else ''}; util = model FLOP/s / matmul FLOP/s; training rows are "
+        "a whole optimizer step (forward, backward, Adam, projection, EMA every 10th)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -283,22 +274,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder")
-    parser.add_argument("--feature-nets", choices=("off", "random"), default="off",
-                        help="off: no LPIPS, pixel MSE as 1B sample loss; random: random-weight LPIPS-VGG / ResNet-50")
+    parser.add_argument(
+        "--feature-nets",
+        choices=("off", "random"),
+        default="off",
+        help="off: no LPIPS, pixel MSE as 1B sample loss; random: random-weight LPIPS-VGG / ResNet-50",
+    )
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    parser.add_argument("--checkpointing", default="none",
-                        help="activation checkpointing of the training steps: none, blocks, every_K (lo/hi: every_4)")
+    parser.add_argument(
+        "--checkpointing",
+        default="none",
+        help="activation checkpointing of the training steps: none, blocks, every_K (lo/hi: every_4)",
+    )
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="paper", help="the decode workload's sampler")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed calls per workload (median reported)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the preset's training size")
     parser.add_argument("--matmul-size", type=int, default=None, help="reference matmul N (default 4096 GPU, 2048 CPU)")
-    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
-                        help="torch.set_float32_matmul_precision (training uses medium = TF32 on GPU)")
-    parser.add_argument("--profile", action="store_true",
-                        help="after timing, profile one call per workload: self time by operator group and top ops")
-    parser.add_argument("--scaling", action="store_true",
-                        help="also time the 1A step and the decode against batch and image size (half, double)")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high", "medium"),
+        default="highest",
+        help="torch.set_float32_matmul_precision (training uses medium = TF32 on GPU)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one call per workload: self time by operator group and top ops",
+    )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also time the 1A step and the decode against batch and image size (half, double)",
+    )
     parser.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--label", default="", help="a tag stored in each row, e.g. before / after a change")
     parser.add_argument("--count-only", action="store_true", help="print FLOPs and params per preset, no timing")

@@ -4,8 +4,9 @@
 
 Every step count decodes the same codes from the same noise (rho 4, CFG 1.5 inside the EDM interval
 (0.17, 1.02), as the paper's 25-step sampler), on the held-out images of a sample set (`flowmo demo` builds one
-in data/demo). Prints PSNR / SSIM per step count, the network evaluations (NFE: SamplerSettings.nfe, which tests/test_speed.py checks against a counted run)
-and decode ms per image; writes the table to results/bench/sampler_steps.json.
+in data/demo). Prints PSNR / SSIM per step count, the network evaluations (NFE: SamplerSettings.nfe, which
+tests/test_speed.py checks against a counted run) and decode ms per image; writes the table to
+results/bench/sampler_steps.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from flowmo.nn.tokenizer import FlowMoTokenizer
 
 
 @torch.no_grad()
-def sweep(tokenizer: FlowMoTokenizer, images: torch.Tensor, steps_list: list[int], seed: int, repeats: int) -> list[dict]:
+def sweep(
+    tokenizer: FlowMoTokenizer, images: torch.Tensor, steps_list: list[int], seed: int, repeats: int
+) -> list[dict]:
     codes = tokenizer.quantize(tokenizer.encode(images), with_losses=False).codes
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     rows = []
@@ -37,11 +40,20 @@ def sweep(tokenizer: FlowMoTokenizer, images: torch.Tensor, steps_list: list[int
             decoded = tokenizer.sample_with(sampler, codes, noise)
             seconds.append(time.perf_counter() - start)
         a, b = to_unit_range(images), to_unit_range(decoded)
-        rows.append({"steps": steps, "nfe": sampler.nfe,
-                     "psnr": float(psnr_per_image(a, b).mean()), "ssim": float(ssim_gaussian_per_image(a, b).mean()),
-                     "decode_ms_per_image": 1e3 * statistics.median(seconds) / len(images)})
-        print(f"{steps:>6}{rows[-1]['nfe']:>6}{rows[-1]['psnr']:>9.2f}{rows[-1]['ssim']:>8.3f}"
-              f"{rows[-1]['decode_ms_per_image']:>10.2f}", flush=True)
+        rows.append(
+            {
+                "steps": steps,
+                "nfe": sampler.nfe,
+                "psnr": float(psnr_per_image(a, b).mean()),
+                "ssim": float(ssim_gaussian_per_image(a, b).mean()),
+                "decode_ms_per_image": 1e3 * statistics.median(seconds) / len(images),
+            }
+        )
+        print(
+            f"{steps:>6}{rows[-1]['nfe']:>6}{rows[-1]['psnr']:>9.2f}{rows[-1]['ssim']:>8.3f}"
+            f"{rows[-1]['decode_ms_per_image']:>10.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -61,9 +73,18 @@ def main() -> int:
     print(f"{'steps':>6}{'NFE':>6}{'PSNR':>9}{'SSIM':>8}{'ms/img':>10}")
     rows = sweep(tokenizer, images, args.steps, args.seed, args.repeats)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "images": len(images), "seed": args.seed,
-                                     "sampler": {k: v for k, v in SAMPLERS["paper"].to_dict().items() if k != "steps"},
-                                     "rows": rows}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(args.checkpoint),
+                "images": len(images),
+                "seed": args.seed,
+                "sampler": {k: v for k, v in SAMPLERS["paper"].to_dict().items() if k != "steps"},
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.json}")
     return 0
 

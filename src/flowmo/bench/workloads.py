@@ -29,9 +29,12 @@ def recipes(feature_nets: str) -> dict[str, LossRecipe]:
     """The paper's two stages, each as LossRecipe.for_stage builds it for the module. Without feature nets
     ("off"): no LPIPS in 1A, and 1B's sample loss is the pixel MSE (still a loss on the back-propagated chain)."""
     random = feature_nets == "random"
-    return {"1a": LossRecipe.for_stage("1a", perceptual="lpips_vgg" if random else "none"),
-            "1b": LossRecipe.for_stage("1b", perceptual="none", sample_loss="resnet50_logits" if random else "pixel_mse",
-                                       sample_weight=0.01)}
+    return {
+        "1a": LossRecipe.for_stage("1a", perceptual="lpips_vgg" if random else "none"),
+        "1b": LossRecipe.for_stage(
+            "1b", perceptual="none", sample_loss="resnet50_logits" if random else "pixel_mse", sample_weight=0.01
+        ),
+    }
 
 
 @dataclass
@@ -50,23 +53,33 @@ class Bundle:
 
     def attach_update(self, device: torch.device) -> None:
         """The module's update on this tokenizer: Adam (one group), projection, EMA every 10 steps, the guard."""
-        self.update = TrainingUpdate(self.tokenizer, ModelEMA(self.tokenizer, every=10),
-                                     WeightNormProjection(self.tokenizer))
-        self.optimizer = TrainingUpdate.adam([{"params": list(self.tokenizer.parameters())}], 1e-4, (0.9, 0.95),
-                                             1e-8, device)
+        self.update = TrainingUpdate(
+            self.tokenizer, ModelEMA(self.tokenizer, every=10), WeightNormProjection(self.tokenizer)
+        )
+        self.optimizer = TrainingUpdate.adam(
+            [{"params": list(self.tokenizer.parameters())}], 1e-4, (0.9, 0.95), 1e-8, device
+        )
         self.guard = NonFiniteGuard(limit=5)
 
 
 def build_feature_nets(feature_nets: str, device) -> tuple[nn.Module | None, nn.Module]:
     """(perceptual net or None, sample net). "random": same cost as the pretrained nets, never downloads."""
     if feature_nets == "random":
-        return (build_perceptual("lpips_vgg", "random").to(device),
-                build_perceptual("resnet50_logits", "random").to(device))
+        return (
+            build_perceptual("lpips_vgg", "random").to(device),
+            build_perceptual("resnet50_logits", "random").to(device),
+        )
     return None, build_perceptual("pixel_mse")
 
 
-def build_bundle(preset: str, device, nets: tuple[nn.Module | None, nn.Module], image_size: int | None,
-                 feature_nets: str, checkpointing: str = "none") -> Bundle:
+def build_bundle(
+    preset: str,
+    device,
+    nets: tuple[nn.Module | None, nn.Module],
+    image_size: int | None,
+    feature_nets: str,
+    checkpointing: str = "none",
+) -> Bundle:
     tokenizer = FlowMoTokenizer.from_preset(preset, device=device).set_activation_checkpointing(checkpointing)
     return Bundle(tokenizer, *nets, image_size or tokenizer.config.image_size, recipes(feature_nets))
 
@@ -137,9 +150,15 @@ def count_flops(fn: Callable[[], None], by_op: dict | None = None) -> int:
     return counter.get_total_flops()
 
 
-def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int | None,
-                    workloads: tuple[str, ...] | list[str] = WORKLOADS, checkpointing: str = "none",
-                    sampler: str = "paper") -> dict[str, float]:
+def flops_per_image(
+    preset: str,
+    batch: int,
+    feature_nets: str,
+    image_size: int | None,
+    workloads: tuple[str, ...] | list[str] = WORKLOADS,
+    checkpointing: str = "none",
+    sampler: str = "paper",
+) -> dict[str, float]:
     """FLOPs per image of every workload, counted on fake tensors (shapes only: no memory, no compute).
 
     Fake CPU tensors rather than the meta device: autocast (which the quantizer switches off for its
@@ -157,8 +176,9 @@ def flops_per_image(preset: str, batch: int, feature_nets: str, image_size: int 
     return {name: value / batch for name, value in counts.items()}
 
 
-def _count_workloads(preset: str, batch: int, nets, image_size: int | None, workloads,
-                     feature_nets: str, checkpointing: str = "none") -> dict[str, int]:
+def _count_workloads(
+    preset: str, batch: int, nets, image_size: int | None, workloads, feature_nets: str, checkpointing: str = "none"
+) -> dict[str, int]:
     bundle = build_bundle(preset, "cpu", nets, image_size, feature_nets, checkpointing)
     images = make_images(bundle, batch, "cpu")
     counts = {name: count_flops(workload_fn(name, bundle, images, None)) for name in workloads if name != "decode"}

@@ -8,4 +8,11 @@ from flowmo.callbacks.retention import CheckpointRetention
 from flowmo.callbacks.skipped import SkippedSamples
 from flowmo.callbacks.throughput import Throughput
 
-__all__ = ["CheckpointRetention", "EvaluationReport", "ReconstructionGrid", "SkippedSamples", "StepProgressBar", "Throughput"]
+__all__ = [
+    "CheckpointRetention",
+    "EvaluationReport",
+    "ReconstructionGrid",
+    "SkippedSamples",
+    "StepProgressBar",
+    "Throughput",
+]

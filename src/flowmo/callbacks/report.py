@@ -29,8 +29,7 @@ from flowmo import __version__
 from flowmo.callbacks.images import side_by_side
 from flowmo.references import ReferenceScores
 
-TABLE_HEADER = ("| tokenizer | BPP | tokens × vocab | rFID↓ | PSNR↑ | SSIM↑ | LPIPS↓ |\n"
-                "|---|---|---|---|---|---|---|")
+TABLE_HEADER = "| tokenizer | BPP | tokens × vocab | rFID↓ | PSNR↑ | SSIM↑ | LPIPS↓ |\n|---|---|---|---|---|---|---|"
 
 
 class EvaluationReport(L.Callback):
@@ -61,8 +60,7 @@ class EvaluationReport(L.Callback):
         if self._references is not None and images.shape[-1] == self._references.image_size:
             self._references.update(images)
         if self._grid is None and trainer.is_global_zero:  # first batch of rank 0: the same images every run
-            self._grid = side_by_side([images.float().cpu(), outputs["reconstructions"].float().cpu()],
-                                      self.grid_rows)
+            self._grid = side_by_side([images.float().cpu(), outputs["reconstructions"].float().cpu()], self.grid_rows)
 
     def on_test_end(self, trainer, pl_module) -> None:
         # every rank takes part in the sums; only rank 0 writes
@@ -72,15 +70,22 @@ class EvaluationReport(L.Callback):
         references = self._references.compute() if self._references is not None else {}
         if not trainer.is_global_zero:
             return
-        report = build_report(trainer, pl_module, num_images=num_images, resolution=self._resolution,
-                              wall_time_s=time.perf_counter() - self._start)
+        report = build_report(
+            trainer,
+            pl_module,
+            num_images=num_images,
+            resolution=self._resolution,
+            wall_time_s=time.perf_counter() - self._start,
+        )
         report["skipped_samples"] = skipped
         report["references"] = references  # trivial codecs on the same images (flowmo.references)
         expected = getattr(trainer.datamodule, "expected_images", lambda split: None)("test")
         if expected is not None and num_images < expected:  # read errors count shards; this counts images
             report["images_lost"] = expected - num_images
-            lost = (f"{expected - num_images} of the {expected} test images in the manifest were not read "
-                    "(corrupt or truncated shards); the metrics cover the rest")
+            lost = (
+                f"{expected - num_images} of the {expected} test images in the manifest were not read "
+                "(corrupt or truncated shards); the metrics cover the rest"
+            )
             report["warning"] = f"{report['warning']} {lost}" if report["warning"] else lost
             rank_zero_warn(lost)
         folder = Path(self.out_dir) / (self.name or run_name(trainer))
@@ -100,8 +105,13 @@ def run_name(trainer: L.Trainer) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the report
-def build_report(trainer: L.Trainer, pl_module: L.LightningModule, num_images: int,
-                 resolution: tuple[int, int] | None, wall_time_s: float) -> dict[str, Any]:
+def build_report(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    num_images: int,
+    resolution: tuple[int, int] | None,
+    wall_time_s: float,
+) -> dict[str, Any]:
     hp = pl_module.hparams
     config = pl_module.config
     stand_ins = list(pl_module.stand_ins)
@@ -124,8 +134,12 @@ def build_report(trainer: L.Trainer, pl_module: L.LightningModule, num_images: i
         "wall_time_s": round(wall_time_s, 2),
         "model": {"hparams": _plain(dict(hp)), "architecture": config.to_dict()},
         "data": _plain(dict(trainer.datamodule.hparams)) if trainer.datamodule is not None else None,
-        "versions": {"flowmo": __version__, "torch": torch.__version__, "lightning": L.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "flowmo": __version__,
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if resolution and tuple(resolution) != (config.image_size, config.image_size):  # same code, other pixels
@@ -140,7 +154,7 @@ def evaluated_size(trainer: L.Trainer, config) -> int:
 
 
 def evaluated_weights(trainer: L.Trainer, hp) -> str:
-    """"ema" or "raw": what the sampler ran. Weights loaded through init_weights (e.g. the authors' .pth) fill
+    """ "ema" or "raw": what the sampler ran. Weights loaded through init_weights (e.g. the authors' .pth) fill
     both copies, so then init_weights_from decides; a checkpoint holds both and val_use_ema picks."""
     if hp.init_weights and not trainer.ckpt_path:
         return hp.init_weights_from
@@ -174,8 +188,10 @@ def tokens_times_vocab(quantizer, code_length: int) -> str:
 def stand_in_warning(stand_ins: list[str]) -> str | None:
     if not stand_ins:
         return None
-    return (f"STAND-IN NETWORKS WITH RANDOM WEIGHTS: {', '.join(stand_ins)}. The metrics that use them mean "
-            "nothing and are not comparable to the paper (model.feature_weights=random is for tests and the demo).")
+    return (
+        f"STAND-IN NETWORKS WITH RANDOM WEIGHTS: {', '.join(stand_ins)}. The metrics that use them mean "
+        "nothing and are not comparable to the paper (model.feature_weights=random is for tests and the demo)."
+    )
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
@@ -195,8 +211,10 @@ def table_markdown(name: str, report: dict[str, Any]) -> str:
     # the row says what was evaluated: `make eval-lo CKPT=<a tiny checkpoint>` must not read as FlowMo-Lo
     label = name if not preset or preset in name else f"{name} [{preset} architecture]"
     label = f"{label} (STAND-IN NETS)" if report["stand_ins"] else label
-    row = (f"| {label} | {report['bits_per_pixel']:.3f} | {report['tokens_x_vocab']} | {_cell(m, 'rfid', 2)} | "
-           f"{_cell(m, 'psnr_paper', 2)} | {_cell(m, 'ssim_paper', 3)} | {_cell(m, 'lpips_alex', 3)} |")
+    row = (
+        f"| {label} | {report['bits_per_pixel']:.3f} | {report['tokens_x_vocab']} | {_cell(m, 'rfid', 2)} | "
+        f"{_cell(m, 'psnr_paper', 2)} | {_cell(m, 'ssim_paper', 3)} | {_cell(m, 'lpips_alex', 3)} |"
+    )
     notes = [
         f"PSNR/SSIM as the paper computes them (uint8 truncation, PSNR pooled over each batch of 5); "
         f"correct per-image values: PSNR {_cell(m, 'psnr', 2)}, SSIM {_cell(m, 'ssim', 3)}. "

@@ -17,8 +17,10 @@ STEP_FILE = re.compile(r"step(\d+)\.ckpt")
 class CheckpointRetention(L.Callback):
     def __init__(self, keep_last: int = 3, keep_every: int | None = 100_000):
         if keep_last < 1 or (keep_every is not None and keep_every < 1):
-            raise ValueError(f"CheckpointRetention keeps keep_last >= 1 newest and every keep_every >= 1 steps "
-                             f"(or null), got keep_last={keep_last}, keep_every={keep_every}.")
+            raise ValueError(
+                f"CheckpointRetention keeps keep_last >= 1 newest and every keep_every >= 1 steps "
+                f"(or null), got keep_last={keep_last}, keep_every={keep_every}."
+            )
         self.keep_last, self.keep_every = keep_last, keep_every
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -45,8 +47,14 @@ class CheckpointRetention(L.Callback):
     def removable(self, folder: Path, step_now: int) -> list[Path]:
         """Only this run's past: a file of a later step than the run has reached was not written by it (a run
         directory holds one run, flowmo.run_dir; this keeps another's files safe even if that is broken)."""
-        steps = sorted(((int(m.group(1)), p) for p in folder.glob("step*.ckpt")
-                        if (m := STEP_FILE.fullmatch(p.name)) and int(m.group(1)) <= step_now), reverse=True)
+        steps = sorted(
+            (
+                (int(m.group(1)), p)
+                for p in folder.glob("step*.ckpt")
+                if (m := STEP_FILE.fullmatch(p.name)) and int(m.group(1)) <= step_now
+            ),
+            reverse=True,
+        )
         newest = {step for step, _ in steps[: self.keep_last]}
         return [path for step, path in steps if step not in newest and not self._milestone(step)]
 

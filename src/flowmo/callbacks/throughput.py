@@ -27,6 +27,8 @@ class Throughput(L.Callback):
         steps = trainer.global_step - self._window_step
         if steps >= max(1, trainer.log_every_n_steps):
             elapsed = now - self._window_start
-            pl_module.log_dict({"train/steps_per_s": steps / elapsed, "train/images_per_s": self._window_images / elapsed},
-                               rank_zero_only=True)
+            pl_module.log_dict(
+                {"train/steps_per_s": steps / elapsed, "train/images_per_s": self._window_images / elapsed},
+                rank_zero_only=True,
+            )
             self._window_start, self._window_step, self._window_images = now, trainer.global_step, 0

@@ -20,8 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("shards", "write WebDataset shards from ImageNet or an image folder"),
     "sample-data": ("sample_data", "build the embedded sample set (demo and tests)"),
     "export": ("export", "export a light tokenizer file (config + EMA or raw weights) from a checkpoint"),
-    "fetch-weights": ("fetch_weights", "download pretrained files (LPIPS, ResNet-50, Inception, lo, hi) into "
-                                       "their caches"),
+    "fetch-weights": (
+        "fetch_weights",
+        "download pretrained files (LPIPS, ResNet-50, Inception, lo, hi) into their caches",
+    ),
     "demo": ("demo", "tiny end-to-end run on the sample set: 1A, 1B, evaluation, grid, metrics.json"),
     "ablate": ("ablate", "ablation grids (configs/ablations/*.yaml): grids, list, run (fit + test), table"),
     "reconstruct": ("files", "images or folders -> input | reconstruction PNGs"),
@@ -34,8 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 LIGHTNING = ("fit", "validate", "test")
 # Lightning subcommands FlowMo leaves out on purpose, and what to run instead.
-ABSENT = {"predict": "there is no `flowmo predict` (a tokenizer has no forward to predict with); reconstruct images "
-                     "with `flowmo reconstruct --tokenizer CKPT FOLDER --out DIR` (tokenize / detokenize for ids)."}
+ABSENT = {
+    "predict": "there is no `flowmo predict` (a tokenizer has no forward to predict with); reconstruct images "
+    "with `flowmo reconstruct --tokenizer CKPT FOLDER --out DIR` (tokenize / detokenize for ids)."
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,23 +23,40 @@ def parser(command: str = "demo") -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--train-crops", type=int, default=600, help="crops per training photograph")
     parser.add_argument("--val-crops", type=int, default=16, help="crops per held-out photograph")
-    parser.add_argument("--colour-jitter", type=float, default=0.5, metavar="TINT_GREY",
-                        help="random hue/saturation of every training crop, and this probability of tinting a "
-                             "grayscale crop; negative turns the jitter off (held-out crops are never changed)")
-    parser.add_argument("--fit-1a", action="append", default=[], metavar="ARG",
-                        help="extra `flowmo fit` arguments for Stage 1A, e.g. --fit-1a=--model.lr=2e-3 (repeatable)")
-    parser.add_argument("--fit-1b", action="append", default=[], metavar="ARG",
-                        help="extra `flowmo fit` arguments for Stage 1B (repeatable)")
-    parser.add_argument("--feature-weights", choices=("auto", "pretrained", "none"), default="auto",
-                        help="auto: the paper's LPIPS-VGG / ResNet-50 losses when their files are cached, else the "
-                             "demo's substitutes (said loudly); pretrained: require the files; none: substitutes")
+    parser.add_argument(
+        "--colour-jitter",
+        type=float,
+        default=0.5,
+        metavar="TINT_GREY",
+        help="random hue/saturation of every training crop, and this probability of tinting a "
+        "grayscale crop; negative turns the jitter off (held-out crops are never changed)",
+    )
+    parser.add_argument(
+        "--fit-1a",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `flowmo fit` arguments for Stage 1A, e.g. --fit-1a=--model.lr=2e-3 (repeatable)",
+    )
+    parser.add_argument(
+        "--fit-1b",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `flowmo fit` arguments for Stage 1B (repeatable)",
+    )
+    parser.add_argument(
+        "--feature-weights",
+        choices=("auto", "pretrained", "none"),
+        default="auto",
+        help="auto: the paper's LPIPS-VGG / ResNet-50 losses when their files are cached, else the "
+        "demo's substitutes (said loudly); pretrained: require the files; none: substitutes",
+    )
     parser.add_argument("--rows", type=int, default=9, help="held-out images in the grid")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowmo.demo import (
-        run_demo,  # here, not above: --help answers before torch and Lightning load
-    )
+    from flowmo.demo import run_demo  # here, not above: --help answers before torch and Lightning load
 
     return run_demo(args)

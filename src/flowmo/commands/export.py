@@ -9,11 +9,15 @@ import sys
 
 
 def parser(command: str = "export") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowmo export", allow_abbrev=False,
-                                     description="export a tokenizer: a save_pretrained folder (or a light .pt file)")
+    parser = argparse.ArgumentParser(
+        prog="flowmo export",
+        allow_abbrev=False,
+        description="export a tokenizer: a save_pretrained folder (or a light .pt file)",
+    )
     parser.add_argument("--ckpt", required=True, help="a FlowMoModule .ckpt, an official flowmo_*.pth, or lo / hi")
-    parser.add_argument("--out", required=True,
-                        help="a folder (model.safetensors + config.json + README.md), or a file ending in .pt")
+    parser.add_argument(
+        "--out", required=True, help="a folder (model.safetensors + config.json + README.md), or a file ending in .pt"
+    )
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--metrics", help="the run's results/<run>/metrics.json, whose figures the model card quotes")
     return parser
@@ -35,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     except UserError as error:
         print(f"flowmo export: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({sum(p.numel() for p in tokenizer.parameters()) / 1e6:.1f}M parameters, "
-          f"{describe_weights(tokenizer.weights_record)})")
+    print(
+        f"wrote {path} ({sum(p.numel() for p in tokenizer.parameters()) / 1e6:.1f}M parameters, "
+        f"{describe_weights(tokenizer.weights_record)})"
+    )
     return 0

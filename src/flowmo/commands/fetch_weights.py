@@ -12,10 +12,19 @@ from flowmo.pretrained import FILES, GROUPS, cached, fetch, lpips_heads_folder
 
 
 def parser(command: str = "fetch-weights") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowmo fetch-weights", allow_abbrev=False,
-                                     description="download pretrained files into their usual caches (hash checked)")
-    parser.add_argument("groups", nargs="*", default=["all"], choices=list(GROUPS), metavar="GROUP",
-                        help=f"what to fetch: {', '.join(GROUPS)} (default all)")
+    parser = argparse.ArgumentParser(
+        prog="flowmo fetch-weights",
+        allow_abbrev=False,
+        description="download pretrained files into their usual caches (hash checked)",
+    )
+    parser.add_argument(
+        "groups",
+        nargs="*",
+        default=["all"],
+        choices=list(GROUPS),
+        metavar="GROUP",
+        help=f"what to fetch: {', '.join(GROUPS)} (default all)",
+    )
     return parser
 
 

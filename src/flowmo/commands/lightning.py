@@ -59,19 +59,33 @@ class ProjectCLI(LightningCLI):
                 self._run_lock.release()
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_name", type=str, default="flowmo", help="runs/<run_name>/ holds logs and checkpoints")
+        parser.add_argument(
+            "--run_name", type=str, default="flowmo", help="runs/<run_name>/ holds logs and checkpoints"
+        )
         parser.add_argument("--runs_dir", type=str, default="runs")
-        parser.add_argument("--overwrite", action=ActionYesNo, default=False,
-                            help="fit: start runs/<run_name>/ over from step 0, its earlier files moved into "
-                                 "superseded-<time>/ (without it, a run that holds checkpoints only resumes)")
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="fit: start runs/<run_name>/ over from step 0, its earlier files moved into "
+            "superseded-<time>/ (without it, a run that holds checkpoints only resumes)",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1,
-                             "checkpoint.every_n_train_steps": 5000, "checkpoint.filename": "step{step:07d}",
-                             "checkpoint.auto_insert_metric_name": False})
-        parser.link_arguments(("runs_dir", "run_name"), "checkpoint.dirpath",
-                              compute_fn=lambda runs, name: f"{runs}/{name}/checkpoints")
-        parser.link_arguments(("runs_dir", "run_name"), "trainer.default_root_dir",
-                              compute_fn=lambda runs, name: f"{runs}/{name}")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_train_steps": 5000,
+                "checkpoint.filename": "step{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments(
+            ("runs_dir", "run_name"), "checkpoint.dirpath", compute_fn=lambda runs, name: f"{runs}/{name}/checkpoints"
+        )
+        parser.link_arguments(
+            ("runs_dir", "run_name"), "trainer.default_root_dir", compute_fn=lambda runs, name: f"{runs}/{name}"
+        )
 
     def _run_dir(self) -> Path:
         config = self.config["fit"]
@@ -103,8 +117,11 @@ class ProjectCLI(LightningCLI):
         """Default logger: TensorBoard under runs/<run_name>/version_N, validate/ or test/ (flowmo.run_logger; a
         config may name another logger)."""
         if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
-            kwargs["logger"] = RunLogger(save_dir=self._get(self.config_init, "runs_dir"),
-                                         name=self._get(self.config_init, "run_name"), subcommand=self.subcommand)
+            kwargs["logger"] = RunLogger(
+                save_dir=self._get(self.config_init, "runs_dir"),
+                name=self._get(self.config_init, "run_name"),
+                subcommand=self.subcommand,
+            )
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
@@ -142,8 +159,11 @@ class FlowMoCLI(ProjectCLI):
         architecture = {key: hparams[key] for key in ARCHITECTURE_HPARAMS if key in hparams}
         configured = self.config[subcommand].get("model", {}).get("preset")
         if architecture.get("preset") not in (None, configured):
-            print(f"flowmo {subcommand}: {ckpt_path} is a {architecture['preset']!r} checkpoint, not the configured "
-                  f"{configured!r}; evaluating it as {architecture['preset']!r} (the report says so).", file=sys.stderr)
+            print(
+                f"flowmo {subcommand}: {ckpt_path} is a {architecture['preset']!r} checkpoint, not the configured "
+                f"{configured!r}; evaluating it as {architecture['preset']!r} (the report says so).",
+                file=sys.stderr,
+            )
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
         return None
@@ -155,8 +175,10 @@ class FlowMoCLI(ProjectCLI):
             patch = resolve_config(config["model"]["preset"], config["model"].get("architecture")).patch_size
             size = config["data"].get("image_size")
             if size and size % patch:
-                raise UserError(f"data.image_size {size} is not a multiple of the patch size {patch}; use "
-                                f"{size - size % patch or patch} or {size + patch - size % patch}.")
+                raise UserError(
+                    f"data.image_size {size} is not a multiple of the patch size {patch}; use "
+                    f"{size - size % patch or patch} or {size + patch - size % patch}."
+                )
         super().before_instantiate_classes()
 
     def _refuse_other_architecture(self) -> None:
@@ -171,9 +193,11 @@ class FlowMoCLI(ProjectCLI):
         theirs = resolve_config(hparams["preset"], hparams.get("architecture"))
         ours = resolve_config(config["model"]["preset"], config["model"].get("architecture"))
         if theirs != ours:
-            raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of another architecture than the configured one "
-                            f"({'; '.join(config_differences(theirs, ours))}); give the configs it was trained with, "
-                            "or start a new run_name.")
+            raise UserError(
+                f"--ckpt_path {ckpt_path} is a checkpoint of another architecture than the configured one "
+                f"({'; '.join(config_differences(theirs, ours))}); give the configs it was trained with, "
+                "or start a new run_name."
+            )
 
 
 class GeneratorCLI(ProjectCLI):
@@ -202,8 +226,10 @@ def main(argv: list[str], command: str) -> int:
     """fit / validate / test get the whole argv (their subcommand first); `gen` gets what follows it."""
     if command == "gen":
         if not argv or argv[0] not in ("fit", "validate", "-h", "--help"):
-            print("usage: flowmo gen fit|validate -c configs/generator/base.yaml -c configs/generator/tiny.yaml [...]",
-                  file=sys.stderr)
+            print(
+                "usage: flowmo gen fit|validate -c configs/generator/base.yaml -c configs/generator/tiny.yaml [...]",
+                file=sys.stderr,
+            )
             return 2
         return _run_cli(GeneratorCLI, argv, f"gen {argv[0]}")
     return _run_cli(FlowMoCLI, argv, argv[0])
@@ -211,14 +237,20 @@ def main(argv: list[str], command: str) -> int:
 
 def _run_cli(cli, argv: list[str], name: str) -> int:
     if any(arg.split("=")[0] == "--trainer.default_root_dir" for arg in argv):  # linked to runs_dir / run_name
-        print("error: a run's folder is <runs_dir>/<run_name>/: set --runs_dir DIR and --run_name NAME instead of "
-              "--trainer.default_root_dir.", file=sys.stderr)
+        print(
+            "error: a run's folder is <runs_dir>/<run_name>/: set --runs_dir DIR and --run_name NAME instead of "
+            "--trainer.default_root_dir.",
+            file=sys.stderr,
+        )
         return 2
     try:
         cli(args=argv)
     except MissingWeightsError as error:  # a set-up problem, not a bug: the sentence, without a traceback
-        print(f"error: {error} On the command line: --model.feature_weights DIR (a folder holding the .pth "
-              "files) or --model.inception_path FILE.", file=sys.stderr)
+        print(
+            f"error: {error} On the command line: --model.feature_weights DIR (a folder holding the .pth "
+            "files) or --model.inception_path FILE.",
+            file=sys.stderr,
+        )
         return 2
     except argparse.ArgumentError as error:  # a mistyped option or a bad value in a config file
         print(f"error: {error}. `flowmo {name} --help` lists every option.", file=sys.stderr)
@@ -244,5 +276,7 @@ def _cpu_runs_fp32(config: dict) -> None:
     autocast to bf16 was reported 3-4x slower per step than fp32 (issue 11). Said once; GPU runs keep bf16."""
     on_cpu = config.get("accelerator") == "cpu" or not torch.cuda.is_available()
     if on_cpu and str(config.get("precision")) in ("bf16-mixed", "bf16", "16-mixed", "16"):
-        print(f"flowmo: precision {config['precision']} on a CPU runs slower than fp32; using 32-true.", file=sys.stderr)
+        print(
+            f"flowmo: precision {config['precision']} on a CPU runs slower than fp32; using 32-true.", file=sys.stderr
+        )
         config["precision"] = "32-true"

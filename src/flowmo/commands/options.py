@@ -12,9 +12,13 @@ TOKENIZER_HELP = "a .ckpt, an exported .pt or save_pretrained folder, flowmo_lo/
 
 def add_sampler(parser: argparse.ArgumentParser, steps: bool = True) -> None:
     """--sampler NAME (the tokenizer's decoder) and, with `steps`, --steps N overriding its step count."""
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="paper",
-                        help="the tokenizer's decoder, from flowmo.flow.SAMPLERS: paper (the paper's: 31 network "
-                             "evaluations) or fast (the same grid and guidance in fewer steps: 10 evaluations)")
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLER_NAMES,
+        default="paper",
+        help="the tokenizer's decoder, from flowmo.flow.SAMPLERS: paper (the paper's: 31 network "
+        "evaluations) or fast (the same grid and guidance in fewer steps: 10 evaluations)",
+    )
     if steps:
         parser.add_argument("--steps", type=int, default=None, help="sampler steps instead of the named sampler's")
 

@@ -11,8 +11,11 @@ from flowmo.commands.options import TOKENIZER_HELP
 
 
 def parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowmo pretokenize", allow_abbrev=False,
-                                     description="encode every image of an image-shard split once into token shards")
+    parser = argparse.ArgumentParser(
+        prog="flowmo pretokenize",
+        allow_abbrev=False,
+        description="encode every image of an image-shard split once into token shards",
+    )
     parser.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
     parser.add_argument("--shards", required=True, help="the image shards' manifest (flowmo shards) or a glob")
     parser.add_argument("--out", required=True, help="output folder for {split}-NNNNNN.tar and {split}.json")
@@ -36,11 +39,24 @@ def run(args: argparse.Namespace) -> int:
     try:
         with torch.no_grad():
             devices = int(args.devices) if args.devices.isdigit() else args.devices
-            manifest = pretokenize(args.tokenizer, args.shards, args.out, args.split, args.crops, args.size,
-                                   args.seed, args.batch, args.accelerator, devices, progress=not args.no_progress)
+            manifest = pretokenize(
+                args.tokenizer,
+                args.shards,
+                args.out,
+                args.split,
+                args.crops,
+                args.size,
+                args.seed,
+                args.batch,
+                args.accelerator,
+                devices,
+                progress=not args.no_progress,
+            )
     except (UserError, ValueError) as error:
         print(f"flowmo pretokenize: {error}", file=sys.stderr)
         return 2
-    print(f"{manifest['num_samples']} token rows ({manifest['tokens_dtype']}) in {manifest['num_shards']} shards, "
-          f"{manifest['num_skipped']} images skipped -> {Path(args.out) / (args.split + '.json')}")
+    print(
+        f"{manifest['num_samples']} token rows ({manifest['tokens_dtype']}) in {manifest['num_shards']} shards, "
+        f"{manifest['num_skipped']} images skipped -> {Path(args.out) / (args.split + '.json')}"
+    )
     return 0

@@ -209,8 +209,10 @@ class FlowMoDataModule(L.LightningDataModule):
         chosen, spec = self.hparams.train_sampler, self._shard_spec("train")
         remote = spec is not None and _is_remote(spec)
         if chosen == "indexed" and remote:
-            raise UserError(f"data.train_sampler indexed needs local shard files, but {spec!r} is remote; copy the "
-                            "shards to local storage or use data.train_sampler stream (resume is then not bit-exact).")
+            raise UserError(
+                f"data.train_sampler indexed needs local shard files, but {spec!r} is remote; copy the "
+                "shards to local storage or use data.train_sampler stream (resume is then not bit-exact)."
+            )
         if chosen == "auto":
             return "stream" if remote else "indexed"
         return chosen
@@ -220,11 +222,16 @@ class FlowMoDataModule(L.LightningDataModule):
         if self._warned_stream or rank not in (None, 0):
             return
         self._warned_stream = True
-        why = ("remote shards cannot be read by index" if self.hparams.train_sampler == "auto"
-               else "data.train_sampler stream")
-        print(f"flowmo: training shards are streamed ({why}): a resumed run continues correctly but does not replay "
-              "the uninterrupted run's images bit for bit (local shards with data.train_sampler auto or indexed do).",
-              file=sys.stderr)
+        why = (
+            "remote shards cannot be read by index"
+            if self.hparams.train_sampler == "auto"
+            else "data.train_sampler stream"
+        )
+        print(
+            f"flowmo: training shards are streamed ({why}): a resumed run continues correctly but does not replay "
+            "the uninterrupted run's images bit for bit (local shards with data.train_sampler auto or indexed do).",
+            file=sys.stderr,
+        )
 
     def _shared_skip_counter(self) -> SkipCounter:
         if self._skip_counter is None:  # created in the main process, before the loader's workers start
@@ -253,11 +260,21 @@ class FlowMoDataModule(L.LightningDataModule):
         hp = self.hparams
         rank, _, step, accumulation = self._trainer_position()
         if step > 0 and rank in (None, 0):
-            print(f"flowmo: training data resumes at micro-batch {step * accumulation} (step {step} x "
-                  f"accumulate_grad_batches {accumulation}), where the uninterrupted run would be.", file=sys.stderr)
-        batches = IndexedBatches(self.train_index(), hp.image_size, hp.batch_size, seed=hp.seed,
-                                 start_batch=step * accumulation, rank=rank, random_flip=hp.random_flip,
-                                 skip_counter=self._shared_skip_counter())
+            print(
+                f"flowmo: training data resumes at micro-batch {step * accumulation} (step {step} x "
+                f"accumulate_grad_batches {accumulation}), where the uninterrupted run would be.",
+                file=sys.stderr,
+            )
+        batches = IndexedBatches(
+            self.train_index(),
+            hp.image_size,
+            hp.batch_size,
+            seed=hp.seed,
+            start_batch=step * accumulation,
+            rank=rank,
+            random_flip=hp.random_flip,
+            skip_counter=self._shared_skip_counter(),
+        )
         return DataLoader(
             batches,
             batch_size=None,  # the dataset yields collated batches: every batch is full (drop_last, method §6)
@@ -271,10 +288,19 @@ class FlowMoDataModule(L.LightningDataModule):
         rank, world_size, step, _ = self._trainer_position()
         subsample = self.hparams.test_subsample if split == "test" else 1
         stream = ShardStream(
-            self._shard_urls(split), hp.image_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
-            random_flip=hp.random_flip, max_samples=None if train else hp.val_max_samples, rank=rank,
-            world_size=world_size, skip_counter=self._shared_skip_counter(), start_step=step,
-            subsample=subsample, shard_offsets=self._shard_offsets(split) if subsample > 1 else None,
+            self._shard_urls(split),
+            hp.image_size,
+            train=train,
+            seed=hp.seed,
+            shuffle_buffer=hp.shuffle_buffer,
+            random_flip=hp.random_flip,
+            max_samples=None if train else hp.val_max_samples,
+            rank=rank,
+            world_size=world_size,
+            skip_counter=self._shared_skip_counter(),
+            start_step=step,
+            subsample=subsample,
+            shard_offsets=self._shard_offsets(split) if subsample > 1 else None,
         )
         return DataLoader(
             stream,

@@ -20,9 +20,9 @@ import re
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -45,8 +45,13 @@ class ShardEntries:
     stamp: tuple[int, int]
 
     def to_json(self) -> dict:
-        return {"keys": self.keys, "offsets": self.offsets, "sizes": self.sizes, "labels": self.labels,
-                "stamp": list(self.stamp)}
+        return {
+            "keys": self.keys,
+            "offsets": self.offsets,
+            "sizes": self.sizes,
+            "labels": self.labels,
+            "stamp": list(self.stamp),
+        }
 
     @classmethod
     def from_json(cls, record: dict) -> ShardEntries:
@@ -145,8 +150,17 @@ def save_index(index: ShardIndex, path: Path) -> None:
     names = np.array([os.path.relpath(shard, path.parent) for shard in index.shards], dtype=np.str_)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(temporary, "wb") as handle:
-        np.savez(handle, version=np.int64(INDEX_VERSION), shards=names, stamps=index.stamps, shard=index.shard,
-                 offset=index.offset, size=index.size, label=index.label, key=index.key)
+        np.savez(
+            handle,
+            version=np.int64(INDEX_VERSION),
+            shards=names,
+            stamps=index.stamps,
+            shard=index.shard,
+            offset=index.offset,
+            size=index.size,
+            label=index.label,
+            key=index.key,
+        )
     os.replace(temporary, path)
 
 
@@ -166,21 +180,28 @@ def load_index(path: Path, shards: list[str]) -> ShardIndex | None:
         return None
     if not np.array_equal(current, arrays["stamps"]):
         return None
-    return ShardIndex(list(shards), arrays["stamps"], arrays["shard"], arrays["offset"], arrays["size"],
-                      arrays["label"], arrays["key"])
+    return ShardIndex(
+        list(shards),
+        arrays["stamps"],
+        arrays["shard"],
+        arrays["offset"],
+        arrays["size"],
+        arrays["label"],
+        arrays["key"],
+    )
 
 
 def build_index(shards: list[str], report: Callable[[str], None] | None = None) -> ShardIndex:
     started = time.perf_counter()
     index = ShardIndex.from_entries(shards, [index_shard(shard) for shard in shards])
     if report is not None:
-        report(f"flowmo: indexed {len(index)} samples in {len(shards)} shards in "
-               f"{time.perf_counter() - started:.1f} s")
+        report(f"flowmo: indexed {len(index)} samples in {len(shards)} shards in {time.perf_counter() - started:.1f} s")
     return index
 
 
-def index_for(shards: list[str], manifest_path: str | Path | None = None,
-              report: Callable[[str], None] | None = None) -> ShardIndex:
+def index_for(
+    shards: list[str], manifest_path: str | Path | None = None, report: Callable[[str], None] | None = None
+) -> ShardIndex:
     """The index of `shards`: read from the manifest's sidecar when it is current, else built by walking the
     shards and saved there (kept in memory only when there is no manifest or its folder is read-only)."""
     path = sidecar_path(manifest_path) if manifest_path is not None else None

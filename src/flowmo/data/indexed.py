@@ -85,8 +85,10 @@ class IndexedBatches(IterableDataset):
         if len(index) == 0:
             more = f" and {len(index.shards) - 3} more" if len(index.shards) > 3 else ""
             shown = ", ".join(index.shards[:3]) + more
-            raise RuntimeError(f"the training shards yield no sample (no image member in any of them): {shown}; "
-                               "check that the paths hold WebDataset tars of images (flowmo shards writes them).")
+            raise RuntimeError(
+                f"the training shards yield no sample (no image member in any of them): {shown}; "
+                "check that the paths hold WebDataset tars of images (flowmo shards writes them)."
+            )
         self.index = index
         self.image_size, self.batch_size = image_size, batch_size
         self.seed, self.start_batch, self.rank = seed, start_batch, rank

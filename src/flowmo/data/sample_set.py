@@ -30,10 +30,24 @@ from flowmo.data.shards import write_shards
 # Left out: synthetic images (color wheel, chessboard, logo, phantom, horse silhouette), the 14x25 px GIF and
 # the 25 px LFW face thumbnails (too small to crop at the demo's 32 px).
 TRAIN_PHOTOS = (
-    "astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+    "astronaut.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
     "grace_hopper.jpg",
-    "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png", "page.png", "clock_motion.png",
-    "cell.png", "text.png", "microaneurysms.png",
+    "camera.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "moon.png",
+    "coins.png",
+    "page.png",
+    "clock_motion.png",
+    "cell.png",
+    "text.png",
+    "microaneurysms.png",
 )
 VAL_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 MATPLOTLIB_PHOTOS = ("grace_hopper.jpg",)  # in matplotlib's mpl-data/sample_data; the rest are scikit-image's
@@ -70,8 +84,9 @@ def center_square(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def crop_boxes(width: int, height: int, count: int, rng: random.Random, with_center: bool,
-               min_side: int) -> list[tuple]:
+def crop_boxes(
+    width: int, height: int, count: int, rng: random.Random, with_center: bool, min_side: int
+) -> list[tuple]:
     """`count` square crop boxes; the first is the full center square when `with_center` (val)."""
     boxes = [center_square(width, height)] if with_center else []
     return boxes + [random_square(width, height, rng, min_side) for _ in range(count - len(boxes))]
@@ -95,8 +110,16 @@ def jitter_colour(image: Image.Image, rng: random.Random, tint_grey: float) -> I
     return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
 
 
-def write_photo_crops(photo: str, folder: Path, count: int, size: int, seed: int, with_center: bool,
-                      colour_jitter: bool = False, tint_grey: float = 0.0) -> None:
+def write_photo_crops(
+    photo: str,
+    folder: Path,
+    count: int,
+    size: int,
+    seed: int,
+    with_center: bool,
+    colour_jitter: bool = False,
+    tint_grey: float = 0.0,
+) -> None:
     """Crops of one photograph as `folder/<photo>/<photo>_NNN.jpg` (an ImageFolder class per photo)."""
     stem = Path(photo).stem
     rng = random.Random(f"{seed}-{stem}")  # per photo, so adding a photo leaves the others' crops unchanged
@@ -129,39 +152,79 @@ def build_sample_set(
     staging = out_dir / ".staging"  # a fixed path: the manifests record the source they were written from
     _remove_previous_build(out_dir)
     manifests = {}
-    for split, photos, count in (("train", TRAIN_PHOTOS, train_crops_per_photo),
-                                 ("val", VAL_PHOTOS, val_crops_per_photo)):
+    for split, photos, count in (
+        ("train", TRAIN_PHOTOS, train_crops_per_photo),
+        ("val", VAL_PHOTOS, val_crops_per_photo),
+    ):
         for photo in photos:
             jitter = colour_jitter and split == "train"  # the held-out photos keep their own colours
-            write_photo_crops(photo, staging / split, count, size, seed, with_center=split == "val",
-                              colour_jitter=jitter, tint_grey=tint_grey)
-        manifests[split] = write_shards(staging / split, out_dir, split, shard_size=shard_size, workers=1,
-                                        shuffle=split == "train", seed=seed, progress=False)
+            write_photo_crops(
+                photo,
+                staging / split,
+                count,
+                size,
+                seed,
+                with_center=split == "val",
+                colour_jitter=jitter,
+                tint_grey=tint_grey,
+            )
+        manifests[split] = write_shards(
+            staging / split,
+            out_dir,
+            split,
+            shard_size=shard_size,
+            workers=1,
+            shuffle=split == "train",
+            seed=seed,
+            progress=False,
+        )
     shutil.rmtree(staging)
     return manifests
 
 
-def ensure_sample_data(data_dir: str | Path, size: int, train_crops: int, val_crops: int,
-                       tint_grey: float = -1.0) -> None:
+def ensure_sample_data(
+    data_dir: str | Path, size: int, train_crops: int, val_crops: int, tint_grey: float = -1.0
+) -> None:
     """Build the sample set in data_dir (the demo's and the tiny ablation grid's) unless it already holds one made
     with these settings. tint_grey < 0: no colour jitter; else jitter every training crop and tint grayscale ones
     with that probability."""
     data_dir = Path(data_dir)
-    wanted = {"size": size, "train_crops_per_photo": train_crops, "val_crops_per_photo": val_crops,
-              "colour_jitter": tint_grey >= 0, "tint_grey": max(tint_grey, 0.0)}
+    wanted = {
+        "size": size,
+        "train_crops_per_photo": train_crops,
+        "val_crops_per_photo": val_crops,
+        "colour_jitter": tint_grey >= 0,
+        "tint_grey": max(tint_grey, 0.0),
+    }
     stamp = data_dir / "demo_sample_set.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (data_dir / "val.json").is_file():
         return
     print(f"building the sample set in {data_dir} ({size} px crops at every scale)")
-    build_sample_set(data_dir, size=size, train_crops_per_photo=train_crops, val_crops_per_photo=val_crops,
-                     shard_size=256, colour_jitter=tint_grey >= 0, tint_grey=max(tint_grey, 0.0))
+    build_sample_set(
+        data_dir,
+        size=size,
+        train_crops_per_photo=train_crops,
+        val_crops_per_photo=val_crops,
+        shard_size=256,
+        colour_jitter=tint_grey >= 0,
+        tint_grey=max(tint_grey, 0.0),
+    )
     stamp.write_text(json.dumps(wanted) + "\n")
 
 
 def _remove_previous_build(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for pattern in (".staging", "train-*", "val-*", "train.json", "val.json", "train.index.npz", "val.index.npz",
-                    ".train-parts", ".val-parts"):
+    for pattern in (
+        ".staging",
+        "train-*",
+        "val-*",
+        "train.json",
+        "val.json",
+        "train.index.npz",
+        "val.index.npz",
+        ".train-parts",
+        ".val-parts",
+    ):
         for old in out_dir.glob(pattern):
             if old.is_dir():
                 shutil.rmtree(old)

@@ -30,25 +30,18 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from flowmo.data.index import (
-    ShardEntries,
-    ShardIndex,
-    index_for,
-    index_shard,
-    save_index,
-    sidecar_path,
-)
-from flowmo.data.sources import (
-    SourceItem,
-    SourceListing,
-    close_descriptors,
-    list_source,
-    read_item_bytes,
-)
+from flowmo.data.index import ShardEntries, ShardIndex, index_for, index_shard, save_index, sidecar_path
+from flowmo.data.sources import SourceItem, SourceListing, close_descriptors, list_source, read_item_bytes
 
 # PIL format name -> shard field; JPEG is the normal case, the others keep their bytes under their own extension.
 FIELD_FOR_FORMAT = {
-    "JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm",
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+    "PPM": "ppm",
 }
 MANIFEST_VERSION = 1
 
@@ -81,8 +74,15 @@ def write_shards(
     return _write_listing(listing, run, out_dir, split, shard_size, workers, shuffle, seed, progress)
 
 
-def write_split_shards(source: str | Path, out_dir: str | Path, val_fraction: float, shard_size: int = 1000,
-                       workers: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict]:
+def write_split_shards(
+    source: str | Path,
+    out_dir: str | Path,
+    val_fraction: float,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict]:
     """Train and val shards of one image folder: {"train": manifest, "val": manifest}. The split is
     `split_listing`'s (deterministic, stratified by class folder); the files the listing skipped are in train.json."""
     if shard_size < 1:
@@ -90,8 +90,10 @@ def write_split_shards(source: str | Path, out_dir: str | Path, val_fraction: fl
     listing = list_source(source)
     parts = split_listing(listing, val_fraction, seed)
     run = {"source": str(Path(source).resolve()), "val_fraction": val_fraction}
-    return {split: _write_listing(part, run, out_dir, split, shard_size, workers, None, seed, progress)
-            for split, part in parts.items()}
+    return {
+        split: _write_listing(part, run, out_dir, split, shard_size, workers, None, seed, progress)
+        for split, part in parts.items()
+    }
 
 
 def split_listing(listing: SourceListing, val_fraction: float, seed: int = 0) -> dict[str, SourceListing]:
@@ -110,14 +112,27 @@ def split_listing(listing: SourceListing, val_fraction: float, seed: int = 0) ->
     val = [item for item in listing.items if item.key in val_keys]
     train = [item for item in listing.items if item.key not in val_keys]
     if not val or not train:
-        raise ValueError(f"--val-fraction {val_fraction} of {len(listing.items)} images leaves "
-                         f"{'no validation' if not val else 'no training'} image; choose a fraction that leaves both")
-    return {"train": SourceListing(train, listing.class_names, listing.skipped),
-            "val": SourceListing(val, listing.class_names, [])}
+        raise ValueError(
+            f"--val-fraction {val_fraction} of {len(listing.items)} images leaves "
+            f"{'no validation' if not val else 'no training'} image; choose a fraction that leaves both"
+        )
+    return {
+        "train": SourceListing(train, listing.class_names, listing.skipped),
+        "val": SourceListing(val, listing.class_names, []),
+    }
 
 
-def _write_listing(listing: SourceListing, run: dict, out_dir: str | Path, split: str, shard_size: int,
-                   workers: int | None, shuffle: bool | None, seed: int, progress: bool) -> dict:
+def _write_listing(
+    listing: SourceListing,
+    run: dict,
+    out_dir: str | Path,
+    split: str,
+    shard_size: int,
+    workers: int | None,
+    shuffle: bool | None,
+    seed: int,
+    progress: bool,
+) -> dict:
     """Write (or finish writing) the shards of one split's listing and return its manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,8 +221,12 @@ def write_one_shard(task: tuple[str, str, list[SourceItem]]) -> int:
             _add_member(tar, f"{item.key}.cls", str(item.cls).encode())
             written += 1
     # indexed now, while the shard is still in the page cache (a later walk over 140 GB would read from disk)
-    record = {"url": Path(shard_path).name, "num_samples": written, "skipped": skipped,
-              "index": index_shard(tmp_path).to_json()}
+    record = {
+        "url": Path(shard_path).name,
+        "num_samples": written,
+        "skipped": skipped,
+        "index": index_shard(tmp_path).to_json(),
+    }
     _atomic_write_text(Path(part_path), json.dumps(record))
     os.replace(tmp_path, shard_path)
     return len(items)
@@ -249,8 +268,10 @@ def _describe(item: SourceItem) -> str:
 def _save_index(out_dir: Path, records: list[dict], path: Path) -> None:
     """The split's index from the shards' records (a record of an older writer without one: walk that shard)."""
     shards = [str(out_dir / record["url"]) for record in records]
-    entries = [ShardEntries.from_json(record["index"]) if "index" in record else index_shard(shard)
-               for record, shard in zip(records, shards)]
+    entries = [
+        ShardEntries.from_json(record["index"]) if "index" in record else index_shard(shard)
+        for record, shard in zip(records, shards)
+    ]
     save_index(ShardIndex.from_entries(shards, entries), path)
 
 

@@ -25,12 +25,7 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
-from flowmo.data.transforms import (
-    IMAGE_FIELDS,
-    decode_rgb,
-    train_transform,
-    val_transform,
-)
+from flowmo.data.transforms import IMAGE_FIELDS, decode_rgb, train_transform, val_transform
 
 MAX_FAILURES_IN_A_ROW = 1000  # a few corrupt JPEGs are normal; a thousand in a row means wrong or broken shards
 
@@ -192,9 +187,11 @@ def resampled_urls(urls: list[str], rng: random.Random, progress: dict | None = 
         if progress is not None:
             if progress["shards_without_sample"] >= limit:
                 shown = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
-                raise RuntimeError(f"the training shards yield no sample ({limit} shard reads in a row gave none): "
-                                   f"{shown}; check that the paths or the pipe: command produce WebDataset tars "
-                                   "of images (flowmo shards writes them).")
+                raise RuntimeError(
+                    f"the training shards yield no sample ({limit} shard reads in a row gave none): "
+                    f"{shown}; check that the paths or the pipe: command produce WebDataset tars "
+                    "of images (flowmo shards writes them)."
+                )
             progress["shards_without_sample"] += 1
         yield {"url": rng.choice(urls)}
 

@@ -84,6 +84,8 @@ def resolve(preset: str, overrides: dict | None = None) -> MaskGITConfig:
         raise UserError(f"unknown generator preset {preset!r}; choose one of {preset_names()}.")
     unknown = set(overrides or {}) - set(MaskGITConfig.__dataclass_fields__)
     if unknown:
-        raise UserError(f"unknown generator architecture keys {sorted(unknown)}; valid keys are "
-                        f"{sorted(MaskGITConfig.__dataclass_fields__)}.")
+        raise UserError(
+            f"unknown generator architecture keys {sorted(unknown)}; valid keys are "
+            f"{sorted(MaskGITConfig.__dataclass_fields__)}."
+        )
     return replace(_PRESETS[preset], **(overrides or {}))

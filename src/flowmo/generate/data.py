@@ -26,9 +26,17 @@ from flowmo.generate.tokens import decode_ids, read_token_manifest, token_layout
 class TokenStream(IterableDataset):
     """Rows `{"ids": int64 [L*F], "cls": int, "key": str}` of token shards."""
 
-    def __init__(self, urls: list[str], train: bool, seed: int = 0, shuffle_buffer: int = 1000,
-                 max_samples: int | None = None, rank: int | None = None, world_size: int | None = None,
-                 start_step: int = 0):
+    def __init__(
+        self,
+        urls: list[str],
+        train: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        max_samples: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start_step: int = 0,
+    ):
         """rank / world_size are captured in the main process (workers may not see the process group, and ranks
         must draw different rows); start_step makes a resumed run draw new rows instead of replaying its start."""
         super().__init__()
@@ -48,35 +56,50 @@ class TokenStream(IterableDataset):
         for count, sample in enumerate(samples):
             if self.max_samples is not None and not self.train and count >= self.max_samples:
                 return
-            yield {"ids": torch.from_numpy(decode_ids(sample["tokens.npy"]).astype(np.int64)),
-                   "cls": int(sample["cls"]), "key": sample["__key__"]}
+            yield {
+                "ids": torch.from_numpy(decode_ids(sample["tokens.npy"]).astype(np.int64)),
+                "cls": int(sample["cls"]),
+                "key": sample["__key__"],
+            }
 
 
 def collate_tokens(rows: list[dict]) -> dict:
-    return {"ids": torch.stack([row["ids"] for row in rows]),
-            "cls": torch.tensor([row["cls"] for row in rows], dtype=torch.int64),
-            "key": [row["key"] for row in rows]}
+    return {
+        "ids": torch.stack([row["ids"] for row in rows]),
+        "cls": torch.tensor([row["cls"] for row in rows], dtype=torch.int64),
+        "key": [row["key"] for row in rows],
+    }
 
 
 class TokenDataModule(L.LightningDataModule):
     """Args:
-        train_tokens: the train split's token manifest (`flowmo pretokenize` writes {split}.json).
-        val_tokens: a token manifest for validation loss and sample grids; None = no validation data.
-        batch_size, val_batch_size: rows per device and step.
-        val_max_samples: at most this many validation rows per reader (None = all).
-        num_workers, shuffle_buffer, seed: loader settings.
+    train_tokens: the train split's token manifest (`flowmo pretokenize` writes {split}.json).
+    val_tokens: a token manifest for validation loss and sample grids; None = no validation data.
+    batch_size, val_batch_size: rows per device and step.
+    val_max_samples: at most this many validation rows per reader (None = all).
+    num_workers, shuffle_buffer, seed: loader settings.
     """
 
-    def __init__(self, train_tokens: str, val_tokens: str | None = None, batch_size: int = 64,
-                 val_batch_size: int | None = None, val_max_samples: int | None = None, num_workers: int = 0,
-                 shuffle_buffer: int = 1000, seed: int = 0):
+    def __init__(
+        self,
+        train_tokens: str,
+        val_tokens: str | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        val_max_samples: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.train_manifest = read_token_manifest(train_tokens)
         self.val_manifest = read_token_manifest(val_tokens) if val_tokens else None
         if self.val_manifest and self.val_manifest["tokenizer"]["sha256"] != self.train_manifest["tokenizer"]["sha256"]:
-            raise UserError(f"{val_tokens} and {train_tokens} were written by different tokenizers; pretokenize "
-                            "both splits with the same one.")
+            raise UserError(
+                f"{val_tokens} and {train_tokens} were written by different tokenizers; pretokenize "
+                "both splits with the same one."
+            )
 
     @property
     def token_layout(self) -> dict:
@@ -89,21 +112,29 @@ class TokenDataModule(L.LightningDataModule):
         urls = [str(manifest_path.parent / shard["url"]) for shard in manifest["shards"]]
         missing = [url for url in urls if not Path(url).exists()]
         if missing or manifest["num_samples"] == 0:
-            raise UserError(f"{manifest_path} lists {'a missing shard ' + missing[0] if missing else 'no rows'}; "
-                            "run `flowmo pretokenize` again with the same --out to finish it.")
+            raise UserError(
+                f"{manifest_path} lists {'a missing shard ' + missing[0] if missing else 'no rows'}; "
+                "run `flowmo pretokenize` again with the same --out to finish it."
+            )
         return urls
 
     def train_dataloader(self) -> DataLoader:
-        stream = TokenStream(self._urls("train"), train=True, seed=self.hparams.seed,
-                             shuffle_buffer=self.hparams.shuffle_buffer, **self._placement(),
-                             start_step=self.trainer.global_step if self.trainer else 0)
+        stream = TokenStream(
+            self._urls("train"),
+            train=True,
+            seed=self.hparams.seed,
+            shuffle_buffer=self.hparams.shuffle_buffer,
+            **self._placement(),
+            start_step=self.trainer.global_step if self.trainer else 0,
+        )
         return self._loader(stream, self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_manifest is None:
             return []
-        stream = TokenStream(self._urls("val"), train=False, max_samples=self.hparams.val_max_samples,
-                             **self._placement())
+        stream = TokenStream(
+            self._urls("val"), train=False, max_samples=self.hparams.val_max_samples, **self._placement()
+        )
         return self._loader(stream, self.hparams.val_batch_size or self.hparams.batch_size)
 
     def _placement(self) -> dict:
@@ -112,5 +143,10 @@ class TokenDataModule(L.LightningDataModule):
         return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
 
     def _loader(self, stream: TokenStream, batch_size: int) -> DataLoader:
-        return DataLoader(stream, batch_size=batch_size, num_workers=self.hparams.num_workers,
-                          collate_fn=collate_tokens, persistent_workers=self.hparams.num_workers > 0)
+        return DataLoader(
+            stream,
+            batch_size=batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_tokens,
+            persistent_workers=self.hparams.num_workers > 0,
+        )

@@ -29,8 +29,10 @@ from flowmo.data.stream import ShardStream, collate
 from flowmo.metrics.fid import InceptionFeatures, RandomConvFeatures
 from flowmo.perceptual import load_state_dict_file
 
-PROTOCOL = ("class-balanced samples vs. training-shard center crops; pytorch-fid InceptionV3 pool3 on float [0,1] "
-            "images (bilinear 299); IS on unbiased logits, 10 splits; precision/recall k-NN k=3")
+PROTOCOL = (
+    "class-balanced samples vs. training-shard center crops; pytorch-fid InceptionV3 pool3 on float [0,1] "
+    "images (bilinear 299); IS on unbiased logits, 10 splits; precision/recall k-NN k=3"
+)
 
 
 class GenerationFeatures(nn.Module):
@@ -72,14 +74,26 @@ class Precomputed(nn.Module):
         return features
 
 
-def reference_statistics(manifest: str | Path, features: GenerationFeatures, image_size: int,
-                         cache: str | Path | None = None, batch_size: int = 50, max_images: int | None = None,
-                         max_knn: int = 10_000) -> dict:
+def reference_statistics(
+    manifest: str | Path,
+    features: GenerationFeatures,
+    image_size: int,
+    cache: str | Path | None = None,
+    batch_size: int = 50,
+    max_images: int | None = None,
+    max_knn: int = 10_000,
+) -> dict:
     """Mean/covariance sums and the first `max_knn` features of the reference images, from `cache` when it holds
     the same reference (manifest, size, network, count); otherwise computed and written there."""
 
-    reference = {"manifest": str(Path(manifest).resolve()), "crop": "center", "image_size": image_size,
-                 "features": features.name, "stand_in": features.is_stand_in, "max_images": max_images}
+    reference = {
+        "manifest": str(Path(manifest).resolve()),
+        "crop": "center",
+        "image_size": image_size,
+        "features": features.name,
+        "stand_in": features.is_stand_in,
+        "max_images": max_images,
+    }
     if cache is not None and Path(cache).is_file():
         cached = torch.load(cache, map_location="cpu", weights_only=True)
         if {key: value for key, value in cached["reference"].items() if key != "num_images"} == reference:
@@ -96,8 +110,13 @@ def reference_statistics(manifest: str | Path, features: GenerationFeatures, ima
         kept.append(pool[: max(0, max_knn - sum(k.shape[0] for k in kept))].float())
     if count == 0:
         raise ValueError(f"{manifest} yielded no readable reference image; check the shards.")
-    stats = {"reference": {**reference, "num_images": count}, "sum": total, "outer_sum": outer, "count": count,
-             "knn_features": torch.cat(kept)}
+    stats = {
+        "reference": {**reference, "num_images": count},
+        "sum": total,
+        "outer_sum": outer,
+        "count": count,
+        "knn_features": torch.cat(kept),
+    }
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save(stats, cache)
@@ -106,15 +125,19 @@ def reference_statistics(manifest: str | Path, features: GenerationFeatures, ima
 
 def knn_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:
     """Distance of each feature to its k-th nearest neighbour in the same set (itself excluded)."""
-    radii = [torch.cdist(features[start:start + chunk], features).kthvalue(k + 1, dim=1).values
-             for start in range(0, len(features), chunk)]
+    radii = [
+        torch.cdist(features[start : start + chunk], features).kthvalue(k + 1, dim=1).values
+        for start in range(0, len(features), chunk)
+    ]
     return torch.cat(radii)
 
 
 def fraction_inside(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 1024) -> float:
     """The fraction of `points` inside at least one ball (centre, radius): the k-NN manifold estimate."""
-    inside = [(torch.cdist(points[start:start + chunk], centres) <= radii).any(dim=1)
-              for start in range(0, len(points), chunk)]
+    inside = [
+        (torch.cdist(points[start : start + chunk], centres) <= radii).any(dim=1)
+        for start in range(0, len(points), chunk)
+    ]
     return torch.cat(inside).float().mean().item()
 
 
@@ -124,21 +147,23 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     return (fraction_inside(fake, real, knn_radii(real, k)), fraction_inside(real, fake, knn_radii(fake, k)))
 
 
-def sample_features(sample_fn: Callable[[Tensor], Tensor], labels: Tensor, features: GenerationFeatures,
-                    batch_size: int = 50) -> tuple[Tensor, Tensor]:
+def sample_features(
+    sample_fn: Callable[[Tensor], Tensor], labels: Tensor, features: GenerationFeatures, batch_size: int = 50
+) -> tuple[Tensor, Tensor]:
     """(pool features [N, D], logits [N, C]) on the CPU, float32 (the network's own precision), of the images
     `sample_fn(classes [B]) -> [B, 3, H, W] in [-1, 1]` makes for `labels` [N]."""
     pools, logits = [], []
     for start in range(0, len(labels), batch_size):
-        images = sample_fn(labels[start:start + batch_size])
+        images = sample_fn(labels[start : start + batch_size])
         pool, logit = features(((images.float().to(features.head.device) + 1) / 2).clamp(0, 1))
         pools.append(pool.float().cpu())
         logits.append(logit.float().cpu())
     return torch.cat(pools), torch.cat(logits)
 
 
-def metrics_from_features(reference: dict, pool: Tensor, logits: Tensor, features: GenerationFeatures,
-                          k: int = 3, chunk: int = 1000) -> dict:
+def metrics_from_features(
+    reference: dict, pool: Tensor, logits: Tensor, features: GenerationFeatures, k: int = 3, chunk: int = 1000
+) -> dict:
     """gFID, IS, precision and recall of generated features against `reference` (reference_statistics), with
     the protocol and the reference set named."""
     fid = FrechetInceptionDistance(feature=Precomputed(reference["sum"].numel()), reset_real_features=False)
@@ -147,19 +172,35 @@ def metrics_from_features(reference: dict, pool: Tensor, logits: Tensor, feature
     fid.real_features_num_samples = torch.tensor(reference["count"]).long()
     inception_score = InceptionScore(feature=Precomputed(logits.shape[1]), splits=10)
     for start in range(0, len(pool), chunk):
-        fid.update(pool[start:start + chunk].double(), real=False)
-        inception_score.update(logits[start:start + chunk].double())
+        fid.update(pool[start : start + chunk].double(), real=False)
+        inception_score.update(logits[start : start + chunk].double())
     score_mean, score_std = inception_score.compute()
     knn_reference = reference["knn_features"]
     precision, recall = precision_recall(knn_reference, pool[: len(knn_reference)], k)
-    return {"gfid": float(fid.compute()), "inception_score": float(score_mean), "inception_score_std": float(score_std),
-            "precision": precision, "recall": recall, "num_samples": len(pool), "knn_k": k,
-            "reference": reference["reference"], "protocol": PROTOCOL, "features": features.name,
-            "stand_in_features": features.is_stand_in}
+    return {
+        "gfid": float(fid.compute()),
+        "inception_score": float(score_mean),
+        "inception_score_std": float(score_std),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": len(pool),
+        "knn_k": k,
+        "reference": reference["reference"],
+        "protocol": PROTOCOL,
+        "features": features.name,
+        "stand_in_features": features.is_stand_in,
+    }
 
 
-def evaluate_generator(sample_fn: Callable[[Tensor], Tensor], reference: dict, features: GenerationFeatures,
-                       num_samples: int, num_classes: int, batch_size: int = 50, k: int = 3) -> dict:
+def evaluate_generator(
+    sample_fn: Callable[[Tensor], Tensor],
+    reference: dict,
+    features: GenerationFeatures,
+    num_samples: int,
+    num_classes: int,
+    batch_size: int = 50,
+    k: int = 3,
+) -> dict:
     """Metrics of `sample_fn` over `num_samples` class-balanced samples (class i % num_classes) on one device."""
     labels = torch.arange(num_samples) % num_classes
     return metrics_from_features(reference, *sample_features(sample_fn, labels, features, batch_size), features, k)
@@ -170,4 +211,3 @@ def write_report(report: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     return path
-

@@ -17,17 +17,23 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from flowmo.generate.evaluate import (
-    GenerationFeatures,
-    metrics_from_features,
-)
+from flowmo.generate.evaluate import GenerationFeatures, metrics_from_features
 
 
 class SamplePredictor(L.LightningModule):
     """One predict step = one batch of labels: generate ids, decode them, extract features; saved per rank."""
 
-    def __init__(self, generator, tokenizer, features: GenerationFeatures, label_batches: list, settings: dict,
-                 sampler: str, seed: int, out_dir: Path):
+    def __init__(
+        self,
+        generator,
+        tokenizer,
+        features: GenerationFeatures,
+        label_batches: list,
+        settings: dict,
+        sampler: str,
+        seed: int,
+        out_dir: Path,
+    ):
         super().__init__()
         self.generator_network = generator.network  # submodules: Lightning moves them to this rank's device
         self.tokenizer, self.features = tokenizer, features
@@ -38,7 +44,7 @@ class SamplePredictor(L.LightningModule):
         self.logits: list = []
 
     def predict_dataloader(self) -> DataLoader:
-        mine = self.label_batches[self.global_rank::self.trainer.world_size]
+        mine = self.label_batches[self.global_rank :: self.trainer.world_size]
         return DataLoader(mine or [torch.empty(0, dtype=torch.long)], batch_size=None)
 
     def on_predict_start(self) -> None:
@@ -62,19 +68,39 @@ class SamplePredictor(L.LightningModule):
         torch.save({"pool": pool, "logits": logits}, self.out_dir / f"features-rank{self.global_rank}.pt")
 
 
-def sample_and_measure(generator, tokenizer, features: GenerationFeatures, reference: dict, num_samples: int,
-                       batch: int, settings: dict, sampler: str, seed: int, work_dir: Path, accelerator: str = "auto",
-                       devices: int | str = "auto", strategy: str = "auto") -> dict | None:
+def sample_and_measure(
+    generator,
+    tokenizer,
+    features: GenerationFeatures,
+    reference: dict,
+    num_samples: int,
+    batch: int,
+    settings: dict,
+    sampler: str,
+    seed: int,
+    work_dir: Path,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+) -> dict | None:
     """The report on rank 0 (None on other ranks); `work_dir` receives each rank's features."""
     labels = torch.arange(num_samples) % generator.layout.num_classes
     work_dir.mkdir(parents=True, exist_ok=True)
     for old in work_dir.glob("features-rank*.pt"):
         old.unlink()
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision="32-true",
-                        logger=False, enable_progress_bar=True, enable_model_summary=False,
-                        use_distributed_sampler=False)
-    predictor = SamplePredictor(generator, tokenizer, features, list(labels.split(batch)), settings, sampler, seed,
-                                work_dir)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision="32-true",
+        logger=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    predictor = SamplePredictor(
+        generator, tokenizer, features, list(labels.split(batch)), settings, sampler, seed, work_dir
+    )
     trainer.predict(predictor, return_predictions=False)
     trainer.strategy.barrier()  # every rank's features are on disk
     if not trainer.is_global_zero:

@@ -43,8 +43,9 @@ def training_mask(batch: int, tokens: int, device: torch.device, generator: torc
     return ranks < count[:, None]
 
 
-def drop_classes(classes: Tensor, null_class: int, probability: float,
-                 generator: torch.Generator | None = None) -> Tensor:
+def drop_classes(
+    classes: Tensor, null_class: int, probability: float, generator: torch.Generator | None = None
+) -> Tensor:
     """Replace each class by the null class with `probability`: the unconditional model CFG needs."""
     if probability <= 0:
         return classes
@@ -56,14 +57,16 @@ def masked_token_loss(logits: Tensor, ids: Tensor, masked: Tensor, label_smoothi
     """Cross-entropy over the sub-tokens of masked tokens only. logits [B, L, F, V], ids [B, L*F], masked [B, L]."""
     groups = logits.shape[2]
     targets = rearrange(ids, "b (l f) -> b l f", f=groups)
-    per_sub_token = F.cross_entropy(rearrange(logits, "b l f v -> b v l f").float(), targets,
-                                    label_smoothing=label_smoothing, reduction="none")  # [B, L, F]
+    per_sub_token = F.cross_entropy(
+        rearrange(logits, "b l f v -> b v l f").float(), targets, label_smoothing=label_smoothing, reduction="none"
+    )  # [B, L, F]
     weights = masked[..., None].expand_as(per_sub_token).float()
     return (per_sub_token * weights).sum() / weights.sum().clamp(min=1)
 
 
-def guided_logits(logits_fn: LogitsFn, ids: Tensor, masked: Tensor, classes: Tensor, null_class: int,
-                  cfg: float) -> Tensor:
+def guided_logits(
+    logits_fn: LogitsFn, ids: Tensor, masked: Tensor, classes: Tensor, null_class: int, cfg: float
+) -> Tensor:
     """Log-probabilities [B, L, F, V]; cfg != 1 mixes conditional and null-class predictions in log space:
     log p_uncond + cfg * (log p_cond - log p_uncond), both from one call on twice the batch."""
     if cfg == 1.0:
@@ -78,15 +81,26 @@ def sample_sub_tokens(log_probs: Tensor, temperature: float, generator: torch.Ge
     """[B, L, F, V] -> ids [B, L, F]: argmax at temperature 0, else a draw from softmax(log_probs / temperature)."""
     if temperature <= 0:
         return log_probs.argmax(-1)
-    gumbel = -torch.log(-torch.log(torch.rand(log_probs.shape, device=log_probs.device, generator=generator)
-                                   .clamp(1e-20, 1.0)))
+    gumbel = -torch.log(
+        -torch.log(torch.rand(log_probs.shape, device=log_probs.device, generator=generator).clamp(1e-20, 1.0))
+    )
     return (log_probs / temperature + gumbel).argmax(-1)
 
 
 @torch.no_grad()
-def decode(logits_fn: LogitsFn, classes: Tensor, tokens: int, groups: int, null_class: int, steps: int = 8,
-           temperature: float = 1.0, choice_temperature: float = 4.5, cfg: float = 1.0,
-           generator: torch.Generator | None = None, on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
+def decode(
+    logits_fn: LogitsFn,
+    classes: Tensor,
+    tokens: int,
+    groups: int,
+    null_class: int,
+    steps: int = 8,
+    temperature: float = 1.0,
+    choice_temperature: float = 4.5,
+    cfg: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
     """MaskGIT's iterative parallel decoding (section 3.2) -> ids [B, L*F].
 
     Every step predicts all masked tokens, keeps them, and re-masks the least confident ones so that
@@ -105,15 +119,17 @@ def decode(logits_fn: LogitsFn, classes: Tensor, tokens: int, groups: int, null_
         sampled_ids = rearrange(sampled, "b l f -> b (l f)")
         newly = rearrange(masked[..., None].expand(-1, -1, groups), "b l f -> b (l f)")
         ids = torch.where(newly, sampled_ids, ids)
-        masked = remask_least_confident(confidence, masked, keep_masked,
-                                        choice_temperature * (1 - (step + 1) / steps), generator)
+        masked = remask_least_confident(
+            confidence, masked, keep_masked, choice_temperature * (1 - (step + 1) / steps), generator
+        )
         if on_step is not None:
             on_step(step, masked)
     return ids
 
 
-def remask_least_confident(confidence: Tensor, masked: Tensor, keep_masked: int, noise_scale: float,
-                           generator: torch.Generator | None) -> Tensor:
+def remask_least_confident(
+    confidence: Tensor, masked: Tensor, keep_masked: int, noise_scale: float, generator: torch.Generator | None
+) -> Tensor:
     """The new mask [B, L]: the `keep_masked` lowest-confidence tokens among those that were masked; tokens
     already known are never re-masked (MaskGIT keeps decided tokens)."""
     if noise_scale > 0:

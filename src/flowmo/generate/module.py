@@ -63,12 +63,25 @@ class MaskGITModule(L.LightningModule):
         """
         super().__init__()
         if token_layout is None:
-            raise UserError("the generator needs model.token_layout (tokens, groups, codebook_size, num_classes); "
-                            "`flowmo gen fit` takes it from the data's token manifest.")
+            raise UserError(
+                "the generator needs model.token_layout (tokens, groups, codebook_size, num_classes); "
+                "`flowmo gen fit` takes it from the data's token manifest."
+            )
         self.save_hyperparameters()
-        self.recipe = {**RECIPES.get(preset, RECIPES["tiny"]), **{key: value for key, value in dict(
-            lr=lr, betas=betas, weight_decay=weight_decay, label_smoothing=label_smoothing,
-            class_dropout=class_dropout).items() if value is not None}}
+        self.recipe = {
+            **RECIPES.get(preset, RECIPES["tiny"]),
+            **{
+                key: value
+                for key, value in dict(
+                    lr=lr,
+                    betas=betas,
+                    weight_decay=weight_decay,
+                    label_smoothing=label_smoothing,
+                    class_dropout=class_dropout,
+                ).items()
+                if value is not None
+            },
+        }
         self.layout = TokenLayout.from_dict(token_layout)
         self.tokenizer_sha256 = token_layout.get("tokenizer_sha256")
         self.network = MaskGITTransformer(resolve(preset, architecture), self.layout)
@@ -80,7 +93,7 @@ class MaskGITModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- training
     @property
     def noise_generator(self) -> torch.Generator:
-        """Masks and class dropout: seeded per rank, checkpointed per rank, so a resumed run draws what it would have."""
+        """Masks and class dropout: seeded and checkpointed per rank, so a resumed run draws what it would have."""
         return self.noise.generator(self.device, self.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -89,8 +102,9 @@ class MaskGITModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
 
-    def loss(self, ids: Tensor, classes: Tensor, generator: torch.Generator | None = None,
-             class_dropout: float | None = None) -> Tensor:
+    def loss(
+        self, ids: Tensor, classes: Tensor, generator: torch.Generator | None = None, class_dropout: float | None = None
+    ) -> Tensor:
         """Masked-token cross-entropy of one batch: ids [B, L*F], classes [B]."""
         masked = masking.training_mask(ids.shape[0], self.layout.tokens, ids.device, generator)
         dropout = self.recipe["class_dropout"] if class_dropout is None else class_dropout
@@ -114,8 +128,12 @@ class MaskGITModule(L.LightningModule):
             self.log_sample_grid()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.recipe["lr"],
-                                      betas=tuple(self.recipe["betas"]), weight_decay=self.recipe["weight_decay"])
+        optimizer = torch.optim.AdamW(
+            self.network.parameters(),
+            lr=self.recipe["lr"],
+            betas=tuple(self.recipe["betas"]),
+            weight_decay=self.recipe["weight_decay"],
+        )
         warmup = self.hparams.warmup_steps
         if warmup <= 0:
             return optimizer
@@ -124,20 +142,33 @@ class MaskGITModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def generate(self, classes: Tensor, steps: int | None = None, temperature: float | None = None,
-                 choice_temperature: float | None = None, cfg: float | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self,
+        classes: Tensor,
+        steps: int | None = None,
+        temperature: float | None = None,
+        choice_temperature: float | None = None,
+        cfg: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Token ids [B, L*F] for class ids [B]; unset settings are the module's sample_* ones."""
         if classes.numel() and (classes.min() < 0 or classes.max() >= self.layout.num_classes):
-            raise UserError(f"classes must lie in [0, {self.layout.num_classes}), got "
-                            f"[{int(classes.min())}, {int(classes.max())}].")
+            raise UserError(
+                f"classes must lie in [0, {self.layout.num_classes}), got [{int(classes.min())}, {int(classes.max())}]."
+            )
         hp = self.hparams
-        return masking.decode(self.network, classes.to(self.device), self.layout.tokens, self.layout.groups,
-                              self.network.null_class, steps=steps or hp.sample_steps,
-                              temperature=hp.sample_temperature if temperature is None else temperature,
-                              choice_temperature=(hp.sample_choice_temperature if choice_temperature is None
-                                                  else choice_temperature),
-                              cfg=hp.sample_cfg if cfg is None else cfg, generator=generator)
+        return masking.decode(
+            self.network,
+            classes.to(self.device),
+            self.layout.tokens,
+            self.layout.groups,
+            self.network.null_class,
+            steps=steps or hp.sample_steps,
+            temperature=hp.sample_temperature if temperature is None else temperature,
+            choice_temperature=(hp.sample_choice_temperature if choice_temperature is None else choice_temperature),
+            cfg=hp.sample_cfg if cfg is None else cfg,
+            generator=generator,
+        )
 
     def tokenizer(self):
         """The configured tokenizer (EMA weights), checked against the shards' tokenizer hash."""

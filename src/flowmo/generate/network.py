@@ -29,8 +29,15 @@ class MaskGITTransformer(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(width))
         self.class_embedding = nn.Embedding(layout.num_classes + 1, width)  # + the null class
         self.position_embedding = nn.Parameter(torch.zeros(1 + layout.tokens, width))
-        block = nn.TransformerEncoderLayer(width, config.heads, int(width * config.mlp_ratio), config.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(
+            width,
+            config.heads,
+            int(width * config.mlp_ratio),
+            config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.blocks = nn.TransformerEncoder(block, config.depth, norm=nn.LayerNorm(width), enable_nested_tensor=False)
         # F heads of V logits stored as one Linear of F*V outputs (one matmul instead of F)
         self.heads = nn.Linear(width, groups * vocab)

@@ -26,24 +26,14 @@ from webdataset.tariterators import tarfile_samples
 
 from flowmo.data.datamodule import resolve_shards
 from flowmo.data.shards import _add_member, _atomic_write_text, skip_reason
-from flowmo.data.transforms import (
-    IMAGE_FIELDS,
-    decode_rgb,
-    train_transform,
-    val_transform,
-)
+from flowmo.data.transforms import IMAGE_FIELDS, decode_rgb, train_transform, val_transform
 from flowmo.errors import UserError
-from flowmo.generate.tokens import (
-    TOKEN_MANIFEST_VERSION,
-    encode_ids,
-    smallest_dtype,
-    tokenizer_record,
-)
+from flowmo.generate.tokens import TOKEN_MANIFEST_VERSION, encode_ids, smallest_dtype, tokenizer_record
 from flowmo.tools import load_tokenizer
 
 
 def parse_crops(crops: str) -> dict:
-    """"center" -> one center crop per image (evaluation's crop); "N" -> N random crops (training's crop)."""
+    """ "center" -> one center crop per image (evaluation's crop); "N" -> N random crops (training's crop)."""
     if crops == "center":
         return {"policy": "center", "count": 1}
     if crops.isdigit() and int(crops) >= 1:
@@ -77,8 +67,10 @@ class ShardTokenizer:
             try:
                 field = next(name for name in IMAGE_FIELDS if name in sample)
                 label = int(sample["cls"]) if "cls" in sample else -1
-                out += [(crop_key, key, label, image) for crop_key, image in
-                        image_crops(sample[field], key, self.crops, self.size, self.seed)]
+                out += [
+                    (crop_key, key, label, image)
+                    for crop_key, image in image_crops(sample[field], key, self.crops, self.size, self.seed)
+                ]
             except Exception as error:  # a corrupt image or label: skip it, count it, go on
                 skipped.append({"key": key, "reason": skip_reason(error)})
         return out
@@ -89,7 +81,7 @@ class ShardTokenizer:
         tmp_path = out_path.with_name(out_path.name + ".tmp")
         with tarfile.open(tmp_path, "w") as tar:
             for start in range(0, len(samples), self.batch_size):
-                chunk = samples[start:start + self.batch_size]
+                chunk = samples[start : start + self.batch_size]
                 images = torch.stack([image for *_, image in chunk]).to(self.tokenizer.decoder.img_in.weight.device)
                 ids = self.tokenizer.tokenize(images).cpu().numpy().astype(self.dtype)
                 for (key, source_key, label, _), row in zip(chunk, ids):
@@ -97,8 +89,12 @@ class ShardTokenizer:
                     _add_member(tar, f"{key}.cls", str(label).encode())
                     _add_member(tar, f"{key}.src", source_key.encode())
                 bar.update(len(chunk))
-        record = {"url": out_path.name, "num_samples": len(samples), "skipped": skipped,
-                  "max_class": max((label for _, _, label, _ in samples), default=-1)}
+        record = {
+            "url": out_path.name,
+            "num_samples": len(samples),
+            "skipped": skipped,
+            "max_class": max((label for _, _, label, _ in samples), default=-1),
+        }
         _atomic_write_text(part_path, json.dumps(record))
         os.replace(tmp_path, out_path)
         return record
@@ -114,12 +110,16 @@ class ShardPredictor(L.LightningModule):
         self.bar: tqdm | None = None
 
     def predict_dataloader(self) -> DataLoader:
-        mine = self.jobs[self.global_rank::self.trainer.world_size]  # disjoint: no two ranks write one shard
+        mine = self.jobs[self.global_rank :: self.trainer.world_size]  # disjoint: no two ranks write one shard
         return DataLoader(mine or [()], batch_size=None)  # Lightning refuses an empty loader: one no-op job
 
     def on_predict_start(self) -> None:
-        self.bar = tqdm(unit="img", desc=f"pretokenize (rank {self.global_rank})", disable=not self.progress,
-                        position=self.global_rank)
+        self.bar = tqdm(
+            unit="img",
+            desc=f"pretokenize (rank {self.global_rank})",
+            disable=not self.progress,
+            position=self.global_rank,
+        )
 
     def predict_step(self, job: tuple[str, str, str] | tuple, batch_idx: int) -> int:
         if not job:
@@ -131,9 +131,20 @@ class ShardPredictor(L.LightningModule):
         self.bar.close()
 
 
-def pretokenize(tokenizer_path: str, shards: str, out_dir: str | Path, split: str = "train", crops: str = "center",
-                size: int | None = None, seed: int = 0, batch_size: int = 32, accelerator: str = "auto",
-                devices: int | str = "auto", strategy: str = "auto", progress: bool = True) -> dict:
+def pretokenize(
+    tokenizer_path: str,
+    shards: str,
+    out_dir: str | Path,
+    split: str = "train",
+    crops: str = "center",
+    size: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Write (or finish writing) the token shards of one split; returns the token manifest."""
     tokenizer = load_tokenizer(tokenizer_path, "cpu")
     crop_policy = {**parse_crops(crops), "seed": seed}
@@ -142,18 +153,32 @@ def pretokenize(tokenizer_path: str, shards: str, out_dir: str | Path, split: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = tokenizer_record(tokenizer, str(tokenizer_path))
-    run = {"tokenizer_sha256": record["sha256"], "crops": crop_policy, "image_size": size,
-           "source": str(Path(shards).resolve())}
+    run = {
+        "tokenizer_sha256": record["sha256"],
+        "crops": crop_policy,
+        "image_size": size,
+        "source": str(Path(shards).resolve()),
+    }
     parts_dir = _start_or_resume(out_dir, split, run)
     writer = ShardTokenizer(tokenizer, crop_policy, size, seed, batch_size)
     names = [f"{split}-{index:06d}.tar" for index in range(len(urls))]
-    pending = [(url, str(out_dir / name), str(parts_dir / f"{name}.json")) for url, name in zip(urls, names)
-               if not ((out_dir / name).exists() and (parts_dir / f"{name}.json").exists())]  # skip finished shards
+    pending = [
+        (url, str(out_dir / name), str(parts_dir / f"{name}.json"))
+        for url, name in zip(urls, names)
+        if not ((out_dir / name).exists() and (parts_dir / f"{name}.json").exists())
+    ]  # skip finished shards
     is_global_zero = True
     if pending:
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision="32-true",
-                            logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            use_distributed_sampler=False)
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            precision="32-true",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+        )
         trainer.predict(ShardPredictor(writer, pending, progress), return_predictions=False)
         trainer.strategy.barrier()  # every rank's shards are written before the manifest counts them
         is_global_zero = trainer.is_global_zero
@@ -175,8 +200,10 @@ def _start_or_resume(out_dir: Path, split: str, run: dict) -> Path:
     parts_dir = out_dir / f".{split}-parts"
     run_file = parts_dir / "run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != run:
-        raise UserError(f"{out_dir} holds {split!r} token shards of another tokenizer, crop policy or source "
-                        f"({run_file.read_text()}); write to a new --out folder or delete that one.")
+        raise UserError(
+            f"{out_dir} holds {split!r} token shards of another tokenizer, crop policy or source "
+            f"({run_file.read_text()}); write to a new --out folder or delete that one."
+        )
     parts_dir.mkdir(exist_ok=True)
     _atomic_write_text(run_file, json.dumps(run))
     for stale in out_dir.glob(f"{split}-*.tar.tmp"):  # left by an interrupted run; rewritten
@@ -189,10 +216,19 @@ def _manifest(split: str, run: dict, record: dict, dtype, shards: str, names: li
     skipped = [entry for part in parts for entry in part["skipped"]]
     source = json.loads(Path(shards).read_text()) if shards.endswith(".json") else {}
     classes = source.get("classes") or []
-    return {"version": TOKEN_MANIFEST_VERSION, "split": split,
-            "num_samples": sum(part["num_samples"] for part in parts), "num_shards": len(parts),
-            "shards": [{"url": part["url"], "num_samples": part["num_samples"]} for part in parts],
-            "num_classes": max(len(classes), 1 + max((part["max_class"] for part in parts), default=-1)),
-            "classes": classes, "tokens_dtype": dtype.name, "tokenizer": record, "crops": run["crops"],
-            "image_size": run["image_size"], "source": run["source"], "num_skipped": len(skipped),
-            "skipped": skipped}
+    return {
+        "version": TOKEN_MANIFEST_VERSION,
+        "split": split,
+        "num_samples": sum(part["num_samples"] for part in parts),
+        "num_shards": len(parts),
+        "shards": [{"url": part["url"], "num_samples": part["num_samples"]} for part in parts],
+        "num_classes": max(len(classes), 1 + max((part["max_class"] for part in parts), default=-1)),
+        "classes": classes,
+        "tokens_dtype": dtype.name,
+        "tokenizer": record,
+        "crops": run["crops"],
+        "image_size": run["image_size"],
+        "source": run["source"],
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+    }

@@ -38,8 +38,16 @@ def parse_classes(text: str) -> list[int]:
         raise UserError(f"--classes must be comma-separated class indices such as 1,2,3, got {text!r}.") from None
 
 
-def generate_images(generator: MaskGITModule, tokenizer, classes: list[int], per_class: int, seed: int,
-                    batch: int, sampler: str, **settings) -> tuple[torch.Tensor, dict[str, float]]:
+def generate_images(
+    generator: MaskGITModule,
+    tokenizer,
+    classes: list[int],
+    per_class: int,
+    seed: int,
+    batch: int,
+    sampler: str,
+    **settings,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Images [len(classes) * per_class, 3, H, W] in [-1, 1], class-major, and seconds spent per stage."""
     labels = torch.tensor(classes, device=generator.device).repeat_interleave(per_class)
     rng = torch.Generator(device=generator.device).manual_seed(seed)
@@ -47,7 +55,7 @@ def generate_images(generator: MaskGITModule, tokenizer, classes: list[int], per
     images = []
     for start in range(0, len(labels), batch):
         began = time.perf_counter()
-        ids = generator.generate(labels[start:start + batch], generator=rng, **settings)
+        ids = generator.generate(labels[start : start + batch], generator=rng, **settings)
         decoded_at = time.perf_counter()
         images.append(tokenizer.detokenize(ids, generator=rng, sampler=sampler).float().cpu())
         seconds["generator"] += decoded_at - began

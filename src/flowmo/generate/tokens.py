@@ -33,9 +33,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenizer_record(tokenizer, source: str) -> dict:
     """What a token manifest says about the tokenizer that wrote it."""
-    return {"source": source, "sha256": tokenizer_fingerprint(tokenizer), "config": tokenizer.config.to_dict(),
-            "tokens": tokenizer.config.code_length, "groups": tokenizer.quantizer.ids_per_token,
-            "codebook_size": int(tokenizer.quantizer.codebook_size), "ids_per_image": tokenizer.ids_per_image}
+    return {
+        "source": source,
+        "sha256": tokenizer_fingerprint(tokenizer),
+        "config": tokenizer.config.to_dict(),
+        "tokens": tokenizer.config.code_length,
+        "groups": tokenizer.quantizer.ids_per_token,
+        "codebook_size": int(tokenizer.quantizer.codebook_size),
+        "ids_per_image": tokenizer.ids_per_image,
+    }
 
 
 def smallest_dtype(codebook_size: int) -> np.dtype:
@@ -59,20 +65,29 @@ def decode_ids(data: bytes) -> np.ndarray:
 def read_token_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no token manifest at {path}; write token shards first with "
-                        "`flowmo pretokenize --tokenizer CKPT --shards MANIFEST --out DIR`.")
+        raise UserError(
+            f"no token manifest at {path}; write token shards first with "
+            "`flowmo pretokenize --tokenizer CKPT --shards MANIFEST --out DIR`."
+        )
     manifest = json.loads(path.read_text())
     if "tokenizer" not in manifest or "tokens_dtype" not in manifest:
-        raise UserError(f"{path} is not a token manifest (it has no tokenizer record); give the .json that "
-                        "`flowmo pretokenize` wrote.")
+        raise UserError(
+            f"{path} is not a token manifest (it has no tokenizer record); give the .json that "
+            "`flowmo pretokenize` wrote."
+        )
     return manifest
 
 
 def token_layout(manifest: dict) -> dict:
     """The generator's TokenLayout fields (plus the tokenizer hash) from a token manifest."""
     record = manifest["tokenizer"]
-    return {"tokens": record["tokens"], "groups": record["groups"], "codebook_size": record["codebook_size"],
-            "num_classes": manifest["num_classes"], "tokenizer_sha256": record["sha256"]}
+    return {
+        "tokens": record["tokens"],
+        "groups": record["groups"],
+        "codebook_size": record["codebook_size"],
+        "num_classes": manifest["num_classes"],
+        "tokenizer_sha256": record["sha256"],
+    }
 
 
 def check_same_tokenizer(expected_sha256: str | None, tokenizer, what: str) -> None:
@@ -81,6 +96,8 @@ def check_same_tokenizer(expected_sha256: str | None, tokenizer, what: str) -> N
         return
     actual = tokenizer_fingerprint(tokenizer)
     if actual != expected_sha256:
-        raise UserError(f"{what} were written by another tokenizer (weights hash {expected_sha256[:12]}...) than "
-                        f"the one given ({actual[:12]}...); decode with the tokenizer that wrote them, or "
-                        "pretokenize again with this one.")
+        raise UserError(
+            f"{what} were written by another tokenizer (weights hash {expected_sha256[:12]}...) than "
+            f"the one given ({actual[:12]}...); decode with the tokenizer that wrote them, or "
+            "pretokenize again with this one."
+        )

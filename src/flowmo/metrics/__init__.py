@@ -1,13 +1,7 @@
 """Evaluation metrics (method §7) as torchmetrics: DDP-correct (summed states), never in model checkpoints."""
 
 from flowmo.metrics.codebook import CodebookUsage, bits_per_pixel, index_bits
-from flowmo.metrics.fid import (
-    FIDFeatures,
-    InceptionFeatures,
-    PairwiseFeatureDistance,
-    RandomConvFeatures,
-    build_fid,
-)
+from flowmo.metrics.fid import FIDFeatures, InceptionFeatures, PairwiseFeatureDistance, RandomConvFeatures, build_fid
 from flowmo.metrics.image import (
     PSNR,
     SSIM,

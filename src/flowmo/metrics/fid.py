@@ -88,11 +88,14 @@ def fid_inception(state: dict[str, Tensor]) -> nn.Module:
     # InceptionV3 takes no weights argument, so its loader is replaced for the call; a release that stops asking it
     # is an error here (patch.object also refuses a renamed loader), never a silent download of other weights
     with mock.patch.object(inception, "load_state_dict_from_url", hand_over):
-        net = inception.InceptionV3([inception.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=True,
-                                    normalize_input=True)
+        net = inception.InceptionV3(
+            [inception.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=True, normalize_input=True
+        )
     if asked != [inception.FID_WEIGHTS_URL]:
-        raise RuntimeError(f"pytorch-fid's InceptionV3 asked its loader {asked} instead of once for "
-                           "FID_WEIGHTS_URL: flowmo's hand-off of the weights no longer works with this pytorch-fid.")
+        raise RuntimeError(
+            f"pytorch-fid's InceptionV3 asked its loader {asked} instead of once for "
+            "FID_WEIGHTS_URL: flowmo's hand-off of the weights no longer works with this pytorch-fid."
+        )
     return net
 
 
@@ -137,9 +140,7 @@ class PairwiseFeatureDistance(Metric):
 
 
 def build_fid(
-    feature: nn.Module | None = None,
-    inception_path: str | os.PathLike | None = None,
-    num_features: int | None = None,
+    feature: nn.Module | None = None, inception_path: str | os.PathLike | None = None, num_features: int | None = None
 ) -> FrechetInceptionDistance:
     """FrechetInceptionDistance on [0, 1] float images (``normalize=True``), real = originals.
 

@@ -20,14 +20,7 @@ from torch import Tensor, nn
 
 from flowmo.metrics.codebook import CodebookUsage
 from flowmo.metrics.fid import PairwiseFeatureDistance, RandomConvFeatures, build_fid
-from flowmo.metrics.image import (
-    PSNR,
-    SSIM,
-    LPIPSMetric,
-    PaperPSNR,
-    PaperSSIM,
-    to_unit_range,
-)
+from flowmo.metrics.image import PSNR, SSIM, LPIPSMetric, PaperPSNR, PaperSSIM, to_unit_range
 
 RANGE_TOLERANCE = 1e-3
 WeightsArg = str | os.PathLike | None
@@ -69,8 +62,14 @@ class ReconstructionMetrics(nn.Module):
         self.codebook = CodebookUsage(codebook_bits) if codebook_bits is not None else None
 
     @classmethod
-    def for_evaluation(cls, lpips_nets: tuple[str, ...], rfid: bool, feature_weights: WeightsArg,
-                       inception_path: WeightsArg, codebook_bits: int | None) -> "ReconstructionMetrics":
+    def for_evaluation(
+        cls,
+        lpips_nets: tuple[str, ...],
+        rfid: bool,
+        feature_weights: WeightsArg,
+        inception_path: WeightsArg,
+        codebook_bits: int | None,
+    ) -> "ReconstructionMetrics":
         """The validation / test metrics of a training module: `feature_weights` says where the feature nets' files
         come from (None: the caches; a folder, which then holds the Inception file too; "random": stand-ins);
         `inception_path` names the Inception file itself."""
@@ -79,8 +78,13 @@ class ReconstructionMetrics(nn.Module):
             fid_feature = "random" if feature_weights == "random" else None
         folder = feature_weights not in (None, "random") and Path(feature_weights).is_dir()
         inception = inception_path if inception_path is not None or not folder else feature_weights
-        return cls(lpips_nets=lpips_nets, lpips_weights=feature_weights, fid_feature=fid_feature,
-                   inception_path=inception, codebook_bits=codebook_bits)
+        return cls(
+            lpips_nets=lpips_nets,
+            lpips_weights=feature_weights,
+            fid_feature=fid_feature,
+            inception_path=inception,
+            codebook_bits=codebook_bits,
+        )
 
     @property
     def stand_ins(self) -> list[str]:
@@ -151,4 +155,3 @@ def _check_original_range(original: Tensor) -> None:
             f"Reconstruction metrics expect images in [-1, 1]; the originals span [{low:.3g}, {high:.3g}]. "
             "Map uint8 images with x / 127.5 - 1."
         )
-

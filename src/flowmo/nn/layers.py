@@ -137,14 +137,18 @@ class StreamBlockHalf(nn.Module):
     code stream) keeps only what feeds the joint attention (q, k, v): its projection and MLP could never
     receive a gradient."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool,
-                 has_output: bool = True):
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool, has_output: bool = True
+    ):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.mod = Modulation(width) if modulated else None
         self.attn = StreamAttention(width, heads, qkv_bias, with_proj=has_output)
-        self.mlp = (nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-                    if has_output else None)
+        self.mlp = (
+            nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+            if has_output
+            else None
+        )
 
 
 class DoubleStreamBlock(nn.Module):
@@ -157,15 +161,25 @@ class DoubleStreamBlock(nn.Module):
     A stream without output returns None.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool, attn_scale: float,
-                 img_output: bool = True, txt_output: bool = True):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        modulated: bool,
+        attn_scale: float,
+        img_output: bool = True,
+        txt_output: bool = True,
+    ):
         super().__init__()
         self.attn_scale = attn_scale
         self.img = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated, has_output=img_output)
         self.txt = StreamBlockHalf(width, heads, mlp_ratio, qkv_bias, modulated, has_output=txt_output)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor | None,
-                rope: tuple[Tensor, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    def forward(
+        self, img: Tensor, txt: Tensor, vec: Tensor | None, rope: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor | None, Tensor | None]:
         no_mod = ((None, None, None), (None, None, None))
         img_mod = self.img.mod(vec) if self.img.mod is not None else no_mod
         txt_mod = self.txt.mod(vec) if self.txt.mod is not None else no_mod
@@ -200,9 +214,7 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, out_dim: int, time_conditioned: bool):
         super().__init__()
         self.linear = nn.Linear(width, out_dim)
-        self.adaLN_modulation = (
-            nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)) if time_conditioned else None
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)) if time_conditioned else None
 
     def forward(self, x: Tensor, vec: Tensor | None) -> Tensor:
         if self.adaLN_modulation is not None:

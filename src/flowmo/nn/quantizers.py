@@ -98,8 +98,10 @@ class Quantizer(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """int64 ids [B, L * ids_per_token] -> codes [B, L, D] as the decoder reads them."""
-        raise ValueError("this tokenizer's code has no token ids (a continuous code, or an FSQ whose levels do not fit "
-                         "one int64 id); use encode / quantize codes.")
+        raise ValueError(
+            "this tokenizer's code has no token ids (a continuous code, or an FSQ whose levels do not fit "
+            "one int64 id); use encode / quantize codes."
+        )
 
     def zero_losses(self, code: Tensor) -> QuantizerLosses:
         """Losses of a quantizer with no loss of its own: zeros, logged under the same names as LFQ's main terms."""
@@ -120,8 +122,14 @@ class LFQ(Quantizer):
     sum_j bit_j 2^j (little-endian: channel bit 0 is the least significant).
     """
 
-    def __init__(self, code_dim: int, group_bits: int, temperature: float = 0.1,
-                 entropy_weight: float = 0.0025, commit_weight: float = 0.000625):
+    def __init__(
+        self,
+        code_dim: int,
+        group_bits: int,
+        temperature: float = 0.1,
+        entropy_weight: float = 0.0025,
+        commit_weight: float = 0.000625,
+    ):
         super().__init__()
         if code_dim % group_bits:
             raise ValueError(f"code_dim {code_dim} is not divisible by the entropy group size {group_bits}.")
@@ -160,9 +168,15 @@ class LFQ(Quantizer):
             per_sample, codebook = self.entropy_terms(code.float())
             commitment = (code.float() - quantized.float()).pow(2).mean()
         entropy = per_sample - codebook
-        return QuantizerLosses(self.entropy_weight * entropy + self.commit_weight * commitment,
-                               {"entropy": entropy, "commitment": commitment, "per_sample_entropy": per_sample,
-                                "codebook_entropy": codebook})
+        return QuantizerLosses(
+            self.entropy_weight * entropy + self.commit_weight * commitment,
+            {
+                "entropy": entropy,
+                "commitment": commitment,
+                "per_sample_entropy": per_sample,
+                "codebook_entropy": codebook,
+            },
+        )
 
     def entropy_terms(self, code: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-sub-token entropy, entropy of the mean distribution), over this micro-batch.
@@ -241,8 +255,13 @@ class ContinuousCode(Quantizer):
 
 # config.quantizer -> the quantizer of a FlowMoConfig: the one place a quantizer's name means anything.
 QUANTIZERS: dict[str, Callable[..., Quantizer]] = {
-    "lfq": lambda config: LFQ(config.code_dim, config.entropy_group_bits, config.entropy_temperature,
-                              config.entropy_loss_weight, config.commit_loss_weight),
+    "lfq": lambda config: LFQ(
+        config.code_dim,
+        config.entropy_group_bits,
+        config.entropy_temperature,
+        config.entropy_loss_weight,
+        config.commit_loss_weight,
+    ),
     "fsq": lambda config: FSQ(config.fsq_levels),
     "none": lambda config: ContinuousCode(config.code_dim),
 }

@@ -1,8 +1,8 @@
 """FlowMoTokenizer: encoder -> quantizer -> rectified-flow decoder, with the public encode/decode API.
 
-    tok = FlowMoTokenizer.from_pretrained("lo")        # the authors' release; or .from_checkpoint(path), .from_preset("lo")
-    indices = tok.tokenize(images)                     # images [B, 3, H, W] in [-1, 1] -> int64 [B, L*F]
-    images = tok.detokenize(indices)                   # flow.SAMPLERS["paper"]: 25 steps, CFG 1.5 on (0.17, 1.02)
+tok = FlowMoTokenizer.from_pretrained("lo")        # the authors' release; or .from_checkpoint(path), .from_preset("lo")
+indices = tok.tokenize(images)                     # images [B, 3, H, W] in [-1, 1] -> int64 [B, L*F]
+images = tok.detokenize(indices)                   # flow.SAMPLERS["paper"]: 25 steps, CFG 1.5 on (0.17, 1.02)
 """
 
 from __future__ import annotations
@@ -26,14 +26,31 @@ class FlowMoTokenizer(nn.Module):
     def __init__(self, config: FlowMoConfig):
         super().__init__()
         self.config = config
-        shared = dict(patch_size=config.patch_size, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
-                      rope_theta=config.rope_theta, attention_scale_spec=config.attention_scale)
+        shared = dict(
+            patch_size=config.patch_size,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=config.qkv_bias,
+            rope_theta=config.rope_theta,
+            attention_scale_spec=config.attention_scale,
+        )
         # Encoder: code tokens start as zeros (identity only from RoPE); only its code head is read.
-        self.encoder = EncoderTransformer(config.encoder, code_in_dim=config.code_dim, code_out_dim=config.code_dim,
-                             image_out=False, time_conditioned=False, **shared)
+        self.encoder = EncoderTransformer(
+            config.encoder,
+            code_in_dim=config.code_dim,
+            code_out_dim=config.code_dim,
+            image_out=False,
+            time_conditioned=False,
+            **shared,
+        )
         # Decoder: reads [code, 1] (the "code present" channel), outputs the velocity image only.
-        self.decoder = DecoderTransformer(config.decoder, code_in_dim=config.code_dim + 1, code_out_dim=None,
-                             image_out=True, time_conditioned=True, **shared)
+        self.decoder = DecoderTransformer(
+            config.decoder,
+            code_in_dim=config.code_dim + 1,
+            code_out_dim=None,
+            image_out=True,
+            time_conditioned=True,
+            **shared,
+        )
         self.quantizer = build_quantizer(config)
 
     def set_activation_checkpointing(self, setting: str) -> "FlowMoTokenizer":
@@ -55,8 +72,9 @@ class FlowMoTokenizer(nn.Module):
         return cls.from_config(presets.get(name), device)
 
     @classmethod
-    def from_official(cls, state_dict: dict | str | Path, config: FlowMoConfig | dict | str | None = None,
-                      weights: str = "ema") -> "FlowMoTokenizer":
+    def from_official(
+        cls, state_dict: dict | str | Path, config: FlowMoConfig | dict | str | None = None, weights: str = "ema"
+    ) -> "FlowMoTokenizer":
         """Load the authors' weights: a state dict, a released file (flowmo_lo.pth / flowmo_hi.pth) or name (lo, hi).
 
         config: FlowMoConfig, the fixtures' dict schema, a preset name, or None to infer lo/hi from the
@@ -72,8 +90,13 @@ class FlowMoTokenizer(nn.Module):
         return cls._from_state(path, weights)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
-                        cache_dir: str | Path | None = None, weights: str = "ema") -> "FlowMoTokenizer":
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        weights: str = "ema",
+    ) -> "FlowMoTokenizer":
         """A released name ("lo" / "hi": the authors' files at a pinned commit of ksarge/FlowMo), a folder written
         by save_pretrained, or a Hub repository id ("owner/name") at `revision`. Downloads land in the Hugging Face
         cache (or `cache_dir`); HF_HUB_OFFLINE=1 uses the cache only, HF_ENDPOINT a mirror (flowmo.hub)."""
@@ -106,49 +129,67 @@ class FlowMoTokenizer(nn.Module):
     def check_images(self, images: Tensor, check_range: bool = True) -> None:
         """One clear ValueError per kind of bad input (type, rank, channels, dtype, empty, size, NaN, range)."""
         if not isinstance(images, Tensor):
-            raise ValueError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}; "
-                             "for numpy use torch.from_numpy(array).")
+            raise ValueError(
+                f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}; "
+                "for numpy use torch.from_numpy(array)."
+            )
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape [B, 3, H, W], got {list(images.shape)}; "
-                             "add a batch dim with images[None] or convert to RGB.")
+            raise ValueError(
+                f"images must have shape [B, 3, H, W], got {list(images.shape)}; "
+                "add a batch dim with images[None] or convert to RGB."
+            )
         if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}; "
-                             "for uint8 use images.float() / 127.5 - 1.")
+            raise ValueError(
+                f"images must be floating point in [-1, 1], got {images.dtype}; "
+                "for uint8 use images.float() / 127.5 - 1."
+            )
         if images.shape[0] == 0 or images.shape[-2] == 0 or images.shape[-1] == 0:
             raise ValueError(f"images must hold at least one non-empty image, got shape {list(images.shape)}.")
         p = self.config.patch_size
         if images.shape[-2] % p or images.shape[-1] % p:
-            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {p}; "
-                             f"resize or crop to a multiple of {p}.")
+            raise ValueError(
+                f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {p}; "
+                f"resize or crop to a multiple of {p}."
+            )
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf values; replace them (e.g. torch.nan_to_num) before encoding.")
         if check_range:
             low, high = images.aminmax()
             if low.item() < -1.001 or high.item() > 1.001:
-                raise ValueError(f"images must lie in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]; "
-                                 "for [0, 1] images use images * 2 - 1.")
+                raise ValueError(
+                    f"images must lie in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]; "
+                    "for [0, 1] images use images * 2 - 1."
+                )
 
     def check_indices(self, indices) -> Tensor:
         """Token ids as an int64 tensor [B, N] on the model's device, or one ValueError that says what is wrong.
         Lists and numpy arrays are accepted; N must be the code's id count and every id within the codebook."""
         if not self.quantizer.has_ids:
-            raise ValueError(f"this tokenizer's code has no token ids (quantizer {self.config.quantizer!r}); use "
-                             "encode / quantize codes.")
+            raise ValueError(
+                f"this tokenizer's code has no token ids (quantizer {self.config.quantizer!r}); use "
+                "encode / quantize codes."
+            )
         try:
             ids = torch.as_tensor(indices)
         except (TypeError, ValueError, RuntimeError) as error:
             raise ValueError(f"token ids must be an integer tensor, list or numpy array [B, N]; {error}.") from None
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"token ids must be integers, got {ids.dtype}; use ids.long() only if they are whole "
-                             "numbers written as floats.")
+            raise ValueError(
+                f"token ids must be integers, got {ids.dtype}; use ids.long() only if they are whole "
+                "numbers written as floats."
+            )
         expected = self.ids_per_image
         if ids.dim() != 2 or ids.shape[1] != expected or ids.shape[0] == 0:
-            raise ValueError(f"token ids must have shape [B, {expected}] (B >= 1) for this tokenizer, got "
-                             f"{list(ids.shape)}; add a batch dim with ids[None].")
+            raise ValueError(
+                f"token ids must have shape [B, {expected}] (B >= 1) for this tokenizer, got "
+                f"{list(ids.shape)}; add a batch dim with ids[None]."
+            )
         size = self.quantizer.codebook_size
         if ids.min().item() < 0 or ids.max().item() >= size:
-            raise ValueError(f"token ids must lie in [0, {size}), got [{ids.min().item()}, {ids.max().item()}]; "
-                             "they come from another tokenizer or were corrupted.")
+            raise ValueError(
+                f"token ids must lie in [0, {size}), got [{ids.min().item()}, {ids.max().item()}]; "
+                "they come from another tokenizer or were corrupted."
+            )
         return ids.to(device=self.decoder.img_in.weight.device, dtype=torch.long)
 
     @property
@@ -207,9 +248,17 @@ class FlowMoTokenizer(nn.Module):
         both = self.velocity_from_condition(torch.cat([noisy, noisy]), condition, torch.cat([t, t]))
         return both[:batch], both[batch:]
 
-    def sample(self, codes: Tensor | None, noise: Tensor, steps: int = PAPER.steps, rho: float = PAPER.rho,
-               cfg: float = PAPER.cfg, cfg_interval: tuple[float, float] | None = PAPER.cfg_interval,
-               timesteps: Tensor | None = None, clip: bool = True) -> Tensor:
+    def sample(
+        self,
+        codes: Tensor | None,
+        noise: Tensor,
+        steps: int = PAPER.steps,
+        rho: float = PAPER.rho,
+        cfg: float = PAPER.cfg,
+        cfg_interval: tuple[float, float] | None = PAPER.cfg_interval,
+        timesteps: Tensor | None = None,
+        clip: bool = True,
+    ) -> Tensor:
         """Decode by Euler integration from `noise` (t=1) to t=0.
 
         Default grid: t_k = (k/steps)^rho. `timesteps` overrides it ([K+1] or per-sample [B, K+1]).
@@ -218,8 +267,14 @@ class FlowMoTokenizer(nn.Module):
         """
         return self.sample_with(flow.SamplerSettings(steps, rho, cfg, cfg_interval), codes, noise, timesteps, clip)
 
-    def sample_with(self, settings: flow.SamplerSettings, codes: Tensor | None, noise: Tensor,
-                    timesteps: Tensor | None = None, clip: bool = True) -> Tensor:
+    def sample_with(
+        self,
+        settings: flow.SamplerSettings,
+        codes: Tensor | None,
+        noise: Tensor,
+        timesteps: Tensor | None = None,
+        clip: bool = True,
+    ) -> Tensor:
         """`sample` with its settings as one SamplerSettings (flow.SAMPLERS["paper"], ["fast"], ...)."""
         self._check_sample_inputs(codes, noise)
         # The grid lives on the noise's device (no copy per step); which steps are guided is decided on the host
@@ -231,8 +286,14 @@ class FlowMoTokenizer(nn.Module):
         conditional = lambda z, t: self.velocity(z, codes, t)  # noqa: E731
         unconditional = lambda z, t: self.velocity(z, None, t)  # noqa: E731
         paired = lambda z, t: self.velocity_with_null(z, codes, t)  # noqa: E731
-        velocity_fn = flow.guided_velocity(conditional, unconditional, settings.cfg, settings.interval_t,
-                                           paired=paired if codes is not None else None, guided_steps=guided)
+        velocity_fn = flow.guided_velocity(
+            conditional,
+            unconditional,
+            settings.cfg,
+            settings.interval_t,
+            paired=paired if codes is not None else None,
+            guided_steps=guided,
+        )
         return flow.sample_euler(velocity_fn, noise, grid, clip=clip)
 
     def _check_sample_inputs(self, codes: Tensor | None, noise: Tensor) -> None:
@@ -250,14 +311,22 @@ class FlowMoTokenizer(nn.Module):
         """images [B, 3, H, W] in [-1, 1] -> int64 token indices ([B, L*F] for LFQ, [B, L] for FSQ)."""
         out = self.quantize(self.encode(images), with_losses=False)
         if out.indices is None:
-            raise ValueError("this tokenizer has no token ids (a continuous code, or FSQ levels whose product exceeds "
-                             "an int64 id); use encode() and quantize() instead.")
+            raise ValueError(
+                "this tokenizer has no token ids (a continuous code, or FSQ levels whose product exceeds "
+                "an int64 id); use encode() and quantize() instead."
+            )
         return out.indices
 
     @torch.no_grad()
-    def detokenize(self, indices: Tensor, noise: Tensor | None = None, image_size: tuple[int, int] | None = None,
-                   generator: torch.Generator | None = None, sampler: str | flow.SamplerSettings = "paper",
-                   **overrides) -> Tensor:
+    def detokenize(
+        self,
+        indices: Tensor,
+        noise: Tensor | None = None,
+        image_size: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str | flow.SamplerSettings = "paper",
+        **overrides,
+    ) -> Tensor:
         """int64 token indices -> images [B, 3, H, W] in [-1, 1]. sampler: "paper" (25 steps, 31 NFE), "fast"
         (8 steps, 10 NFE) or a SamplerSettings; keyword overrides (steps, rho, cfg, cfg_interval) change single
         settings."""
@@ -272,15 +341,23 @@ class FlowMoTokenizer(nn.Module):
         if noise is None:
             height, width = image_size or (self.config.image_size, self.config.image_size)
             if height <= 0 or width <= 0 or height % self.config.patch_size or width % self.config.patch_size:
-                raise ValueError(f"image_size {(height, width)} must be positive multiples of the patch size "
-                                 f"{self.config.patch_size}.")
-            noise = torch.randn(indices.shape[0], 3, height, width, device=indices.device,
-                                dtype=codes.dtype, generator=generator)
+                raise ValueError(
+                    f"image_size {(height, width)} must be positive multiples of the patch size "
+                    f"{self.config.patch_size}."
+                )
+            noise = torch.randn(
+                indices.shape[0], 3, height, width, device=indices.device, dtype=codes.dtype, generator=generator
+            )
         return self.sample_with(settings, codes, noise)
 
     @torch.no_grad()
-    def reconstruct(self, images: Tensor, generator: torch.Generator | None = None,
-                    sampler: str | flow.SamplerSettings = "paper", **overrides) -> Tensor:
+    def reconstruct(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        sampler: str | flow.SamplerSettings = "paper",
+        **overrides,
+    ) -> Tensor:
         """encode -> quantize -> decode with the named sampler ("paper" or "fast", as detokenize)."""
         settings = _settings(sampler, overrides)
         codes = self.quantize(self.encode(images), with_losses=False).codes

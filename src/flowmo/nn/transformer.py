@@ -15,12 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flowmo.config import TransformerConfig
-from flowmo.nn.layers import (
-    DoubleStreamBlock,
-    FinalLayer,
-    MLPEmbedder,
-    timestep_embedding,
-)
+from flowmo.nn.layers import DoubleStreamBlock, FinalLayer, MLPEmbedder, timestep_embedding
 from flowmo.nn.rope import pairwise_tables, rope_angles, token_positions
 
 TIME_EMBED_DIM = 256
@@ -76,20 +71,37 @@ class MMDiT(nn.Module):
         scale = attention_scale(attention_scale_spec, arch.head_dim)
         # The last block's output of a stream without a head is never read: that stream builds no proj/MLP there.
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(arch.width, arch.heads, mlp_ratio, qkv_bias, time_conditioned, scale,
-                              img_output=image_out or index < arch.depth - 1,
-                              txt_output=bool(code_out_dim) or index < arch.depth - 1)
+            DoubleStreamBlock(
+                arch.width,
+                arch.heads,
+                mlp_ratio,
+                qkv_bias,
+                time_conditioned,
+                scale,
+                img_output=image_out or index < arch.depth - 1,
+                txt_output=bool(code_out_dim) or index < arch.depth - 1,
+            )
             for index in range(arch.depth)
         )
         self.final_layer_img = FinalLayer(arch.width, patch_dim, time_conditioned) if image_out else None
         self.final_layer_txt = FinalLayer(arch.width, code_out_dim, time_conditioned) if code_out_dim else None
-        self.checkpoint_every = 0  # activation checkpointing: 0 none, k = every k-th block (set_activation_checkpointing)
+        self.checkpoint_every = (
+            0  # activation checkpointing: 0 none, k = every k-th block (set_activation_checkpointing)
+        )
 
     def rope(self, code_length: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        return _cached_rope(code_length, height // self.patch_size, width // self.patch_size,
-                            self.rope_axes, self.rope_theta, str(device))
+        return _cached_rope(
+            code_length,
+            height // self.patch_size,
+            width // self.patch_size,
+            self.rope_axes,
+            self.rope_theta,
+            str(device),
+        )
 
-    def forward(self, images: Tensor, code_tokens: Tensor, t: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def forward(
+        self, images: Tensor, code_tokens: Tensor, t: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Returns (image output [B, 3, H, W] or None, code output [B, L, code_out_dim] or None)."""
         height, width = images.shape[-2:]
         img = self.img_in(patchify(images, self.patch_size))  # [B, N_img, W]
