@@ -542,11 +542,21 @@ def test_a_requeued_job_without_ckpt_path_resumes_the_most_steps(tmp_path, monke
     monkeypatch.setenv("SLURM_JOB_NAME", "lo-1a")
     with pytest.raises(UserError, match="already holds a run"):  # a first start under SLURM: not a requeue
         claim(run_dir, None, overwrite=False)
+    older, elsewhere = run_dir / "checkpoints" / "step0000040.ckpt", tmp_path / "other" / "last.ckpt"
+    fake_run(run_dir, {"checkpoints/step0000040.ckpt": 40})
+    fake_run(elsewhere.parent.parent, {"other/last.ckpt": 500})
     for variable in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.setenv(variable, "1")
-        ckpt_path, lock = claim(run_dir, None, overwrite=True)  # --overwrite was for the job's first start
-        lock.release()
-        assert ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
+        # the job's command line was for its first start: --overwrite, a step file, another run's checkpoint
+        for first_start in (
+            dict(ckpt_path=None, overwrite=True),
+            dict(ckpt_path=str(older), overwrite=False),
+            dict(ckpt_path=str(elsewhere), overwrite=False),
+        ):
+            ckpt_path, lock = claim(run_dir, **first_start)
+            lock.release()
+            assert ckpt_path == str(run_dir / "checkpoints" / "last.ckpt"), first_start
+            assert older.exists()  # nothing moved aside: the newest state goes on
         monkeypatch.delenv(variable)
 
     from flowmo.run_dir import claim as claim_run

@@ -183,8 +183,14 @@ def test_ema_warmup_ends_at_the_papers_decay_and_is_off_from_trained_weights(tmp
     assert ema.update_decay(19000) == ema.update_decay(10**6) == 0.9999**10  # the paper's steady state
     assert ema.initial_share(20) < 1e-6 and ModelEMA(torch.nn.Linear(2, 2)).initial_share(20) > 0.98  # paper: noise
     assert module().ema.warmup and not module(ema_warmup=False).ema.warmup
-    stage_1b = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="none")
+    stage_1a = save_1a(tmp_path)
+    stage_1b = module(stage="1b", init_weights=stage_1a, sample_loss="none")
     assert not stage_1b.ema.warmup  # Stage 1B's EMA starts from 1A's weights, as the authors' does
+    saved = torch.load(stage_1a, weights_only=True)
+    assert FlowMoModule.load_from_checkpoint(stage_1a, weights_only=True).ema.warmup
+    del saved["hyper_parameters"]["ema_warmup"]  # a checkpoint from before the warm-up: its EMA goes on without
+    torch.save(saved, tmp_path / "old.ckpt")
+    assert not FlowMoModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True).ema.warmup
 
 
 def test_ema_unit_update_and_reset():

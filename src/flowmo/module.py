@@ -259,8 +259,7 @@ class FlowMoModule(L.LightningModule):
         return out.total
 
     def _is_logging_step(self) -> bool:
-        every = getattr(self.trainer, "log_every_n_steps", 50) or 50
-        return self.global_step % every == 0
+        return self.global_step % (getattr(self.trainer, "log_every_n_steps", 50) or 50) == 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._is_logging_step():
@@ -363,6 +362,7 @@ class FlowMoModule(L.LightningModule):
         self.noise.save(checkpoint, self.device, self.global_rank)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.ema.warmup &= "ema_warmup" in checkpoint.get("hyper_parameters", {})  # saved before it: no warm-up
         self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
         step = int(checkpoint.get("global_step", 0))
         if self._trainer is None or self.trainer.state.fn != "fit":  # validate / test: what they evaluate

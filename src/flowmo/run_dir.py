@@ -138,11 +138,13 @@ def start_of(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> Start:
     if is_launching_process():
         RunLock(run_dir).probe()
     restarts = restart_count()
-    if ckpt_path is None and restarts:
-        only_first = " (--overwrite applied to its first start only)" if overwrite else ""
+    # A restarted job continues its run's newest state, whatever its command line started from: the --ckpt_path it
+    # was submitted with (a step file, another run's checkpoint) is its first start's, now behind the run's own.
+    if restarts and (ckpt_path is None or checkpoint_steps(Path(run_dir))):
+        first = " (--overwrite and --ckpt_path applied to its first start only)" if overwrite or ckpt_path else ""
         say(
             f"flowmo: the scheduler restarted this job (restart {restarts}): continuing the run from its newest "
-            f"checkpoint, as --ckpt_path last does{only_first}."
+            f"checkpoint, as --ckpt_path last does{first}."
         )
         ckpt_path, overwrite = "last", False
     if overwrite and ckpt_path:
