@@ -85,3 +85,36 @@ def test_a_payload_as_feature_network_weights_is_refused(tmp_path, network):
     with pytest.raises(UnsafeWeightsError, match="refused"):
         LPIPSDistance("alex", weights=path) if network == "lpips" else ResNetLogitsDistance(weights=path)
     assert not marker.exists()
+
+
+def test_damage_is_not_called_a_payload(tmp_path):
+    """A file cut short, an error page saved as .pth and an empty file are unreadable, not malicious; each gets its
+    own sentence (with and without mmap, as a resume's step probe reads them)."""
+    from flowmo.checkpoint import UnreadableWeightsError, load_weights_file
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3)}, good)
+    damaged = {
+        "cut.pt": good.read_bytes()[: good.stat().st_size // 2],
+        "page.pth": b"<html>502</html>",
+        "empty.pt": b"",
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        for mmap in (False, True):
+            with pytest.raises(UnreadableWeightsError, match="not a readable torch weights file"):
+                load_weights_file(tmp_path / name, mmap=mmap)
+    assert torch.equal(load_weights_file(good, mmap=True)["w"], torch.ones(3))
+
+
+def test_validate_with_a_payload_ckpt_path_is_refused_in_one_sentence(tmp_path, capsys):
+    from flowmo.commands import main
+
+    marker = tmp_path / "ran"
+    path = payload_file(tmp_path, marker)
+    root = Path(__file__).resolve().parents[1]
+    configs = ["-c", str(root / "configs/base.yaml"), "-c", str(root / "configs/model/tiny.yaml")]
+    assert main(["validate", *configs, "--ckpt_path", str(path), "--runs_dir", str(tmp_path / "runs")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert "could run code" in said[-1] and "Traceback" not in "\n".join(said)
+    assert not marker.exists()

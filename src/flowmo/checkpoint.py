@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,12 +64,32 @@ def read_checkpoint(source: str | Path | Mapping, map_location="cpu") -> Mapping
     return load_weights_file(locate(source), map_location)
 
 
-def load_weights_file(path: str | Path, map_location="cpu") -> Mapping:
-    """torch.load restricted to tensors and plain values: a pickle that would run code is refused, unread."""
+def load_weights_file(path: str | Path, map_location="cpu", mmap: bool = False) -> Mapping:
+    """torch.load restricted to tensors and plain values: a pickle that would run code is refused, unread, and a
+    file torch cannot read at all (cut short, an error page saved as .pth) is named as such. `mmap` reads what a
+    caller needs of a big file without reading its weights (a legacy non-zip file is read whole)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UnsafeWeightsError(path) from None
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if re.search(r"\bGLOBAL\b", str(error)):  # the unpickler met a callable: a payload, not damage
+            raise UnsafeWeightsError(path) from None
+        raise UnreadableWeightsError(path) from None
+    except RuntimeError as error:
+        if mmap and "mmap can only be used" in str(error):
+            return load_weights_file(path, map_location)
+        raise UnreadableWeightsError(path) from None
+    except EOFError:
+        raise UnreadableWeightsError(path) from None
+
+
+class UnreadableWeightsError(UserError):
+    """A file torch cannot read as a weights file at all."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(
+            f"{path} is not a readable torch weights file (cut short, corrupt, or another format); download or "
+            "copy it again, or pass another file."
+        )
 
 
 class UnsafeWeightsError(UserError):
@@ -218,10 +239,7 @@ def weights_record_of(source, weights: str = "ema") -> dict:
         return weights_record(weights)
     if path.is_dir():
         return _folder_record(path) or weights_record(weights)
-    try:  # mmap: the metadata without reading gigabytes of weights
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - a legacy (non-zip) file: its weights load anyway, its provenance is unknown
-        return weights_record(weights)
+    saved = load_weights_file(path, mmap=True)  # the metadata without reading gigabytes of weights
     if RECORD_KEY in saved:
         return json.loads(saved[RECORD_KEY])
     if "hyper_parameters" in saved and "global_step" in saved:

@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from flowmo.checkpoint import load_weights_file
 from flowmo.errors import UserError
 
 EXIT_DIVERGED = 3  # K non-finite steps in a row: nothing non-finite was saved
@@ -234,7 +235,7 @@ _STEPS_READ: dict[tuple, int | None] = {}
 
 def _read_step(path: Path) -> int | None:
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        return int(load_weights_file(path, mmap=True)["global_step"])
     except Exception:  # noqa: BLE001 - any failure to read means: not a state to resume from
         return None
 

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from flowmo.callbacks import StepProgressBar
+from flowmo.checkpoint import load_weights_file
 from flowmo.config import config_differences
 from flowmo.data.datamodule import FlowMoDataModule
 from flowmo.errors import UserError
@@ -268,7 +269,7 @@ def _run_cli(cli, argv: list[str], name: str) -> int:
 
 def _checkpoint_hparams(path: str) -> dict:
     """A Lightning checkpoint's hyper-parameters; mmap reads them without loading gigabytes of weights."""
-    return torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+    return load_weights_file(path, mmap=True).get("hyper_parameters", {})
 
 
 def _cpu_runs_fp32(config: dict) -> None:
