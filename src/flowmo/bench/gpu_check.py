@@ -75,48 +75,58 @@ class Report:
 
 # ------------------------------------------------------------------------------------------- preflight
 def missing_packages() -> list[str]:
-    """Import names of NEEDED that this interpreter cannot import (each tried, so all are named at once)."""
+    """ "name" or "name (error)" for each of NEEDED this interpreter cannot import (all tried, so all are named)."""
     missing = []
     for name in NEEDED:
         try:
             importlib.import_module(name)
         except ImportError:
-            missing.append(name)
+            missing.append(name if NEEDED[name] == name else f"{name} (from {NEEDED[name]})")
+        except Exception as error:  # installed but broken, e.g. built for another torch: name it, no traceback
+            missing.append(f"{name} ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
     return missing
 
 
-def device_problem(device: str) -> str | None:
-    """Why the device cannot run the checks (None when it can): present, and a bf16 matmul runs on it."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return f"torch {torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda}); run on a GPU node"
+# Run in a process of its own: a CUDA context made here would hold ~0.5 GB of the card through every check.
+DEVICE_PROBE = """
+import sys, torch
+device = sys.argv[1]
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda}); run on a GPU node")
+a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+(a @ a).sum().tolist()
+if device.startswith("cuda"):
+    card = torch.cuda.get_device_properties(device)
+    print(f"{card.name} ({card.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+else:
+    print(f"CPU, {torch.get_num_threads()} threads")
+"""
+
+
+def probe_device(device: str) -> tuple[bool, str]:
+    """(True, what the device is) when a bf16 matmul runs on it; (False, why not) otherwise."""
     try:
-        a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
-        (a @ a).sum().tolist()
-    except RuntimeError as error:
-        return f"a bf16 matmul fails on {device}: {str(error).splitlines()[0]}"
-    return None
-
-
-def describe(device: str) -> str:
-    if device.startswith("cuda"):
-        properties = torch.cuda.get_device_properties(device)
-        return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    return f"CPU, {torch.get_num_threads()} threads"
+        result = subprocess.run(
+            [sys.executable, "-c", DEVICE_PROBE, device], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"a bf16 matmul on {device} did not finish within 120 s"
+    said = (result.stdout + result.stderr).strip().splitlines() or ["no output"]
+    return result.returncode == 0, said[-1]
 
 
 def preflight(args, report: Report) -> bool:
     missing = missing_packages()
     if missing:
-        wanted = ", ".join(name if NEEDED[name] == name else f"{name} (from {NEEDED[name]})" for name in missing)
-        report.line(f"preflight: failed: {sys.executable} cannot import {wanted}; {HOW_TO_BRING}.")
+        report.line(f"preflight: failed: {sys.executable} cannot import {', '.join(missing)}; {HOW_TO_BRING}.")
         return False
-    problem = device_problem(args.device)
-    if problem:
-        report.line(f"preflight: failed: {problem}.")
+    works, said = probe_device(args.device)
+    if not works:
+        report.line(f"preflight: failed: {said}.")
         return False
     report.line(
-        f"preflight: {describe(args.device)}, torch {torch.__version__}, "
-        f"{sys.executable}, preset {args.preset}, bf16 ok, every package importable"
+        f"preflight: {said}, torch {torch.__version__}, {sys.executable}, preset {args.preset}, bf16 ok, "
+        "every package importable"
     )
     return True
 
@@ -204,6 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").unlink(missing_ok=True)  # this run's rows only, like report.md
     report = Report(args.out / "report.md")
     started = time.monotonic()
     if not preflight(args, report):

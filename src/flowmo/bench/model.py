@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -217,7 +218,9 @@ def merge_rows(path: Path, rows: list[dict], fresh: bool) -> list[dict]:
 def write_rows(path: Path, rows: list[Row], fresh: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = merge_rows(path, [asdict(row) for row in rows], fresh)
-    path.write_text(json.dumps(merged, indent=1))
+    partial = path.with_name(f".{path.name}.partial")  # renamed over the file: a run killed mid-write (a gpu-check
+    partial.write_text(json.dumps(merged, indent=1))  # deadline) leaves the previous rows, never half a file
+    os.replace(partial, path)
     print(f"wrote {len(rows)} rows to {path} ({len(merged)} in all)")
 
 
