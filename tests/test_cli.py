@@ -167,6 +167,9 @@ def test_reconstruct_tokenize_detokenize_files(tmp_path, capsys):
     np.save(tmp_path / "ids" / "bad.npy", np.full(32, 9999))
     assert main(["detokenize", str(tmp_path / "ids"), "--out", str(tmp_path / "d2"), *common]) == 2
     assert "token ids must lie in [0, 512)" in capsys.readouterr().err
+    (tmp_path / "ids" / "bad.npy").write_bytes(b"<html>not an array</html>")  # damage: named, not misreported
+    assert main(["detokenize", str(tmp_path / "ids"), "--out", str(tmp_path / "d3"), *common]) == 2
+    assert "bad.npy is not a readable .npy array of token ids" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"gen", *LIGHTNING}))

@@ -119,8 +119,9 @@ def detokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for start, chunk in batches(files, args.batch):  # read batch by batch: the ids of a whole folder never pile up
+        arrays = [load_ids(path) for path in chunk]
         try:
-            stacked = np.stack([load_ids(path) for path in chunk])
+            stacked = np.stack(arrays)
         except ValueError as error:
             raise UserError(f"the .npy files hold id arrays of different lengths ({error}).") from None
         images = model.detokenize(stacked, image_size=(size, size), generator=generator, **sampler_choice(args))
@@ -131,7 +132,12 @@ def detokenize(args: argparse.Namespace, model: FlowMoTokenizer) -> int:
 
 
 def load_ids(path: Path) -> np.ndarray:
-    ids = np.load(path)
+    try:
+        ids = np.load(path)  # allow_pickle stays False: an object array (code) is refused like damage
+    except (ValueError, OSError, EOFError) as error:
+        raise UserError(
+            f"{path} is not a readable .npy array of token ids ({error}); write it with numpy.save."
+        ) from None
     return ids.astype(np.int64) if np.issubdtype(ids.dtype, np.integer) else ids
 
 

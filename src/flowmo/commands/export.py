@@ -16,7 +16,9 @@ def parser(command: str = "export") -> argparse.ArgumentParser:
     )
     parser.add_argument("--ckpt", required=True, help="a FlowMoModule .ckpt, an official flowmo_*.pth, or lo / hi")
     parser.add_argument(
-        "--out", required=True, help="a folder (model.safetensors + config.json + README.md), or a file ending in .pt"
+        "--out",
+        required=True,
+        help="a folder (model.safetensors + config.json + README.md), or a file ending in .pt or .pth",
     )
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--metrics", help="the run's results/<run>/metrics.json, whose figures the model card quotes")
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tokenizer = FlowMoTokenizer.from_checkpoint(args.ckpt, weights=args.weights)
-        if args.out.endswith(".pt"):
+        if args.out.endswith((".pt", ".pth")):  # the single-file export; anything else names a folder
             path = export_tokenizer(tokenizer, args.out)
         else:
             path = tokenizer.save_pretrained(args.out, metrics=args.metrics)
