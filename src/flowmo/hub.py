@@ -16,8 +16,6 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
 from flowmo import checkpoint, flow, pretrained
 from flowmo.checkpoint import CONFIG_NAME, RELEASES, WEIGHTS_NAME
 from flowmo.config import FlowMoConfig
@@ -138,11 +136,10 @@ def push(
 
 
 # ------------------------------------------------------------------------------------------- reading
-def load(
-    name_or_path: str | Path, weights: str = "ema", revision: str | None = None, cache_dir: str | Path | None = None
-) -> tuple[dict[str, torch.Tensor], FlowMoConfig]:
-    """(state dict, architecture) of a released name (lo, hi), a save_pretrained folder, a tokenizer file, or a
-    Hub repository id ("owner/name") at `revision`, cached in `cache_dir` (default: the Hugging Face cache)."""
+def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> str | Path:
+    """What a released name (lo, hi), a save_pretrained folder, a tokenizer file, or a Hub repository id ("owner/name")
+    at `revision` comes to on this machine: the name itself (checkpoint.load_state fetches it, pinned), the local
+    path, or the downloaded snapshot folder in `cache_dir` (default: the Hugging Face cache)."""
     name, path = str(name_or_path), Path(name_or_path).expanduser()
     if name in RELEASES and not path.exists():
         if revision is not None or cache_dir is not None:
@@ -150,10 +147,10 @@ def load(
                 f"{name} is the authors' release, pinned in flowmo.pretrained and kept in the Hugging "
                 "Face cache; revision and cache_dir apply to a Hub repository id (owner/name)."
             )
-        return checkpoint.load_state(name, weights)
+        return name
     if path.exists():
-        return checkpoint.load_state(path, weights)
-    return checkpoint.read_folder(download_repo(name, revision, cache_dir))
+        return path
+    return download_repo(name, revision, cache_dir)
 
 
 def download_repo(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:

@@ -100,8 +100,7 @@ class FlowMoTokenizer(nn.Module):
         """A released name ("lo" / "hi": the authors' files at a pinned commit of ksarge/FlowMo), a folder written
         by save_pretrained, or a Hub repository id ("owner/name") at `revision`. Downloads land in the Hugging Face
         cache (or `cache_dir`); HF_HUB_OFFLINE=1 uses the cache only, HF_ENDPOINT a mirror (flowmo.hub)."""
-        state, config = hub.load(name_or_path, weights, revision, cache_dir)
-        return cls._build(state, config, str(name_or_path))
+        return cls._from_state(hub.resolve(name_or_path, revision, cache_dir), weights)
 
     def save_pretrained(self, folder: str | Path, metrics=None) -> Path:
         """model.safetensors + config.json + a README.md model card in `folder` (huggingface_hub's layout);
