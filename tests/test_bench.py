@@ -62,6 +62,7 @@ def run(bench, out: Path, *extra: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_bench_writes_rows_of_the_schema_for_every_stage_with_a_profile(tmp_path, capsys):
     bench = load_script()
     rows = run(bench, tmp_path / "bench.json", "--profile")

@@ -231,6 +231,7 @@ def test_resume_skips_a_checkpoint_cut_short(shards, tmp_path):
     assert not list(checkpoints.glob("last-v*.ckpt"))  # one last.ckpt, no versioned copy beside it
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_with_nothing_to_resume_says_so(shards, tmp_path):
     started = run(fit_command(shards, tmp_path / "runs", 1, "--ckpt_path", "last"))
     assert started.returncode == 0 and "no checkpoint in" in started.stderr and "starting from step 0" in started.stderr
