@@ -179,7 +179,7 @@ posttrain-hi: $(STAMP) ## Stage 1B FlowMo-Hi (INIT_HI=runs/hi-1a/checkpoints/las
 
 DEMO_SEED ?= 0
 
-demo: $(STAMP) ## FlowMo end to end on held-out photos (CPU, ~11 min on 2 cores): results/demo/{grid.png,curves.png,metrics.json} [DEMO_SEED=0]
+demo: $(STAMP) ## FlowMo end to end on held-out photos (CPU, ~12 min on 2 cores): results/demo/{grid.png,curves.png,metrics.json} [DEMO_SEED=0]
 	$(FLOWMO) demo --seed $(DEMO_SEED)
 
 tensorboard: $(STAMP) ## TensorBoard over runs/ (losses, lr, grad norm, EMA distance, codebook, grids)
