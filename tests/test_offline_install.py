@@ -5,7 +5,6 @@ missing. The make runs happen in a fresh copy of the working tree (no .venv) ins
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from working_copy import fresh_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "--device cpu --preset tiny --skip compile syncs 1b-decode"
@@ -29,19 +30,6 @@ def offline_available() -> bool:
 
 
 needs_unshare = pytest.mark.skipif(not offline_available(), reason="unshare -n is refused here (needs root)")
-
-
-def fresh_copy(tmp_path: Path) -> Path:
-    """The working tree as a clone would have it: tracked and new files, nothing ignored (.venv, .deps, runs)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    copy = tmp_path / "clone"
-    for name in files:
-        if (ROOT / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, copy / name)
-    return copy
 
 
 def offline_make(copy: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -68,7 +56,7 @@ def interpreter_without(module: str, tmp_path: Path) -> Path:
 
 @needs_unshare
 def test_gpu_check_without_lpips_stops_in_its_preflight_naming_it(tmp_path):
-    copy = fresh_copy(tmp_path)
+    copy = fresh_copy(tmp_path / "clone")
     python = interpreter_without("lpips", tmp_path)
     started = time.monotonic()
     result = offline_make(
@@ -83,7 +71,7 @@ def test_gpu_check_without_lpips_stops_in_its_preflight_naming_it(tmp_path):
 @pytest.mark.slow
 @needs_unshare
 def test_gpu_check_smoke_runs_offline_with_an_interpreter_that_has_everything(tmp_path):
-    copy = fresh_copy(tmp_path)
+    copy = fresh_copy(tmp_path / "clone")
     out = tmp_path / "out"
     started = time.monotonic()
     result = offline_make(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from working_copy import fresh_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
@@ -208,15 +209,7 @@ def test_the_parser_joins_continuations_and_drops_comments():
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
     """A copy of the working tree as a fresh clone has it (mtimes kept, so make sees .venv as installed)."""
-    copy = tmp_path_factory.mktemp("readme") / "flowmo"
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    for name in listed:
-        source = ROOT / name
-        if source.is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy / name)
+    copy = fresh_copy(tmp_path_factory.mktemp("readme") / "flowmo")
     (copy / ".venv").symlink_to(ROOT / ".venv")
     reinstall = subprocess.run(["make", "-n", "install"], cwd=copy, capture_output=True, text=True).stdout
     if "pip install" in reinstall:  # would re-point the shared editable install at this temporary copy
