@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmo import FlowMoTokenizer
+from flowmo import FlowMoTokenizer, from_checkpoint
 from flowmo.commands import COMMANDS, LIGHTNING, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -115,11 +115,11 @@ def test_fit_resume_last_and_export(sample_shards, tmp_path):
 
     exported = tmp_path / "tiny.pt"
     assert main(["export", "--ckpt", str(checkpoints / "last.ckpt"), "--out", str(exported)]) == 0
-    tokenizer = FlowMoTokenizer.from_checkpoint(exported)
+    tokenizer = from_checkpoint(exported)
     assert tokenizer.weights_record["step"] == 4 and tokenizer.weights_record["ema_updates"] == 4  # kept by the export
     ema = {k[len("ema.module.") :]: v for k, v in resumed["state_dict"].items() if k.startswith("ema.module.")}
     assert all(torch.equal(v, ema[k]) for k, v in tokenizer.state_dict().items())
-    raw = FlowMoTokenizer.from_checkpoint(checkpoints / "last.ckpt", weights="raw")
+    raw = from_checkpoint(checkpoints / "last.ckpt", weights="raw")
     assert all(torch.equal(v, resumed["state_dict"][f"tokenizer.{k}"]) for k, v in raw.state_dict().items())
 
 
@@ -132,7 +132,7 @@ def test_missing_shards_give_one_clear_sentence(tmp_path, capsys):
 
 def test_from_checkpoint_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
-        FlowMoTokenizer.from_checkpoint(tmp_path / "missing.ckpt")
+        from_checkpoint(tmp_path / "missing.ckpt")
 
 
 def test_reconstruct_tokenize_detokenize_files(tmp_path, capsys):

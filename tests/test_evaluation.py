@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_helpers import jpeg_bytes
-from flowmo import FlowMoTokenizer
+from flowmo import from_official
 from flowmo.callbacks.report import tokens_times_vocab
 from flowmo.commands import main
 from flowmo.config import FlowMoConfig
@@ -182,7 +182,7 @@ def test_eval_cli_from_an_official_file_uses_its_ema_weights(
 ):
     model = FlowMoModule(preset="tiny", perceptual="none", feature_weights="random", init_weights=str(official_file))
     config = FlowMoConfig.from_dict(official_fixture["config"])
-    expected = FlowMoTokenizer.from_official(official_fixture["official_state_dict"], config).state_dict()
+    expected = from_official(official_fixture["official_state_dict"], config).state_dict()
     for tokenizer in (model.tokenizer, model.eval_tokenizer()):
         assert all(torch.equal(value, expected[name]) for name, value in tokenizer.state_dict().items())
     report = run_eval(tmp_path, monkeypatch, shards, "--model.init_weights", str(official_file))

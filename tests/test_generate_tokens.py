@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_helpers import jpeg_bytes, truncated_jpeg_bytes, write_shard
-from flowmo.checkpoint import export_tokenizer
+from flowmo.checkpoint import export_tokenizer, from_checkpoint
 from flowmo.commands import main as flowmo_main
 from flowmo.data.transforms import decode_rgb, val_transform
 from flowmo.errors import UserError
@@ -78,7 +78,7 @@ def test_pretokenize_then_detokenize_equals_reconstruct_with_the_same_noise(tmp_
     rows = token_rows(tmp_path / "tokens", manifest)
     images = source_images(sample_shards)
     keys = sorted(rows)[:4]
-    tokenizer = FlowMoTokenizer.from_checkpoint(tokenizer_path).eval()
+    tokenizer = from_checkpoint(tokenizer_path).eval()
     ids = torch.from_numpy(np.stack([rows[key][0] for key in keys]).astype(np.int64))
     crops = torch.stack([val_transform(decode_rgb(images[rows[key][2]]), 32) for key in keys])
     decoded = tokenizer.detokenize(ids, generator=torch.Generator().manual_seed(5), steps=2)

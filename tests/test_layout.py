@@ -1,9 +1,11 @@
 """The code's shape, checked: no import circle between flowmo's modules, flowmo imports inside functions only where
-they keep a command's --help fast, files a reader can hold in mind, a README a newcomer reads in five minutes."""
+they keep a command's --help fast, flowmo.nn pure torch, files a reader can hold in mind, a README a newcomer reads
+in five minutes."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,58 @@ def test_flowmo_imports_inside_functions_only_in_commands():
                     if imported_modules(node, name)
                 ]
     assert not lazy, f"flowmo imports inside functions outside flowmo/commands: {lazy}"
+
+
+# flowmo.nn is pure torch: the network, no file, download or Lightning code. What it may use of the rest of flowmo is
+# this short list of modules that need only the standard library, torch and each other (the config, its presets, the
+# samplers' maths, the authors' key names, UserError); loading and saving weights live in flowmo.checkpoint/hub.
+NN_MAY_USE = {"flowmo.config", "flowmo.errors", "flowmo.flow", "flowmo.official", "flowmo.presets"}
+PURE_PACKAGES = {"torch", "einops"}
+
+
+def in_nn(name: str) -> bool:
+    return name == "flowmo.nn" or name.startswith("flowmo.nn.")
+
+
+def nn_leaks(graph: dict[str, set[str]]) -> list[str]:
+    """Imports, from flowmo.nn or from the modules it may use, of a flowmo module outside both."""
+    importers = sorted(name for name in graph if in_nn(name) or name in NN_MAY_USE)
+    return [
+        f"{name} -> {target}"
+        for name in importers
+        for target in sorted(graph[name])
+        if not in_nn(target) and target not in NN_MAY_USE
+    ]
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level packages a module imports, at module level or inside a function, beyond flowmo and the stdlib."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names - {"flowmo"} - set(sys.stdlib_module_names)
+
+
+def test_the_nn_leak_finder_finds_a_loader_behind_an_allowed_module():
+    graph = {
+        "flowmo.nn.tokenizer": {"flowmo.nn.layers", "flowmo.flow", "flowmo.hub"},
+        "flowmo.nn.layers": set(),
+        "flowmo.flow": {"flowmo.checkpoint"},
+        "flowmo.hub": {"flowmo.pretrained"},
+    }
+    assert nn_leaks(graph) == ["flowmo.flow -> flowmo.checkpoint", "flowmo.nn.tokenizer -> flowmo.hub"]
+
+
+def test_nn_is_pure_torch():
+    """No module under src/flowmo/nn/ imports a flowmo module outside flowmo.nn but the pure ones of NN_MAY_USE,
+    and nothing it reaches imports a package beyond the standard library, torch and einops."""
+    assert not nn_leaks(import_graph()), "flowmo.nn reaches beyond pure torch: " + ", ".join(nn_leaks(import_graph()))
+    reached = [path for name, path in MODULES.items() if in_nn(name) or name in NN_MAY_USE]
+    packages = {str(path.relative_to(ROOT)): sorted(third_party_imports(path) - PURE_PACKAGES) for path in reached}
+    assert not any(packages.values()), {path: names for path, names in packages.items() if names}
 
 
 def test_no_source_file_over_400_lines():

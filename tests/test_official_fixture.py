@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowmo import FlowMoTokenizer, flow
+from flowmo import FlowMoTokenizer, flow, from_official
 from flowmo.nn.tokenizer import official_shapes
 from flowmo.official import dropped_official_shapes, ours_to_official
 
@@ -18,7 +18,7 @@ def close(actual, expected):
 
 @pytest.fixture(scope="module")
 def reference(official_fixture):
-    tok = FlowMoTokenizer.from_official(official_fixture["official_state_dict"], official_fixture["config"])
+    tok = from_official(official_fixture["official_state_dict"], official_fixture["config"])
     return tok.eval(), official_fixture
 
 
@@ -83,7 +83,7 @@ def test_train_and_eval_compute_the_same(reference):
 
 
 def test_official_keys_are_ours_plus_the_documented_unused_ones(official_fixture):
-    tok = FlowMoTokenizer.from_official(official_fixture["official_state_dict"], official_fixture["config"])
+    tok = from_official(official_fixture["official_state_dict"], official_fixture["config"])
     ours = {ours_to_official(k) for k in tok.state_dict()}
     dropped = set(dropped_official_shapes(tok.config))
     assert ours | dropped == set(official_fixture["official_state_dict"])
@@ -101,9 +101,9 @@ def test_released_file_layout_and_wrapper_prefixes(official_fixture, tmp_path):
     }
     path = tmp_path / "flowmo_tiny.pth"
     torch.save(released, path)
-    ema = FlowMoTokenizer.from_official(path, official_fixture["config"])
+    ema = from_official(path, official_fixture["config"])
     close(ema.encode(official_fixture["images"]), official_fixture["encoder_code"])
-    raw_model = FlowMoTokenizer.from_official(path, official_fixture["config"], weights="raw")
+    raw_model = from_official(path, official_fixture["config"], weights="raw")
     assert all(float(p.detach().abs().sum()) == 0 for p in raw_model.parameters())
 
 
@@ -113,7 +113,7 @@ def test_unknown_missing_and_misshaped_keys_are_listed(official_fixture):
     del state["decoder.img_in.bias"]
     state["encoder.txt_in.bias"] = torch.zeros(3)
     with pytest.raises(ValueError) as error:
-        FlowMoTokenizer.from_official(state, official_fixture["config"])
+        from_official(state, official_fixture["config"])
     message = str(error.value)
     assert "decoder.extra.weight" in message and "decoder.img_in.bias" in message
     assert "encoder.txt_in.bias" in message
@@ -143,7 +143,7 @@ def test_a_hi_style_configuration_loads_and_runs_the_same_api():
         name: torch.randn(shape) * 0.05
         for name, shape in official_shapes(FlowMoTokenizer.from_config(config, device="meta").config).items()
     }
-    tok = FlowMoTokenizer.from_official(official, config)
+    tok = from_official(official, config)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     q = tok.quantize(tok.encode(images))
     assert q.codes.shape == (2, 8, 56) and q.indices.shape == (2, 32) and int(q.indices.max()) < 2**14

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmo import FlowMoTokenizer
+from flowmo import FlowMoTokenizer, from_checkpoint
 from flowmo.commands import main as flowmo_main
 from flowmo.data.sample_set import write_photo_crops
 from flowmo.data.transforms import decode_rgb, val_transform
@@ -103,7 +103,7 @@ def test_the_readme_cpu_recipe_on_own_photos_gives_ema_weights_no_worse_than_raw
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "LightningCLI's args" not in fit.stderr
     last = runs / "own" / "checkpoints" / "last.ckpt"
-    ema, raw = FlowMoTokenizer.from_checkpoint(last), FlowMoTokenizer.from_checkpoint(last, weights="raw")
+    ema, raw = from_checkpoint(last), from_checkpoint(last, weights="raw")
     assert ema.weights_record["ema_updates"] == 15 and ema.weights_record["ema_initial_share"] < 1e-3
     files = sorted(p for p in photos.rglob("*.jpg") if p.name != "corrupt.jpg")
     images = torch.stack([val_transform(decode_rgb(p.read_bytes()), 64) for p in files])

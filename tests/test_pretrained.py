@@ -22,8 +22,8 @@ import torch
 from flowmo import pretrained
 from flowmo.checkpoint import RELEASES
 from flowmo.commands import main
+from flowmo.hub import from_pretrained
 from flowmo.module import FlowMoModule  # imported here, not in a test: lightning's log handler binds to stderr now
-from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.perceptual import LPIPSDistance, StandInWeightsWarning
 from flowmo.pretrained import FILES, MissingWeightsError, WeightsHashError
 from loopback import Loopback, Misbehaving, online  # noqa: F401 (online: a fixture)
@@ -200,7 +200,7 @@ def released_tiny(tmp_path, monkeypatch, official_fixture):
 
 def test_from_pretrained_reads_the_hf_cache_offline(released_tiny, monkeypatch):
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))  # the fixture's architecture is the tiny preset
-    tokenizer = FlowMoTokenizer.from_pretrained("lo")
+    tokenizer = from_pretrained("lo")
     with torch.no_grad():
         code = tokenizer.encode(released_tiny["images"])
     assert (code - released_tiny["encoder_code"]).abs().max() <= 1e-4
@@ -208,19 +208,19 @@ def test_from_pretrained_reads_the_hf_cache_offline(released_tiny, monkeypatch):
 
 def test_a_released_name_holding_another_architecture_is_refused(released_tiny):
     with pytest.raises(ValueError, match="flowmo_lo.pth is not the released FlowMo-lo .the lo preset.") as error:
-        FlowMoTokenizer.from_pretrained("lo")  # a tiny file where FlowMo-Lo is expected
+        from_pretrained("lo")  # a tiny file where FlowMo-Lo is expected
     assert "wrong shapes" in str(error.value) and "more" in str(error.value)  # a long list, shortened
 
 
 def test_released_names_are_lo_and_hi_only():
     with pytest.raises(ValueError, match="lo, hi"):
-        FlowMoTokenizer.from_pretrained("mid")
+        from_pretrained("mid")
 
 
 def test_from_pretrained_offline_and_not_cached_says_what_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(MissingWeightsError) as error:
-        FlowMoTokenizer.from_pretrained("hi")
+        from_pretrained("hi")
     message = str(error.value)
     assert "flowmo_hi.pth" in message and "https://huggingface.co/ksarge/FlowMo/resolve/main/flowmo_hi.pth" in message
     assert str(tmp_path / "empty") in message and "flowmo fetch-weights" in message
@@ -232,7 +232,7 @@ def test_released_names_work_where_a_pth_is_accepted(released_tiny, monkeypatch,
 
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
     module = FlowMoModule(preset="tiny", init_weights="lo", perceptual="none")
-    expected = FlowMoTokenizer.from_pretrained("lo").state_dict()
+    expected = from_pretrained("lo").state_dict()
     assert all(torch.equal(value, module.tokenizer.state_dict()[key]) for key, value in expected.items())
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -418,7 +418,7 @@ def test_the_authors_layout_is_read_with_weights_only(online, monkeypatch, offic
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
     server = serve_as_hub(monkeypatch, "official-lo", data)
     try:
-        tokenizer = FlowMoTokenizer.from_pretrained("lo")
+        tokenizer = from_pretrained("lo")
     finally:
         server.close()
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""A trained tokenizer shared the way huggingface_hub shares models: save_pretrained / from_pretrained (a folder, a
-Hub repository through a loopback HF_ENDPOINT) / push_to_hub / `flowmo export --out DIR`."""
+"""A trained tokenizer shared the way huggingface_hub shares models: flowmo.hub's save_pretrained / from_pretrained (a
+folder, a Hub repository through a loopback HF_ENDPOINT) / push_to_hub / `flowmo export --out DIR`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmo.checkpoint import export_tokenizer
+from flowmo.checkpoint import export_tokenizer, from_checkpoint
 from flowmo.commands import main
 from flowmo.errors import UserError
+from flowmo.hub import from_pretrained, push_to_hub, save_pretrained
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from loopback import Loopback, online  # noqa: F401 (online: a fixture)
 
@@ -37,11 +38,11 @@ def assert_same(a: FlowMoTokenizer, b: FlowMoTokenizer) -> None:
 
 
 def test_a_folder_round_trip_is_bit_equal_in_weights_and_token_ids(tiny, tmp_path):
-    folder = tiny.save_pretrained(tmp_path / "tok")
+    folder = save_pretrained(tiny, tmp_path / "tok")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((folder / "config.json").read_text()) == tiny.config.to_dict()
-    assert_same(tiny, FlowMoTokenizer.from_pretrained(folder))
-    assert_same(tiny, FlowMoTokenizer.from_checkpoint(folder))  # where a checkpoint is accepted, a folder is too
+    assert_same(tiny, from_pretrained(folder))
+    assert_same(tiny, from_checkpoint(folder))  # where a checkpoint is accepted, a folder is too
     card = (folder / "README.md").read_text()
     assert "library_name: flowmo" in card and "bits per pixel" in card and "sampler" in card
     assert f"{tiny.config.bits_per_pixel:.4g}" in card and "No evaluation figures" in card
@@ -50,7 +51,7 @@ def test_a_folder_round_trip_is_bit_equal_in_weights_and_token_ids(tiny, tmp_pat
 def test_the_card_quotes_the_runs_metrics(tiny, tmp_path):
     report = {"metrics": {"psnr": 21.4562, "rfid": 3.25}, "num_images": 48, "checkpoint": "runs/x/last.ckpt"}
     (tmp_path / "metrics.json").write_text(json.dumps(report))
-    card = (tiny.save_pretrained(tmp_path / "tok", metrics=tmp_path / "metrics.json") / "README.md").read_text()
+    card = (save_pretrained(tiny, tmp_path / "tok", metrics=tmp_path / "metrics.json") / "README.md").read_text()
     assert "| psnr | 21.4562 |" in card and "| rfid | 3.25 |" in card and "48 images" in card
 
 
@@ -58,14 +59,14 @@ def test_export_writes_the_same_folder_and_the_old_pt_is_still_read(tiny, tmp_pa
     old = export_tokenizer(tiny, tmp_path / "tok.pt")
     assert main(["export", "--ckpt", str(old), "--out", str(tmp_path / "tok")]) == 0
     assert (tmp_path / "tok" / "model.safetensors").is_file()
-    assert_same(tiny, FlowMoTokenizer.from_pretrained(tmp_path / "tok"))
-    assert_same(tiny, FlowMoTokenizer.from_checkpoint(old))
+    assert_same(tiny, from_pretrained(tmp_path / "tok"))
+    assert_same(tiny, from_checkpoint(old))
 
 
 def test_a_folder_without_its_files_is_one_sentence(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no model.safetensors or config.json"):
-        FlowMoTokenizer.from_pretrained(tmp_path / "empty")
+        from_pretrained(tmp_path / "empty")
 
 
 def hub_routes(folder: Path, repo_id: str, revision: str) -> dict[str, bytes]:
@@ -73,18 +74,18 @@ def hub_routes(folder: Path, repo_id: str, revision: str) -> dict[str, bytes]:
 
 
 def test_a_hub_repository_downloads_through_hf_endpoint_then_reads_offline(tiny, tmp_path, online, monkeypatch):
-    folder = tiny.save_pretrained(tmp_path / "tok")
+    folder = save_pretrained(tiny, tmp_path / "tok")
     server = Loopback(hub_routes(folder, "someone/tiny-tok", "v1"))
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     try:
-        loaded = FlowMoTokenizer.from_pretrained("someone/tiny-tok", revision="v1", cache_dir=tmp_path / "cache")
+        loaded = from_pretrained("someone/tiny-tok", revision="v1", cache_dir=tmp_path / "cache")
     finally:
         server.close()
     assert_same(tiny, loaded)
     blobs = {p.name for p in (tmp_path / "cache").rglob("blobs/*")}
     assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() in blobs
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server is gone: the cache alone serves it
-    assert_same(tiny, FlowMoTokenizer.from_pretrained("someone/tiny-tok", revision="v1", cache_dir=tmp_path / "cache"))
+    assert_same(tiny, from_pretrained("someone/tiny-tok", revision="v1", cache_dir=tmp_path / "cache"))
 
 
 def test_a_missing_hub_repository_is_one_sentence(online, monkeypatch):
@@ -92,7 +93,7 @@ def test_a_missing_hub_repository_is_one_sentence(online, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     try:
         with pytest.raises(UserError) as error:
-            FlowMoTokenizer.from_pretrained("someone/nothing")
+            from_pretrained("someone/nothing")
     finally:
         server.close()
     message = str(error.value)
@@ -106,9 +107,9 @@ def test_a_missing_hub_repository_is_one_sentence(online, monkeypatch):
 
 def test_unknown_names_and_pinned_releases_say_what_to_give():
     with pytest.raises(UserError, match="released name .lo, hi., a folder"):
-        FlowMoTokenizer.from_pretrained("not a name")
+        from_pretrained("not a name")
     with pytest.raises(UserError, match="pinned"):
-        FlowMoTokenizer.from_pretrained("lo", revision="main")
+        from_pretrained("lo", revision="main")
 
 
 def test_push_to_hub_uploads_the_save_pretrained_folder(tiny, tmp_path, monkeypatch):
@@ -124,7 +125,7 @@ def test_push_to_hub_uploads_the_save_pretrained_folder(tiny, tmp_path, monkeypa
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: calls.setdefault("create", repo_id))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    assert tiny.push_to_hub("someone/tiny-tok") == "http://127.0.0.1/commit"
+    assert push_to_hub(tiny, "someone/tiny-tok") == "http://127.0.0.1/commit"
     assert calls["create"] == "someone/tiny-tok" and calls["upload"][0] == "someone/tiny-tok"
     assert calls["upload"][2] == "http://127.0.0.1:9"  # HF_ENDPOINT read at call time, like every download
-    assert_same(tiny, FlowMoTokenizer.from_pretrained(tmp_path / "uploaded"))
+    assert_same(tiny, from_pretrained(tmp_path / "uploaded"))

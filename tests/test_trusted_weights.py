@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmo.checkpoint import UnsafeWeightsError
-from flowmo.nn.tokenizer import FlowMoTokenizer
+from flowmo.checkpoint import UnsafeWeightsError, from_checkpoint
 
 
 class Payload:
@@ -42,7 +41,7 @@ def test_from_checkpoint_refuses_a_payload_and_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     path = payload_file(tmp_path, marker)
     with pytest.raises(UnsafeWeightsError) as error:
-        FlowMoTokenizer.from_checkpoint(path)
+        from_checkpoint(path)
     message = str(error.value)
     assert str(path) in message and "save_pretrained" in message and "\n" not in message
     assert not marker.exists()

@@ -1,10 +1,12 @@
 """The one reader of tokenizer weights, whatever file a user holds, and the writer of a light export.
 
+    tok = from_checkpoint("runs/lo-1b/checkpoints/last.ckpt")        # a FlowMoTokenizer (flowmo.from_checkpoint)
+    tok = from_official("flowmo_lo.pth")                             # the authors' layout, lo / hi inferred
     state, config = load_state("runs/lo-1b/checkpoints/last.ckpt")   # or an exported .pt, flowmo_lo.pth, "lo"
     load_into(tokenizer, state, "runs/...")                          # strict, one sentence listing bad keys
 
 Formats, told apart by their keys (a folder: by its files):
-- a save_pretrained folder (FlowMoTokenizer.save_pretrained, `flowmo export --out DIR`): model.safetensors +
+- a save_pretrained folder (flowmo.save_pretrained, `flowmo export --out DIR`): model.safetensors +
   config.json, as huggingface_hub shares models;
 - a Lightning checkpoint of FlowMoModule: `state_dict` with `tokenizer.*` (raw) and `ema.module.*` (EMA),
   and the resolved architecture under `flowmo_config`;
@@ -28,6 +30,7 @@ import torch
 from flowmo import official, pretrained
 from flowmo.config import FlowMoConfig, config_differences
 from flowmo.errors import UserError
+from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.optim import weights_record
 
 RAW_PREFIX, EMA_PREFIX = "tokenizer.", "ema.module."
@@ -39,6 +42,35 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"  # huggingface_hu
 
 class CheckpointNotFound(UserError, FileNotFoundError):
     """A path that is neither a file nor a released name."""
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+def from_checkpoint(path: str | Path, weights: str = "ema") -> FlowMoTokenizer:
+    """Load any tokenizer file: a Lightning .ckpt of this package, an exported .pt or save_pretrained folder, the
+    authors' .pth, or a released name ("lo", "hi"); tensors only (weights_only=True / safetensors). Weights
+    load on the CPU; move the model with .to(device)."""
+    return tokenizer_from(path, weights)
+
+
+def from_official(
+    state_dict: Mapping | str | Path, config: FlowMoConfig | Mapping | str | None = None, weights: str = "ema"
+) -> FlowMoTokenizer:
+    """Load the authors' weights: a state dict, a released file (flowmo_lo.pth / flowmo_hi.pth) or name (lo, hi).
+
+    config: FlowMoConfig, the fixtures' dict schema, a preset name, or None to infer lo/hi from the
+    tensor shapes. weights: "ema" (what the paper evaluates) or "raw" for released files holding both.
+    """
+    return tokenizer_from(state_dict, weights, config)
+
+
+def tokenizer_from(source, weights: str = "ema", config=None) -> FlowMoTokenizer:
+    """A FlowMoTokenizer holding `source`'s weights (load_state's formats), with the record of which weights they are
+    (kept by exports)."""
+    state, config = load_state(source, weights, config)
+    model = FlowMoTokenizer.from_config(config)
+    load_into(model, state, str(source) if isinstance(source, (str, Path)) else "the state dict")
+    model.weights_record = weights_record_of(source, weights)
+    return model
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -259,6 +291,6 @@ def _folder_record(folder: Path) -> dict | None:
 
 
 def record_metadata(tokenizer) -> dict[str, str]:
-    """The tokenizer's weights record (set by from_checkpoint) as string metadata for an export."""
+    """The tokenizer's weights record (set by tokenizer_from) as string metadata for an export."""
     record = getattr(tokenizer, "weights_record", None)
     return {RECORD_KEY: json.dumps(record)} if record else {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from flowmo import pretrained
+from flowmo.checkpoint import from_checkpoint
 from flowmo.commands.lightning import FlowMoCLI
 from flowmo.data.datamodule import FlowMoDataModule
 from flowmo.data.sample_set import ensure_sample_data
@@ -191,7 +192,7 @@ def run_demo(args: argparse.Namespace) -> int:
     images = validation_images(data_dir, args.image_size)
     results, reconstructions = {}, {}
     for stage, path in (("1a", ckpt_1a), ("1b", ckpt_1b)):
-        tokenizer = FlowMoTokenizer.from_checkpoint(path, weights="ema")
+        tokenizer = from_checkpoint(path, weights="ema")
         values, reconstructions[stage] = evaluate(tokenizer, images, args.seed)
         results.update({f"{name}_{stage}": value for name, value in values.items()})
     results["bits_per_pixel"] = tokenizer.config.bits_per_pixel  # both stages share the architecture

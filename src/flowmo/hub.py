@@ -1,9 +1,9 @@
 """A tokenizer shared the way huggingface_hub shares models: a folder or Hub repository holding model.safetensors,
-config.json and a README.md model card. FlowMoTokenizer's save_pretrained / from_pretrained / push_to_hub call these.
+config.json and a README.md model card. flowmo re-exports these three (flowmo.from_pretrained, ...).
 
-    save_folder(tok, "tok/", metrics="results/lo-1b/metrics.json")   # the card quotes that run's figures
-    state, config = load("owner/name", revision="v1")                # or "tok/", "lo", "hi", a .ckpt / .pt file
-    push(tok, "owner/name")                                          # huggingface_hub's create_repo + upload_folder
+    save_pretrained(tok, "tok/", metrics="results/lo-1b/metrics.json")   # the card quotes that run's figures
+    tok = from_pretrained("owner/name", revision="v1")                   # or "tok/", "lo", "hi", a .ckpt / .pt file
+    push_to_hub(tok, "owner/name")                                       # huggingface_hub's create_repo + upload_folder
 
 Reading a folder or a repository reads safetensors and JSON only: it runs no code. Hub files come through
 flowmo.pretrained (HF_ENDPOINT, HF_HUB_OFFLINE, the timeout, the SHA-256 check and its one-sentence failures).
@@ -20,12 +20,15 @@ from flowmo import checkpoint, flow, pretrained
 from flowmo.checkpoint import CONFIG_NAME, RELEASES, WEIGHTS_NAME
 from flowmo.config import FlowMoConfig
 from flowmo.errors import UserError
+from flowmo.nn.tokenizer import FlowMoTokenizer
 
 CARD_NAME = "README.md"
 
 
 # ------------------------------------------------------------------------------------------- writing
-def save_folder(tokenizer, folder: str | Path, metrics: Mapping | str | Path | None = None) -> Path:
+def save_pretrained(
+    tokenizer: FlowMoTokenizer, folder: str | Path, metrics: Mapping | str | Path | None = None
+) -> Path:
     """Write model.safetensors + config.json + README.md into `folder`; `metrics`: a run's metrics.json (or its
     dict) whose figures the card quotes."""
     from safetensors.torch import save_file
@@ -84,7 +87,7 @@ def model_card(config: FlowMoConfig, parameters: int, report: Mapping | None):
     lines = [
         "# FlowMo image tokenizer",
         "",
-        'Load it with the flowmo package: `FlowMoTokenizer.from_pretrained("<this folder or repo id>")`.',
+        'Load it with the flowmo package: `flowmo.from_pretrained("<this folder or repo id>")`.',
         "",
         "| | |",
         "|---|---|",
@@ -116,26 +119,35 @@ def _figures(report: Mapping | None) -> list[str]:
     return lines + [f"| {name} | {value:.6g} |" for name, value in sorted(numbers.items())]
 
 
-def push(
-    tokenizer,
+def push_to_hub(
+    tokenizer: FlowMoTokenizer,
     repo_id: str,
     metrics=None,
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload FlowMo tokenizer",
 ) -> str:
-    """save_folder into a temporary folder, then huggingface_hub's create_repo + upload_folder (HF_ENDPOINT,
+    """save_pretrained into a temporary folder, then huggingface_hub's create_repo + upload_folder (HF_ENDPOINT,
     HF_TOKEN as the library reads them). Returns the commit's address."""
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=pretrained.hf_endpoint(), token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
-        save_folder(tokenizer, folder, metrics)
+        save_pretrained(tokenizer, folder, metrics)
         return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message))
 
 
 # ------------------------------------------------------------------------------------------- reading
+def from_pretrained(
+    name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None, weights: str = "ema"
+) -> FlowMoTokenizer:
+    """A released name ("lo" / "hi": the authors' files at a pinned commit of ksarge/FlowMo), a folder written
+    by save_pretrained, or a Hub repository id ("owner/name") at `revision`. Downloads land in the Hugging Face
+    cache (or `cache_dir`); HF_HUB_OFFLINE=1 uses the cache only, HF_ENDPOINT a mirror."""
+    return checkpoint.tokenizer_from(resolve(name_or_path, revision, cache_dir), weights)
+
+
 def resolve(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> str | Path:
     """What a released name (lo, hi), a save_pretrained folder, a tokenizer file, or a Hub repository id ("owner/name")
     at `revision` comes to on this machine: the name itself (checkpoint.load_state fetches it, pinned), the local

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from flowmo.checkpoint import from_checkpoint
 from flowmo.data.transforms import IMAGE_EXTENSIONS, decode_rgb, val_transform
 from flowmo.errors import UserError
 from flowmo.nn.tokenizer import FlowMoTokenizer
@@ -30,7 +31,7 @@ from flowmo.optim import describe_weights
 def load_tokenizer(source: str, device: str) -> FlowMoTokenizer:
     """EMA weights of any tokenizer file, or of a released name (lo, hi), on `device`, in eval mode; the console
     says which weights (step, EMA updates)."""
-    model = FlowMoTokenizer.from_checkpoint(source, weights="ema").to(device).eval()
+    model = from_checkpoint(source, weights="ema").to(device).eval()
     print(f"{source}: {describe_weights(model.weights_record)}", file=sys.stderr)
     return model
 

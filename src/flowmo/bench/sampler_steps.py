@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from flowmo.checkpoint import from_checkpoint
 from flowmo.demo import validation_images
 from flowmo.flow import SAMPLERS
 from flowmo.metrics.image import psnr_per_image, ssim_gaussian_per_image, to_unit_range
@@ -67,7 +68,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed decodes per step count (median)")
     parser.add_argument("--json", type=Path, default=Path("results/bench/sampler_steps.json"))
     args = parser.parse_args()
-    tokenizer = FlowMoTokenizer.from_checkpoint(args.checkpoint).eval()
+    tokenizer = from_checkpoint(args.checkpoint).eval()
     images = validation_images(Path(args.data), args.image_size or tokenizer.config.image_size)
     print(f"{args.checkpoint}: {len(images)} held-out images, {torch.get_num_threads()} threads")
     print(f"{'steps':>6}{'NFE':>6}{'PSNR':>9}{'SSIM':>8}{'ms/img':>10}")

@@ -27,17 +27,17 @@ def parser(command: str = "export") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     # here, not above: --help answers before torch loads
-    from flowmo.checkpoint import export_tokenizer
+    from flowmo.checkpoint import export_tokenizer, from_checkpoint
     from flowmo.errors import UserError
-    from flowmo.nn.tokenizer import FlowMoTokenizer
+    from flowmo.hub import save_pretrained
     from flowmo.optim import describe_weights
 
     try:
-        tokenizer = FlowMoTokenizer.from_checkpoint(args.ckpt, weights=args.weights)
+        tokenizer = from_checkpoint(args.ckpt, weights=args.weights)
         if args.out.endswith((".pt", ".pth")):  # the single-file export; anything else names a folder
             path = export_tokenizer(tokenizer, args.out)
         else:
-            path = tokenizer.save_pretrained(args.out, metrics=args.metrics)
+            path = save_pretrained(tokenizer, args.out, metrics=args.metrics)
     except UserError as error:
         print(f"flowmo export: {error}", file=sys.stderr)
         return 2

@@ -1,18 +1,20 @@
 """FlowMoTokenizer: encoder -> quantizer -> rectified-flow decoder, with the public encode/decode API.
 
-tok = FlowMoTokenizer.from_pretrained("lo")        # the authors' release; or .from_checkpoint(path), .from_preset("lo")
+tok = FlowMoTokenizer.from_preset("lo")            # freshly initialised; trained weights: flowmo.from_pretrained("lo")
 indices = tok.tokenize(images)                     # images [B, 3, H, W] in [-1, 1] -> int64 [B, L*F]
 images = tok.detokenize(indices)                   # flow.SAMPLERS["paper"]: 25 steps, CFG 1.5 on (0.17, 1.02)
+
+Pure torch: no file, download or Lightning code. Weights are read and written outside flowmo.nn (flowmo.checkpoint:
+from_checkpoint, from_official; flowmo.hub: from_pretrained, save_pretrained, push_to_hub), which return or take
+this module.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from flowmo import checkpoint, flow, hub, official, presets
+from flowmo import flow, official, presets
 from flowmo.config import FlowMoConfig
 from flowmo.nn.quantizers import QuantizerOutput, build_quantizer
 from flowmo.nn.transformer import DecoderTransformer, EncoderTransformer, checkpoint_every
@@ -70,59 +72,6 @@ class FlowMoTokenizer(nn.Module):
     def from_preset(cls, name: str, device: str | torch.device | None = None) -> "FlowMoTokenizer":
         """A freshly initialised preset ("tiny", "small", "lo", "hi"); device="meta" allocates nothing."""
         return cls.from_config(presets.get(name), device)
-
-    @classmethod
-    def from_official(
-        cls, state_dict: dict | str | Path, config: FlowMoConfig | dict | str | None = None, weights: str = "ema"
-    ) -> "FlowMoTokenizer":
-        """Load the authors' weights: a state dict, a released file (flowmo_lo.pth / flowmo_hi.pth) or name (lo, hi).
-
-        config: FlowMoConfig, the fixtures' dict schema, a preset name, or None to infer lo/hi from the
-        tensor shapes. weights: "ema" (what the paper evaluates) or "raw" for released files holding both.
-        """
-        return cls._from_state(state_dict, weights, config)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, weights: str = "ema") -> "FlowMoTokenizer":
-        """Load any tokenizer file: a Lightning .ckpt of this package, an exported .pt or save_pretrained folder, the
-        authors' .pth, or a released name ("lo", "hi"); tensors only (weights_only=True / safetensors). Weights
-        load on the CPU; move the model with .to(device)."""
-        return cls._from_state(path, weights)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        weights: str = "ema",
-    ) -> "FlowMoTokenizer":
-        """A released name ("lo" / "hi": the authors' files at a pinned commit of ksarge/FlowMo), a folder written
-        by save_pretrained, or a Hub repository id ("owner/name") at `revision`. Downloads land in the Hugging Face
-        cache (or `cache_dir`); HF_HUB_OFFLINE=1 uses the cache only, HF_ENDPOINT a mirror (flowmo.hub)."""
-        return cls._from_state(hub.resolve(name_or_path, revision, cache_dir), weights)
-
-    def save_pretrained(self, folder: str | Path, metrics=None) -> Path:
-        """model.safetensors + config.json + a README.md model card in `folder` (huggingface_hub's layout);
-        `metrics`: the run's metrics.json (path or dict), quoted in the card."""
-        return hub.save_folder(self, folder, metrics)
-
-    def push_to_hub(self, repo_id: str, metrics=None, private: bool | None = None, token: str | None = None) -> str:
-        """save_pretrained's folder uploaded to the Hub repository `repo_id` (created if needed)."""
-        return hub.push(self, repo_id, metrics, private, token)
-
-    @classmethod
-    def _from_state(cls, source, weights: str, config=None) -> "FlowMoTokenizer":
-        state, config = checkpoint.load_state(source, weights, config)
-        model = cls._build(state, config, str(source) if isinstance(source, (str, Path)) else "the state dict")
-        model.weights_record = checkpoint.weights_record_of(source, weights)  # which weights: kept by exports
-        return model
-
-    @classmethod
-    def _build(cls, state, config, what: str) -> "FlowMoTokenizer":
-        model = cls.from_config(config)
-        checkpoint.load_into(model, state, what)
-        return model
 
     # ----------------------------------------------------------------------------------- validation
     def check_images(self, images: Tensor, check_range: bool = True) -> None:
