@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flowmo import flow
+from flowmo.nn.tokenizer import FlowMoTokenizer
 
 
 def exact_velocity(target):
@@ -90,6 +91,13 @@ def test_interpolation_target_and_x0_estimate_are_consistent():
     assert torch.allclose(flow.x0_estimate(x_t, flow.velocity_target(x, noise), t), x, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """A real tokenizer (the tiny preset, random weights): the public sampler, not a stand-in for it."""
+    torch.manual_seed(0)
+    return FlowMoTokenizer.from_preset("tiny").eval()
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -101,27 +109,18 @@ def test_interpolation_target_and_x0_estimate_are_consistent():
         flow.SamplerSettings(steps=3, cfg=2.0, cfg_interval=(0.0, 0.5)),
     ],
 )
-def test_sampler_nfe_is_the_count_of_a_real_sampler_run(settings):
+def test_sampler_nfe_is_the_count_of_a_real_sampler_run(tiny_tokenizer, settings):
     """SamplerSettings.nfe (what reports and the bench quote) equals the decoder calls the tokenizer's sampler makes
-    (a paired CFG call on twice the batch counts 2)."""
-    from flowmo.nn.tokenizer import FlowMoTokenizer
-
-    calls = []
-
-    class Counting:
-        def velocity(self, z, codes, t):
-            calls.append(1)
-            return torch.zeros_like(z)
-
-        def velocity_with_null(self, z, codes, t):
-            calls.extend([1, 1])
-            return torch.zeros_like(z), torch.zeros_like(z)
-
-        def _check_sample_inputs(self, codes, noise):
-            pass
-
-    FlowMoTokenizer.sample_with(Counting(), settings, torch.zeros(1), torch.zeros(1, 3, 1, 1))
-    assert len(calls) == settings.nfe
+    (a paired CFG call on twice the batch counts 2): counted on a real tokenizer's decoder, decoding one image."""
+    batches = []
+    hook = tiny_tokenizer.decoder.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+    try:
+        ids = torch.zeros(1, tiny_tokenizer.ids_per_image, dtype=torch.long)
+        patch = tiny_tokenizer.config.patch_size
+        tiny_tokenizer.detokenize(ids, image_size=(patch, patch), sampler=settings)
+    finally:
+        hook.remove()
+    assert sum(batches) == settings.nfe
     assert flow.SAMPLERS["paper"].nfe == 31 and flow.SAMPLERS["fast"].nfe == 10
 
 
