@@ -139,7 +139,7 @@ fit_1a = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c config
 leg_1 = $(call fit_1a,$(1),$(if $(RESUME),--ckpt_path last) $(2))
 leg_2 = $(if $(DDP_CFG),$(call fit_1a,$(1),--ckpt_path last $(2)))
 fit_1b = $(FLOWMO) fit -c configs/base.yaml -c configs/model/$(1).yaml -c configs/stage/1b.yaml -c $(DATA_CFG) \
-	$(DDP_CFG) --run_name $(1)-1b --model.init_weights $(2) --trainer.accumulate_grad_batches $(call accum,4,64) \
+	$(DDP_CFG) --run_name $(1)-1b --model.init.weights $(2) --trainer.accumulate_grad_batches $(call accum,4,64) \
 	--trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(if $(RESUME),--ckpt_path last) $(ARGS)
 
 .PHONY: train-lo train-hi train-small posttrain-lo posttrain-hi demo tensorboard
@@ -201,7 +201,7 @@ check_val_shards = @if [ "$(DATA_CFG)" = "configs/data/imagenet.yaml" ] && [ ! -
 eval_run = $(FLOWMO) test -c configs/base.yaml -c configs/model/$(1).yaml -c $(DATA_CFG) -c configs/eval/paper.yaml \
 	--run_name $(call eval_name,$(1)) --data.test_subsample $(SUBSAMPLE) --trainer.devices $(GPUS) \
 	--trainer.num_nodes $(NODES) --trainer.strategy $(STRATEGY_EVAL) \
-	$(if $(CKPT),--ckpt_path $(CKPT),--model.init_weights $(OFFICIAL)) $(ARGS)
+	$(if $(CKPT),--ckpt_path $(CKPT),--model.init.weights $(OFFICIAL)) $(ARGS)
 
 .PHONY: eval-lo eval-hi
 

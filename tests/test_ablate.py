@@ -25,6 +25,7 @@ from flowmo.errors import UserError
 from flowmo.module import FlowMoModule
 from flowmo.nn.tokenizer import FlowMoTokenizer, official_parameter_count
 from flowmo.presets import resolve_config
+from module_fields import module_with
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -97,7 +98,7 @@ axes:
     kind: eval
     values:
       - {{name: cfg1.5}}
-      - {{name: nocfg, overlay: {{model: {{sampler: {{cfg: 1.0}}}}}}}}
+      - {{name: nocfg, overlay: {{model: {{eval: {{sampler: {{cfg: 1.0}}}}}}}}}}
 posttrain:
   stack: [base.yaml]
 {extra}
@@ -159,8 +160,8 @@ def test_eval_axes_reuse_the_checkpoint_and_posttrain_starts_from_the_1a_run(tmp
     assert tests["fsq+on+nocfg"].checkpoint == "runs/ablate-g-fsq-on-s0/checkpoints/last.ckpt"
     hand_off = next(s for s in steps if s.run_name == "ablate-g-fsq-on-s0")
     argv = list(hand_off.argv)
-    assert argv[argv.index("--model.init_weights") + 1] == "runs/ablate-g-fsq-s0/checkpoints/last.ckpt"
-    assert argv[argv.index("--model.init_weights_from") + 1] == "ema" and hand_off.needs == ("fit:ablate-g-fsq-s0",)
+    assert argv[argv.index("--model.init.weights") + 1] == "runs/ablate-g-fsq-s0/checkpoints/last.ckpt"
+    assert argv[argv.index("--model.init.weights_from") + 1] == "ema" and hand_off.needs == ("fit:ablate-g-fsq-s0",)
 
 
 def test_replicates_are_cells_times_seeds_with_eval_reuse_and_1b_per_seed(tmp_path):
@@ -182,7 +183,7 @@ def test_replicates_are_cells_times_seeds_with_eval_reuse_and_1b_per_seed(tmp_pa
         assert nocfg.needs == (f"fit:ablate-g-base-s{seed}",)  # evaluation only: the seed's fit, no new one
         hand_off = by_key[f"fit:ablate-g-fsq-on-s{seed}"]
         argv = list(hand_off.argv)
-        assert argv[argv.index("--model.init_weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
+        assert argv[argv.index("--model.init.weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
         assert hand_off.needs == (f"fit:ablate-g-fsq-s{seed}",)  # Stage 1B from the same seed's Stage 1A
         assert by_key[f"test:fsq+on:s{seed}"].checkpoint == hand_off.checkpoint
     for step in tests:  # every replicate is evaluated with the eval stack's noise: differences pair by seed
@@ -201,8 +202,8 @@ def test_seeds_that_are_not_distinct_integers_are_refused(tmp_path, seeds):
 def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     parsed = parsed_plan("tiny", tmp_path)
     base = parsed["fit:ablate-tiny-base-s0"]
-    assert architecture(base).bits_per_token == 72 and base.model.time_schedule == "noise_weighted"
-    assert (base.trainer.max_steps, base.model.lr, base.data.batch_size, base.model.perceptual) == (
+    assert architecture(base).bits_per_token == 72 and base.model.loss.time_schedule == "noise_weighted"
+    assert (base.trainer.max_steps, base.model.optim.lr, base.data.batch_size, base.model.loss.perceptual) == (
         3000,
         1e-3,
         16,
@@ -212,8 +213,8 @@ def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     grid = ablate.load_grid("tiny", CONFIGS)
     fits = [s for s in ablate.plan(grid, options(tmp_path)) if s.action == "fit"]
     assert all(s.argv[-2:] == ("--ckpt_path", "last") for s in fits)  # a rerun resumes (parsed: no run yet -> None)
-    assert parsed["fit:ablate-tiny-lognormal-s1"].model.time_schedule == "lognormal"
-    assert parsed["fit:ablate-tiny-fat_lognormal-s2"].model.time_schedule == "fat_lognormal"
+    assert parsed["fit:ablate-tiny-lognormal-s1"].model.loss.time_schedule == "lognormal"
+    assert parsed["fit:ablate-tiny-fat_lognormal-s2"].model.loss.time_schedule == "fat_lognormal"
     assert (
         parsed["fit:ablate-tiny-fat_lognormal-s2"].seed_everything,
         parsed["fit:ablate-tiny-fat_lognormal-s2"].model.seed,
@@ -222,21 +223,25 @@ def test_tiny_grid_resolves_to_the_demo_recipe(tmp_path):
     fsq = architecture(parsed["fit:ablate-tiny-fsq-s0"])
     assert fsq.quantizer == "fsq" and fsq.bits_per_token == 72  # the same bits as LFQ
     post = parsed["fit:ablate-tiny-base-posttrain-s1"]
-    assert (post.model.stage, post.model.sample_loss, post.model.sample_loss_weight, post.trainer.max_steps) == (
+    assert (post.model.stage, post.model.loss.sample_loss, post.model.loss.sample_weight, post.trainer.max_steps) == (
         "1b",
         "pixel_mse",
         10.0,
         800,
     )
-    assert post.model.init_weights == "runs/ablate-tiny-base-s1/checkpoints/last.ckpt" and post.model.seed == 1
-    assert parsed["test:posttrain:s1"].model.init_weights == "runs/ablate-tiny-base-posttrain-s1/checkpoints/last.ckpt"
+    assert post.model.init.weights == "runs/ablate-tiny-base-s1/checkpoints/last.ckpt" and post.model.seed == 1
+    assert parsed["test:posttrain:s1"].model.init.weights == "runs/ablate-tiny-base-posttrain-s1/checkpoints/last.ckpt"
     for seed in (0, 1, 2):
         for cell, rho, cfg in (("base", 4.0, 1.5), ("rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0)):
             test = parsed[f"test:{cell}:s{seed}"]
-            assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.sampler.steps) == (rho, cfg, 25)
+            assert (test.model.eval.sampler.rho, test.model.eval.sampler.cfg, test.model.eval.sampler.steps) == (
+                rho,
+                cfg,
+                25,
+            )
             # eval-only: the seed's checkpoint, no new fit; the same evaluation noise for every replicate
-            assert test.model.init_weights == f"runs/ablate-tiny-base-s{seed}/checkpoints/last.ckpt"
-            assert test.trainer.precision == "32-true" and test.model.val_use_ema and test.model.seed == 0
+            assert test.model.init.weights == f"runs/ablate-tiny-base-s{seed}/checkpoints/last.ckpt"
+            assert test.trainer.precision == "32-true" and test.model.eval.use_ema and test.model.seed == 0
 
 
 def test_paper_table4_cells_change_one_thing(tmp_path):
@@ -245,27 +250,27 @@ def test_paper_table4_cells_change_one_thing(tmp_path):
     config = architecture(base)
     assert (config.patch_size, config.decoder.width, config.quantizer, config.code_dim) == (8, 768, "lfq", 18)
     assert base.trainer.max_steps == 400_365 and base.trainer.accumulate_grad_batches == 4  # 8 x 4 x 4 = 128
-    assert (base.model.time_schedule, base.model.perceptual_weight, base.model.freeze_encoder_after) == (
-        "fat_lognormal",
-        0.1,
-        200_000,
-    )
+    assert (
+        base.model.loss.time_schedule,
+        base.model.loss.perceptual_weight,
+        base.model.optim.freeze_encoder_after,
+    ) == ("fat_lognormal", 0.1, 200_000)
     assert architecture(parsed["fit:ablate-paper-table4-patch16-s0"]).patch_size == 16
-    assert parsed["fit:ablate-paper-table4-no_perceptual-s0"].model.perceptual_weight == 0.0
+    assert parsed["fit:ablate-paper-table4-no_perceptual-s0"].model.loss.perceptual_weight == 0.0
     fsq = architecture(parsed["fit:ablate-paper-table4-fsq-s0"])
     assert fsq.quantizer == "fsq" and fsq.bits_per_token == 18 and fsq.fsq_levels == (8,) * 6
-    assert parsed["fit:ablate-paper-table4-logitnormal-s0"].model.time_schedule == "lognormal"
+    assert parsed["fit:ablate-paper-table4-logitnormal-s0"].model.loss.time_schedule == "lognormal"
     mse = parsed["fit:ablate-paper-table4-mse_frozen_encoder-s0"]
-    assert mse.model.init_weights == "runs/ablate-paper-table4-no_perceptual-s0/checkpoints/last.ckpt"
-    assert (mse.model.init_weights_parts, mse.model.freeze_encoder_after, mse.model.perceptual_weight) == (
+    assert mse.model.init.weights == "runs/ablate-paper-table4-no_perceptual-s0/checkpoints/last.ckpt"
+    assert (mse.model.init.parts, mse.model.optim.freeze_encoder_after, mse.model.loss.perceptual_weight) == (
         "encoder",
         0,
         0.1,
     )
     for cell, rho, cfg in (("sampler_rho1", 1.0, 1.5), ("no_cfg", 4.0, 1.0), ("base", 4.0, 1.5)):
         test = parsed[f"test:{cell}:s0"]
-        assert (test.model.sampler.rho, test.model.sampler.cfg, test.model.val_rfid) == (rho, cfg, True)
-        assert test.model.init_weights == "runs/ablate-paper-table4-base-s0/checkpoints/last.ckpt"
+        assert (test.model.eval.sampler.rho, test.model.eval.sampler.cfg, test.model.eval.rfid) == (rho, cfg, True)
+        assert test.model.init.weights == "runs/ablate-paper-table4-base-s0/checkpoints/last.ckpt"
     grid = ablate.load_grid("paper-table4", CONFIGS)
     keys = [s.key for s in ablate.plan(grid, options(tmp_path))]
     assert keys.index("fit:ablate-paper-table4-no_perceptual-s0") < keys.index(
@@ -280,7 +285,7 @@ def test_paper_posttrain_keeps_each_stage_length(tmp_path):
     assert parsed["fit:ablate-paper-posttrain-hi-s0"].trainer.max_steps == 800_000
     hi_1b = parsed["fit:ablate-paper-posttrain-hi-1b-s0"]
     assert (hi_1b.model.stage, hi_1b.model.preset, hi_1b.trainer.max_steps) == ("1b", "hi", 25_000)
-    assert hi_1b.model.init_weights == "runs/ablate-paper-posttrain-hi-s0/checkpoints/last.ckpt"
+    assert hi_1b.model.init.weights == "runs/ablate-paper-posttrain-hi-s0/checkpoints/last.ckpt"
 
 
 @pytest.mark.parametrize("width", [2, 3, 5])
@@ -317,8 +322,8 @@ def test_scaling_widths_reproduce_the_papers_parameter_counts():
     [
         ("ablations/overlays/nope.yaml", "names the overlay .*nope.yaml, which does not exist"),
         (
-            "{model: {time_shedule: uniform}}",
-            "sets `model.time_shedule`, which is not a flowmo fit/test argument "
+            "{model: {loss: {time_shedule: uniform}}}",
+            "sets `model.loss.time_shedule`, which is not a flowmo fit/test argument "
             r"\(did you mean 'time_schedule'\?\)",
         ),
         ("{trainer: {max_step: 3}}", "sets `trainer.max_step`.*did you mean 'max_steps'"),
@@ -643,14 +648,14 @@ def test_slurm_scripts_of_a_seeded_grid(tmp_path):
         assert f"--dependency=afterok:${variable['fit', f'ablate-g-fsq-s{seed}']} " in line  # 1B after the seed's 1A
         srun = shlex.split(next(line for line in one_b.read_text().splitlines() if line.startswith("srun ")))
         assert srun[srun.index("--model.seed") + 1] == str(seed)
-        assert srun[srun.index("--model.init_weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
+        assert srun[srun.index("--model.init.weights") + 1] == f"runs/ablate-g-fsq-s{seed}/checkpoints/last.ckpt"
     test = job[variable["test", "ablate-g-fsq+on-s1"]]
     assert f"afterok:${variable['fit', 'ablate-g-fsq-on-s1']} " in test  # the seed's own 1B checkpoint
 
 
 # ---------------------------------------------------------------------------------- the module side
 def _tiny(**kwargs) -> FlowMoModule:
-    return FlowMoModule(**{"preset": "tiny", "perceptual": "none", "feature_weights": "random", **kwargs})
+    return module_with(**{"preset": "tiny", "perceptual": "none", "feature_weights": "random", **kwargs})
 
 
 def _fit(model: FlowMoModule, steps: int = 2) -> L.Trainer:
@@ -674,7 +679,7 @@ def test_encoder_only_init_keeps_a_fresh_decoder_and_freezes_the_encoder(tmp_pat
     pretrained = FlowMoTokenizer.from_preset("tiny")
     path = export_tokenizer(pretrained, tmp_path / "pretrained.pt")
     torch.manual_seed(1)
-    model = _tiny(init_weights=str(path), init_weights_parts="encoder", freeze_encoder_after=0)
+    model = _tiny(weights=str(path), parts="encoder", freeze_encoder_after=0)
     for ours, theirs in zip(model.tokenizer.encoder.parameters(), pretrained.encoder.parameters()):
         assert torch.equal(ours, theirs)
     assert not torch.equal(model.tokenizer.decoder.img_in.weight, pretrained.decoder.img_in.weight)
@@ -683,8 +688,8 @@ def test_encoder_only_init_keeps_a_fresh_decoder_and_freezes_the_encoder(tmp_pat
     moved = [not torch.equal(a, b) for a, b in zip(before, model.tokenizer.parameters())]
     encoder_count = len(list(model.tokenizer.encoder.parameters()))
     assert not any(moved[:encoder_count]) and any(moved[encoder_count:])  # encoder frozen from step 0
-    with pytest.raises(ValueError, match="init_weights_parts"):
-        _tiny(init_weights_parts="encoder")
+    with pytest.raises(ValueError, match="init.parts"):
+        _tiny(parts="encoder")
 
 
 def test_the_fsq_cell_trains():
@@ -702,18 +707,18 @@ def _fast_grid_folder(tmp_path: Path, max_steps: int, model: str = "", extra: st
     (tmp_path / "configs").symlink_to(CONFIGS)
     (tmp_path / "fast.yaml").write_text(
         f"data:\n  train_shards: {tmp_path}/sample/train.json\n  val_shards: {tmp_path}/sample/val.json\n"
-        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  perceptual: none\n"
+        "  image_size: 32\n  batch_size: 2\n  shuffle_buffer: 4\nmodel:\n  loss:\n    perceptual: none\n"
         + model
         + f"trainer:\n  max_steps: {max_steps}\n  limit_val_batches: 0\n  enable_progress_bar: false\n"
         "  enable_model_summary: false\n" + extra
     )
-    (tmp_path / "eval.yaml").write_text("model:\n  sampler:\n    steps: 3\n")
+    (tmp_path / "eval.yaml").write_text("model:\n  eval:\n    sampler:\n      steps: 3\n")
 
 
 @pytest.mark.slow
 def test_a_two_by_two_grid_with_post_training_runs_end_to_end(tmp_path):
     """fit, 1B hand-off, test, table, PNG and HParams, for real: 2 quantizers x {1A only, + 1B}, 2 steps each."""
-    _fast_grid_folder(tmp_path, max_steps=2, model="  sample_steps: 2\n  sample_loss_weight: 1.0\n")
+    _fast_grid_folder(tmp_path, max_steps=2, model="    chain_steps: 2\n    sample_weight: 1.0\n")
     grid = write_grid(
         tmp_path,
         f"""
@@ -733,7 +738,7 @@ axes:
     kind: posttrain
     values:
       - {{name: 1a}}
-      - {{name: 1b, overlay: {{model: {{sample_loss: pixel_mse}}, data: {{batch_size: 1}}}}}}
+      - {{name: 1b, overlay: {{model: {{loss: {{sample_loss: pixel_mse}}}}, data: {{batch_size: 1}}}}}}
 """,
         name="two",
     )
@@ -754,7 +759,7 @@ axes:
     assert one_b["init_weights"] == "runs/ablate-two-fsq-1b-s0/checkpoints/last.ckpt"
     assert set(one_b["references"]) == {"mean_colour", "pool8", "equal_bit"}
     hand_off = torch.load(tmp_path / "runs" / "ablate-two-fsq-1b-s0" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert hand_off["hyper_parameters"]["init_weights"] == "runs/ablate-two-fsq-s0/checkpoints/last.ckpt"
+    assert hand_off["hyper_parameters"]["init"]["weights"] == "runs/ablate-two-fsq-s0/checkpoints/last.ckpt"
     assert hand_off["hyper_parameters"]["stage"] == "1b"
     assert (folder / "psnr.png").stat().st_size > 5000
     assert "evaluation report:" in (tmp_path / "runs" / "ablate-two-fsq+1b-s0" / "test.log").read_text()  # its log
@@ -796,7 +801,7 @@ axes:
   - name: schedule
     values:
       - {{name: noise_weighted}}
-      - {{name: uniform, overlay: {{model: {{time_schedule: uniform}}}}}}
+      - {{name: uniform, overlay: {{model: {{loss: {{time_schedule: uniform}}}}}}}}
 """,
         name="par",
     )

@@ -14,6 +14,7 @@ import torch
 import flowmo.bench.model
 from flowmo.bench import workloads
 from flowmo.flow import SAMPLERS
+from module_fields import module_with
 
 ROW_FIELDS = (
     "preset",
@@ -109,22 +110,21 @@ def test_decode_flops_are_its_network_evaluations_times_one_call():
 
 
 def test_the_bench_times_the_training_modules_own_update_and_recipes():
-    """Not a copy: the bench's step is flowmo.optim.TrainingUpdate + flowmo.faults.NonFiniteGuard, as FlowMoModule's,
+    """Not a copy: the bench's step is flowmo.optim.TrainingUpdate + flowmo.nonfinite.NonFiniteGuard, as FlowMoModule's,
     and its recipes are LossRecipe.for_stage's."""
-    from flowmo.faults import NonFiniteGuard
     from flowmo.losses import LossRecipe
-    from flowmo.module import FlowMoModule
+    from flowmo.nonfinite import NonFiniteGuard
     from flowmo.optim import TrainingUpdate
 
     bundle = workloads.build_bundle("tiny", "cpu", workloads.build_feature_nets("off", "cpu"), None, "off")
     bundle.attach_update(torch.device("cpu"))
-    module = FlowMoModule(preset="tiny", perceptual="none")
+    module = module_with(preset="tiny", perceptual="none")
     assert type(bundle.update) is type(module.update) is TrainingUpdate
     assert type(bundle.guard) is type(module.guard) is NonFiniteGuard
-    assert bundle.recipes["1a"] == LossRecipe.for_stage("1a", perceptual="none") == module.recipe
+    assert bundle.recipes["1a"] == LossRecipe(perceptual="none").for_stage("1a") == module.recipe
     before = [p.detach().clone() for p in bundle.tokenizer.parameters()]
     images = workloads.make_images(bundle, 2, "cpu")
-    workloads.optimizer_step(bundle, images, bundle.recipes["1a"])
+    workloads.optimizer_step(bundle, images, "1a")
     assert bundle.update.steps == 1 and any(
         not torch.equal(a, b) for a, b in zip(before, bundle.tokenizer.parameters())
     )

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from flowmo.flow import SamplerSettings
 from flowmo.module import FlowMoModule
+from module_fields import module_with
 
 warnings.filterwarnings("ignore")
 # encoder: train, eval, a last batch of 1 (dynamo specialises size 1); decoder: the same three, after the freeze (its
@@ -72,7 +73,8 @@ def test_1a_through_the_freeze_validation_and_1b_stay_compiled(dynamo_fails_at_t
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     train, val = DataLoader(images, batch_size=2), DataLoader(images[:3], batch_size=2)  # a last batch of 1 too
     sampler = SamplerSettings(steps=4, cfg=1.5, cfg_interval=(0.17, 1.02))  # guided steps: the paired 2B call
-    stage_1a = EagerCompiled(
+    stage_1a = module_with(
+        EagerCompiled,
         preset="tiny",
         perceptual="none",
         feature_weights="random",
@@ -84,13 +86,14 @@ def test_1a_through_the_freeze_validation_and_1b_stay_compiled(dynamo_fails_at_t
     run = trainer(4)
     run.fit(stage_1a, train, val)
     run.save_checkpoint(tmp_path / "1a.ckpt")
-    stage_1b = EagerCompiled(
+    stage_1b = module_with(
+        EagerCompiled,
         preset="tiny",
         stage="1b",
         perceptual="none",
-        init_weights=str(tmp_path / "1a.ckpt"),
+        weights=str(tmp_path / "1a.ckpt"),
         sample_loss="pixel_mse",
-        sample_steps=3,
+        chain_steps=3,
         compile=True,
         ema_every=1,
         sampler=sampler,

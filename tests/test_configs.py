@@ -52,9 +52,10 @@ def test_each_config_parses_on_top_of_base(name):
 def test_demo_stack_is_one_cpu_run_with_the_demo_recipe():
     config = parse("base.yaml", "model/demo.yaml", "stage/1a.yaml", "data/sample.yaml", "demo.yaml")
     model, trainer = config["model"], config["trainer"]
-    assert model["preset"] == "demo" and model["time_schedule"] == "noise_weighted" and model["ema_every"] == 1
+    assert model["preset"] == "demo" and model["loss"]["time_schedule"] == "noise_weighted"
+    assert model["optim"]["ema_every"] == 1
     assert trainer["accumulate_grad_batches"] == 1 and trainer["precision"] == "32-true"
-    assert config["data"]["image_size"] == 32 and not model["val_rfid"]
+    assert config["data"]["image_size"] == 32 and not model["eval"]["rfid"]
 
 
 @pytest.mark.parametrize("preset", ["lo", "hi"])
@@ -62,9 +63,11 @@ def test_paper_stage_1a_stack(preset):
     config = parse("base.yaml", f"model/{preset}.yaml", "stage/1a.yaml", "data/imagenet.yaml")
     model, trainer = config["model"], config["trainer"]
     assert model["preset"] == preset and model["stage"] == "1a"
-    assert model["lr"] == 1e-4 and list(model["betas"]) == [0.9, 0.95]
-    assert model["perceptual"] == "lpips_vgg" and model["perceptual_weight"] == 0.1
-    assert model["freeze_encoder_after"] == 200_000 and model["time_schedule"] == "fat_lognormal"
+    loss, optim = model["loss"], model["optim"]
+    assert optim["lr"] == 1e-4 and list(optim["betas"]) == [0.9, 0.95]
+    assert loss["perceptual"] == "lpips_vgg" and loss["perceptual_weight"] == 0.1
+    assert (loss["entropy_weight"], loss["commitment_weight"]) == (0.0025, 0.000625)
+    assert optim["freeze_encoder_after"] == 200_000 and loss["time_schedule"] == "fat_lognormal"
     assert config["data"]["batch_size"] * trainer["accumulate_grad_batches"] * 8 == 128
     assert trainer["precision"] == "bf16-mixed"
     assert config["checkpoint"]["every_n_train_steps"] == 5000
@@ -76,12 +79,13 @@ def test_paper_stage_1b_stack():
         "model/lo.yaml",
         "stage/1b.yaml",
         "data/imagenet.yaml",
-        extra=("--model.init_weights", "runs/lo-1a/checkpoints/last.ckpt"),
+        extra=("--model.init.weights", "runs/lo-1a/checkpoints/last.ckpt"),
     )
     model, trainer = config["model"], config["trainer"]
-    assert model["stage"] == "1b" and model["lr"] == 5e-5
-    assert model["sample_loss"] == "resnet50_logits" and model["sample_loss_weight"] == 0.01
-    assert model["sample_steps"] == 8 and model["checkpoint_chain"]
+    loss = model["loss"]
+    assert model["stage"] == "1b" and model["optim"]["lr"] == 5e-5
+    assert loss["sample_loss"] == "resnet50_logits" and loss["sample_weight"] == 0.01
+    assert loss["chain_steps"] == 8 and loss["checkpoint_chain"]
     assert config["data"]["batch_size"] * trainer["accumulate_grad_batches"] * 8 == 64
     assert trainer["max_steps"] == 25_000
 
@@ -90,3 +94,23 @@ def test_run_name_sets_the_checkpoint_folder():
     config = parse("base.yaml", extra=("--run_name", "lo-1a", "--runs_dir", "/scratch/runs"))
     assert config["checkpoint"]["dirpath"] == "/scratch/runs/lo-1a/checkpoints"
     assert config["trainer"]["default_root_dir"] == "/scratch/runs/lo-1a"
+
+
+def callback_names(*files: str) -> list[str]:
+    config = parse(*files, extra=("--model.init.weights", "runs/lo-1a/checkpoints/last.ckpt"))
+    return [callback.class_path.rsplit(".", 1)[-1] for callback in config["trainer"]["callbacks"]]
+
+
+def test_callbacks_are_declared_once_and_extended():
+    """base.yaml declares the callbacks every run has; later configs append with `callbacks+:` (none restates it)."""
+    restating = [name for name in ALL_YAML if "\n  callbacks:" in (CONFIGS / name).read_text() and name != "base.yaml"]
+    restating += [p.name for p in (CONFIGS / "ablations").rglob("*.yaml") if "\n  callbacks:" in p.read_text()]
+    assert not restating, restating
+    base = ["LearningRateMonitor", "Throughput", "ReconstructionGrid", "SkippedSamples", "CheckpointRetention"]
+    assert callback_names("base.yaml", "model/lo.yaml", "stage/1a.yaml", "data/imagenet.yaml") == base
+    stage_1b = ("base.yaml", "model/lo.yaml", "stage/1b.yaml", "data/imagenet.yaml")
+    assert callback_names(*stage_1b) == [*base, "BestRfidCheckpoint"]
+    early_stop = (*stage_1b[:3], "stage/1b-early-stop.yaml", stage_1b[3])
+    assert callback_names(*early_stop) == [*base, "BestRfidCheckpoint", "EarlyStopping"]
+    evaluation = ("base.yaml", "model/lo.yaml", "data/imagenet.yaml", "eval/paper.yaml")
+    assert callback_names(*evaluation) == [*base, "EvaluationReport"]

@@ -60,7 +60,7 @@ def fit(stage: str, shards: Path, runs: Path, *extra: str) -> Path:
         "2",
         "--data.val_batch_size",
         "2",
-        "--model.sampler.steps",
+        "--model.eval.sampler.steps",
         "2",
         "--model.feature_weights",
         "random",
@@ -75,8 +75,8 @@ def fit(stage: str, shards: Path, runs: Path, *extra: str) -> Path:
 def test_both_stages_run_under_plain_ddp(tmp_path):
     shards = tmp_path / "sample"
     build_sample_set(shards, size=40, train_crops_per_photo=2, val_crops_per_photo=2, shard_size=4)
-    stage_1a = fit("1a", shards, tmp_path / "runs", "--model.perceptual", "lpips_vgg")
-    stage_1b = fit("1b", shards, tmp_path / "runs", "--model.init_weights", str(stage_1a))
+    stage_1a = fit("1a", shards, tmp_path / "runs", "--model.loss.perceptual", "lpips_vgg")
+    stage_1b = fit("1b", shards, tmp_path / "runs", "--model.init.weights", str(stage_1a))
     assert torch.load(stage_1b, weights_only=False)["global_step"] == 2
 
 
@@ -87,7 +87,7 @@ def test_the_encoder_freeze_under_plain_ddp_stops_and_resumes_with_the_decoder_a
     shards = tmp_path / "sample"
     build_sample_set(shards, size=40, train_crops_per_photo=2, val_crops_per_photo=2, shard_size=4)
     runs = tmp_path / "runs"
-    leg = ("--model.perceptual", "none", "--model.freeze_encoder_after", "2", "--trainer.max_steps", "4")
+    leg = ("--model.loss.perceptual", "none", "--model.optim.freeze_encoder_after", "2", "--trainer.max_steps", "4")
     at_freeze = fit("1a", shards, runs, *leg)
     frozen = torch.load(at_freeze, weights_only=False)
     assert frozen["global_step"] == 2

@@ -87,7 +87,7 @@ def test_demo_writes_grid_curves_and_metrics(tmp_path):
     from flowmo.demo import run_stage
 
     args = parser().parse_args(["--data", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")])
-    run_stage("1a", args, ["--trainer.max_steps", "1", "--model.perceptual", "none"])
+    run_stage("1a", args, ["--trainer.max_steps", "1", "--model.loss.perceptual", "none"])
     (earlier,) = (tmp_path / "runs" / "demo-1a").glob("superseded-*/checkpoints/last.ckpt")
     assert torch.load(earlier, weights_only=True, mmap=True)["global_step"] == 4
 

@@ -22,9 +22,9 @@ from flowmo.data import FlowMoDataModule
 from flowmo.data.shards import write_shards
 from flowmo.data.stream import ShardStream
 from flowmo.flow import SamplerSettings
-from flowmo.module import FlowMoModule
 from flowmo.nn.quantizers import build_quantizer
 from flowmo.presets import get as preset
+from module_fields import module_with
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -66,13 +66,13 @@ def checkpoint(tmp_path_factory) -> Path:
     """A one-step tiny checkpoint whose hparams differ from the protocol: the protocol must win at test time,
     while the architecture (here entropy_group_bits 6) must come from the checkpoint."""
     torch.manual_seed(0)
-    model = FlowMoModule(
+    model = module_with(
         preset="tiny",
         architecture={"entropy_group_bits": 6},
         perceptual="none",
         feature_weights="random",
         sampler=SamplerSettings(steps=3, cfg=1.0),
-        val_rfid=False,
+        rfid=False,
         lr=1e-3,
     )
     images = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -111,7 +111,7 @@ def run_eval(tmp_path: Path, monkeypatch, shards: Path, *source: str) -> dict:
         "32",
         "--model.feature_weights",
         "random",
-        "--model.sampler.steps",
+        "--model.eval.sampler.steps",
         "2",
         "--runs_dir",
         str(tmp_path / "runs"),
@@ -162,7 +162,7 @@ def test_eval_cli_from_a_checkpoint_writes_the_report(tmp_path, monkeypatch, sha
     check_protocol(report, tmp_path / "results" / "tiny-eval")
     assert report["checkpoint"] == str(checkpoint) and report["init_weights"] is None
     assert report["model"]["architecture"]["entropy_group_bits"] == 6  # the checkpoint's, not the preset's
-    assert report["model"]["hparams"]["val_rfid"] is True  # the protocol's, not the checkpoint's
+    assert report["model"]["hparams"]["eval"]["rfid"] is True  # the protocol's, not the checkpoint's
     assert report["metrics"]["codebook_used_fraction"] > 0
     assert report["weights_record"]["step"] == 1 and report["weights_record"]["weights"] == "ema"
 
@@ -180,12 +180,12 @@ def test_an_eval_at_another_size_reports_its_rate_and_reference_rows(tmp_path, m
 def test_eval_cli_from_an_official_file_uses_its_ema_weights(
     tmp_path, monkeypatch, shards, official_file, official_fixture
 ):
-    model = FlowMoModule(preset="tiny", perceptual="none", feature_weights="random", init_weights=str(official_file))
+    model = module_with(preset="tiny", perceptual="none", feature_weights="random", weights=str(official_file))
     config = FlowMoConfig.from_dict(official_fixture["config"])
     expected = from_official(official_fixture["official_state_dict"], config).state_dict()
     for tokenizer in (model.tokenizer, model.eval_tokenizer()):
         assert all(torch.equal(value, expected[name]) for name, value in tokenizer.state_dict().items())
-    report = run_eval(tmp_path, monkeypatch, shards, "--model.init_weights", str(official_file))
+    report = run_eval(tmp_path, monkeypatch, shards, "--model.init.weights", str(official_file))
     check_protocol(report, tmp_path / "results" / "tiny-eval")
     assert report["init_weights"] == str(official_file) and report["checkpoint"] is None
 
@@ -258,15 +258,15 @@ def test_stage_1b_selects_and_stops_on_val_rfid(tmp_path, shards, checkpoint):
         "2",
         "--data.val_batch_size",
         "5",
-        "--model.init_weights",
+        "--model.init.weights",
         str(checkpoint),
         "--model.architecture",
         '{"entropy_group_bits": 6}',
         "--model.feature_weights",
         "random",
-        "--model.sample_loss",
+        "--model.loss.sample_loss",
         "none",  # the ResNet chain is test_training's; here it would only cost time
-        "--model.sampler.steps",
+        "--model.eval.sampler.steps",
         "2",
         "--trainer.max_steps",
         "2",
@@ -288,22 +288,12 @@ def test_stage_1b_selects_and_stops_on_val_rfid(tmp_path, shards, checkpoint):
     best = list((tmp_path / "runs" / "tiny-1b").rglob("best-rfid.ckpt"))
     assert len(best) == 1
     states = torch.load(best[0], weights_only=False)["callbacks"]
-    monitor = next(v for k, v in states.items() if k.startswith("ModelCheckpoint{'monitor': 'val/rfid'"))
+    monitor = next(v for k, v in states.items() if k.startswith("BestRfidCheckpoint{'monitor': 'val/rfid'"))
     assert torch.isfinite(torch.as_tensor(monitor["best_model_score"]))
     assert any(k.startswith("EarlyStopping{'monitor': 'val/rfid'") for k in states)
     events = b"".join(p.read_bytes() for p in (tmp_path / "runs" / "tiny-1b").rglob("events.out.tfevents.*"))
     for tag in (b"val/rfid", b"val/psnr_paper", b"val/reconstructions_0", b"data/skipped_samples"):
         assert tag in events, tag
-
-
-def test_early_stop_overlay_is_stage_1b_plus_early_stopping():
-    """The overlay repeats stage/1b.yaml's callback list (a later list replaces an earlier one): keep them equal."""
-    import yaml
-
-    stage = yaml.safe_load((CONFIGS / "stage" / "1b.yaml").read_text())["trainer"]["callbacks"]
-    overlay = yaml.safe_load((CONFIGS / "stage" / "1b-early-stop.yaml").read_text())["trainer"]["callbacks"]
-    assert overlay[:-1] == stage
-    assert overlay[-1]["class_path"].endswith("EarlyStopping") and overlay[-1]["init_args"]["monitor"] == "val/rfid"
 
 
 @pytest.mark.slow
@@ -321,7 +311,7 @@ def test_distributed_eval_counts_every_image_once(tmp_path, shards, checkpoint):
         "32",
         "--model.feature_weights",
         "random",
-        "--model.sampler.steps",
+        "--model.eval.sampler.steps",
         "2",
         "--runs_dir",
         str(tmp_path / "runs"),
@@ -363,7 +353,7 @@ def test_make_eval_targets_pass_ckpt_or_official_and_subsample():
     assert "test -c configs/base.yaml -c configs/model/lo.yaml" in ours and "-c configs/eval/paper.yaml" in ours
     assert "--ckpt_path runs/lo-1b/checkpoints/last.ckpt" in ours and "--run_name eval-lo " in ours
     official = dry_run("eval-hi", "OFFICIAL=flowmo_hi.pth", "SUBSAMPLE=10", "GPUS=8").stdout
-    assert "--model.init_weights flowmo_hi.pth" in official and "--data.test_subsample 10" in official
+    assert "--model.init.weights flowmo_hi.pth" in official and "--data.test_subsample 10" in official
     assert "--run_name eval-hi-sub10" in official and "--trainer.strategy ddp" in official
     missing = subprocess.run(["make", "-o", ".venv/.installed", "eval-lo"], cwd=root, capture_output=True, text=True)
     assert missing.returncode != 0 and "usage: make eval-lo CKPT=" in missing.stdout

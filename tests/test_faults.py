@@ -19,6 +19,7 @@ import torch
 
 from flowmo.faults import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteTraining, latest_checkpoint
 from flowmo.module import FlowMoModule
+from module_fields import module_with
 from run_faults import kill_past_a_checkpoint, step_of, training_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -72,9 +73,9 @@ def fit_command(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
         "32",
         "--data.batch_size",
         "2",
-        "--model.perceptual",
+        "--model.loss.perceptual",
         "none",
-        "--model.ema_every",
+        "--model.optim.ema_every",
         "1",
         *extra,
     ]
@@ -244,11 +245,11 @@ def test_a_huge_learning_rate_stops_the_run_with_nothing_non_finite_saved(shards
             shards,
             runs,
             200,
-            "--model.lr",
+            "--model.optim.lr",
             "1e3",
             "--checkpoint.every_n_train_steps",
             "1",
-            "--model.max_nonfinite_steps",
+            "--model.optim.max_nonfinite_steps",
             "3",
         )
     )
@@ -261,7 +262,7 @@ def test_a_huge_learning_rate_stops_the_run_with_nothing_non_finite_saved(shards
 
 
 def _tiny(**kwargs) -> FlowMoModule:
-    return FlowMoModule(
+    return module_with(
         **{"preset": "tiny", "perceptual": "none", "freeze_encoder_after": None, "ema_every": 1, **kwargs}
     )
 
@@ -366,7 +367,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_fields(shard
     from flowmo.errors import UserError
 
     with pytest.raises(UserError, match="code_dim: 18 -> 72; rope_theta: 10000.0 -> 100.0"):
-        FlowMoModule(preset="demo", perceptual="none", init_weights=str(runs / "fault" / "checkpoints" / "last.ckpt"))
+        module_with(preset="demo", perceptual="none", weights=str(runs / "fault" / "checkpoints" / "last.ckpt"))
 
 
 def test_user_errors_are_one_sentence_without_a_traceback(shards, tmp_path, capsys):
@@ -425,11 +426,11 @@ def test_a_truncated_test_shard_reports_the_images_lost(sample_shards, tmp_path,
         str(shards / "val.json"),
         "--data.image_size",
         "32",
-        "--model.sampler.steps",
+        "--model.eval.sampler.steps",
         "1",
-        "--model.val_lpips_nets",
+        "--model.eval.lpips_nets",
         "[]",
-        "--model.val_rfid",
+        "--model.eval.rfid",
         "false",
         "--trainer.precision",
         "32-true",

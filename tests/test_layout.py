@@ -152,5 +152,16 @@ def test_no_source_file_over_400_lines():
     assert not long, long
 
 
+def test_the_training_module_takes_a_handful_of_typed_groups():
+    """FlowMoModule's settings come in groups (loss, optim, init, eval: flowmo.settings), not dozens of flat knobs."""
+    import inspect
+
+    from flowmo.module import FlowMoModule
+
+    parameters = [name for name in inspect.signature(FlowMoModule.__init__).parameters if name != "self"]
+    assert len(parameters) <= 12, parameters
+    assert {"loss", "optim", "init", "eval"} <= set(parameters)
+
+
 def test_the_readme_is_a_short_guide():
     assert len((ROOT / "README.md").read_text().splitlines()) <= MAX_README_LINES

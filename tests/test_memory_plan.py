@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from flowmo.bench.memory import CudaAutocastPolicy, measured_step_peak, plan
 from flowmo.errors import UserError
-from flowmo.module import FlowMoModule
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.presets import resolve_config
+from module_fields import module_with
 
 warnings.filterwarnings("ignore")
 
@@ -84,4 +84,4 @@ def test_activation_checkpointing_changes_no_value_or_gradient(setting):
 
 def test_an_unknown_checkpointing_setting_is_refused_in_one_sentence():
     with pytest.raises(UserError, match="activation_checkpointing must be none, blocks or every_K"):
-        FlowMoModule(preset="tiny", perceptual="none", activation_checkpointing="sometimes")
+        module_with(preset="tiny", perceptual="none", activation_checkpointing="sometimes")

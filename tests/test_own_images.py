@@ -30,7 +30,7 @@ RECIPE = [
     "configs/stage/1a.yaml",
     "-c",
     "configs/data/folder.yaml",
-    "--model.perceptual",
+    "--model.loss.perceptual",
     "none",
     "--trainer.log_every_n_steps",
     "10",

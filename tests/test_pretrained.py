@@ -23,10 +23,10 @@ from flowmo import pretrained
 from flowmo.checkpoint import RELEASES
 from flowmo.commands import main
 from flowmo.hub import from_pretrained
-from flowmo.module import FlowMoModule  # imported here, not in a test: lightning's log handler binds to stderr now
 from flowmo.perceptual import LPIPSDistance, StandInWeightsWarning
 from flowmo.pretrained import FILES, MissingWeightsError, WeightsHashError
 from loopback import Loopback, Misbehaving, online  # noqa: F401 (online: a fixture)
+from module_fields import module_with
 
 
 def torch_bytes(state: dict) -> bytes:
@@ -227,11 +227,11 @@ def test_from_pretrained_offline_and_not_cached_says_what_to_fetch(tmp_path, mon
 
 
 def test_released_names_work_where_a_pth_is_accepted(released_tiny, monkeypatch, tmp_path, capsys):
-    """The file tools and `model.init_weights` take `lo` like a path."""
+    """The file tools and `model.init.weights` take `lo` like a path."""
     from PIL import Image
 
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
-    module = FlowMoModule(preset="tiny", init_weights="lo", perceptual="none")
+    module = module_with(preset="tiny", weights="lo", perceptual="none")
     expected = from_pretrained("lo").state_dict()
     assert all(torch.equal(value, module.tokenizer.state_dict()[key]) for key, value in expected.items())
     photos = tmp_path / "photos"
@@ -245,7 +245,7 @@ def test_init_weights_of_a_released_name_into_another_architecture_is_refused(re
 
     monkeypatch.setitem(RELEASES, "lo", ("official-lo", "tiny"))
     with pytest.raises(ValueError, match="another architecture"):
-        FlowMoModule(preset="demo", init_weights="lo", perceptual="none")
+        module_with(preset="demo", weights="lo", perceptual="none")
 
 
 # ------------------------------------------------------------------------------------------- flowmo fetch-weights

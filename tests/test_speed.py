@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from flowmo import flow
-from flowmo.module import FlowMoModule
 from flowmo.nn.layers import RMSNorm, gated_add, modulate
 from flowmo.nn.rope import pairwise_tables, rope_angles, rotate, token_positions
 from flowmo.nn.tokenizer import FlowMoTokenizer
+from module_fields import module_with
 
 
 def rope_per_pair(x, cos, sin):
@@ -91,7 +91,7 @@ def test_cfg_in_one_call_of_twice_the_batch_equals_two_calls():
 
 
 def test_the_training_module_uses_fused_adam_on_cpu():
-    module = FlowMoModule(preset="tiny", perceptual="none")
+    module = module_with(preset="tiny", perceptual="none")
     optimizer = module.configure_optimizers()
     assert optimizer.defaults["fused"] is True
 

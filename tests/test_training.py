@@ -13,6 +13,7 @@ from flowmo.flow import SamplerSettings
 from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.module import FlowMoModule
 from flowmo.optim import ModelEMA
+from module_fields import module_with
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -61,7 +62,7 @@ def module(**kwargs) -> FlowMoModule:
     defaults = dict(
         preset="tiny", perceptual="none", feature_weights="random", sampler=SamplerSettings(steps=2), seed=0
     )
-    return FlowMoModule(**{**defaults, **kwargs})
+    return module_with(**{**defaults, **kwargs})
 
 
 def save_1a(tmp_path, **kwargs) -> str:
@@ -74,20 +75,20 @@ def save_1a(tmp_path, **kwargs) -> str:
 
 
 def test_fast_dev_run_stage_1a_with_perceptual_loss():
-    model = module(perceptual="lpips_vgg", val_lpips_nets=())
+    model = module(perceptual="lpips_vgg", lpips_nets=())
     trainer(1, fast_dev_run=True).fit(model, loader(), loader())
     assert model.perceptual_net is not None and model.perceptual_net.is_stand_in
     assert "LPIPS" in " ".join(model.stand_ins)
 
 
 def test_fast_dev_run_stage_1b_through_the_chain(tmp_path):
-    model = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="resnet50_logits")
+    model = module(stage="1b", weights=save_1a(tmp_path), sample_loss="resnet50_logits")
     trainer(1, fast_dev_run=True).fit(model, loader(), loader())
     assert model.sample_net is not None and model.recipe.sample_weight == 0.01
 
 
 def test_stage_1b_with_the_pixel_sample_loss(tmp_path):
-    model = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="pixel_mse", sample_loss_weight=1.0)
+    model = module(stage="1b", weights=save_1a(tmp_path), sample_loss="pixel_mse", sample_weight=1.0)
     trainer(1, fast_dev_run=True).fit(model, loader(), loader())
     assert model.sample_net.name == "pixel MSE" and model.stand_ins == []
 
@@ -125,7 +126,7 @@ def test_overfitting_a_few_images_lowers_the_flow_loss():
 
 
 def test_stage_1b_trains_the_decoder_only(tmp_path):
-    model = module(stage="1b", init_weights=save_1a(tmp_path), sample_loss="resnet50_logits", lr=1e-3)
+    model = module(stage="1b", weights=save_1a(tmp_path), sample_loss="resnet50_logits", lr=1e-3)
     encoder_before = {k: v.clone() for k, v in model.tokenizer.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in model.tokenizer.decoder.state_dict().items()}
     trainer(3).fit(model, loader())
@@ -149,7 +150,7 @@ def test_encoder_freezes_after_the_configured_step_and_adam_restarts():
     trainer(6, callbacks=[Snapshot()]).fit(model, loader())
     assert not torch.equal(snapshots[0], snapshots[2])
     assert all(torch.equal(snapshots[2], s) for s in snapshots[3:])
-    assert not model.recipe.train_encoder
+    assert not any(p.requires_grad for p in model.tokenizer.encoder.parameters())
 
 
 def test_weight_norm_projection_holds_the_initial_norms():
@@ -184,11 +185,13 @@ def test_ema_warmup_ends_at_the_papers_decay_and_is_off_from_trained_weights(tmp
     assert ema.initial_share(20) < 1e-6 and ModelEMA(torch.nn.Linear(2, 2)).initial_share(20) > 0.98  # paper: noise
     assert module().ema.warmup and not module(ema_warmup=False).ema.warmup
     stage_1a = save_1a(tmp_path)
-    stage_1b = module(stage="1b", init_weights=stage_1a, sample_loss="none")
+    stage_1b = module(stage="1b", weights=stage_1a, sample_loss="none")
     assert not stage_1b.ema.warmup  # Stage 1B's EMA starts from 1A's weights, as the authors' does
     saved = torch.load(stage_1a, weights_only=True)
     assert FlowMoModule.load_from_checkpoint(stage_1a, weights_only=True).ema.warmup
-    del saved["hyper_parameters"]["ema_warmup"]  # a checkpoint from before the warm-up: its EMA goes on without
+    del saved["hyper_parameters"]["optim"][
+        "ema_warmup"
+    ]  # a checkpoint from before the warm-up: its EMA goes on without
     torch.save(saved, tmp_path / "old.ckpt")
     assert not FlowMoModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True).ema.warmup
 
@@ -212,7 +215,7 @@ def test_stage_1a_to_1b_hand_off_loads_the_chosen_weights(tmp_path, which):
     checkpoint = torch.load(path, weights_only=False)
     prefix = "ema.module." if which == "ema" else "tokenizer."
     expected = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model = module(stage="1b", init_weights=path, init_weights_from=which, sample_loss="none")
+    model = module(stage="1b", weights=path, weights_from=which, sample_loss="none")
     for name, value in model.tokenizer.state_dict().items():
         assert torch.equal(value, expected[name]), name
     # the 1B EMA starts from the loaded weights
@@ -263,16 +266,17 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_the_stage_decides_the_terms_and_refuses_one_it_does_not_use():
-    stage_1a = LossRecipe.for_stage("1a")
-    assert stage_1a.train_encoder and stage_1a.perceptual_weight == 0.1 and stage_1a.sample_weight == 0.0
-    stage_1b = LossRecipe.for_stage("1b", perceptual="none", sample_loss="resnet50_logits", sample_weight=0.01)
-    assert not stage_1b.train_encoder and stage_1b.perceptual_weight == 0.0 and stage_1b.sample_weight == 0.01
+    stage_1a = LossRecipe().for_stage("1a")
+    assert stage_1a.perceptual_weight == 0.1 and stage_1a.sample_weight == 0.0
+    assert (stage_1a.entropy_weight, stage_1a.commitment_weight) == (0.0025, 0.000625)  # the quantizer's, paper
+    stage_1b = LossRecipe(perceptual="none", sample_loss="resnet50_logits").for_stage("1b")
+    assert stage_1b.perceptual_weight == 0.0 and stage_1b.sample_weight == 0.01
     with pytest.raises(ValueError, match="Stage 1B trains no perceptual loss"):
-        LossRecipe.for_stage("1b", perceptual="lpips_vgg", sample_loss="pixel_mse")
+        LossRecipe(perceptual="lpips_vgg", sample_loss="pixel_mse").for_stage("1b")
     with pytest.raises(ValueError, match="Stage 1A has no chain-sample loss"):
-        FlowMoModule(preset="tiny", perceptual="none", sample_loss="pixel_mse")
+        module_with(preset="tiny", perceptual="none", sample_loss="pixel_mse")
     with pytest.raises(ValueError, match="stage must be one of"):
-        LossRecipe.for_stage("2")
+        LossRecipe().for_stage("2")
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

@@ -15,6 +15,9 @@ from flowmo.errors import UserError
 
 QUANTIZERS = ("lfq", "fsq", "none")
 ATTENTION_SCALES = ("8/head_dim", "1/sqrt(head_dim)")
+# Loss weights the authors' configs (and checkpoints written before losses.LossRecipe owned them) keep beside the
+# architecture: read and dropped here, since the recipe of the stage being trained sets them.
+LOSS_WEIGHT_KEYS = ("entropy_loss_weight", "commit_loss_weight")
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,6 @@ class FlowMoConfig:
     quantizer: str = "lfq"
     entropy_group_bits: int = 9
     entropy_temperature: float = 0.1
-    entropy_loss_weight: float = 0.0025
-    commit_loss_weight: float = 0.000625
     fsq_levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -147,6 +148,7 @@ class FlowMoConfig:
     def from_dict(cls, values: dict[str, Any]) -> "FlowMoConfig":
         """Build from a plain dict (the fixtures' schema, a YAML file, a checkpoint's hyper-parameters)."""
         known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in values.items() if k not in LOSS_WEIGHT_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown FlowMo config keys {unknown}; valid keys are {sorted(known)}.")

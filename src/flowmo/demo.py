@@ -168,7 +168,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ckpt_1a = run_stage(
         "1a",
         args,
-        ["--trainer.max_steps", str(args.steps_1a), "--model.perceptual", losses["perceptual_1a"], *args.fit_1a],
+        ["--trainer.max_steps", str(args.steps_1a), "--model.loss.perceptual", losses["perceptual_1a"], *args.fit_1a],
     )
     ckpt_1b = run_stage(
         "1b",
@@ -176,15 +176,15 @@ def run_demo(args: argparse.Namespace) -> int:
         [
             "--trainer.max_steps",
             str(args.steps_1b),
-            "--model.lr",
+            "--model.optim.lr",
             str(args.lr_1b),
             "--data.batch_size",
             str(args.batch_1b),
-            "--model.sample_loss",
+            "--model.loss.sample_loss",
             losses["sample_loss_1b"],
-            "--model.sample_loss_weight",
+            "--model.loss.sample_weight",
             str(losses["sample_weight_1b"]),
-            "--model.init_weights",
+            "--model.init.weights",
             str(ckpt_1a),
             *args.fit_1b,
         ],

@@ -11,7 +11,7 @@ switched off by a zero weight or a missing network, so the ablations are config 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flowmo import flow
 from flowmo.errors import UserError
+from flowmo.nn.quantizers import QuantizerLosses
 
 
 @dataclass
@@ -36,55 +37,61 @@ STAGES = ("1a", "1b")
 
 @dataclass(frozen=True)
 class LossRecipe:
-    """What one training step optimises. Defaults are Stage 1A of the paper; `for_stage` is where a stage
-    decides which terms it uses."""
+    """Every loss weight of a training step, the quantizer's included (method §3). The defaults are Stage 1A of the
+    paper; `for_stage` checks a recipe against its stage. A term is off with weight 0 or network "none".
+
+    perceptual: the network of the 1A term on the one-step x0 estimate: lpips_vgg (paper), pixel_mse or none.
+    sample_loss: the network of the 1B term on the chain sample: resnet50_logits (paper), pixel_mse or none.
+    entropy_weight, commitment_weight: the quantizer's terms (LFQ: MAGVIT-2 entropy and commitment).
+    time_schedule: how t is drawn: fat_lognormal (paper: logit-normal with a 10% uniform tail), lognormal,
+        uniform or noise_weighted (t = sqrt(U), the CPU demo's).
+    cfg_dropout: per-sample probability of the null code (enables CFG at sampling; paper 0.1).
+    chain_steps: Euler steps of the 1B chain (paper 8); checkpoint_chain recomputes each of its decoder calls in
+        backward (less memory, ~1/3 more compute).
+    """
 
     flow_weight: float = 1.0
-    perceptual: str = "lpips_vgg"  # the network of the x0-estimate term (flowmo.perceptual kinds)
-    perceptual_weight: float = 0.1  # on the one-step x0 estimate (needs a perceptual net)
-    sample_loss: str = "none"  # the network of the Stage-1B chain-sample term
-    sample_weight: float = 0.0  # on the Stage-1B chain sample (needs a sample net)
-    quantizer_weight: float = 1.0  # scales the quantizer's own weighted entropy + commitment loss
+    perceptual: str = "lpips_vgg"
+    perceptual_weight: float = 0.1
+    sample_loss: str = "none"
+    sample_weight: float = 0.01
+    entropy_weight: float = 0.0025
+    commitment_weight: float = 0.000625
     time_schedule: str = "fat_lognormal"
-    cfg_dropout: float = 0.1  # per-sample probability of the null code
+    cfg_dropout: float = 0.1
     chain_steps: int = 8
-    checkpoint_chain: bool = True  # activation checkpointing per decoder call of the chain (non-reentrant)
-    train_encoder: bool = True
+    checkpoint_chain: bool = True
 
-    @classmethod
-    def for_stage(
-        cls,
-        stage: str,
-        *,
-        perceptual: str = "lpips_vgg",
-        perceptual_weight: float = 0.1,
-        sample_loss: str = "none",
-        sample_weight: float = 0.0,
-        **rest,
-    ) -> "LossRecipe":
-        """The recipe of Stage 1A (mode matching: flow + perceptual on the x0 estimate + quantizer, encoder trained)
-        or 1B (mode seeking: flow + a loss on the chain sample, encoder frozen: method §3). A term the stage does not
+    def for_stage(self, stage: str) -> "LossRecipe":
+        """This recipe for Stage 1A (mode matching: flow + perceptual on the x0 estimate + quantizer) or 1B (mode
+        seeking: flow + a loss on the chain sample), a term without a network weighted 0. A term the stage does not
         use is refused, never silently zeroed: set it to none there."""
         if stage not in STAGES:
             raise UserError(f"stage must be one of {STAGES}, got {stage!r}.")
-        if stage == "1a" and sample_loss != "none":
+        if stage == "1a" and self.sample_loss != "none":
             raise UserError(
-                f"Stage 1A has no chain-sample loss (method §3: it is Stage 1B's term), but model.sample_loss "
-                f"is {sample_loss!r}; set model.sample_loss none, or model.stage 1b."
+                f"Stage 1A has no chain-sample loss (method §3: it is Stage 1B's term), but model.loss.sample_loss "
+                f"is {self.sample_loss!r}; set model.loss.sample_loss none, or model.stage 1b."
             )
-        if stage == "1b" and perceptual != "none" and perceptual_weight:
+        if stage == "1b" and self.perceptual != "none" and self.perceptual_weight:
             raise UserError(
                 f"Stage 1B trains no perceptual loss on the x0 estimate (method §3: that is Stage 1A's term), "
-                f"but model.perceptual is {perceptual!r}; set model.perceptual none, or model.stage 1a."
+                f"but model.loss.perceptual is {self.perceptual!r}; set model.loss.perceptual none, or model.stage 1a."
             )
-        return cls(
-            perceptual=perceptual,
-            perceptual_weight=perceptual_weight if perceptual != "none" else 0.0,
-            sample_loss=sample_loss,
-            sample_weight=sample_weight if sample_loss != "none" else 0.0,
-            train_encoder=stage == "1a",
-            **rest,
+        return replace(
+            self,
+            perceptual_weight=self.perceptual_weight if self.perceptual != "none" else 0.0,
+            sample_weight=self.sample_weight if self.sample_loss != "none" else 0.0,
         )
+
+    def quantizer_loss(self, losses: QuantizerLosses) -> Tensor:
+        """The weighted sum of the quantizer's terms (a quantizer without a term logs it as zero)."""
+        return self.entropy_weight * losses.terms["entropy"] + self.commitment_weight * losses.terms["commitment"]
+
+
+def encoder_trains(tokenizer: nn.Module) -> bool:
+    """Whether the encoder is trained: its parameters' requires_grad is the one record of the freeze."""
+    return any(p.requires_grad for p in tokenizer.encoder.parameters())
 
 
 def flow_matching_loss(velocity: Tensor, images: Tensor, noise: Tensor) -> Tensor:
@@ -132,12 +139,14 @@ def flowmo_loss(
     sample_net: nn.Module | None = None,
     generator: torch.Generator | None = None,
 ) -> LossOutput:
-    """One micro-batch of either stage (which terms run is decided by `recipe` and the nets given)."""
+    """One micro-batch of either stage (which terms run is decided by `recipe` and the nets given). A frozen
+    encoder (requires_grad off: Stage 1B, 1A after the freeze) runs without grad."""
     batch = images.shape[0]
-    with torch.set_grad_enabled(recipe.train_encoder and torch.is_grad_enabled()):
+    train_encoder = encoder_trains(tokenizer)
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
         code = tokenizer.encode(images, check=False)
     # A frozen encoder makes the quantizer loss a constant: skip its 2^G-way softmax (16384 wide for Hi).
-    quantized = tokenizer.quantize(code, with_losses=recipe.train_encoder)
+    quantized = tokenizer.quantize(code, with_losses=train_encoder)
     condition = drop_codes(tokenizer.decoder_condition(quantized.codes), recipe.cfg_dropout, generator)
 
     t = flow.sample_time(batch, recipe.time_schedule, device=images.device, generator=generator)
@@ -147,9 +156,9 @@ def flowmo_loss(
 
     parts: dict[str, Tensor] = {"flow": flow_matching_loss(velocity, images, noise)}
     total = recipe.flow_weight * parts["flow"]
-    if quantized.losses is not None and recipe.quantizer_weight:
-        total = total + recipe.quantizer_weight * quantized.losses.total
-        parts.update(quantizer=quantized.losses.total, **quantized.losses.terms)
+    if quantized.losses is not None:
+        parts.update(quantizer=recipe.quantizer_loss(quantized.losses), **quantized.losses.terms)
+        total = total + parts["quantizer"]
     if perceptual_net is not None and recipe.perceptual_weight:
         estimate = flow.x0_estimate(noisy, velocity, t)
         parts["perceptual"] = perceptual_net(images, estimate).float().mean()

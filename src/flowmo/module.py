@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flowmo import checkpoint, optim
 from flowmo.errors import UserError
-from flowmo.faults import NonFiniteGuard, refuse_non_finite_weights
-from flowmo.flow import SAMPLERS, SamplerSettings
-from flowmo.losses import LossRecipe, flowmo_loss
+from flowmo.faults import refuse_non_finite_weights
+from flowmo.flow import SamplerSettings
+from flowmo.losses import LossRecipe, encoder_trains, flowmo_loss
 from flowmo.metrics import ReconstructionMetrics
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.noise import RankNoise, evaluation_noise
+from flowmo.nonfinite import NonFiniteGuard
 from flowmo.optim import ModelEMA, TrainingUpdate, WeightNormProjection
 from flowmo.perceptual import build_perceptual
 from flowmo.presets import resolve_config
+from flowmo.settings import EvalSettings, InitSettings, OptimSettings, as_group, group_hparams, plain
 from flowmo.training_stats import batch_codebook_stats, global_norm
-
-LR_SCHEDULES = ("constant", "cosine")
-INIT_PARTS = ("all", "encoder")
 
 
 class FlowMoModule(L.LightningModule):
@@ -46,134 +44,82 @@ class FlowMoModule(L.LightningModule):
         preset: str = "tiny",
         architecture: dict[str, Any] | None = None,
         stage: str = "1a",
-        lr: float = 1e-4,
-        lr_schedule: str = "constant",
-        betas: tuple[float, float] = (0.9, 0.95),
-        adam_eps: float = 1e-8,
-        time_schedule: str = "fat_lognormal",
-        cfg_dropout: float = 0.1,
-        flow_weight: float = 1.0,
-        perceptual: str = "lpips_vgg",
-        perceptual_weight: float = 0.1,
-        sample_loss: str = "none",
-        sample_loss_weight: float = 0.01,
-        sample_steps: int = 8,
+        loss: LossRecipe = LossRecipe(),
+        optim: OptimSettings = OptimSettings(),
+        init: InitSettings = InitSettings(),
+        eval: EvalSettings = EvalSettings(),
         feature_weights: str | None = None,
-        freeze_encoder_after: int | None = 200_000,
-        reset_optimizer_on_freeze: bool = True,
-        weight_norm_projection: bool = True,
-        ema_decay: float = 0.9999,
-        ema_every: int = 10,
-        ema_warmup: bool = True,
-        init_weights: str | None = None,
-        init_weights_from: str = "ema",
-        init_weights_parts: str = "all",
-        compile: bool = False,
-        checkpoint_chain: bool = True,
         activation_checkpointing: str = "none",
+        compile: bool = False,
         seed: int = 0,
-        sampler: SamplerSettings = SAMPLERS["paper"],
-        val_use_ema: bool = True,
-        val_lpips_nets: tuple[str, ...] = (),
-        val_rfid: bool = False,
-        inception_path: str | None = None,
-        max_nonfinite_steps: int = 5,
     ):
-        """Arguments map one to one onto the paper's knobs; configs/stage/{1a,1b}.yaml hold its recipes.
+        """configs/stage/{1a,1b}.yaml hold the paper's recipes; each group's fields are documented on its class.
 
         Args:
             preset: named architecture: lo, hi, small, tiny or demo (flowmo.presets).
             architecture: FlowMoConfig fields overriding the preset, e.g. {"patch_size": 8}.
             stage: 1a (mode matching: encoder + decoder) or 1b (mode seeking: encoder frozen, chain loss).
-            lr: Adam learning rate (paper: 1e-4 in 1A, 5e-5 in 1B).
-            lr_schedule: constant (paper) or cosine (decays to 0 at trainer.max_steps).
-            betas: Adam betas (paper: 0.9, 0.95).
-            adam_eps: Adam epsilon.
-            time_schedule: how t is drawn in the flow loss: fat_lognormal (paper: logit-normal with a 10% uniform
-                tail), lognormal, uniform or noise_weighted (t = sqrt(U), the CPU demo's).
-            cfg_dropout: probability of the null code in training (enables CFG at sampling; paper 0.1).
-            flow_weight: weight of the flow-matching MSE.
-            perceptual: 1A perceptual loss on the x0 estimate: lpips_vgg (paper), pixel_mse or none (1B: none).
-            perceptual_weight: its weight (paper 0.1).
-            sample_loss: 1B loss on the 8-step chain sample: resnet50_logits (paper), pixel_mse or none (1A: none).
-            sample_loss_weight: its weight (paper 0.01 for ResNet logits).
-            sample_steps: Euler steps of the 1B chain (paper 8).
+            loss: every loss weight of the stage, the quantizer's included (losses.LossRecipe).
+            optim: Adam, the projection, the EMA, the encoder freeze, the non-finite guard (settings.OptimSettings).
+            init: the weights training starts from; Stage 1B needs a 1A file (settings.InitSettings).
+            eval: the sampler and metrics of validation and test (settings.EvalSettings).
             feature_weights: the frozen feature nets' files: None = their caches (downloaded on first use), a
                 folder holding them, or "random" = stand-ins for CPU tests (said loudly, recorded).
-            freeze_encoder_after: optimizer step after which the 1A encoder is frozen (paper 200k; null = never).
-            reset_optimizer_on_freeze: restart Adam's moments at the freeze (the authors rebuild the optimizer).
-            weight_norm_projection: keep each weight matrix at its initial norm after every step (paper).
-            ema_decay: EMA decay per EMA update (paper 0.9999).
-            ema_every: optimizer steps between EMA updates (paper 10; decay applies per update).
-            ema_warmup: cap update n's decay at (1 + n) / (20 + n) (flowmo.optim.ModelEMA): a short run's EMA is not
-                its random init, the paper's steady state is unchanged; off from init_weights (Stage 1B).
-            init_weights: start from these weights (a .ckpt, exported .pt, official .pth or a released name lo / hi;
-                1B needs a 1A file).
-            init_weights_from: ema or raw weights of init_weights.
-            init_weights_parts: "all" loads the whole tokenizer; "encoder" only the encoder, keeping the decoder's
-                fresh init (with freeze_encoder_after=0: the Table-4 "MSE-pretrained encoder, then frozen" cell).
-            compile: torch.compile encoder and decoder (the EMA copy used for evaluation too).
-            checkpoint_chain: activation-checkpoint the 1B chain (less memory, ~1/3 more compute).
             activation_checkpointing: recompute transformer blocks in backward: none, blocks (every block) or
                 every_K (every K-th block); `flowmo plan` predicts the peak memory of each setting.
+            compile: torch.compile encoder and decoder (the EMA copy used for evaluation too).
             seed: seeds the noise generator (t, noise, CFG dropout, chain grids) and evaluation noise.
-            sampler: how validation and test decode (flow.SamplerSettings, default SAMPLERS["paper"]); single
-                fields as --model.sampler.steps 8.
-            val_use_ema: evaluate the EMA weights (paper) rather than the raw ones.
-            val_lpips_nets: LPIPS variants computed in validation/test: alex and/or vgg.
-            val_rfid: compute rFID (Inception weights needed).
-            inception_path: the pt_inception-2015-12-05 file for rFID (default: found like the other feature nets).
-            max_nonfinite_steps: a step with a non-finite loss or gradient is skipped and counted
-                (train/skipped_nonfinite); this many in a row stop the run.
         """
         super().__init__()
-        _check_choices(lr_schedule, init_weights, init_weights_parts, stage)
+        self.loss_settings = as_group(LossRecipe, loss)
+        self.optim_settings = as_group(OptimSettings, optim)
+        self.init_settings = as_group(InitSettings, init)
+        self.eval_settings = as_group(EvalSettings, eval)
+        if stage == "1b" and not self.init_settings.weights:
+            raise UserError(
+                "Stage 1B starts from Stage-1A weights: set model.init.weights to a 1A checkpoint "
+                "(or an official flowmo_*.pth, or a released name: lo, hi)."
+            )
+        self.recipe = self.loss_settings.for_stage(stage)
         self.save_hyperparameters()
-        self.sampler = sampler if isinstance(sampler, SamplerSettings) else SamplerSettings(**sampler)
-        self.hparams["sampler"] = self.sampler.to_dict()  # plain values: checkpoints stay loadable weights-only
+        for name in ("loss", "optim", "init", "eval"):  # plain values: checkpoints stay loadable weights-only
+            self.hparams[name] = plain(getattr(self, f"{name}_settings"))
         self.config = resolve_config(preset, architecture)
         self.tokenizer = FlowMoTokenizer(self.config)
         try:
             self.tokenizer.set_activation_checkpointing(activation_checkpointing)
         except ValueError as error:
             raise UserError(str(error)) from None
-        if init_weights:
-            checkpoint.load_initial_weights(self.tokenizer, init_weights, init_weights_from, init_weights_parts)
-        self.recipe = LossRecipe.for_stage(
-            stage,
-            perceptual=perceptual,
-            perceptual_weight=perceptual_weight,
-            sample_loss=sample_loss,
-            sample_weight=sample_loss_weight,
-            flow_weight=flow_weight,
-            time_schedule=time_schedule,
-            cfg_dropout=cfg_dropout,
-            chain_steps=sample_steps,
-            checkpoint_chain=checkpoint_chain,
-        )
+        if self.init_settings.weights:
+            init = self.init_settings
+            checkpoint.load_initial_weights(self.tokenizer, init.weights, init.weights_from, init.parts)
         self.perceptual_net = build_perceptual(
             self.recipe.perceptual if self.recipe.perceptual_weight else "none", feature_weights
         )
         self.sample_net = build_perceptual(
             self.recipe.sample_loss if self.recipe.sample_weight else "none", feature_weights
         )
-        self.ema = ModelEMA(
-            self.tokenizer, ema_decay, ema_every, optim.warmup_applies(ema_warmup, init_weights, init_weights_parts)
+        self.ema = ModelEMA.for_settings(self.tokenizer, self.optim_settings, self.init_settings)
+        self.weight_projection = (
+            WeightNormProjection(self.tokenizer) if self.optim_settings.weight_norm_projection else None
         )
-        self.weight_projection = WeightNormProjection(self.tokenizer) if weight_norm_projection else None
         self.update = TrainingUpdate(self.tokenizer, self.ema, self.weight_projection)
-        self.guard = NonFiniteGuard(max_nonfinite_steps)
-        if stage == "1b":
-            self._set_encoder_trainable(False)
+        self.guard = NonFiniteGuard(self.optim_settings.max_nonfinite_steps)
+        if stage == "1b" or self.optim_settings.freeze_encoder_after == 0:  # the decoder alone from the first step
+            self.tokenizer.encoder.requires_grad_(False)
         self.val_metrics = ReconstructionMetrics.for_evaluation(
-            lpips_nets=tuple(val_lpips_nets),
-            rfid=val_rfid,
+            lpips_nets=self.eval_settings.lpips_nets,
+            rfid=self.eval_settings.rfid,
             feature_weights=feature_weights,
-            inception_path=inception_path,
+            inception_path=self.eval_settings.inception_path,
             codebook_bits=self.tokenizer.quantizer.id_bits,
         )
         self.noise = RankNoise(seed, key="flowmo_noise_generators")
-        self._last_step_seen, self._loaded = 0, None  # _loaded: (step, hparams) of what validate / test loaded
+        self._loaded = None  # _loaded: (step, hparams) of what validate / test loaded
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        return self.eval_settings.sampler
 
     # ---------------------------------------------------------------------------------------- set-up
     compile_options: dict[str, Any] = {}  # torch.compile's keyword arguments (tests use backend="eager")
@@ -190,14 +136,16 @@ class FlowMoModule(L.LightningModule):
         """Adam(0.9, 0.95), no weight decay; encoder and decoder groups (method §5). The lr is constant (paper);
         "cosine" anneals it to 0 at max_steps (the CPU demo gained nothing from it: 20.6 dB either way)."""
         groups = [{"params": list(self.tokenizer.decoder.parameters()), "name": "decoder"}]
-        if self.recipe.train_encoder:  # 1A before the freeze (a run resumed past it builds the decoder group alone)
+        if encoder_trains(
+            self.tokenizer
+        ):  # 1A before the freeze (a run resumed past it builds the decoder group alone)
             groups.insert(0, {"params": list(self.tokenizer.encoder.parameters()), "name": "encoder"})
-        optimizer = TrainingUpdate.adam(groups, self.hparams.lr, self.hparams.betas, self.hparams.adam_eps, self.device)
-        if self.hparams.lr_schedule == "constant":
+        optimizer = TrainingUpdate.adam(groups, self.optim_settings, self.device)
+        if self.optim_settings.lr_schedule == "constant":
             return optimizer
         total = self.trainer.max_steps
         if total <= 0:
-            raise UserError("lr_schedule 'cosine' anneals to 0 at trainer.max_steps: set --trainer.max_steps.")
+            raise UserError("optim.lr_schedule 'cosine' anneals to 0 at trainer.max_steps: set --trainer.max_steps.")
         cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -209,36 +157,6 @@ class FlowMoModule(L.LightningModule):
         names = [net.name for net in nets if net is not None and net.is_stand_in]
         return sorted(set(names + self.val_metrics.stand_ins))
 
-    # ---------------------------------------------------------------------------------------- encoder freeze
-    def _set_encoder_trainable(self, trainable: bool) -> None:
-        self.tokenizer.encoder.requires_grad_(trainable)
-        self.recipe = replace(self.recipe, train_encoder=trainable)
-
-    def _freeze_due(self, step: int | None = None) -> bool:
-        """Whether the encoder should be frozen at `step` (default: the current step) and is still training."""
-        after = self.hparams.freeze_encoder_after
-        step = self.global_step if step is None else step
-        return self.recipe.train_encoder and after is not None and step >= after
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        if self._freeze_due() and _plain_ddp(self.trainer.model):
-            # Plain DDP (no find_unused_parameters: no all-reduce of the frozen encoder's zeros on every later
-            # step) cannot drop parameters mid-run: stop at the freeze; FinalCheckpoint saves last.ckpt, and the
-            # resumed run freezes the encoder before DDP wraps the model (on_load_checkpoint).
-            self.trainer.should_stop = True
-            if self.global_rank == 0:
-                print(
-                    f"flowmo: the encoder freezes after step {self.global_step}: this run stops here; resume with "
-                    "--ckpt_path last to train the decoder alone under plain DDP (make train-* does).",
-                    file=sys.stderr,
-                )
-            return -1
-        if self._freeze_due():
-            self._set_encoder_trainable(False)
-            if self.hparams.reset_optimizer_on_freeze:  # the authors rebuild Adam: every moment restarts
-                for optimizer in self.trainer.optimizers:
-                    optimizer.state.clear()
-
     # ---------------------------------------------------------------------------------------- training
     @property
     def noise_generator(self) -> torch.Generator:
@@ -246,6 +164,8 @@ class FlowMoModule(L.LightningModule):
         return self.noise.generator(self.device, self.global_rank)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One micro-batch's loss; Lightning runs its backward (outside DDP's gradient sync until the last micro-batch
+        of an accumulation group) and calls optimizer_step after the last one."""
         images = _images(batch)
         out = flowmo_loss(
             self.tokenizer, images, self.recipe, self.perceptual_net, self.sample_net, self.noise_generator
@@ -258,56 +178,80 @@ class FlowMoModule(L.LightningModule):
             self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=images.shape[0])
         return out.total
 
-    def _is_logging_step(self) -> bool:
-        return self.global_step % (getattr(self.trainer, "log_every_n_steps", 50) or 50) == 0
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """One optimizer step, in order. Lightning calls it once per accumulation group, at its last micro-batch."""
+        # 1. The last micro-batch's forward and backward (Lightning requires the closure to be called in this hook).
+        result = optimizer_closure() if optimizer_closure is not None else None
+        # 2. Skip or not: a non-finite loss or gradient on any rank gives 1.0, decided on the device.
+        grads = [p.grad for p in self.tokenizer.parameters() if p.grad is not None]
+        skip = self.guard.found_inf(grads)
+        step = self.global_step + 1
+        self._log_norms(grads, step)
+        # 3. Adam (its fused kernel reads `skip`; Lightning's step runs the precision plugin and counts the step),
+        #    then the weight-norm projection and the EMA, both holding still on a skipped step.
+        lightning_step = super().optimizer_step
+        self.update.step(optimizer, lambda: lightning_step(epoch, batch_idx, optimizer, lambda: result), skip, step)
+        # 4. The skip counters reach the host without a device sync; `max_nonfinite_steps` in a row stop the run.
+        self.guard.poll(step, Path(self.trainer.default_root_dir))
+        if self._is_logging_step(step):
+            self.log("train/skipped_nonfinite", self.guard.skipped)  # the device counter: no host value
+            self.log("train/ema_relative_distance", self.ema.relative_distance(self.tokenizer))
+        # 5. The Stage-1A encoder freeze, due after this step.
+        if self._freeze_due(step):
+            self._freeze_encoder(step)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._is_logging_step():
-            grads = [p.grad for p in self.tokenizer.parameters() if p.grad is not None]
+    def _is_logging_step(self, step: int | None = None) -> bool:
+        step = self.global_step if step is None else step
+        return step % (getattr(self.trainer, "log_every_n_steps", 50) or 50) == 0
+
+    def _log_norms(self, grads: list[Tensor], step: int) -> None:
+        """Gradient and weight norms at the logging steps, logged on the device (no host read)."""
+        if self._is_logging_step(step - 1):
             if grads:
                 self.log("train/grad_norm", global_norm(grads))
             self.log("train/param_norm", global_norm([p.detach() for p in self.tokenizer.parameters()]))
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        # The last micro-batch's forward + backward run first, so the guard's flag exists before Adam's kernel
-        # reads it (Lightning requires the closure to be called inside this hook).
-        result = optimizer_closure() if optimizer_closure is not None else None
-        found_inf = self.guard.found_inf([p.grad for p in self.tokenizer.parameters() if p.grad is not None])
-        self.update.step(
-            optimizer,
-            lambda: super(FlowMoModule, self).optimizer_step(epoch, batch_idx, optimizer, lambda: result),
-            found_inf,
-            step=self.global_step + 1,
-        )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After each optimizer step, outside it: the guard's counters reach the host without a device sync; at
-        logging steps the skip count and the EMA distance are logged."""
-        if self.global_step == self._last_step_seen:
-            return  # a micro-batch inside an accumulation group: no optimizer step yet
-        self._last_step_seen = self.global_step
-        run_dir = Path(self.trainer.default_root_dir) if self._trainer is not None else None
-        skipped = self.guard.poll(self.global_step, run_dir)
-        if self._is_logging_step():
-            self.log("train/skipped_nonfinite", float(skipped))
-            self.log("train/ema_relative_distance", self.ema.relative_distance(self.tokenizer))
 
     @property
     def skipped_nonfinite(self) -> int:
         """Optimizer steps skipped in this process so far (reads the device counter: for tests and reports)."""
         return 0 if self.guard.skipped is None else int(self.guard.skipped)
 
+    # ---------------------------------------------------------------------------------------- encoder freeze
+    def _freeze_due(self, step: int) -> bool:
+        """Whether the encoder, still training, freezes after optimizer step `step` (Stage 1A, method §5)."""
+        after = self.optim_settings.freeze_encoder_after
+        return encoder_trains(self.tokenizer) and after is not None and step >= after
+
+    def _freeze_encoder(self, step: int) -> None:
+        if _plain_ddp(self.trainer.model):
+            # Plain DDP (no find_unused_parameters: no all-reduce of the frozen encoder's zeros on every later
+            # step) cannot drop parameters mid-run: stop here; FinalCheckpoint saves last.ckpt, and the resumed
+            # run freezes the encoder before DDP wraps the model (on_load_checkpoint).
+            self.trainer.should_stop = True
+            if self.global_rank == 0:
+                print(
+                    f"flowmo: the encoder freezes after step {step}: this run stops here; resume with "
+                    "--ckpt_path last to train the decoder alone under plain DDP (make train-* does).",
+                    file=sys.stderr,
+                )
+            return
+        self.tokenizer.encoder.requires_grad_(False)
+        if self.optim_settings.reset_optimizer_on_freeze:  # the authors rebuild Adam: every moment restarts
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
+
     # ---------------------------------------------------------------------------------------- evaluation
     def eval_tokenizer(self) -> FlowMoTokenizer:
-        return self.ema.module if self.hparams.val_use_ema else self.tokenizer
+        return self.ema.module if self.eval_settings.use_ema else self.tokenizer
 
     def evaluated_weights(self) -> dict:
         """flowmo.optim.weights_record of the weights validation and test decode with."""
-        kind = "ema" if self.hparams.val_use_ema else "raw"
+        kind = "ema" if self.eval_settings.use_ema else "raw"
         if self._loaded is not None:  # a checkpoint validate / test loaded: its own hyper-parameters count its updates
             return optim.weights_record(kind, self._loaded[1], self._loaded[0])
-        if self.hparams.init_weights and self.global_step == 0:  # loaded alone, into both copies
-            return {**optim.weights_record(self.hparams.init_weights_from), "init_weights": self.hparams.init_weights}
+        if self.init_settings.weights and self.global_step == 0:  # loaded alone, into both copies
+            init = self.init_settings
+            return {**optim.weights_record(init.weights_from), "init_weights": init.weights}
         return optim.weights_record(kind, self.hparams, self.global_step)
 
     def _announce_evaluation(self) -> None:
@@ -362,7 +306,8 @@ class FlowMoModule(L.LightningModule):
         self.noise.save(checkpoint, self.device, self.global_rank)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.ema.warmup &= "ema_warmup" in checkpoint.get("hyper_parameters", {})  # saved before it: no warm-up
+        saved = group_hparams(checkpoint.get("hyper_parameters", {}), "optim")
+        self.ema.warmup &= "ema_warmup" in saved  # saved before the warm-up existed: none
         self.noise.load(checkpoint, self.trainer.world_size if self._trainer else 1, self.global_rank)
         step = int(checkpoint.get("global_step", 0))
         if self._trainer is None or self.trainer.state.fn != "fit":  # validate / test: what they evaluate
@@ -370,24 +315,10 @@ class FlowMoModule(L.LightningModule):
         if self._freeze_due(step):
             # Resumed at or past the freeze: freeze before DDP wraps the model and before the optimizer is built, so
             # both hold the decoder alone. Adam restarts if the freeze happens now (the authors rebuild it).
-            self._set_encoder_trainable(False)
-            restart = self.hparams.reset_optimizer_on_freeze and step == self.hparams.freeze_encoder_after
+            self.tokenizer.encoder.requires_grad_(False)
+            settings = self.optim_settings
+            restart = settings.reset_optimizer_on_freeze and step == settings.freeze_encoder_after
             optim.drop_param_group(checkpoint, "encoder", clear=restart)
-
-
-def _check_choices(lr_schedule: str, init_weights: str | None, init_weights_parts: str, stage: str) -> None:
-    if lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
-    if stage == "1b" and not init_weights:
-        raise UserError(
-            "Stage 1B starts from Stage-1A weights: set model.init_weights to a 1A checkpoint "
-            "(or an official flowmo_*.pth, or a released name: lo, hi)."
-        )
-    if init_weights_parts not in INIT_PARTS or (init_weights_parts != "all" and not init_weights):
-        raise UserError(
-            f"init_weights_parts must be one of {INIT_PARTS} and 'encoder' needs model.init_weights; "
-            f"got {init_weights_parts!r} with init_weights={init_weights!r}."
-        )
 
 
 def _plain_ddp(model: Any) -> bool:

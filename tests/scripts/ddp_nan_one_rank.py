@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from flowmo.flow import SamplerSettings
+from flowmo.losses import LossRecipe
 from flowmo.module import FlowMoModule
+from flowmo.settings import EvalSettings, OptimSettings
 
 warnings.filterwarnings("ignore")
 
@@ -51,12 +53,10 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = FlowMoModule(
         preset="tiny",
-        perceptual="none",
+        loss=LossRecipe(perceptual="none"),
+        optim=OptimSettings(freeze_encoder_after=None, ema_every=1, lr=1e-3),
+        eval=EvalSettings(sampler=SamplerSettings(steps=2)),
         feature_weights="random",
-        freeze_encoder_after=None,
-        ema_every=1,
-        lr=1e-3,
-        sampler=SamplerSettings(steps=2),
     )
     trainer = L.Trainer(
         max_steps=2,

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from flowmo.bench.workloads import recipes
+from flowmo.bench.workloads import recipes, set_stage
 from flowmo.losses import flowmo_loss
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.perceptual import build_perceptual
@@ -35,6 +35,8 @@ def main() -> int | str:
     compiled.decoder.compile()
     for stage in ("1a", "1b"):
         recipe = recipes("off")[stage]
+        for tokenizer in (eager, compiled):
+            set_stage(tokenizer, stage)  # Stage 1B: the encoder frozen, as the module freezes it
         for batch in (1, 2):
             images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)) * 2 - 1
             loss, grads = loss_and_grads(eager, images, recipe)

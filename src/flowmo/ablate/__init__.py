@@ -27,7 +27,7 @@ paired by seed (flowmo.ablate.stats); a Stage-1B replicate starts from the same 
 Names: fits are runs/ablate-<grid>-<train values>[-<posttrain value>]-s<seed>, tests runs/ablate-<grid>-<cell>-s<seed>
 and write results/ablate-<grid>-<cell>-s<seed>/metrics.json. Fits resume (`--ckpt_path last`); tests whose metrics
 are newer than their checkpoint are skipped; each step's output goes to runs/<run>/<fit|test>.log and its wall
-time to results/ablations/<grid>/timings.json. Tests load the EMA weights through `model.init_weights`, so the
+time to results/ablations/<grid>/timings.json. Tests load the EMA weights through `model.init.weights`, so the
 configs alone decide the evaluation protocol.
 """
 

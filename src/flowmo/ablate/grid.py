@@ -28,7 +28,7 @@ class Value:
     name: str
     label: str
     overlay: Any  # dict (inline) | str (path relative to the config dir)
-    init_from: str | None = None  # a cell whose Stage-1A checkpoint this fit starts from (model.init_weights)
+    init_from: str | None = None  # a cell whose Stage-1A checkpoint this fit starts from (model.init.weights)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ from flowmo.ablate.grid import Grid, Options, Value
 from flowmo.config import FlowMoConfig, TransformerConfig
 from flowmo.data.datamodule import FlowMoDataModule
 from flowmo.errors import UserError
+from flowmo.flow import SamplerSettings
+from flowmo.losses import LossRecipe
 from flowmo.module import FlowMoModule
+from flowmo.settings import EvalSettings, InitSettings, OptimSettings
 
 TOP_LEVEL_KEYS = ("trainer", "model", "data", "checkpoint", "seed_everything", "run_name", "runs_dir", "ckpt_path")
 
@@ -54,16 +57,10 @@ def unknown_keys(overlay: dict) -> list[tuple[str, str]]:
         if section not in TOP_LEVEL_KEYS:
             bad.append((dotted, _hint(section, TOP_LEVEL_KEYS)))
             continue
-        names = known.get(section)
         parts = dotted.split(".")
-        if names is None or len(parts) < 2:
-            continue
-        if section == "model" and parts[1] == "architecture" and len(parts) > 2:
-            fields = known["architecture"] if len(parts) == 3 else known["transformer"]
-            if parts[-1] not in fields:
-                bad.append((dotted, _hint(parts[-1], fields)))
-        elif parts[1] not in names:
-            bad.append((dotted, _hint(parts[1], names)))
+        names = known.get(".".join(parts[:-1]))  # the fields of the section or group that holds the last key
+        if names is not None and parts[-1] not in names:
+            bad.append((dotted, _hint(parts[-1], names)))
     return bad
 
 
@@ -88,13 +85,22 @@ def _known_arguments() -> dict[str, tuple[str, ...]]:
     def arguments(target) -> tuple[str, ...]:
         return tuple(p for p in inspect.signature(target).parameters if p != "self")
 
+    def names(dataclass) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(dataclass))
+
     return {
         "model": arguments(FlowMoModule.__init__),
         "data": arguments(FlowMoDataModule.__init__),
         "trainer": arguments(L.Trainer.__init__),
         "checkpoint": arguments(ModelCheckpoint.__init__),
-        "architecture": tuple(f.name for f in dataclasses.fields(FlowMoConfig)),
-        "transformer": tuple(f.name for f in dataclasses.fields(TransformerConfig)),
+        "model.architecture": names(FlowMoConfig),
+        "model.architecture.encoder": names(TransformerConfig),
+        "model.architecture.decoder": names(TransformerConfig),
+        "model.loss": names(LossRecipe),
+        "model.optim": names(OptimSettings),
+        "model.init": names(InitSettings),
+        "model.eval": names(EvalSettings),
+        "model.eval.sampler": names(SamplerSettings),
     }
 
 

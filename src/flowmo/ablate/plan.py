@@ -106,9 +106,9 @@ def _feature_metric_args(grid: Grid) -> list[str]:
         return []
     nets = list(pretrained.cached_lpips_nets())
     return [
-        "--model.val_lpips_nets",
+        "--model.eval.lpips_nets",
         json.dumps(nets),
-        "--model.val_rfid",
+        "--model.eval.rfid",
         str(pretrained.is_available("inception_fid")).lower(),
     ]
 
@@ -147,7 +147,7 @@ def _add_fit(grid: Grid, cell: Cell, seed: int, options: Options, steps: dict[st
     for value in cell.of_kind(grid, "train"):
         if value.init_from:
             source = fit_run(grid, grid.cell(value.init_from), seed)
-            argv += ["--model.init_weights", checkpoint_of(source, options)]
+            argv += ["--model.init.weights", checkpoint_of(source, options)]
             needs.append(f"fit:{source}")
     if options.steps or grid.steps:
         argv += ["--trainer.max_steps", str(options.steps or grid.steps)]
@@ -171,9 +171,9 @@ def _add_posttrain(grid: Grid, cell: Cell, stage_1a: Step, options: Options, ste
             "--runs_dir",
             options.runs_dir,
             *_seed_args(seed),
-            "--model.init_weights",
+            "--model.init.weights",
             stage_1a.checkpoint,
-            "--model.init_weights_from",
+            "--model.init.weights_from",
             "ema",
         ]
         if options.posttrain_steps or grid.posttrain_steps:
@@ -196,11 +196,11 @@ def _add_test(grid: Grid, cell: Cell, fit: Step, options: Options, steps: dict[s
         run,
         "--runs_dir",
         options.runs_dir,
-        "--model.init_weights",
+        "--model.init.weights",
         fit.checkpoint,
-        "--model.init_weights_from",
+        "--model.init.weights_from",
         "ema",
-        "--model.init_weights_parts",
+        "--model.init.parts",
         "all",
         *_feature_metric_args(grid),
         *_device_args(options, False),

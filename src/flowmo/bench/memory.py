@@ -44,6 +44,7 @@ from flowmo.bench.workloads import (
     make_images,
     optimizer_step,
     recipes,
+    set_stage,
 )
 from flowmo.losses import flowmo_loss
 from flowmo.nn import transformer
@@ -194,11 +195,12 @@ def plan(
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             tokenizer = FlowMoTokenizer(config).set_activation_checkpointing(checkpointing)
+            set_stage(tokenizer, stage)
             weights, peak, activations = _step_peak(tokenizer, recipe, nets, micro_batch, size, precision, autocast)
     finally:
         _cached_rope.cache_clear()  # it now holds fake RoPE tables under the key "cpu"
     total_params = sum(p.numel() for p in tokenizer.parameters())
-    trained = [tokenizer.encoder, tokenizer.decoder] if recipe.train_encoder else [tokenizer.decoder]
+    trained = [tokenizer.encoder, tokenizer.decoder] if stage == "1a" else [tokenizer.decoder]
     trainable = sum(p.numel() for part in trained for p in part.parameters())  # the quantizer has no weights
     adam, ema = 8 * trainable, 4 * total_params
     buckets = 0 if gradient_as_bucket_view or ranks == 1 else 4 * trainable
@@ -233,7 +235,7 @@ def _step_peak(
     tokenizer: FlowMoTokenizer, recipe, nets, batch: int, size: int, precision: str, autocast_kind: str = "cuda"
 ) -> tuple[int, int, int]:
     """Live bytes of (the weights of every net, the peak during forward + backward, the activations at the end of
-    forward). A frozen encoder needs nothing here: flowmo_loss runs it without grad (recipe.train_encoder)."""
+    forward). A frozen encoder needs nothing here: flowmo_loss runs it without grad (set_stage)."""
     perceptual, sample = nets
     images = torch.rand(batch, 3, size, size) * 2 - 1
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
@@ -314,15 +316,14 @@ def measured_step_peak(
     bundle = build_bundle(preset, "cpu", nets, None, "random")
     bundle.tokenizer.set_activation_checkpointing(checkpointing)
     bundle.attach_update(torch.device("cpu"))
-    bundle.tokenizer.encoder.requires_grad_(bundle.recipes[stage].train_encoder)  # as the module freezes it in 1B
     images = make_images(bundle, micro_batch, "cpu")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     with autocast:
-        optimizer_step(bundle, images, bundle.recipes[stage])  # warm-up: Adam's moments exist from here on
+        optimizer_step(bundle, images, stage)  # warm-up: Adam's moments exist from here on
     free_grads(bundle.tokenizer)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         with autocast:
-            optimizer_step(bundle, images, bundle.recipes[stage])
+            optimizer_step(bundle, images, stage)
     events = sorted(
         (e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
     )

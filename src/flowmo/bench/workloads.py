@@ -13,13 +13,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowmo.faults import NonFiniteGuard
 from flowmo.flow import SAMPLERS
 from flowmo.losses import LossRecipe, flowmo_loss
 from flowmo.nn.tokenizer import FlowMoTokenizer
 from flowmo.nn.transformer import _cached_rope
+from flowmo.nonfinite import NonFiniteGuard
 from flowmo.optim import ModelEMA, TrainingUpdate, WeightNormProjection
 from flowmo.perceptual import build_perceptual
+from flowmo.settings import OptimSettings
 
 WORKLOADS = ("1a", "1b", "encode", "decode")
 TRAINING = ("1a", "1b")
@@ -30,10 +31,8 @@ def recipes(feature_nets: str) -> dict[str, LossRecipe]:
     ("off"): no LPIPS in 1A, and 1B's sample loss is the pixel MSE (still a loss on the back-propagated chain)."""
     random = feature_nets == "random"
     return {
-        "1a": LossRecipe.for_stage("1a", perceptual="lpips_vgg" if random else "none"),
-        "1b": LossRecipe.for_stage(
-            "1b", perceptual="none", sample_loss="resnet50_logits" if random else "pixel_mse", sample_weight=0.01
-        ),
+        "1a": LossRecipe(perceptual="lpips_vgg" if random else "none").for_stage("1a"),
+        "1b": LossRecipe(perceptual="none", sample_loss="resnet50_logits" if random else "pixel_mse").for_stage("1b"),
     }
 
 
@@ -52,14 +51,13 @@ class Bundle:
     sampler: str = "paper"  # what the decode workload runs (flow.SAMPLERS)
 
     def attach_update(self, device: torch.device) -> None:
-        """The module's update on this tokenizer: Adam (one group), projection, EMA every 10 steps, the guard."""
-        self.update = TrainingUpdate(
-            self.tokenizer, ModelEMA(self.tokenizer, every=10), WeightNormProjection(self.tokenizer)
-        )
-        self.optimizer = TrainingUpdate.adam(
-            [{"params": list(self.tokenizer.parameters())}], 1e-4, (0.9, 0.95), 1e-8, device
-        )
-        self.guard = NonFiniteGuard(limit=5)
+        """The module's update on this tokenizer with the paper's OptimSettings: Adam (one group), projection, EMA,
+        the guard."""
+        settings = OptimSettings()
+        ema = ModelEMA.for_settings(self.tokenizer, settings)
+        self.update = TrainingUpdate(self.tokenizer, ema, WeightNormProjection(self.tokenizer))
+        self.optimizer = TrainingUpdate.adam([{"params": list(self.tokenizer.parameters())}], settings, device)
+        self.guard = NonFiniteGuard(settings.max_nonfinite_steps)
 
 
 def build_feature_nets(feature_nets: str, device) -> tuple[nn.Module | None, nn.Module]:
@@ -102,9 +100,16 @@ def free_grads(tokenizer: nn.Module) -> None:
         param.grad = None
 
 
-def training_step(bundle: Bundle, images: Tensor, recipe: LossRecipe) -> None:
-    """One micro-batch: forward through flowmo_loss and backward."""
+def set_stage(tokenizer: FlowMoTokenizer, stage: str) -> None:
+    """Stage 1B trains the decoder alone: the module freezes the encoder, and flowmo_loss then runs it without grad."""
+    tokenizer.encoder.requires_grad_(stage == "1a")
+
+
+def training_step(bundle: Bundle, images: Tensor, stage: str) -> None:
+    """One micro-batch of `stage`: forward through flowmo_loss and backward."""
     free_grads(bundle.tokenizer)
+    set_stage(bundle.tokenizer, stage)
+    recipe = bundle.recipes[stage]
     perceptual = bundle.perceptual if recipe.perceptual_weight else None
     sample_net = bundle.sample_net if recipe.sample_weight else None
     out = flowmo_loss(bundle.tokenizer, images, recipe, perceptual, sample_net)
@@ -122,9 +127,9 @@ def decode_call(bundle: Bundle, indices: Tensor) -> None:
     bundle.tokenizer.detokenize(indices, image_size=(bundle.image_size, bundle.image_size), sampler=bundle.sampler)
 
 
-def optimizer_step(bundle: Bundle, images: Tensor, recipe: LossRecipe) -> None:
+def optimizer_step(bundle: Bundle, images: Tensor, stage: str) -> None:
     """A whole training step: forward, backward, then the guard's flag and the update the training module runs."""
-    training_step(bundle, images, recipe)
+    training_step(bundle, images, stage)
     grads = [p.grad for p in bundle.tokenizer.parameters() if p.grad is not None]
     bundle.update.step(bundle.optimizer, bundle.optimizer.step, bundle.guard.found_inf(grads))
 
@@ -134,7 +139,7 @@ def workload_fn(name: str, bundle: Bundle, images: Tensor, indices: Tensor | Non
     when it does not (FLOP counting: the model's forward + backward)."""
     step = optimizer_step if bundle.update is not None else training_step
     if name in TRAINING:
-        return lambda: step(bundle, images, bundle.recipes[name])
+        return lambda: step(bundle, images, name)
     if name == "encode":
         return lambda: encode_call(bundle, images)
     return lambda: decode_call(bundle, indices)

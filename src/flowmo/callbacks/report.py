@@ -120,10 +120,10 @@ def build_report(
         "metrics": collected_metrics(trainer, pl_module),
         "num_images": num_images,
         "sampler": {**settings.to_dict(), "seed": hp.seed, "nfe": settings.nfe},
-        "weights": evaluated_weights(trainer, hp),
+        "weights": evaluated_weights(trainer, pl_module),
         "weights_record": _weights_record(pl_module),  # step, EMA updates and decay (flowmo.optim.weights_record)
         "checkpoint": trainer.ckpt_path,
-        "init_weights": hp.init_weights,
+        "init_weights": pl_module.init_settings.weights,
         "bits_per_pixel": config.bits_per_pixel_at(*resolution) if resolution else config.bits_per_pixel,
         "tokens_x_vocab": tokens_times_vocab(pl_module.tokenizer.quantizer, config.code_length),
         "resolution": list(resolution) if resolution else None,
@@ -153,12 +153,12 @@ def evaluated_size(trainer: L.Trainer, config) -> int:
     return int(hparams.get("image_size") or config.image_size)
 
 
-def evaluated_weights(trainer: L.Trainer, hp) -> str:
-    """ "ema" or "raw": what the sampler ran. Weights loaded through init_weights (e.g. the authors' .pth) fill
-    both copies, so then init_weights_from decides; a checkpoint holds both and val_use_ema picks."""
-    if hp.init_weights and not trainer.ckpt_path:
-        return hp.init_weights_from
-    return "ema" if hp.val_use_ema else "raw"
+def evaluated_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """ "ema" or "raw": what the sampler ran. Weights loaded through model.init (e.g. the authors' .pth) fill both
+    copies, so then init.weights_from decides; a checkpoint holds both and eval.use_ema picks."""
+    if pl_module.init_settings.weights and not trainer.ckpt_path:
+        return pl_module.init_settings.weights_from
+    return "ema" if pl_module.eval_settings.use_ema else "raw"
 
 
 def _weights_record(pl_module: L.LightningModule) -> dict | None:

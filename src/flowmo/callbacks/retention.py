@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 STEP_FILE = re.compile(r"step(\d+)\.ckpt")
 
@@ -60,3 +61,22 @@ class CheckpointRetention(L.Callback):
 
     def _milestone(self, step: int) -> bool:
         return self.keep_every is not None and step % self.keep_every == 0
+
+
+class BestRfidCheckpoint(ModelCheckpoint):
+    """Keeps the checkpoint of the lowest val/rfid as best-rfid.ckpt: Stage 1B's selection (it reward-hacks its loss
+    if run too long, method §5). A run that computes no rFID (model.eval.rfid false: the CPU demo, tests without
+    Inception weights) has nothing to select on, and then keeps nothing instead of failing at its first validation."""
+
+    def __init__(self, filename: str = "best-rfid", **kwargs):
+        super().__init__(monitor="val/rfid", mode="min", save_top_k=1, filename=filename, **kwargs)
+        self.selects = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        settings = getattr(pl_module, "eval_settings", None)
+        self.selects = settings is None or settings.rfid
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if self.selects:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)

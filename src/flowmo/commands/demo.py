@@ -36,7 +36,7 @@ def parser(command: str = "demo") -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ARG",
-        help="extra `flowmo fit` arguments for Stage 1A, e.g. --fit-1a=--model.lr=2e-3 (repeatable)",
+        help="extra `flowmo fit` arguments for Stage 1A, e.g. --fit-1a=--model.optim.lr=2e-3 (repeatable)",
     )
     parser.add_argument(
         "--fit-1b",

@@ -249,7 +249,7 @@ def _run_cli(cli, argv: list[str], name: str) -> int:
     except MissingWeightsError as error:  # a set-up problem, not a bug: the sentence, without a traceback
         print(
             f"error: {error} On the command line: --model.feature_weights DIR (a folder holding the .pth "
-            "files) or --model.inception_path FILE.",
+            "files) or --model.eval.inception_path FILE.",
             file=sys.stderr,
         )
         return 2

@@ -28,10 +28,9 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class QuantizerLosses:
-    """A quantizer's losses of one micro-batch: `total` (weighted, what training adds) and the named terms it is
-    made of, logged one by one (LFQ: entropy, commitment, per_sample_entropy, codebook_entropy)."""
+    """A quantizer's loss terms of one micro-batch, unweighted and logged one by one (LFQ: entropy, commitment,
+    per_sample_entropy, codebook_entropy). Their weights belong to the training recipe (losses.LossRecipe)."""
 
-    total: Tensor
     terms: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -49,10 +48,6 @@ class QuantizerOutput:
     losses: QuantizerLosses | None = None
 
     # The public API's names for the loss terms (None where the quantizer has no such term).
-    @property
-    def loss(self) -> Tensor | None:
-        return None if self.losses is None else self.losses.total
-
     @property
     def entropy_loss(self) -> Tensor | None:
         return self._term("entropy")
@@ -106,7 +101,7 @@ class Quantizer(nn.Module):
     def zero_losses(self, code: Tensor) -> QuantizerLosses:
         """Losses of a quantizer with no loss of its own: zeros, logged under the same names as LFQ's main terms."""
         zero = code.new_zeros((), dtype=torch.float32)
-        return QuantizerLosses(zero, {"entropy": zero, "commitment": zero})
+        return QuantizerLosses({"entropy": zero, "commitment": zero})
 
 
 def _entropy(probs: Tensor, eps: float = 1e-5) -> Tensor:
@@ -122,14 +117,7 @@ class LFQ(Quantizer):
     sum_j bit_j 2^j (little-endian: channel bit 0 is the least significant).
     """
 
-    def __init__(
-        self,
-        code_dim: int,
-        group_bits: int,
-        temperature: float = 0.1,
-        entropy_weight: float = 0.0025,
-        commit_weight: float = 0.000625,
-    ):
+    def __init__(self, code_dim: int, group_bits: int, temperature: float = 0.1):
         super().__init__()
         if code_dim % group_bits:
             raise ValueError(f"code_dim {code_dim} is not divisible by the entropy group size {group_bits}.")
@@ -137,7 +125,6 @@ class LFQ(Quantizer):
         self.ids_per_token = code_dim // group_bits
         self.codebook_size, self.id_bits, self.bits_per_token = 2**group_bits, group_bits, float(code_dim)
         self.temperature = temperature
-        self.entropy_weight, self.commit_weight = entropy_weight, commit_weight
         self.register_buffer("bit_values", 2 ** torch.arange(group_bits), persistent=False)
 
     def to_subtokens(self, code: Tensor) -> Tensor:
@@ -168,15 +155,8 @@ class LFQ(Quantizer):
             per_sample, codebook = self.entropy_terms(code.float())
             commitment = (code.float() - quantized.float()).pow(2).mean()
         entropy = per_sample - codebook
-        return QuantizerLosses(
-            self.entropy_weight * entropy + self.commit_weight * commitment,
-            {
-                "entropy": entropy,
-                "commitment": commitment,
-                "per_sample_entropy": per_sample,
-                "codebook_entropy": codebook,
-            },
-        )
+        terms = {"entropy": entropy, "commitment": commitment}
+        return QuantizerLosses({**terms, "per_sample_entropy": per_sample, "codebook_entropy": codebook})
 
     def entropy_terms(self, code: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-sub-token entropy, entropy of the mean distribution), over this micro-batch.
@@ -255,13 +235,7 @@ class ContinuousCode(Quantizer):
 
 # config.quantizer -> the quantizer of a FlowMoConfig: the one place a quantizer's name means anything.
 QUANTIZERS: dict[str, Callable[..., Quantizer]] = {
-    "lfq": lambda config: LFQ(
-        config.code_dim,
-        config.entropy_group_bits,
-        config.entropy_temperature,
-        config.entropy_loss_weight,
-        config.commit_loss_weight,
-    ),
+    "lfq": lambda config: LFQ(config.code_dim, config.entropy_group_bits, config.entropy_temperature),
     "fsq": lambda config: FSQ(config.fsq_levels),
     "none": lambda config: ContinuousCode(config.code_dim),
 }
