@@ -130,51 +130,6 @@ def test_the_bench_times_the_training_modules_own_update_and_recipes():
     )
 
 
-@pytest.mark.slow
-def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
-    """`make gpu-check` is for a lent GPU; on tiny and the CPU every check but compile (inductor: minutes here)
-    and the CUDA sync mode still runs, each in its own process, and reports."""
-    from flowmo.bench import gpu_check
-
-    assert (
-        gpu_check.main(
-            [
-                "--device",
-                "cpu",
-                "--preset",
-                "tiny",
-                "--checkpointing",
-                "blocks",
-                "--out",
-                str(tmp_path),
-                "--warmup",
-                "0",
-                "--iters",
-                "1",
-                "--skip",
-                "compile",
-            ]
-        )
-        == 0
-    )
-    report = (tmp_path / "report.md").read_text()
-    for expected in (
-        "preflight: CPU",
-        "1a micro-batch 8 (blocks): peak allocated",
-        "planner (1 rank",
-        "profile split",
-        "host syncs: not measured",
-        "1b micro-batch 4:",
-        "decode fast sampler, batch 32:",
-        "every check passed",
-    ):
-        assert expected in report, report
-    assert "failed" not in report, report
-    rows = json.loads((tmp_path / "bench.json").read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
-    assert {row["stage"] for row in rows} == {"1a", "1b", "decode"}
-
-
 def test_a_check_past_its_deadline_is_stopped_and_the_command_fails(tmp_path, monkeypatch):
     """A hung check (here a process that sleeps, with a child of its own) is killed at its deadline with its process
     group, reported, and the command exits 1; the budget also stops the checks after it."""

@@ -1,13 +1,14 @@
 """FlowMoModule: the two training stages of FlowMo as one LightningModule (method §3 and §5).
 
 stage "1a" (mode matching): encoder + decoder, flow + LPIPS on the x0 estimate + quantizer losses; the
-encoder is frozen after `freeze_encoder_after` optimizer steps (200k in the paper) and Adam restarts.
-stage "1b" (mode seeking): starts from 1A weights (`init_weights`), encoder frozen from step 0, flow loss +
+encoder is frozen after `optim.freeze_encoder_after` optimizer steps (200k in the paper) and Adam restarts.
+stage "1b" (mode seeking): starts from 1A weights (`init.weights`), encoder frozen from step 0, flow loss +
 0.01 x ResNet-50-logit MSE on an 8-step sample back-propagated through the chain.
 
-It composes pieces that live elsewhere: the network (nn/), the loss recipe (losses), the update after each backward
-(optim.TrainingUpdate), the non-finite guard (faults), init weights (checkpoint) and the metrics (metrics/). EMA,
-projection norms, optimizer and each rank's noise are checkpointed: a resumed run continues exactly.
+It composes pieces that live elsewhere: the network (nn/), the loss recipe (losses), the typed settings (settings),
+the update after each backward (optim.TrainingUpdate), the non-finite guard (nonfinite), init weights (checkpoint)
+and the metrics (metrics/). One optimizer step reads top-down in `optimizer_step`. EMA, projection norms, optimizer
+and each rank's noise are checkpointed: a resumed run continues exactly.
 """
 
 from __future__ import annotations

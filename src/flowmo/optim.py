@@ -13,6 +13,7 @@ restarts the EMA from the raw weights on resume; we do not).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping
 
@@ -238,22 +239,33 @@ class TrainingUpdate:
         found_inf: Tensor | None = None,
         step: int | None = None,
     ) -> None:
-        """Run Adam (`run_step`), then project and move the EMA; `step` (from 1) decides the EMA cadence."""
+        """Adam (`run_step`), skipped on the device where `found_inf` is 1; then the projection and the EMA, which
+        hold still on the same flag. `step` (counted from 1) decides the EMA's cadence."""
         self.steps = self.steps + 1 if step is None else step
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper: the flag goes on torch's own
-        fused = bool(optimizer.defaults.get("fused"))
-        if found_inf is not None and fused:
-            optimizer.found_inf = found_inf.float()  # read by the fused kernel: no update, step counts undone
-        try:
+        with skip_flag(optimizer, found_inf) as fused:
             if found_inf is None or fused or not bool(found_inf):  # unfused Adam (no kernel here): the host decides
                 run_step()
-        finally:
-            if found_inf is not None and fused:
-                del optimizer.found_inf
         if self.projection is not None:
             self.projection.apply_to(self.model, found_inf)
         if self.ema.is_due(self.steps):
             self.ema.update(self.model, found_inf, done=self.ema.updates_at(self.steps) - 1)
+
+
+@contextlib.contextmanager
+def skip_flag(optimizer: torch.optim.Optimizer, found_inf: Tensor | None):
+    """Hand `found_inf` to torch's fused Adam the way torch's own GradScaler does, as the attribute its step reads:
+    where it is 1 the kernel leaves weights, moments and step counts as they were, with no host read. Yields whether
+    the optimizer is fused (without the kernel, the caller decides on the host)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper: the flag goes on torch's own
+    fused = bool(optimizer.defaults.get("fused"))
+    if found_inf is None or not fused:
+        yield fused
+        return
+    optimizer.found_inf = found_inf.float()
+    try:
+        yield fused
+    finally:
+        del optimizer.found_inf
 
 
 def drop_param_group(checkpoint: dict, name: str, clear: bool = False) -> None:
