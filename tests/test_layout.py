@@ -165,3 +165,21 @@ def test_the_training_module_takes_a_handful_of_typed_groups():
 
 def test_the_readme_is_a_short_guide():
     assert len((ROOT / "README.md").read_text().splitlines()) <= MAX_README_LINES
+
+
+def test_the_repository_stands_alone():
+    """The method is described in docs/method.md: code, configs and docs cite its sections ("method §3"), never a
+    file outside the repository."""
+    import re
+
+    outside = re.compile(r"\.\./shared|\bspec(ification)? (sections? )?\d|FLOWMO\.md", re.IGNORECASE)
+    files = [*SRC.rglob("*.py"), *(ROOT / "configs").rglob("*.yaml"), *(ROOT / "docs").glob("*.md")]
+    files += [ROOT / "README.md", ROOT / "Makefile"]
+    cited = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in files
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert not cited, cited
+    assert (ROOT / "docs" / "method.md").is_file()

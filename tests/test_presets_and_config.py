@@ -5,7 +5,7 @@ from flowmo import FlowMoTokenizer, presets
 from flowmo.config import FlowMoConfig, TransformerConfig, fsq_levels_for_bits
 from flowmo.nn.tokenizer import official_parameter_count
 
-# Spec 1.1 / paper Table 6: parameters of the authors' layout (unused encoder adaLN etc. included).
+# method §1.1 / paper Table 6: parameters of the authors' layout (unused encoder adaLN etc. included).
 PAPER_PARAMS = {"lo": 945.4e6, "hi": 945.5e6, "small": 517.1e6}
 
 

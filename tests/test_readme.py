@@ -77,8 +77,8 @@ RULES = (
     Rule(
         r"make demo",
         "covered",
-        "test_demo.py::test_demo_recipe_reconstructs_held_out_photos runs the recipe "
-        "`make demo` runs (flowmo demo --seed 0, defaults); here `make -n demo` must expand to it",
+        "test_demo.py::test_demo_recipe_reconstructs_held_out_photos runs the recipe `make demo` runs "
+        "(flowmo demo --seed 0) with its stages shortened; here `make -n demo` must expand to it",
     ),
     Rule(
         r"flowmo (reconstruct|tokenize|detokenize) .*",
@@ -165,8 +165,7 @@ RULES = (
         r"make gpu-check( \S+=\S+)*",
         "covered",
         "needs a GPU: tests/test_offline_install.py runs this target "
-        "offline from a fresh copy (PYTHON=, OUT=, the CPU smoke; and a missing package), tests/test_bench.py every "
-        "check on the CPU",
+        "offline from a fresh copy (PYTHON=, OUT=, every check but compile on the CPU; and a missing package)",
     ),
     Rule(r"make wheels", "dry", "needs PyPI: make -n expands it and scripts/deps.py's arguments parse"),
     Rule(r"flowmo plan --preset tiny .*", "run"),

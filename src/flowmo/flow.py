@@ -1,4 +1,4 @@
-"""Rectified flow in pixel space (spec sections 3-4): time sampling, interpolation, Euler samplers.
+"""Rectified flow in pixel space (method §3-4): time sampling, interpolation, Euler samplers.
 
 Convention (method §8.7): x_t = (1 - t) x + t eps, t in [0, 1] (t = 1 is pure noise); the network predicts
 the velocity v = eps - x; the one-step clean estimate is x_t - t v; samplers walk t from 1 down to 0

@@ -29,7 +29,7 @@ WARMUP = 20  # ModelEMA's warm-up: update n's decay is at most (1 + n) / (WARMUP
 class ModelEMA(nn.Module):
     """EMA of a model's full state dict, updated every `every` optimizer steps with decay**every.
 
-    decay 0.9999 every 10 steps gives 0.9999**10 ~ 0.9990 per update (spec 5): the same horizon as a
+    decay 0.9999 every 10 steps gives 0.9999**10 ~ 0.9990 per update (method §5): the same horizon as a
     per-step EMA at a tenth of the cost.
 
     `warmup` caps the decay of update n (counted from 0) at (1 + n) / (WARMUP + n), TensorFlow's

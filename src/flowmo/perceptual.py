@@ -1,4 +1,4 @@
-"""Frozen feature networks of the perceptual losses (spec section 3) and the LPIPS metrics (spec section 7), built
+"""Frozen feature networks of the perceptual losses (method §3) and the LPIPS metrics (method §7), built
 through the field's own packages.
 
 - ``LPIPSDistance("vgg")`` / ``LPIPSVGG``: the Stage-1A perceptual loss, ``lpips.LPIPS(net="vgg", version="0.1")``
@@ -169,7 +169,7 @@ class LPIPSDistance(FrozenNet):
 
 
 class LPIPSVGG(LPIPSDistance):
-    """The Stage 1A perceptual loss network (spec section 3): LPIPS with VGG16."""
+    """The Stage 1A perceptual loss network (method §3): LPIPS with VGG16."""
 
     def __init__(self, weights: WeightsArg = None) -> None:
         super().__init__("vgg", weights)
@@ -195,7 +195,7 @@ def resnet50_network(weights: os.PathLike | None) -> nn.Module:
 
 
 class ResNetLogitsDistance(FrozenNet):
-    """Per-sample MSE between ResNet-50 (IMAGENET1K_V1) logits of two images in [-1, 1] (spec 3, Stage 1B).
+    """Per-sample MSE between ResNet-50 (IMAGENET1K_V1) logits of two images in [-1, 1] (method §3, Stage 1B).
 
     Preprocessing follows MaskBit: [-1, 1] -> [0, 1], bilinear resize to 224 with antialias, ImageNet
     mean/std. Returns [B]: the mean over the 1000 logits of the squared difference. The network runs in fp32

@@ -7,7 +7,7 @@ FlowMo workloads.
     python -m flowmo.bench.model --preset lo --batch 8 --precision bf16 --compile
     python -m flowmo.bench.model --count-only --preset tiny small lo hi   # FLOPs/params only, no timing
 
-Workloads (spec sections 3-5), named by their `stage` in the rows:
+Workloads (method §3-5), named by their `stage` in the rows:
   1a      a Stage-1A optimizer step: encoder + decoder forward and backward through `flowmo_loss` (flow MSE +
           quantizer losses, + LPIPS-VGG on the x0 estimate with --feature-nets random), then Adam (the kernel the
           training module picks), the weight-norm projection, and the EMA at the module's cadence (every 10th call).
