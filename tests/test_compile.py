@@ -108,8 +108,8 @@ def test_1a_through_the_freeze_validation_and_1b_stay_compiled(dynamo_fails_at_t
 @pytest.mark.slow
 def test_inductor_training_steps_equal_eager_at_micro_batch_1_and_2():
     """tests/scripts/inductor_vs_eager.py in a fresh interpreter: Stage-1A and 1B losses and gradients through
-    inductor's CPU kernels at micro-batch 1 and 2 against eager (fp32, 1e-3 of each gradient's norm)."""
+    inductor's CPU kernels against eager (1A at micro-batch 1 and 2, 1B at 2; fp32, 1e-3 of each gradient's norm)."""
     script = Path(__file__).parent / "scripts" / "inductor_vs_eager.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert result.stdout.count("worst gradient") == 4, result.stdout
+    assert result.stdout.count("worst gradient") == 3, result.stdout

@@ -197,6 +197,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow  # a real run in a subprocess; the fast suite stays under four minutes
 def test_a_save_that_fails_half_way_keeps_the_previous_checkpoint(shards, tmp_path):
     runs = tmp_path / "runs"
     first = run(fit_command(shards, runs, 2, "--checkpoint.every_n_train_steps", "2"))
@@ -238,6 +239,7 @@ def test_ckpt_path_last_with_nothing_to_resume_says_so(shards, tmp_path):
     assert started.returncode == 0 and "no checkpoint in" in started.stderr and "starting from step 0" in started.stderr
 
 
+@pytest.mark.slow  # a real run in a subprocess; the fast suite stays under four minutes
 def test_a_huge_learning_rate_stops_the_run_with_nothing_non_finite_saved(shards, tmp_path):
     runs = tmp_path / "runs"
     result = run(

@@ -17,6 +17,7 @@ The runs themselves are one slow test (several minutes: each `flowmo` start impo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -249,24 +250,35 @@ def check(result: subprocess.CompletedProcess, command: str) -> None:
     )
 
 
-def parse_only(copy: Path, command: str) -> None:
-    """A flowmo fit/validate/test command checked without running: configs load, options and choices parse."""
+def parse_arguments(command: str) -> list[str]:
+    """The arguments after `flowmo` of a documented fit/validate/test command (srun and .venv/bin/ dropped)."""
     words = shlex.split(command)
     if words[0] == "srun":
         words = words[1:]
     words = ["flowmo" if words[0].endswith("flowmo") else words[0], *words[1:]]
     assert re.match(r"flowmo (gen )?(fit|validate|test)", shlex.join(words)), command
-    check(shell(copy, shlex.join(words) + " --print_config"), command)
+    return words[1:]
 
 
-def dry_run(copy: Path, command: str) -> None:
+def parse_all(copy: Path, commands: list[str]) -> None:
+    """Every collected fit/validate/test command checked without running (configs load, options and choices
+    parse), all in one interpreter: tests/scripts/parse_commands.py."""
+    script = Path(__file__).parent / "scripts" / "parse_commands.py"
+    arguments = json.dumps([parse_arguments(command) for command in commands])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    python = str(copy / ".venv" / "bin" / "python")
+    result = subprocess.run([python, str(script)], cwd=copy, env=env, input=arguments, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def dry_run(copy: Path, command: str, to_parse: list[str]) -> None:
     expanded = shell(copy, command.replace("make ", "make -n ", 1))
     check(expanded, command)
     # PYTHON=<interpreter> runs `<interpreter> -m flowmo ...` where .venv would run `.venv/bin/flowmo ...`
     lines = [re.sub(r"^\S*python\S* -m flowmo ", "flowmo ", line.strip()) for line in expanded.stdout.splitlines()]
     flowmo_lines = [line for line in lines if re.match(r"\S*flowmo (fit|validate|test) ", line)]
-    for line in flowmo_lines:
-        parse_only(copy, line)
+    to_parse += flowmo_lines
     # other flowmo commands and modules (flowmo plan, python -m flowmo.bench.gpu_check): their arguments must parse
     others = [
         line
@@ -307,7 +319,7 @@ def setup_order(commands: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_documented_commands_work_verbatim_in_a_fresh_checkout(checkout):
-    ran = []
+    ran, to_parse = [], []
     for command in setup_order(documented_commands()):
         rule = rule_for(command)
         if rule.kind == "covered":
@@ -315,9 +327,9 @@ def test_documented_commands_work_verbatim_in_a_fresh_checkout(checkout):
                 check(shell(checkout, "make -n demo"), command)
             continue
         if rule.kind == "parse":
-            parse_only(checkout, command)
+            to_parse.append(command)
         elif rule.kind == "dry":
-            dry_run(checkout, command)
+            dry_run(checkout, command, to_parse)
         elif rule.kind == "refused":
             refused(checkout, command)
         else:
@@ -325,6 +337,8 @@ def test_documented_commands_work_verbatim_in_a_fresh_checkout(checkout):
         if command.startswith(".venv/bin/flowmo fit"):
             check(shell(checkout, "flowmo export --ckpt runs/tiny-cpu/checkpoints/last.ckpt --out tok.pt"), "export")
         ran.append(command)
+    parse_all(checkout, to_parse)
+    assert len(to_parse) >= 20
     assert (checkout / "recon").is_dir() and any((checkout / "decoded").glob("*.png"))
     assert (checkout / "data" / "fake-imagenet" / "train.json").is_file()
     assert (checkout / "data" / "my-photos" / "val.json").is_file() and any((checkout / "my-recon").glob("*.png"))
